@@ -1,0 +1,221 @@
+"""Configuration: the sparse-attention parameters (spec sec. 2) and the Llama-shaped model config.
+
+`SparseAttentionConfig` is the frozen, validated view the ops consume; `NosaConfig` is the transformers
+`PretrainedConfig` saved beside the weights. Every invalid combination raises `ValueError` naming the
+field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+ATTN_MODES = ("dense", "infllmv2", "dma", "nosa")
+ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _require_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig:
+    """The selection rule of one attention layer (spec sec. 2 and 4).
+
+    Derived quantities:
+      forced_blocks       = sink_blocks + window_blocks + 1 (the query's own block)
+      query_aware_quota   = picks made by the query-aware score: `query_blocks` in nosa, every free slot
+                            in infllmv2, none in dma
+      uses_eviction_head  = dma and nosa carry the learned query-agnostic score and its attention bias
+    """
+
+    block_size: int = 64
+    topk_blocks: int = 64
+    sink_blocks: int = 1
+    window_blocks: int = 16
+    query_blocks: int = 16
+    compress_kernel: int = 32
+    compress_stride: int = 16
+    attn_mode: str = "nosa"
+
+    def __post_init__(self) -> None:
+        if self.attn_mode not in ATTN_MODES:
+            raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {self.attn_mode!r}")
+        _require_int("block_size", self.block_size, 1)
+        _require_int("topk_blocks", self.topk_blocks, 1)
+        _require_int("sink_blocks", self.sink_blocks, 0)
+        _require_int("window_blocks", self.window_blocks, 0)
+        _require_int("query_blocks", self.query_blocks, 0)
+        _require_int("compress_kernel", self.compress_kernel, 1)
+        _require_int("compress_stride", self.compress_stride, 1)
+        if self.compress_stride > self.compress_kernel:
+            raise ValueError(
+                f"compress_stride ({self.compress_stride}) must be <= compress_kernel ({self.compress_kernel}):"
+                " a larger stride leaves tokens that no compressed key covers"
+            )
+        if self.attn_mode == "dense":
+            return
+        if self.topk_blocks < self.forced_blocks:
+            raise ValueError(
+                f"topk_blocks ({self.topk_blocks}) must be >= sink_blocks + window_blocks + 1 "
+                f"= {self.forced_blocks}: the forced blocks must fit in the selection"
+            )
+        if self.attn_mode == "nosa" and self.query_blocks > self.topk_blocks - self.forced_blocks:
+            raise ValueError(
+                f"query_blocks ({self.query_blocks}) must be <= topk_blocks - sink_blocks - window_blocks - 1 "
+                f"= {self.topk_blocks - self.forced_blocks} in attn_mode='nosa' (the agnostic fill cannot be negative)"
+            )
+
+    @property
+    def forced_blocks(self) -> int:
+        return self.sink_blocks + self.window_blocks + 1
+
+    @property
+    def query_aware_quota(self) -> int:
+        if self.attn_mode == "infllmv2":
+            return self.topk_blocks - self.forced_blocks
+        if self.attn_mode == "dma":
+            return 0
+        if self.attn_mode == "nosa":
+            return self.query_blocks
+        raise ValueError("dense attention selects no blocks")
+
+    @property
+    def agnostic_quota(self) -> int:
+        return self.topk_blocks - self.forced_blocks - self.query_aware_quota
+
+    @property
+    def uses_eviction_head(self) -> bool:
+        return self.attn_mode in ("dma", "nosa")
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.attn_mode != "dense"
+
+    @property
+    def selection_tokens(self) -> int:
+        """Tokens a query attends to at most: the device footprint of one (sequence, KV head)."""
+        return self.topk_blocks * self.block_size
+
+
+SPARSE_FIELDS = tuple(SparseAttentionConfig.__dataclass_fields__)
+
+
+class NosaConfig(PretrainedConfig):
+    """A Llama-architecture causal LM with NOSA attention (or one of its baselines).
+
+    Model shape fields follow transformers' LlamaConfig; sparse fields follow spec sec. 2.
+    `rope_type` is 'default' or 'llama3' (then `rope_llama3_scaling` holds factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings). `eviction_init_std` is the std of the eviction head's `delta` weights at init (A starts at 0).
+    """
+
+    model_type = "nosa"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 264,
+        hidden_size: int = 256,
+        intermediate_size: int = 688,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int = 2,
+        head_dim: int | None = None,
+        max_position_embeddings: int = 65536,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        rope_type: str = "default",
+        rope_llama3_scaling: dict | None = None,
+        attention_bias: bool = False,
+        mlp_bias: bool = False,
+        hidden_act: str = "silu",
+        initializer_range: float = 0.02,
+        eviction_init_std: float = 1e-3,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        block_size: int = 64,
+        topk_blocks: int = 64,
+        sink_blocks: int = 1,
+        window_blocks: int = 16,
+        query_blocks: int = 16,
+        compress_kernel: int = 32,
+        compress_stride: int = 16,
+        attn_mode: str = "nosa",
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else (
+            hidden_size // num_attention_heads if isinstance(num_attention_heads, int) and num_attention_heads > 0 else None
+        )
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.rope_type = rope_type
+        self.rope_llama3_scaling = rope_llama3_scaling
+        self.attention_bias = attention_bias
+        self.mlp_bias = mlp_bias
+        self.hidden_act = hidden_act
+        self.initializer_range = initializer_range
+        self.eviction_init_std = eviction_init_std
+        self.use_cache = use_cache
+        self.block_size = block_size
+        self.topk_blocks = topk_blocks
+        self.sink_blocks = sink_blocks
+        self.window_blocks = window_blocks
+        self.query_blocks = query_blocks
+        self.compress_kernel = compress_kernel
+        self.compress_stride = compress_stride
+        self.attn_mode = attn_mode
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            _require_int(name, getattr(self, name), 1)
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (SwiGLU, as in Llama), got {self.hidden_act!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        if self.rope_type == "llama3":
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in (self.rope_llama3_scaling or {})]
+            if missing:
+                raise ValueError(f"rope_llama3_scaling must give {LLAMA3_ROPE_KEYS} when rope_type='llama3'; missing {missing}")
+        if not (self.rms_norm_eps > 0):
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if self.eviction_init_std < 0:
+            raise ValueError(f"eviction_init_std must be >= 0, got {self.eviction_init_std}")
+        self.sparse  # validates the sparse fields
+
+    @property
+    def sparse(self) -> SparseAttentionConfig:
+        return SparseAttentionConfig(**{name: getattr(self, name) for name in SPARSE_FIELDS})

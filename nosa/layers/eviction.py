@@ -1,0 +1,36 @@
+"""The eviction head (spec sec. 3): a query-independent importance score per token and KV head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class EvictionHead(nn.Module):
+    """c[s, h] = A[h] * softplus(delta(v_s)[h]).
+
+    `delta` reads the token's value vectors of all KV heads concatenated (after v_proj; RoPE never touches
+    V); `A` is one scalar per KV head, 0 at init, so a converted dense checkpoint computes the same function
+    until training moves A.
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, init_std: float = 1e-3):
+        super().__init__()
+        self.num_kv_heads = num_kv_heads
+        self.delta = nn.Linear(num_kv_heads * head_dim, num_kv_heads, bias=True)
+        self.A = nn.Parameter(torch.zeros(num_kv_heads))
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.delta.weight, std=self.init_std)
+        nn.init.zeros_(self.delta.bias)
+        with torch.no_grad():
+            self.A.zero_()
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """v: [B, T, H, D] -> c: [B, T, H] float32."""
+        flat = v.reshape(v.shape[0], v.shape[1], -1)
+        raw = F.linear(flat.float(), self.delta.weight.float(), self.delta.bias.float())
+        return self.A.float() * F.softplus(raw)

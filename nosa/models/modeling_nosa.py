@@ -1,0 +1,187 @@
+"""NosaForCausalLM: a Llama-architecture causal LM whose attention is NOSA (or one of its baselines).
+
+Parameter names follow transformers' LlamaForCausalLM, plus `self_attn.eviction.{delta,A}` in the
+dma/nosa modes, so dense Llama checkpoints load into it directly (see `from_llama`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from nosa.config import NosaConfig
+from nosa.layers import EvictionHead, NosaAttention, RMSNorm, RotaryEmbedding, SequenceSpans, SwiGLU
+
+# transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x;
+# accept and return whichever this installed version uses.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class NosaDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: NosaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = NosaAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+    def forward(self, hidden, cos, sin, spans, cache=None):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, spans, cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class NosaPreTrainedModel(PreTrainedModel):
+    config_class = NosaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NosaDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, EvictionHead):
+            init.normal_(module.delta.weight, mean=0.0, std=self.config.eviction_init_std)
+            init.zeros_(module.delta.bias)
+            init.zeros_(module.A)
+        elif isinstance(module, nn.Linear):
+            if getattr(module, "_is_eviction_delta", False):
+                return  # initialised with its EvictionHead
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+
+
+class NosaModel(NosaPreTrainedModel):
+    def __init__(self, config: NosaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(NosaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_type, config.rope_llama3_scaling)
+        for layer in self.layers:
+            if layer.self_attn.eviction is not None:
+                layer.self_attn.eviction.delta._is_eviction_delta = True
+        self.post_init()
+
+    def check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+                raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be 2-D [batch, tokens], got shape {tuple(input_ids.shape)}")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                raise ValueError(
+                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); got values in "
+                    f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+                )
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if length == 0:
+            raise ValueError("the input holds no tokens")
+        total = past_length + length
+        if total > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {total} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        if attention_mask is not None and attention_mask.shape[-1] != total:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} tokens but past + new tokens = {total}"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> BaseModelOutputWithPast:
+        past_length = cache.get_seq_length() if cache is not None else 0
+        self.check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, num_queries = hidden.shape[:2]
+        total = past_length + num_queries
+        if attention_mask is None:
+            spans = SequenceSpans.full(batch, total)
+        else:
+            spans = SequenceSpans.from_attention_mask(attention_mask)
+        if position_ids is None:
+            position_ids = spans.position_ids(num_queries, hidden.device)
+        cos, sin = self.rotary_emb(position_ids, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, spans, cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{_CACHE_FIELD: cache})
+
+
+class NosaForCausalLM(NosaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: NosaConfig):
+        super().__init__(config)
+        self.model = NosaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        cache=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits [B, T, vocab] (the last `logits_to_keep` positions when > 0) and, with labels [B, T],
+        the mean next-token cross-entropy over labels != -100."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        outputs = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+
+    @classmethod
+    def from_llama(cls, llama_model_or_path, **overrides) -> "NosaForCausalLM":
+        from nosa.models.convert import convert_llama
+
+        return convert_llama(llama_model_or_path, **overrides)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[:, t+1] from logits[:, t]; -100 labels are ignored."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    shifted_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shifted_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100)

@@ -1,0 +1,316 @@
+"""The readable PyTorch definition of every NOSA op (spec sec. 4). Kernels are tested against these.
+
+Layout conventions (design.md): sequence before heads, `[B, T, H, D]`. Within one call every sequence of
+the batch has the same length; the queries are the last `Tq` tokens of a sequence of `Tk` tokens and
+carry logical positions `positions` (`[Tq]`, int64). Variable lengths are handled one level up (the
+attention layer and the engine), so the rules here read as the spec does.
+
+Shapes used below: B batch, Tq queries, Tk keys, Hq query heads, H (= Hkv) KV heads, G = Hq // H the
+GQA group, D head dim, Nc complete compressed windows, NB key blocks, K = topk_blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nosa.config import SparseAttentionConfig
+
+# Chunking budget: score tensors of one query chunk hold at most this many float32 elements, so memory
+# grows as O(T) per chunk instead of O(T^2) at long context.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compression (spec 4.1 and 4.3)
+# ----------------------------------------------------------------------------------------------------------
+def window_mean(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Mean of x over the complete windows [stride*i, stride*i + kernel) along dim 1.
+
+    x: [B, T, ...] -> [B, Nc, ...] with Nc = (T - kernel) // stride + 1 (0 when T < kernel).
+    Computed in float32, returned in x's dtype. Used for compressed keys (x = k, [B, T, H, D]) and for the
+    query-agnostic chunk scores (x = eviction scores c, [B, T, H]).
+    """
+    num_windows = num_complete_windows(x.shape[1], kernel, stride)
+    if num_windows == 0:
+        return x.new_zeros((x.shape[0], 0) + tuple(x.shape[2:]))
+    windows = x[:, : (num_windows - 1) * stride + kernel].float().unfold(1, kernel, stride)
+    return windows.mean(dim=-1).to(x.dtype)
+
+
+def compress_keys(k: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Compressed keys ck[i] = mean of k over window i. k: [B, T, H, D] (post-RoPE) -> [B, Nc, H, D]."""
+    return window_mean(k, kernel, stride)
+
+
+def agnostic_chunk_scores(eviction: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """E[i, h] = mean of the eviction score c over window i. eviction: [B, T, H] -> [B, Nc, H] float32."""
+    return window_mean(eviction.float(), kernel, stride)
+
+
+def num_complete_windows(length, kernel: int, stride: int):
+    """How many windows lie entirely inside the first `length` tokens (int, or an int64 tensor)."""
+    if isinstance(length, torch.Tensor):
+        return torch.where(length >= kernel, torch.div(length - kernel, stride, rounding_mode="floor") + 1, 0)
+    return (length - kernel) // stride + 1 if length >= kernel else 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chunk scores (spec 4.2) and pooling to blocks (spec 4.4)
+# ----------------------------------------------------------------------------------------------------------
+def query_aware_chunk_scores(
+    q: torch.Tensor, compressed_keys: torch.Tensor, positions: torch.Tensor, kernel: int, stride: int
+) -> torch.Tensor:
+    """Query-aware score of every compressed window, summed over the GQA group.
+
+    q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, Nc] float32.
+    For each query head, a softmax of q.ck/sqrt(D) over the windows complete at the query's position
+    (window i is complete at t when stride*i + kernel - 1 <= t); windows not yet complete score 0.
+    """
+    batch, num_queries, num_q_heads, head_dim = q.shape
+    num_kv_heads = compressed_keys.shape[2]
+    group = num_q_heads // num_kv_heads
+    num_windows = compressed_keys.shape[1]
+    qg = q.float().view(batch, num_queries, num_kv_heads, group, head_dim)
+    logits = torch.einsum("bthgd,bnhd->bthgn", qg, compressed_keys.float()) / math.sqrt(head_dim)
+    complete = torch.arange(num_windows, device=q.device)[None, :] < num_complete_windows(
+        positions + 1, kernel, stride
+    )[:, None]  # [Tq, Nc]
+    logits = logits.masked_fill(~complete[None, :, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)  # a query with no complete window: all 0
+    return probs.sum(dim=3)
+
+
+def block_window_ranges(num_blocks: int, cfg: SparseAttentionConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows overlapping each block: (window index [NB, W], valid [NB, W]).
+
+    Window i covers [stride*i, stride*i + kernel); block j covers [bs*j, bs*(j+1)). They overlap when
+    stride*i < bs*(j+1) and stride*i + kernel > bs*j (for 64/32/16: windows 4j-1 .. 4j+3, clipped at 0).
+    """
+    bs, kernel, stride = cfg.block_size, cfg.compress_kernel, cfg.compress_stride
+    blocks = torch.arange(num_blocks, device=device)
+    first = torch.clamp(torch.div(bs * blocks - kernel, stride, rounding_mode="floor") + 1, min=0)
+    last = torch.div(bs * (blocks + 1) - 1, stride, rounding_mode="floor")
+    width = (bs + kernel - 2) // stride + 2  # an upper bound on last - first + 1
+    index = first[:, None] + torch.arange(width, device=device)[None, :]
+    return index, index <= last[:, None]
+
+
+def pool_to_blocks(
+    chunk_scores: torch.Tensor, positions: torch.Tensor, num_blocks: int, cfg: SparseAttentionConfig
+) -> torch.Tensor:
+    """Block score = max over the windows overlapping the block that are complete at the query's position.
+
+    chunk_scores: [B, Tq, H, Nc] (per query) or [B, 1, H, Nc] (query-agnostic, shared by every query);
+    positions: [Tq] -> [B, Tq, H, NB] float32, -inf for a block with no complete window.
+    """
+    index, valid = block_window_ranges(num_blocks, cfg, chunk_scores.device)
+    num_windows = chunk_scores.shape[-1]
+    complete_count = num_complete_windows(positions + 1, cfg.compress_kernel, cfg.compress_stride)
+    usable = valid[None] & (index[None] < complete_count[:, None, None]) & (index[None] < num_windows)
+    if num_windows == 0:
+        shape = (chunk_scores.shape[0], positions.shape[0], chunk_scores.shape[2], num_blocks)
+        return torch.full(shape, float("-inf"), device=chunk_scores.device)
+    gathered = chunk_scores.float()[..., index.clamp(max=num_windows - 1)]  # [B, Tq|1, H, NB, W]
+    gathered = gathered.masked_fill(~usable[None, :, None], float("-inf"))
+    return gathered.amax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Selection (spec 4.5): the one definition training, prefill and decode all use
+# ----------------------------------------------------------------------------------------------------------
+def _best_candidates(scores: torch.Tensor, candidate: torch.Tensor, count) -> torch.Tensor:
+    """Mask of the `count` best candidates by score; ties (and -inf scores) go to the lower block index."""
+    lowest = torch.finfo(torch.float32).min
+    key = torch.where(candidate, scores.float().clamp(min=lowest), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    if isinstance(count, torch.Tensor):
+        count = count.unsqueeze(-1)
+    return candidate & (rank < count)
+
+
+def select_blocks(
+    query_block_scores: torch.Tensor,
+    agnostic_block_scores: torch.Tensor | None,
+    positions: torch.Tensor,
+    cfg: SparseAttentionConfig,
+) -> torch.Tensor:
+    """Selected key blocks of each (query, KV head).
+
+    query_block_scores: [B, Tq, H, NB]; agnostic_block_scores: [B, Tq, H, NB] or None (no eviction head:
+    all agnostic scores tie); positions: [Tq] -> block indices [B, Tq, H, K] int32, ascending, -1 unused.
+
+    Order: forced blocks (sinks, the query's own block, the window_blocks before it); then the
+    `query_aware_quota` best remaining visible blocks by query-aware score; then the remaining slots by
+    agnostic score. Visible blocks are those <= the query's own block.
+    """
+    num_blocks = query_block_scores.shape[-1]
+    device = query_block_scores.device
+    blocks = torch.arange(num_blocks, device=device)
+    own_block = torch.div(positions, cfg.block_size, rounding_mode="floor")
+    visible = blocks[None, :] <= own_block[:, None]  # [Tq, NB]
+    forced = visible & ((blocks[None, :] < cfg.sink_blocks) | (blocks[None, :] >= own_block[:, None] - cfg.window_blocks))
+    candidate = (visible & ~forced)[None, :, None, :].expand_as(query_block_scores)
+    picks = _best_candidates(query_block_scores, candidate, cfg.query_aware_quota)
+    if agnostic_block_scores is None:
+        agnostic_block_scores = torch.zeros_like(query_block_scores, dtype=torch.float32)
+    free_slots = cfg.topk_blocks - forced.sum(-1)[None, :, None] - picks.sum(-1)
+    fill = _best_candidates(agnostic_block_scores.expand_as(query_block_scores), candidate & ~picks, free_slots)
+    selected = forced[None, :, None, :] | picks | fill
+    return selection_mask_to_indices(selected, cfg.topk_blocks)
+
+
+def selection_mask_to_indices(selected: torch.Tensor, topk: int) -> torch.Tensor:
+    """[..., NB] bool -> [..., topk] int32 ascending block indices, -1 padded."""
+    num_blocks = selected.shape[-1]
+    blocks = torch.arange(num_blocks, device=selected.device)
+    keyed = torch.where(selected, blocks, num_blocks + blocks)
+    ordered = keyed.sort(dim=-1).values
+    if num_blocks < topk:
+        ordered = F.pad(ordered, (0, topk - num_blocks), value=2 * num_blocks)
+    ordered = ordered[..., :topk]
+    return torch.where(ordered < num_blocks, ordered, -1).to(torch.int32)
+
+
+def block_indices_to_mask(block_indices: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """[..., K] int32 (-1 unused) -> [..., NB] bool."""
+    mask = torch.zeros(block_indices.shape[:-1] + (num_blocks + 1,), dtype=torch.bool, device=block_indices.device)
+    slot = torch.where(block_indices >= 0, block_indices.long(), num_blocks)
+    mask.scatter_(-1, slot, True)
+    return mask[..., :num_blocks]
+
+
+@torch.no_grad()
+def select_for_queries(
+    q: torch.Tensor,
+    compressed_keys: torch.Tensor,
+    agnostic_scores: torch.Tensor | None,
+    positions: torch.Tensor,
+    num_blocks: int,
+    cfg: SparseAttentionConfig,
+) -> torch.Tensor:
+    """Scores, pooling and selection for a group of queries. No gradient flows through selection.
+
+    q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; agnostic_scores: [B, Nc, H] (window means of the
+    eviction score) or None; positions: [Tq]; num_blocks: blocks that exist -> [B, Tq, H, K] int32.
+    """
+    qa_chunks = query_aware_chunk_scores(q, compressed_keys, positions, cfg.compress_kernel, cfg.compress_stride)
+    qa_blocks = pool_to_blocks(qa_chunks, positions, num_blocks, cfg)
+    ag_blocks = None
+    if agnostic_scores is not None:
+        ag_blocks = pool_to_blocks(agnostic_scores.float().transpose(1, 2).unsqueeze(1), positions, num_blocks, cfg)
+    return select_blocks(qa_blocks, ag_blocks, positions, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention (spec 4.6)
+# ----------------------------------------------------------------------------------------------------------
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_indices: torch.Tensor,
+    positions: torch.Tensor,
+    block_size: int,
+    return_lse: bool = False,
+):
+    """Block-sparse attention with an additive per-key bias applied after the 1/sqrt(D) scale.
+
+    q: [B, Tq, Hq, D]; k, v: [B, Tk, H, D] (key s sits at position s); bias: [B, Tk, H] or None;
+    block_indices: [B, Tq, H, K] int32 (-1 unused); positions: [Tq].
+    Query t attends to key s when s's block is selected for (t, h) and s <= positions[t]:
+        o_t = sum_s softmax_s(q_t.k_s / sqrt(D) + bias[s, h]) v_s
+    Returns o [B, Tq, Hq, D] in q's dtype (float32 math), and with return_lse the natural log-sum-exp
+    [B, Tq, Hq] float32.
+    """
+    batch, num_queries, num_q_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_q_heads // num_kv_heads
+    key_positions = torch.arange(num_keys, device=q.device)
+    num_blocks = -(-num_keys // block_size)
+    block_mask = block_indices_to_mask(block_indices, num_blocks)  # [B, Tq, H, NB]
+    allowed = block_mask[..., key_positions // block_size] & (key_positions[None, :] <= positions[:, None])[None, :, None, :]
+    qg = q.float().view(batch, num_queries, num_kv_heads, group, head_dim)
+    logits = torch.einsum("bthgd,bshd->bhgts", qg, k.float()) / math.sqrt(head_dim)
+    if bias is not None:
+        logits = logits + bias.float().permute(0, 2, 1)[:, :, None, None, :]
+    logits = logits.masked_fill(~allowed.permute(0, 2, 1, 3)[:, :, None], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [B, H, G, Tq]
+    probs = torch.exp(logits - lse[..., None]).nan_to_num(nan=0.0)
+    out = torch.einsum("bhgts,bshd->bthgd", probs, v.float()).reshape(batch, num_queries, num_q_heads, head_dim)
+    out = out.to(q.dtype)
+    if return_lse:
+        return out, lse.permute(0, 3, 1, 2).reshape(batch, num_queries, num_q_heads)
+    return out
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Dense causal attention (attn_mode='dense'). q: [B, Tq, Hq, D]; k, v: [B, Tk, H, D] -> [B, Tq, Hq, D]."""
+    num_q_heads, num_kv_heads = q.shape[2], k.shape[2]
+    group = num_q_heads // num_kv_heads
+    qt = q.transpose(1, 2)
+    kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    num_queries, num_keys = q.shape[1], k.shape[1]
+    if num_queries == num_keys and bool((positions == torch.arange(num_keys, device=q.device)).all()):
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    else:
+        mask = torch.arange(num_keys, device=q.device)[None, :] <= positions[:, None]
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def query_chunk_size(num_queries: int, num_keys: int, num_q_heads: int, batch: int, max_elements: int) -> int:
+    return max(1, min(num_queries, max_elements // max(1, num_keys * num_q_heads * batch)))
+
+
+def nosa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eviction: torch.Tensor | None,
+    cfg: SparseAttentionConfig,
+    max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Attention of the last Tq tokens of sequences of Tk tokens, in any attn_mode.
+
+    q: [B, Tq, Hq, D]; k, v: [B, Tk, H, D] (post-RoPE keys); eviction: [B, Tk, H] the per-token
+    query-agnostic score c (dma and nosa; its gradient flows through the bias) -> [B, Tq, Hq, D].
+    Queries are processed in chunks and, under autograd, recomputed in the backward pass, so memory stays
+    O(chunk x Tk).
+    """
+    num_queries, num_keys = q.shape[1], k.shape[1]
+    if num_queries > num_keys:
+        raise ValueError(f"more queries ({num_queries}) than keys ({num_keys}): queries are the last tokens")
+    positions = torch.arange(num_keys - num_queries, num_keys, device=q.device)
+    if not cfg.is_sparse:
+        return causal_attention(q, k, v, positions)
+    bias = eviction if cfg.uses_eviction_head else None
+    compressed = compress_keys(k.detach(), cfg.compress_kernel, cfg.compress_stride)
+    agnostic = None
+    if cfg.uses_eviction_head:
+        agnostic = agnostic_chunk_scores(eviction.detach(), cfg.compress_kernel, cfg.compress_stride)
+    num_blocks = -(-num_keys // cfg.block_size)
+    chunk = query_chunk_size(num_queries, num_keys, q.shape[2], q.shape[0], max_chunk_elements)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, bias)
+    )
+    outputs = []
+    for start in range(0, num_queries, chunk):
+        q_chunk = q[:, start : start + chunk]
+        pos_chunk = positions[start : start + chunk]
+        indices = select_for_queries(q_chunk, compressed, agnostic, pos_chunk, num_blocks, cfg)
+        # Keys after the chunk's last query are never attended: slicing them off saves work.
+        key_end = int(pos_chunk[-1]) + 1
+        args = (q_chunk, k[:, :key_end], v[:, :key_end], None if bias is None else bias[:, :key_end], indices, pos_chunk, cfg.block_size)
+        if needs_grad:
+            outputs.append(checkpoint(sparse_attention, *args, use_reentrant=False))
+        else:
+            outputs.append(sparse_attention(*args))
+    return torch.cat(outputs, dim=1)
