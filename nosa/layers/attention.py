@@ -81,6 +81,9 @@ class NosaAttention(nn.Module):
             if self.sparse.uses_eviction_head
             else None
         )
+        # When a list, every forward appends the selected blocks [B, Tq, H, K] (per row for padded
+        # batches): how eval and the tests observe selection without a second code path.
+        self.selection_log: list | None = None
 
     def project_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """hidden: [B, T, hidden] -> q [B, T, Hq, D], k, v [B, T, H, D] with RoPE applied to q and k."""
@@ -108,8 +111,13 @@ class NosaAttention(nn.Module):
 
     def attend(self, q, k, v, eviction, spans: SequenceSpans) -> torch.Tensor:
         """q: [B, Tq, Hq, D] (the last Tq key slots); k, v: [B, Tk, H, D]; eviction: [B, Tk, H] or None."""
+        record = self.selection_log is not None and self.sparse.is_sparse
         if spans.is_full:
-            return ops.nosa_attention(q, k, v, eviction, self.sparse)
+            if not record:
+                return ops.nosa_attention(q, k, v, eviction, self.sparse)
+            out, indices = ops.nosa_attention(q, k, v, eviction, self.sparse, return_indices=True)
+            self.selection_log.append(indices)
+            return out
         num_queries, num_keys = q.shape[1], k.shape[1]
         first_query_slot = num_keys - num_queries
         out = torch.zeros_like(q)
@@ -118,11 +126,16 @@ class NosaAttention(nn.Module):
             if end <= query_start:
                 continue  # this row has no real token among the queries (right padding)
             row_eviction = None if eviction is None else eviction[row : row + 1, start:end]
-            out[row : row + 1, query_start - first_query_slot : end - first_query_slot] = ops.nosa_attention(
+            result = ops.nosa_attention(
                 q[row : row + 1, query_start - first_query_slot : end - first_query_slot],
                 k[row : row + 1, start:end],
                 v[row : row + 1, start:end],
                 row_eviction,
                 self.sparse,
+                return_indices=record,
             )
+            if record:
+                result, indices = result
+                self.selection_log.append(indices)
+            out[row : row + 1, query_start - first_query_slot : end - first_query_slot] = result
         return out

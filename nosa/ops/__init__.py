@@ -96,9 +96,10 @@ select_blocks = _dispatched("select_blocks")
 select_for_queries = _dispatched("select_for_queries")
 sparse_attention = _dispatched("sparse_attention")
 nosa_attention = _dispatched("nosa_attention")
+decode_attention = _dispatched("decode_attention")
 
 __all__ = [
     "BACKENDS", "register_kernel", "use_backend", "current_backend", "resolve", "reference",
     "compress_keys", "agnostic_chunk_scores", "query_aware_chunk_scores", "pool_to_blocks", "select_blocks",
-    "select_for_queries", "sparse_attention", "nosa_attention",
+    "select_for_queries", "sparse_attention", "nosa_attention", "decode_attention",
 ]

@@ -277,20 +277,23 @@ def nosa_attention(
     eviction: torch.Tensor | None,
     cfg: SparseAttentionConfig,
     max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> torch.Tensor:
+    return_indices: bool = False,
+):
     """Attention of the last Tq tokens of sequences of Tk tokens, in any attn_mode.
 
     q: [B, Tq, Hq, D]; k, v: [B, Tk, H, D] (post-RoPE keys); eviction: [B, Tk, H] the per-token
     query-agnostic score c (dma and nosa; its gradient flows through the bias) -> [B, Tq, Hq, D].
     Queries are processed in chunks and, under autograd, recomputed in the backward pass, so memory stays
-    O(chunk x Tk).
+    O(chunk x Tk). With return_indices, also returns the selected blocks [B, Tq, H, K] int32 (None in
+    dense mode).
     """
     num_queries, num_keys = q.shape[1], k.shape[1]
     if num_queries > num_keys:
         raise ValueError(f"more queries ({num_queries}) than keys ({num_keys}): queries are the last tokens")
     positions = torch.arange(num_keys - num_queries, num_keys, device=q.device)
     if not cfg.is_sparse:
-        return causal_attention(q, k, v, positions)
+        out = causal_attention(q, k, v, positions)
+        return (out, None) if return_indices else out
     bias = eviction if cfg.uses_eviction_head else None
     compressed = compress_keys(k.detach(), cfg.compress_kernel, cfg.compress_stride)
     agnostic = None
@@ -301,11 +304,13 @@ def nosa_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias)
     )
-    outputs = []
+    outputs, selections = [], []
     for start in range(0, num_queries, chunk):
         q_chunk = q[:, start : start + chunk]
         pos_chunk = positions[start : start + chunk]
         indices = select_for_queries(q_chunk, compressed, agnostic, pos_chunk, num_blocks, cfg)
+        if return_indices:
+            selections.append(indices)
         # Keys after the chunk's last query are never attended: slicing them off saves work.
         key_end = int(pos_chunk[-1]) + 1
         args = (q_chunk, k[:, :key_end], v[:, :key_end], None if bias is None else bias[:, :key_end], indices, pos_chunk, cfg.block_size)
@@ -313,4 +318,28 @@ def nosa_attention(
             outputs.append(checkpoint(sparse_attention, *args, use_reentrant=False))
         else:
             outputs.append(sparse_attention(*args))
-    return torch.cat(outputs, dim=1)
+    out = torch.cat(outputs, dim=1)
+    return (out, torch.cat(selections, dim=1)) if return_indices else out
+
+
+def decode_attention(
+    q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, bias_slots: torch.Tensor | None, valid: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one query per sequence over the device block cache (the NOSI decode step).
+
+    q: [B, Hq, D]; k_slots, v_slots: [B, S, H, D] with S = slots x block_size (slot j of KV head h holds
+    the block named by that head's slot table); bias_slots: [B, S, H] float32 or None; valid: [B, S, H]
+    bool, the slot tokens this query attends to (selected blocks, positions <= the query's).
+    -> [B, Hq, D] in q's dtype. Same formula as `sparse_attention`: softmax(q.k/sqrt(D) + bias) v.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_slots.shape[2]
+    group = num_q_heads // num_kv_heads
+    qg = q.float().view(batch, num_kv_heads, group, head_dim)
+    logits = torch.einsum("bhgd,bshd->bhgs", qg, k_slots.float()) / math.sqrt(head_dim)
+    if bias_slots is not None:
+        logits = logits + bias_slots.float().permute(0, 2, 1)[:, :, None, :]
+    logits = logits.masked_fill(~valid.permute(0, 2, 1)[:, :, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
+    out = torch.einsum("bhgs,bshd->bhgd", probs, v_slots.float())
+    return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
