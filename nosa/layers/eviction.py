@@ -30,7 +30,8 @@ class EvictionHead(nn.Module):
             self.A.zero_()
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """v: [B, T, H, D] -> c: [B, T, H] float32."""
-        flat = v.reshape(v.shape[0], v.shape[1], -1)
-        raw = F.linear(flat.float(), self.delta.weight.float(), self.delta.bias.float())
-        return self.A.float() * F.softplus(raw)
+        """v: [B, T, H, D] -> c: [B, T, H] in float32 (float64 for float64 inputs)."""
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        flat = v.reshape(v.shape[0], v.shape[1], -1).to(dtype)
+        raw = F.linear(flat, self.delta.weight.to(dtype), self.delta.bias.to(dtype))
+        return self.A.to(dtype) * F.softplus(raw)

@@ -24,6 +24,11 @@ from nosa.config import SparseAttentionConfig
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs; float64 stays float64 (finite-difference checks need it)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Compression (spec 4.1 and 4.3)
 # ----------------------------------------------------------------------------------------------------------
@@ -226,8 +231,8 @@ def sparse_attention(
     block_indices: [B, Tq, H, K] int32 (-1 unused); positions: [Tq].
     Query t attends to key s when s's block is selected for (t, h) and s <= positions[t]:
         o_t = sum_s softmax_s(q_t.k_s / sqrt(D) + bias[s, h]) v_s
-    Returns o [B, Tq, Hq, D] in q's dtype (float32 math), and with return_lse the natural log-sum-exp
-    [B, Tq, Hq] float32.
+    Returns o [B, Tq, Hq, D] in q's dtype (float32 math, float64 for float64 inputs), and with return_lse
+    the natural log-sum-exp [B, Tq, Hq].
     """
     batch, num_queries, num_q_heads, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
@@ -236,14 +241,15 @@ def sparse_attention(
     num_blocks = -(-num_keys // block_size)
     block_mask = block_indices_to_mask(block_indices, num_blocks)  # [B, Tq, H, NB]
     allowed = block_mask[..., key_positions // block_size] & (key_positions[None, :] <= positions[:, None])[None, :, None, :]
-    qg = q.float().view(batch, num_queries, num_kv_heads, group, head_dim)
-    logits = torch.einsum("bthgd,bshd->bhgts", qg, k.float()) / math.sqrt(head_dim)
+    dtype = compute_dtype(q)
+    qg = q.to(dtype).view(batch, num_queries, num_kv_heads, group, head_dim)
+    logits = torch.einsum("bthgd,bshd->bhgts", qg, k.to(dtype)) / math.sqrt(head_dim)
     if bias is not None:
-        logits = logits + bias.float().permute(0, 2, 1)[:, :, None, None, :]
+        logits = logits + bias.to(dtype).permute(0, 2, 1)[:, :, None, None, :]
     logits = logits.masked_fill(~allowed.permute(0, 2, 1, 3)[:, :, None], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [B, H, G, Tq]
     probs = torch.exp(logits - lse[..., None]).nan_to_num(nan=0.0)
-    out = torch.einsum("bhgts,bshd->bthgd", probs, v.float()).reshape(batch, num_queries, num_q_heads, head_dim)
+    out = torch.einsum("bhgts,bshd->bthgd", probs, v.to(dtype)).reshape(batch, num_queries, num_q_heads, head_dim)
     out = out.to(q.dtype)
     if return_lse:
         return out, lse.permute(0, 3, 1, 2).reshape(batch, num_queries, num_q_heads)
@@ -335,11 +341,12 @@ def decode_attention(
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_slots.shape[2]
     group = num_q_heads // num_kv_heads
-    qg = q.float().view(batch, num_kv_heads, group, head_dim)
-    logits = torch.einsum("bhgd,bshd->bhgs", qg, k_slots.float()) / math.sqrt(head_dim)
+    dtype = compute_dtype(q)
+    qg = q.to(dtype).view(batch, num_kv_heads, group, head_dim)
+    logits = torch.einsum("bhgd,bshd->bhgs", qg, k_slots.to(dtype)) / math.sqrt(head_dim)
     if bias_slots is not None:
-        logits = logits + bias_slots.float().permute(0, 2, 1)[:, :, None, :]
+        logits = logits + bias_slots.to(dtype).permute(0, 2, 1)[:, :, None, :]
     logits = logits.masked_fill(~valid.permute(0, 2, 1)[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
-    out = torch.einsum("bhgs,bshd->bhgd", probs, v_slots.float())
+    out = torch.einsum("bhgs,bshd->bhgd", probs, v_slots.to(dtype))
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
