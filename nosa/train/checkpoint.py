@@ -1,0 +1,90 @@
+"""Training checkpoints: safetensors weights + config + tokenizer (a loadable model directory), the
+optimizer state and the data position, so a resumed run continues the uninterrupted one exactly.
+
+Layout of `<out_dir>/checkpoints/step_000100/`:
+  config.json, model.safetensors      NosaForCausalLM.save_pretrained (from_pretrained loads it)
+  nosa_tokenizer.json | tokenizer*    the tokenizer
+  optimizer.pt                        AdamW state (full, unsharded)
+  trainer_state.json                  step, rows consumed, the training config
+`<out_dir>/checkpoints/latest` names the newest complete checkpoint; it is written last, so a save that
+was interrupted never becomes the one a resume picks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from nosa.train.distributed import DistInfo, barrier, is_fsdp, unwrap
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+LATEST = "latest"
+
+
+def checkpoint_root(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints")
+
+
+def _full_states(model, optimizer):
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    return unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def save_checkpoint(out_dir: str, model, optimizer, tokenizer, step: int, rows_consumed: int, config: dict, info: DistInfo) -> str:
+    """Every process must call this (FSDP gathers shards); rank 0 writes. Returns the checkpoint dir."""
+    model_state, optim_state = _full_states(model, optimizer)
+    path = os.path.join(checkpoint_root(out_dir), f"step_{step:06d}")
+    if info.is_main:
+        os.makedirs(path, exist_ok=True)
+        hf_model = unwrap(model)
+        hf_model.save_pretrained(path, state_dict={k: v.detach().cpu().contiguous() for k, v in model_state.items()})
+        inner = tokenizer.inner
+        inner.save_pretrained(path)
+        torch.save({"format": "fsdp" if is_fsdp(model) else "plain", "state": optim_state}, os.path.join(path, OPTIMIZER_FILE))
+        with open(os.path.join(path, STATE_FILE), "w") as f:
+            json.dump({"step": step, "rows_consumed": rows_consumed, "world_size": info.world, "config": config}, f, indent=1)
+        tmp = os.path.join(checkpoint_root(out_dir), LATEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(os.path.basename(path))
+        os.replace(tmp, os.path.join(checkpoint_root(out_dir), LATEST))
+    barrier(info)
+    return path
+
+
+def find_checkpoint(resume: str, out_dir: str) -> str:
+    """`resume` is a checkpoint directory, or 'latest' for the newest one under out_dir."""
+    if resume == "latest":
+        pointer = os.path.join(checkpoint_root(out_dir), LATEST)
+        if not os.path.exists(pointer):
+            raise FileNotFoundError(f"nothing to resume: no {pointer} (no checkpoint was completed in {out_dir})")
+        with open(pointer) as f:
+            resume = os.path.join(checkpoint_root(out_dir), f.read().strip())
+    if not os.path.exists(os.path.join(resume, STATE_FILE)):
+        raise FileNotFoundError(f"{resume!r} is not a training checkpoint (no {STATE_FILE})")
+    return resume
+
+
+def read_state(path: str) -> dict:
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def load_optimizer(path: str, model, optimizer) -> None:
+    saved = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if saved["format"] != "fsdp":
+            raise ValueError(f"{path} holds a {saved['format']} optimizer state; resume it with parallel='ddp'")
+        set_optimizer_state_dict(model, optimizer, saved["state"], options=StateDictOptions(full_state_dict=True))
+        return
+    if saved["format"] != "plain":
+        raise ValueError(f"{path} holds an FSDP optimizer state; resume it with parallel='fsdp'")
+    optimizer.load_state_dict(saved["state"])

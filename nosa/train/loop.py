@@ -1,0 +1,269 @@
+"""The training loop behind `nosa train`.
+
+One optimizer step reads `world x micro_batch_size x grad_accum` rows. The loss is the token mean over
+every label of the step on every process: each micro-batch contributes sum(CE) * world / (global label
+count) to the backward pass, because DDP/FSDP average gradients over processes. So the gradient does not
+depend on how the step's rows are split over processes and micro-steps (2 GPUs x b == 1 GPU x 2b).
+The learning rate is a pure function of the step (linear warm-up, cosine decay to lr * min_lr_ratio), so
+it needs no saved scheduler state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nosa.config import NosaConfig
+from nosa.models import NosaForCausalLM
+from nosa.train.checkpoint import find_checkpoint, load_optimizer, read_state, save_checkpoint
+from nosa.train.config import TrainConfig
+from nosa.train.corpus import TokenCorpus, build_corpus
+from nosa.train.distributed import (DistInfo, all_reduce_sum, barrier, cleanup, init_distributed,
+                                    skip_gradient_sync, unwrap, wrap_model)
+from nosa.train.packing import CorpusRows, MixtureStream, step_row_indices
+from nosa.train.tokenization import TextTokenizer, load_tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """lr of optimizer step `step` (0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_tokenizer(cfg: TrainConfig) -> TextTokenizer:
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.init_from in ("nosa", "llama"):
+        return load_tokenizer(cfg.init_path)
+    return load_tokenizer("byte")
+
+
+def build_model(cfg: TrainConfig, tok: TextTokenizer, resume_dir: str | None = None) -> NosaForCausalLM:
+    """Weights in float32 (the master copy; bf16 happens under autocast)."""
+    if resume_dir is not None:
+        return NosaForCausalLM.from_pretrained(resume_dir, dtype=torch.float32)
+    if cfg.init_from == "nosa":
+        if cfg.model:
+            raise ValueError("init_from='nosa' continues a NOSA checkpoint as it is; remove the `model` fields")
+        model = NosaForCausalLM.from_pretrained(cfg.init_path, dtype=torch.float32)
+    elif cfg.init_from == "llama":
+        model = NosaForCausalLM.from_llama(cfg.init_path, **cfg.model).float()
+    else:
+        fields = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id,
+                  "eos_token_id": tok.eos_id, **cfg.model}
+        model = NosaForCausalLM(NosaConfig(**fields)).float()
+    if model.config.vocab_size < tok.vocab_size:
+        raise ValueError(f"model vocab_size {model.config.vocab_size} < tokenizer vocabulary {tok.vocab_size}")
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # Matrices decay; norms, biases and the eviction head's per-head scale A do not.
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def token_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over label != -100 of next-token cross-entropy (float32)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def open_corpus(cfg: TrainConfig, tok: TextTokenizer, info: DistInfo, split: str) -> TokenCorpus:
+    if not os.path.exists(os.path.join(cfg.corpus_dir, split, "meta.json")):
+        if info.is_main:
+            build_corpus(cfg.corpus_dir, cfg.corpus_source, tok, max_tokens=cfg.corpus_max_tokens, seed=cfg.seed)
+        barrier(info)
+    corpus = TokenCorpus(os.path.join(cfg.corpus_dir, split))
+    corpus.check_tokenizer(tok)
+    return corpus
+
+
+def _rewind_metrics(path: str, step: int) -> None:
+    """On resume, keep the records up to the checkpoint so the file reads as one uninterrupted run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step and r.get("event") != "end"]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+@torch.no_grad()
+def validation_loss(model, rows: CorpusRows, cfg: TrainConfig, info: DistInfo) -> float:
+    """Token-mean loss over the first val_batches x micro_batch_size rows of the val split (all processes)."""
+    model.eval()
+    count = min(len(rows), cfg.val_batches * cfg.micro_batch_size)
+    totals = torch.zeros(2, dtype=torch.float64, device=info.device)
+    for start in range(info.rank * cfg.micro_batch_size, count, info.world * cfg.micro_batch_size):
+        batch = [rows.row(j) for j in range(start, min(start + cfg.micro_batch_size, count))]
+        ids = torch.stack([torch.from_numpy(b[0]) for b in batch]).to(info.device)
+        labels = torch.stack([torch.from_numpy(b[1]) for b in batch]).to(info.device)
+        with autocast_context(cfg, info.device):
+            totals[0] += token_loss_sum(model, ids, labels).double()
+        totals[1] += (labels[:, 1:] != -100).sum()
+    all_reduce_sum(totals, info)
+    model.train()
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None) -> dict:
+    """Run training; returns a summary (also the last line of metrics.jsonl). `resume`: a checkpoint dir
+    or 'latest'."""
+    info = init_distributed(device)
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: TrainConfig, resume: str | None, info: DistInfo) -> dict:
+    torch.manual_seed(cfg.seed)
+    tok = resolve_tokenizer(cfg)
+    resume_dir = find_checkpoint(resume, cfg.out_dir) if resume else None
+    start_step, rows_consumed = 0, 0
+    if resume_dir:
+        state = read_state(resume_dir)
+        start_step, rows_consumed = state["step"], state["rows_consumed"]
+    model = build_model(cfg, tok, resume_dir).to(info.device)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    wrapped = wrap_model(model, info, cfg.parallel)
+    optimizer = build_optimizer(wrapped, cfg)
+    if resume_dir:
+        load_optimizer(resume_dir, wrapped, optimizer)
+
+    corpus_rows = val_rows = None
+    if cfg.uses_corpus or cfg.val_every:
+        corpus_rows = CorpusRows(open_corpus(cfg, tok, info, "train"), cfg.seq_len, cfg.isolate_documents, tok.pad_id)
+        val_rows = CorpusRows(open_corpus(cfg, tok, info, "val"), cfg.seq_len, cfg.isolate_documents, tok.pad_id)
+    stream = MixtureStream(tok, cfg.seq_len, cfg.mixture, corpus_rows if cfg.uses_corpus else None, cfg.task_params, cfg.seed)
+
+    metrics_path = os.path.join(cfg.out_dir, METRICS_FILE)
+    if info.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+        if resume_dir:
+            _rewind_metrics(metrics_path, start_step)
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)
+    metrics = open(metrics_path, "a") if info.is_main else None
+    if info.is_main and not resume_dir:
+        summary_line = {"event": "start", "step": 0, "parameters": sum(p.numel() for p in model.parameters()),
+                        "world_size": info.world, "rows_per_step": info.world * cfg.micro_batch_size * cfg.grad_accum,
+                        "tokens_per_step": info.world * cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len,
+                        "corpus": corpus_rows.summary() if corpus_rows else None}
+        metrics.write(json.dumps(summary_line) + "\n")
+
+    progress = None
+    if info.is_main and cfg.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    rows_per_step = info.world * cfg.micro_batch_size * cfg.grad_accum
+    began = time.time()
+    step = start_step
+    last = {}
+    while step < cfg.max_steps:
+        t0 = time.time()
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [stream.batch(step_row_indices(rows_consumed, a, cfg.micro_batch_size, info.world, info.rank))
+                   for a in range(cfg.grad_accum)]
+        count = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)), device=info.device, dtype=torch.float64)
+        global_count = float(all_reduce_sum(count, info))
+        if global_count == 0:
+            raise RuntimeError(f"step {step} has no label tokens on any process; check the mixture and task lengths")
+        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+        for a, batch in enumerate(batches):
+            ids, labels = batch["input_ids"].to(info.device), batch["labels"].to(info.device)
+            with skip_gradient_sync(wrapped, a < cfg.grad_accum - 1):
+                with autocast_context(cfg, info.device):
+                    local = token_loss_sum(wrapped, ids, labels)
+                (local * (info.world / global_count)).backward()
+            loss_sum += local.detach().double()
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        rows_consumed += rows_per_step
+        step += 1
+        loss = float(all_reduce_sum(loss_sum, info)) / global_count
+        elapsed = time.time() - t0
+        tokens = rows_per_step * cfg.seq_len
+        sources: dict[str, int] = {}
+        for b in batches:
+            for s in b["sources"]:
+                sources[s] = sources.get(s, 0) + 1
+        last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "label_tokens": int(global_count),
+                "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_s": elapsed,
+                "elapsed_s": time.time() - began, "rows_consumed": rows_consumed, "sources_rank0": sources}
+        if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.max_steps):
+            last["val_loss"] = validation_loss(wrapped, val_rows, cfg, info)
+        if info.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps or "val_loss" in last):
+            metrics.write(json.dumps(last) + "\n")
+            metrics.flush()
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / elapsed:,.0f}")
+        out_of_time = cfg.time_limit_s > 0 and time.time() - began >= cfg.time_limit_s
+        if out_of_time:
+            # Every process must agree to stop at the same step (rank 0's clock decides).
+            flag = torch.tensor(1.0, device=info.device)
+        else:
+            flag = torch.tensor(0.0, device=info.device)
+        if info.enabled:
+            torch.distributed.broadcast(flag, src=0)
+        stop = bool(flag.item())
+        if step < cfg.max_steps and not stop and cfg.save_every and step % cfg.save_every == 0:
+            save_checkpoint(cfg.out_dir, wrapped, optimizer, tok, step, rows_consumed, cfg.to_dict(), info)
+        if stop:
+            last["stopped_by_time_limit"] = True
+            break
+    if progress is not None:
+        progress.close()
+    final = save_checkpoint(cfg.out_dir, wrapped, optimizer, tok, step, rows_consumed, cfg.to_dict(), info)
+    summary = {"event": "end", "step": step, "final_checkpoint": final, "loss": last.get("loss"),
+               "stopped_by_time_limit": bool(last.get("stopped_by_time_limit")), "wall_s": time.time() - began}
+    if info.is_main:
+        metrics.write(json.dumps(summary) + "\n")
+        metrics.close()
+        try:
+            from nosa.eval.plots import plot_training
+
+            summary["plot"] = plot_training(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
+        except ImportError as err:  # matplotlib missing: the metrics are still there to plot later
+            summary["plot_error"] = str(err)
+    return summary
