@@ -1,0 +1,441 @@
+"""Block-sparse attention with a per-key additive bias: Triton forward and backward (spec sec. 4.6).
+
+Same contract as `nosa.ops.reference.sparse_attention`. Work is organised in *query tiles*: `tile_tokens`
+consecutive queries of one (sequence, KV head), whose rows are (token, query head of the group), i.e.
+tile_tokens x G rows, padded so the matrix unit sees at least 16 rows. A tile walks the *union* of its
+tokens' selected blocks; each union entry carries a bit per token saying who selected it, so every row
+attends exactly to its own blocks (a block some row did not select is masked for that row).
+
+- forward (`_fwd_kernel`): one program per (query tile, sequence x KV head), online softmax in base 2,
+  returns o and the natural log-sum-exp.
+- backward: dq per query tile (`_bwd_dq_kernel`, same walk); dk, dv and the bias gradient per *key block*
+  (`_bwd_dkv_kernel`) over the inverted lists (which query tiles selected this block), split into segments
+  of at most `DKV_SEGMENT` tiles so the sink block (selected by every query) does not serialise on one
+  SM; segments add into float32 buffers atomically.
+
+List entries pack (block << 16) | token_bits, so a tile holds at most 16 tokens and a sequence at most
+32767 blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_TILE_TOKENS = 16
+MAX_BLOCKS = 1 << 15
+# Query tiles per dk/dv program: long inverted lists (sink and window blocks) are split so their work
+# spreads over many SMs; each split costs one atomic add of a [block, D] tile.
+DKV_SEGMENT = 32
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs would silently go through TF32 on the GPU; the reference is exact float32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def default_tile_tokens(group: int) -> int:
+    """Query tokens per tile: enough rows (tokens x padded group) to feed the matrix unit 16 rows."""
+    return max(1, 16 // _next_pow2(group))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tile lists (host-side glue in PyTorch, all on the device)
+# ----------------------------------------------------------------------------------------------------------
+def build_tile_lists(block_indices: torch.Tensor, tile_tokens: int):
+    """Union of the selected blocks of each query tile, with a bit per token of the tile.
+
+    block_indices: [B, Tq, H, K] int32 (ascending, -1 unused) ->
+      lists [B, H, n_tiles, L] int32, entry = (block << 16) | bits (ascending block, -1 unused),
+      counts [B, H, n_tiles] int32; n_tiles = ceil(Tq / tile_tokens), L = min(tile_tokens * K, ...).
+    """
+    batch, num_queries, num_kv_heads, topk = block_indices.shape
+    n_tiles = -(-num_queries // tile_tokens)
+    idx = block_indices.to(torch.int32)
+    pad = n_tiles * tile_tokens - num_queries
+    if pad:
+        idx = torch.cat([idx, idx.new_full((batch, pad, num_kv_heads, topk), -1)], dim=1)
+    # [B, H, n_tiles, tile_tokens, K]
+    idx = idx.permute(0, 2, 1, 3).reshape(batch, num_kv_heads, n_tiles, tile_tokens, topk)
+    if tile_tokens == 1:
+        idx = idx[..., 0, :]
+        valid = idx >= 0
+        lists = torch.where(valid, (idx << 16) | 1, -1).contiguous()
+        return lists, valid.sum(-1, dtype=torch.int32)
+    token = torch.arange(tile_tokens, device=idx.device, dtype=torch.int32)[:, None].expand(tile_tokens, topk)
+    big = torch.iinfo(torch.int32).max
+    code = torch.where(idx >= 0, idx * 32 + token, big).reshape(batch, num_kv_heads, n_tiles, tile_tokens * topk)
+    code = code.sort(dim=-1).values
+    valid = code != big
+    blk = torch.where(valid, code >> 5, -1)
+    prev = torch.cat([torch.full_like(blk[..., :1], -2), blk[..., :-1]], dim=-1)
+    new_run = valid & (blk != prev)
+    run_id = torch.cumsum(new_run.to(torch.int32), dim=-1) - 1
+    width = code.shape[-1]
+    bits = torch.where(valid, torch.ones_like(code) << (code & 31), 0)
+    out_bits = torch.zeros_like(code).scatter_add_(-1, run_id.clamp(min=0).long(), bits)
+    counts = new_run.sum(-1, dtype=torch.int32)
+    slot = torch.where(new_run, run_id, width).long()
+    out_blk = torch.full(code.shape[:-1] + (width + 1,), -1, dtype=torch.int32, device=code.device)
+    out_blk.scatter_(-1, slot, blk)
+    out_blk = out_blk[..., :width]
+    lists = torch.where(out_blk >= 0, (out_blk << 16) | out_bits, -1)
+    max_len = max(1, int(counts.max()))  # host sync: trims the lists to the longest union
+    return lists[..., :max_len].contiguous(), counts
+
+
+def invert_tile_lists(lists: torch.Tensor, counts: torch.Tensor, num_blocks: int, segment: int = DKV_SEGMENT):
+    """For every (sequence, KV head, key block): the query tiles that attend to it, cut into segments.
+
+    lists, counts: from `build_tile_lists`. Returns (tiles [N] int32, bits [N] int32 sorted by key block
+    then tile; seg_key [S] int32 = (b * H + h) * num_blocks + block; seg_start, seg_end [S] int32 into
+    tiles/bits).
+    """
+    batch, num_kv_heads, n_tiles, width = lists.shape
+    valid = lists >= 0
+    bh = torch.arange(batch * num_kv_heads, device=lists.device, dtype=torch.int64).view(batch, num_kv_heads, 1, 1)
+    tile = torch.arange(n_tiles, device=lists.device, dtype=torch.int32).view(1, 1, n_tiles, 1)
+    blk = (lists >> 16).to(torch.int64)
+    key = (bh * num_blocks + blk).expand_as(lists)[valid]
+    tiles = tile.expand_as(lists)[valid]
+    bits = (lists & 0xFFFF)[valid]
+    order = torch.argsort(key, stable=True)
+    tiles, bits, key = tiles[order].contiguous(), bits[order].contiguous(), key[order]
+    per_key = torch.bincount(key, minlength=batch * num_kv_heads * num_blocks)
+    ends = torch.cumsum(per_key, 0)
+    starts = ends - per_key
+    nseg = torch.div(per_key + segment - 1, segment, rounding_mode="floor")
+    total = int(nseg.sum())  # host sync: the dk/dv grid size
+    seg_key = torch.repeat_interleave(torch.arange(per_key.numel(), device=lists.device), nseg, output_size=total)
+    first_seg = torch.cumsum(nseg, 0) - nseg
+    within = torch.arange(total, device=lists.device) - first_seg[seg_key]
+    seg_start = starts[seg_key] + within * segment
+    seg_end = torch.minimum(seg_start + segment, ends[seg_key])
+    return tiles, bits, seg_key.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_rows(tile, h, Tq, G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """Rows of a query tile: (token index, query head, token-in-tile, row valid)."""
+    r = tl.arange(0, ROWS)
+    ti = r // G_PAD
+    g = r % G_PAD
+    t = tile * (ROWS // G_PAD) + ti
+    valid = (g < G) & (t < Tq)
+    return t, h * G + g, ti, valid
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Bias, Lists, Counts, Pos, O, Lse,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
+    sLb, sLh, sLn, scb, sch,
+    Tq, Tk, H, block_size, qk_scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    t, head, ti, row_ok = _tile_rows(tile, h, Tq, G, G_PAD, ROWS)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pos = tl.load(Pos + t, mask=row_ok, other=-1)
+    q = tl.load(Q + b * sqb + t[:, None] * sqt + head[:, None] * sqh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    count = tl.load(Counts + b * scb + h * sch + tile)
+    list_base = Lists + b * sLb + h * sLh + tile * sLn
+    for e in range(count):
+        entry = tl.load(list_base + e)
+        blk = entry >> 16
+        row_in = ((entry >> ti) & 1) != 0
+        keys = blk * block_size + n
+        key_ok = (n < block_size) & (keys < Tk)
+        k = tl.load(K + b * skb + keys[:, None] * skt + h * skh + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(Bias + b * sbb + keys * sbt + h * sbh, mask=key_ok, other=0.0).to(tl.float32)
+            s += bias[None, :] * 1.4426950408889634
+        allowed = row_in[:, None] & key_ok[None, :] & (keys[None, :] <= pos[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * svb + keys[:, None] * svt + h * svh + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    tl.store(O + b * sob + t[:, None] * sot + head[:, None] * soh + d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(Lse + b * slb + t * slt + head * slh, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, Bias, Lists, Counts, Pos, DO, Lse, Delta, DQ,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
+    sLb, sLh, sLn, scb, sch,
+    Tq, Tk, H, block_size, qk_scale, sm_scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # DO and DQ share q's strides (sq*); Lse and Delta share sl*.
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    t, head, ti, row_ok = _tile_rows(tile, h, Tq, G, G_PAD, ROWS)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pos = tl.load(Pos + t, mask=row_ok, other=-1)
+    qmask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + t[:, None] * sqt + head[:, None] * sqh + d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b * sob + t[:, None] * sot + head[:, None] * soh + d[None, :], mask=qmask, other=0.0)
+    lse = tl.load(Lse + b * slb + t * slt + head * slh, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(Delta + b * slb + t * slt + head * slh, mask=row_ok, other=0.0)
+    dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    count = tl.load(Counts + b * scb + h * sch + tile)
+    list_base = Lists + b * sLb + h * sLh + tile * sLn
+    for e in range(count):
+        entry = tl.load(list_base + e)
+        blk = entry >> 16
+        row_in = ((entry >> ti) & 1) != 0
+        keys = blk * block_size + n
+        key_ok = (n < block_size) & (keys < Tk)
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + keys[:, None] * skt + h * skh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + keys[:, None] * svt + h * svh + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(Bias + b * sbb + keys * sbt + h * sbh, mask=key_ok, other=0.0).to(tl.float32)
+            s += bias[None, :] * 1.4426950408889634
+        allowed = row_in[:, None] & key_ok[None, :] & (keys[None, :] <= pos[:, None])
+        p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b * sqb + t[:, None] * sqt + head[:, None] * sqh + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, K, V, Bias, Tiles, Bits, SegKey, SegStart, SegEnd, Pos, DO, Lse, Delta, DK, DV, DBias,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
+    sdkb, sdkt, sdkh, sdbb, sdbt, sdbh,
+    Tq, Tk, H, num_blocks, block_size, qk_scale, sm_scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # DK and DV are float32 with the same strides (sdk*); DBias float32 (sdb*).
+    seg = tl.program_id(0)
+    key_id = tl.load(SegKey + seg)
+    start = tl.load(SegStart + seg)
+    end = tl.load(SegEnd + seg)
+    blk = key_id % num_blocks
+    bh = key_id // num_blocks
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    n = tl.arange(0, BLOCK_N)
+    keys = blk * block_size + n
+    key_ok = (n < block_size) & (keys < Tk)
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + keys[:, None] * skt + h * skh + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + keys[:, None] * svt + h * svh + d[None, :], mask=kv_mask, other=0.0)
+    if HAS_BIAS:
+        bias2 = tl.load(Bias + b * sbb + keys * sbt + h * sbh, mask=key_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dbias = tl.zeros([BLOCK_N], tl.float32)
+    for e in range(start, end):
+        tile = tl.load(Tiles + e)
+        bits = tl.load(Bits + e)
+        t, head, ti, row_ok = _tile_rows(tile, h, Tq, G, G_PAD, ROWS)
+        row_ok = row_ok & (((bits >> ti) & 1) != 0)
+        pos = tl.load(Pos + t, mask=row_ok, other=-1)
+        qmask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + t[:, None] * sqt + head[:, None] * sqh + d[None, :], mask=qmask, other=0.0)
+        do = tl.load(DO + b * sob + t[:, None] * sot + head[:, None] * soh + d[None, :], mask=qmask, other=0.0)
+        lse = tl.load(Lse + b * slb + t * slt + head * slh, mask=row_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        delta = tl.load(Delta + b * slb + t * slt + head * slh, mask=row_ok, other=0.0)
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [keys, rows]
+        if HAS_BIAS:
+            s += bias2[:, None]
+        allowed = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= pos[None, :])
+        p = tl.where(allowed, tl.exp2(s - lse2[None, :]), 0.0)
+        dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds = p * (dp - delta[None, :])
+        dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+        if HAS_BIAS:
+            dbias += tl.sum(ds, 1)
+    out_off = b * sdkb + keys[:, None] * sdkt + h * sdkh + d[None, :]
+    tl.atomic_add(DK + out_off, dk * sm_scale, mask=kv_mask)
+    tl.atomic_add(DV + out_off, dv, mask=kv_mask)
+    if HAS_BIAS:
+        tl.atomic_add(DBias + b * sdbb + keys * sdbt + h * sdbh, dbias, mask=key_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, bias, block_indices, positions, block_size):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, num_queries, num_q_heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k and v must be [B, Tk, H, {head_dim}] with B={batch}; got {tuple(k.shape)}, {tuple(v.shape)}")
+    num_kv_heads = k.shape[2]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    if block_indices.shape[:3] != (batch, num_queries, num_kv_heads):
+        raise ValueError(f"block_indices must be [B, Tq, H, K] = [{batch}, {num_queries}, {num_kv_heads}, K]; got {tuple(block_indices.shape)}")
+    if positions.shape != (num_queries,):
+        raise ValueError(f"positions must be [Tq] = [{num_queries}]; got {tuple(positions.shape)}")
+    if bias is not None and bias.shape != (batch, k.shape[1], num_kv_heads):
+        raise ValueError(f"bias must be [B, Tk, H] = [{batch}, {k.shape[1]}, {num_kv_heads}]; got {tuple(bias.shape)}")
+    if -(-k.shape[1] // block_size) >= MAX_BLOCKS:
+        raise ValueError(f"at most {MAX_BLOCKS - 1} key blocks are supported; got {-(-k.shape[1] // block_size)}")
+
+
+def _meta(q, k, block_size, tile_tokens):
+    group = q.shape[2] // k.shape[2]
+    g_pad = _next_pow2(group)
+    rows = max(16, tile_tokens * g_pad)
+    head_dim = q.shape[3]
+    return dict(
+        G=group, G_PAD=g_pad, ROWS=rows, BLOCK_N=max(16, _next_pow2(block_size)),
+        D=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)), PRECISION=_dot_precision(q.dtype),
+    ), rows // g_pad
+
+
+def _launch_opts(rows: int, head_dim: int) -> dict:
+    warps = 4 if rows * head_dim <= 64 * 128 else 8
+    return dict(num_warps=warps, num_stages=2)
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def sparse_attention_forward(q, k, v, bias, lists, counts, positions, block_size, tile_tokens):
+    """o [B, Tq, Hq, D] (q's dtype) and lse [B, Tq, Hq] float32 from prepared tile lists."""
+    batch, num_queries, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    meta, tile_tokens = _meta(q, k, block_size, tile_tokens)
+    o = torch.empty_like(q)
+    lse = torch.empty((batch, num_queries, num_q_heads), device=q.device, dtype=torch.float32)
+    bias_arg = bias if bias is not None else q
+    bias_strides = bias.stride() if bias is not None else (0, 0, 0)
+    grid = (lists.shape[2], batch * num_kv_heads)
+    _fwd_kernel[grid](
+        q, k, v, bias_arg, lists, counts, positions, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *bias_strides,
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
+        num_queries, k.shape[1], num_kv_heads, block_size, LOG2E / math.sqrt(head_dim),
+        HAS_BIAS=bias is not None, **meta, **_launch_opts(meta["ROWS"], head_dim),
+    )
+    return o, lse
+
+
+def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, block_size, tile_tokens):
+    """(dq, dk, dv, dbias) for the forward above. dbias is None without a bias."""
+    batch, num_queries, num_q_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    meta, tile_tokens = _meta(q, k, block_size, tile_tokens)
+    do = _last_dim_contiguous(do)
+    delta = (do.float() * o.float()).sum(-1)  # [B, Tq, Hq], same strides as lse (both contiguous)
+    dq = torch.empty_like(q)
+    bias_arg = bias if bias is not None else q
+    bias_strides = bias.stride() if bias is not None else (0, 0, 0)
+    scale = 1.0 / math.sqrt(head_dim)
+    common = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *bias_strides,
+        do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+    )
+    opts = _launch_opts(meta["ROWS"], head_dim)
+    _bwd_dq_kernel[(lists.shape[2], batch * num_kv_heads)](
+        q, k, v, bias_arg, lists, counts, positions, do, lse, delta, dq,
+        *common, lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
+        num_queries, num_keys, num_kv_heads, block_size, LOG2E * scale, scale,
+        HAS_BIAS=bias is not None, **meta, **opts,
+    )
+    num_blocks = -(-num_keys // block_size)
+    tiles, bits, seg_key, seg_start, seg_end = invert_tile_lists(lists, counts, num_blocks)
+    dk = torch.zeros((batch, num_keys, num_kv_heads, head_dim), device=q.device, dtype=torch.float32)
+    dv = torch.zeros_like(dk)
+    dbias = torch.zeros((batch, num_keys, num_kv_heads), device=q.device, dtype=torch.float32)
+    if seg_key.numel():
+        _bwd_dkv_kernel[(seg_key.numel(),)](
+            q, k, v, bias_arg, tiles, bits, seg_key, seg_start, seg_end, positions, do, lse, delta, dk, dv, dbias,
+            *common, dk.stride(0), dk.stride(1), dk.stride(2), dbias.stride(0), dbias.stride(1), dbias.stride(2),
+            num_queries, num_keys, num_kv_heads, num_blocks, block_size, LOG2E * scale, scale,
+            HAS_BIAS=bias is not None, **meta, **opts,
+        )
+    return dq, dk.to(k.dtype), dv.to(v.dtype), (dbias.to(bias.dtype) if bias is not None else None)
+
+
+class SparseAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, block_indices, positions, block_size, tile_tokens):
+        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        lists, counts = build_tile_lists(block_indices, _meta(q, k, block_size, tile_tokens)[1])
+        positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
+        o, lse = sparse_attention_forward(q, k, v, bias, lists, counts, positions, block_size, tile_tokens)
+        ctx.save_for_backward(q, k, v, bias, o, lse, lists, counts, block_indices, positions)
+        ctx.block_size = block_size
+        ctx.tile_tokens = tile_tokens
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, bias, o, lse, lists, counts, block_indices, positions = ctx.saved_tensors
+        dq, dk, dv, dbias = sparse_attention_backward(
+            do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, ctx.block_size, ctx.tile_tokens
+        )
+        return dq, dk, dv, dbias, None, None, None, None
+
+
+def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return_lse=False, tile_tokens=None):
+    """Triton version of `nosa.ops.reference.sparse_attention` (same shapes and semantics).
+
+    q: [B, Tq, Hq, D]; k, v: [B, Tk, H, D]; bias: [B, Tk, H] or None; block_indices: [B, Tq, H, K] int32;
+    positions: [Tq] -> o [B, Tq, Hq, D] (and lse [B, Tq, Hq] float32 with return_lse). Differentiable in
+    q, k, v and bias. `tile_tokens` (queries sharing one program) defaults to `default_tile_tokens(G)`.
+    """
+    _check_inputs(q, k, v, bias, block_indices, positions, block_size)
+    group = q.shape[2] // k.shape[2]
+    if tile_tokens is None:
+        tile_tokens = default_tile_tokens(group)
+    if not 1 <= tile_tokens <= MAX_TILE_TOKENS:
+        raise ValueError(f"tile_tokens must be in 1..{MAX_TILE_TOKENS}, got {tile_tokens}")
+    o, lse = SparseAttentionFunction.apply(q, k, v, bias, block_indices, positions, block_size, tile_tokens)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,156 @@
+"""Decode attention over the device slots (the NOSI decode step), split along the keys (flash-decoding).
+
+Same contract as `nosa.ops.reference.decode_attention`. One query token per sequence leaves only B x H
+programs, too few to keep the GPU's memory system busy, so the slot axis is cut into `splits` chunks; each
+program writes a partial (max, sum, output) for its chunk and a second small kernel merges them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nosa.ops.kernels.attention import LOG2E, _dot_precision, _next_pow2
+
+
+@triton.jit
+def _decode_partial_kernel(
+    Q, K, V, Bias, Valid, PartO, PartM, PartL,
+    sqb, sqh, skb, sks, skh, svb, svs, svh, sbb, sbs, sbh, svlb, svls, svlh,
+    S, H, chunk, qk_scale,
+    G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    g = tl.arange(0, ROWS)
+    row_ok = g < G
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    start = split * chunk
+    stop = tl.minimum(start + chunk, S)
+    for s0 in range(start, stop, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        in_range = s < stop
+        ok = tl.load(Valid + b * svlb + s * svls + h * svlh, mask=in_range, other=0) != 0
+        kv_mask = in_range[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + s[:, None] * sks + h * skh + d[None, :], mask=kv_mask, other=0.0)
+        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(Bias + b * sbb + s * sbs + h * sbh, mask=in_range, other=0.0).to(tl.float32)
+            logits += bias[None, :] * 1.4426950408889634
+        logits = tl.where(ok[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(logits - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * svb + s[:, None] * svs + h * svh + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    part = (bh * nsplit + split) * ROWS + g
+    tl.store(PartM + part, m_i)
+    tl.store(PartL + part, l_i)
+    tl.store(PartO + part[:, None] * BLOCK_D + d[None, :], acc)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    PartO, PartM, PartL, Out, sob, soh, H, NSPLIT,
+    G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    g = tl.arange(0, ROWS)
+    sp = tl.arange(0, SPLIT_PAD)
+    d = tl.arange(0, BLOCK_D)
+    sp_ok = sp < NSPLIT
+    idx = (bh * NSPLIT + sp[:, None]) * ROWS + g[None, :]  # [SPLIT_PAD, ROWS]
+    m = tl.load(PartM + idx, mask=sp_ok[:, None], other=float("-inf"))
+    l = tl.load(PartL + idx, mask=sp_ok[:, None], other=0.0)
+    m_all = tl.max(m, 0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp2(m - m_safe[None, :])  # [SPLIT_PAD, ROWS]
+    l_all = tl.sum(l * w, 0)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for i in range(NSPLIT):
+        o_i = tl.load(PartO + ((bh * NSPLIT + i) * ROWS + g)[:, None] * BLOCK_D + d[None, :])
+        w_i = tl.sum(tl.where(sp[:, None] == i, w, 0.0), 0)
+        acc += o_i * w_i[:, None]
+    out = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
+    row_ok = g < G
+    tl.store(Out + b * sob + (h * G + g)[:, None] * soh + d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (d[None, :] < D))
+
+
+def _num_splits(batch_heads: int, num_slots: int, block_s: int, sm_count: int) -> int:
+    # Enough programs for ~4 waves of the SMs, but never chunks shorter than 4 key tiles.
+    want = max(1, (4 * sm_count + batch_heads - 1) // batch_heads)
+    most = max(1, num_slots // (4 * block_s))
+    return max(1, min(want, most, 64))
+
+
+def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None = None):
+    """Triton version of `nosa.ops.reference.decode_attention`.
+
+    q: [B, Hq, D]; k_slots, v_slots: [B, S, H, D]; bias_slots: [B, S, H] or None; valid: [B, S, H] bool
+    -> [B, Hq, D] in q's dtype. `splits`: chunks of the slot axis (default: sized for occupancy).
+    """
+    if q.dim() != 3 or k_slots.dim() != 4 or k_slots.shape != v_slots.shape:
+        raise ValueError(f"q must be [B, Hq, D] and k_slots, v_slots [B, S, H, D]; got {tuple(q.shape)}, {tuple(k_slots.shape)}, {tuple(v_slots.shape)}")
+    batch, num_q_heads, head_dim = q.shape
+    _, num_slots, num_kv_heads, _ = k_slots.shape
+    if k_slots.shape[0] != batch or k_slots.shape[3] != head_dim or num_q_heads % num_kv_heads:
+        raise ValueError(f"k_slots {tuple(k_slots.shape)} does not fit q {tuple(q.shape)} (batch, head_dim, GQA group)")
+    if valid.shape != (batch, num_slots, num_kv_heads):
+        raise ValueError(f"valid must be [B, S, H] = [{batch}, {num_slots}, {num_kv_heads}]; got {tuple(valid.shape)}")
+    if bias_slots is not None and bias_slots.shape != valid.shape:
+        raise ValueError(f"bias_slots must be [B, S, H] = {tuple(valid.shape)}; got {tuple(bias_slots.shape)}")
+    group = num_q_heads // num_kv_heads
+    rows = max(16, _next_pow2(group))
+    block_d = max(16, _next_pow2(head_dim))
+    block_s = 64
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_slots = k_slots if k_slots.stride(-1) == 1 else k_slots.contiguous()
+    v_slots = v_slots if v_slots.stride(-1) == 1 else v_slots.contiguous()
+    valid_u8 = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+    if splits is None:
+        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        splits = _num_splits(batch * num_kv_heads, num_slots, block_s, sm_count)
+    splits = max(1, min(int(splits), max(1, num_slots)))
+    chunk = -(-max(1, num_slots) // splits)
+    chunk = -(-chunk // block_s) * block_s
+    splits = -(-max(1, num_slots) // chunk)
+    part_o = torch.empty((batch * num_kv_heads * splits * rows, block_d), device=q.device, dtype=torch.float32)
+    part_m = torch.empty((batch * num_kv_heads * splits * rows,), device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    bias_arg = bias_slots if bias_slots is not None else valid_u8
+    bias_strides = bias_slots.stride() if bias_slots is not None else (0, 0, 0)
+    precision = _dot_precision(q.dtype)
+    _decode_partial_kernel[(batch * num_kv_heads, splits)](
+        q, k_slots, v_slots, bias_arg, valid_u8, part_o, part_m, part_l,
+        q.stride(0), q.stride(1), k_slots.stride(0), k_slots.stride(1), k_slots.stride(2),
+        v_slots.stride(0), v_slots.stride(1), v_slots.stride(2), *bias_strides, *valid_u8.stride(),
+        num_slots, num_kv_heads, chunk, LOG2E / math.sqrt(head_dim),
+        G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, HAS_BIAS=bias_slots is not None,
+        PRECISION=precision, num_warps=4, num_stages=3,
+    )
+    _decode_merge_kernel[(batch * num_kv_heads,)](
+        part_o, part_m, part_l, out, out.stride(0), out.stride(1), num_kv_heads, splits,
+        G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, SPLIT_PAD=max(2, _next_pow2(splits)), num_warps=4,
+    )
+    return out

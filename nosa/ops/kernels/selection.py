@@ -1,0 +1,390 @@
+"""Selection kernels (spec sec. 4.1-4.5): window means, query-aware chunk scores fused with the softmax, the
+GQA sum and the pooling to blocks, and the selection composition.
+
+Each public function has the contract of its namesake in `nosa.ops.reference`:
+- `compress_keys` / `agnostic_chunk_scores`: one window mean kernel (float32 sums).
+- `query_aware_chunk_scores`: per-window scores (the reference's intermediate), for tests and callers that
+  want them; the pipeline uses `query_aware_block_scores`, which pools inside the kernel and never writes
+  the [B, Tq, H, Nc] window scores.
+- `select_blocks`: forced blocks, then `query_aware_quota` picks, then the agnostic fill, by repeated
+  arg-max (ties to the lower block index, -inf candidate scores clamped to float32's lowest like the
+  reference), written as ascending indices padded with -1.
+- `select_for_queries`: the three steps for a group of queries; the agnostic pooling is read from a small
+  prefix-max table ([B, H, NB, W]) because, for a given block, only the number of complete windows at the
+  query's position changes the pooled value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nosa.config import SparseAttentionConfig
+from nosa.ops import reference
+from nosa.ops.kernels.attention import LOG2E, _dot_precision, _next_pow2
+
+FLOAT32_LOWEST = -3.4028234663852886e38
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Window means (compressed keys, query-agnostic chunk scores)
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _window_mean_kernel(X, Out, sxb, sxt, sob, son, F, kernel, stride, inv_kernel,
+                        KERNEL_PAD: tl.constexpr, BLOCK_F: tl.constexpr):
+    i = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
+    r = tl.arange(0, KERNEL_PAD)
+    rows = i * stride + r
+    mask = (r[:, None] < kernel) & (f[None, :] < F)
+    x = tl.load(X + b * sxb + rows[:, None] * sxt + f[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + b * sob + i * son + f, (tl.sum(x, 0) * inv_kernel).to(Out.dtype.element_ty), mask=f < F)
+
+
+def window_mean(x: torch.Tensor, kernel: int, stride: int, out_dtype=None) -> torch.Tensor:
+    """x: [B, T, ...] -> [B, Nc, ...] mean over complete windows (float32 sums), in out_dtype or x's dtype."""
+    batch, length = x.shape[:2]
+    tail = tuple(x.shape[2:])
+    num_windows = reference.num_complete_windows(length, kernel, stride)
+    out = torch.empty((batch, num_windows) + tail, device=x.device, dtype=out_dtype or x.dtype)
+    if num_windows == 0 or batch == 0:
+        return out
+    flat = x.reshape(batch, length, -1)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    features = flat.shape[2]
+    out_flat = out.view(batch, num_windows, features)
+    block_f = min(256, max(16, _next_pow2(features)))
+    grid = (num_windows, batch, triton.cdiv(features, block_f))
+    _window_mean_kernel[grid](
+        flat, out_flat, flat.stride(0), flat.stride(1), out_flat.stride(0), out_flat.stride(1),
+        features, kernel, stride, 1.0 / kernel, KERNEL_PAD=_next_pow2(kernel), BLOCK_F=block_f,
+    )
+    return out
+
+
+def compress_keys(k: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """k: [B, T, H, D] -> compressed keys [B, Nc, H, D] in k's dtype."""
+    return window_mean(k, kernel, stride)
+
+
+def agnostic_chunk_scores(eviction: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """eviction: [B, T, H] -> window means [B, Nc, H] float32."""
+    return window_mean(eviction, kernel, stride, out_dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Query-aware chunk scores: softmax over complete windows, summed over the GQA group, pooled to blocks
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _softmax_stats(q, CK, ck_base, scn, nc, qk_scale, d, d_ok,
+                   ROWS: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
+    """Row max and sum of exp2 (base-2 logits) over the first nc compressed keys."""
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    for w0 in range(0, nc, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)
+        ok = w < nc
+        ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m = m_new
+    return m, l
+
+
+@triton.jit
+def _load_query_group(Q, b, t, h, sqb, sqt, sqh, G: tl.constexpr, ROWS: tl.constexpr, d, d_ok):
+    g = tl.arange(0, ROWS)
+    row_ok = g < G
+    q = tl.load(Q + b * sqb + t * sqt + (h * G + g)[:, None] * sqh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return q, row_ok
+
+
+@triton.jit
+def _qa_block_scores_kernel(
+    Q, CK, Pos, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
+    Nc, H, NB, block_size, kernel, stride, qk_scale,
+    G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr, BJ: tl.constexpr, BJ_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    pos = tl.load(Pos + t)
+    nc = tl.where(pos + 1 >= kernel, (pos + 1 - kernel) // stride + 1, 0)
+    nc = tl.minimum(nc, Nc).to(tl.int32)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q, row_ok = _load_query_group(Q, b, t, h, sqb, sqt, sqh, G, ROWS, d, d_ok)
+    ck_base = b * scb + h * sch
+    m, l = _softmax_stats(q, CK, ck_base, scn, nc, qk_scale, d, d_ok, ROWS, BLOCK_W, PRECISION)
+    inv_l = tl.where(row_ok & (l > 0), 1.0 / tl.where(l > 0, l, 1.0), 0.0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    own = (pos // block_size).to(tl.int32)
+    jr = tl.arange(0, BJ_PAD)
+    out_base = Out + b * sob + t * sot + h * soh
+    for j0 in range(0, NB, BJ):
+        jj = j0 + jr
+        score = tl.full([BJ_PAD], float("-inf"), tl.float32)
+        if (j0 <= own) & (nc > 0):
+            x = block_size * j0 - kernel
+            w_first = tl.where(x < 0, 0, x // stride + 1)
+            w = w_first + tl.arange(0, BLOCK_W)
+            ok = w < nc
+            ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale
+            p = tl.exp2(s - m[:, None]) * inv_l[:, None]
+            psum = tl.sum(tl.where(ok[None, :], p, 0.0), 0)
+            overlap = (stride * w[None, :] < block_size * (jj[:, None] + 1)) & \
+                      (stride * w[None, :] + kernel > block_size * jj[:, None]) & ok[None, :]
+            score = tl.max(tl.where(overlap, psum[None, :], float("-inf")), 1)
+        tl.store(out_base + jj, score, mask=(jr < BJ) & (jj < NB))
+
+
+@triton.jit
+def _qa_chunk_scores_kernel(
+    Q, CK, Pos, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
+    Nc, H, kernel, stride, qk_scale,
+    G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+):
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    pos = tl.load(Pos + t)
+    nc = tl.where(pos + 1 >= kernel, (pos + 1 - kernel) // stride + 1, 0)
+    nc = tl.minimum(nc, Nc).to(tl.int32)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q, row_ok = _load_query_group(Q, b, t, h, sqb, sqt, sqh, G, ROWS, d, d_ok)
+    ck_base = b * scb + h * sch
+    m, l = _softmax_stats(q, CK, ck_base, scn, nc, qk_scale, d, d_ok, ROWS, BLOCK_W, PRECISION)
+    inv_l = tl.where(row_ok & (l > 0), 1.0 / tl.where(l > 0, l, 1.0), 0.0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    out_base = Out + b * sob + t * sot + h * soh
+    for w0 in range(0, Nc, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)
+        ok = w < nc
+        ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
+        tl.store(out_base + w, tl.sum(tl.where(ok[None, :], p, 0.0), 0), mask=w < Nc)
+
+
+def _score_meta(q, compressed_keys):
+    group = q.shape[2] // compressed_keys.shape[2]
+    head_dim = q.shape[3]
+    return dict(G=group, ROWS=max(16, _next_pow2(group)), D=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)),
+                PRECISION=_dot_precision(q.dtype))
+
+
+def _check_scores(q, compressed_keys, positions):
+    if q.dim() != 4 or compressed_keys.dim() != 4 or q.shape[3] != compressed_keys.shape[3] or q.shape[0] != compressed_keys.shape[0]:
+        raise ValueError(f"q must be [B, Tq, Hq, D] and compressed_keys [B, Nc, H, D]; got {tuple(q.shape)}, {tuple(compressed_keys.shape)}")
+    if q.shape[2] % compressed_keys.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({compressed_keys.shape[2]})")
+    if positions.shape != (q.shape[1],):
+        raise ValueError(f"positions must be [Tq] = [{q.shape[1]}]; got {tuple(positions.shape)}")
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def query_aware_chunk_scores(q, compressed_keys, positions, kernel, stride):
+    """q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, Nc] float32."""
+    _check_scores(q, compressed_keys, positions)
+    batch, num_queries, _, head_dim = q.shape
+    num_windows, num_kv_heads = compressed_keys.shape[1], compressed_keys.shape[2]
+    out = torch.zeros((batch, num_queries, num_kv_heads, num_windows), device=q.device, dtype=torch.float32)
+    if num_windows == 0 or num_queries == 0:
+        return out
+    q, ck = _last_dim_contiguous(q), _last_dim_contiguous(compressed_keys.to(q.dtype))
+    positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
+    _qa_chunk_scores_kernel[(num_queries, batch * num_kv_heads)](
+        q, ck, positions, out, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), num_windows, num_kv_heads, kernel, stride,
+        LOG2E / math.sqrt(head_dim), BLOCK_W=64, **_score_meta(q, ck),
+    )
+    return out
+
+
+def _pool_tiling(cfg: SparseAttentionConfig):
+    """(windows per pooling step, blocks per pooling step): the windows of BJ consecutive blocks fit BLOCK_W."""
+    bs, kernel, stride = cfg.block_size, cfg.compress_kernel, cfg.compress_stride
+    block_w = 64
+    while (bs + kernel - 1) // stride + 2 > block_w:
+        block_w *= 2
+    bj = 1
+    while (bs * (bj + 1) + kernel - 1) // stride + 2 <= block_w:
+        bj += 1
+    return block_w, bj
+
+
+def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: SparseAttentionConfig):
+    """Pooled query-aware block scores, never materialising window scores.
+
+    q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, NB] float32 equal to
+    `reference.pool_to_blocks(reference.query_aware_chunk_scores(...), positions, NB, cfg)`.
+    """
+    _check_scores(q, compressed_keys, positions)
+    batch, num_queries, _, head_dim = q.shape
+    num_windows, num_kv_heads = compressed_keys.shape[1], compressed_keys.shape[2]
+    out = torch.empty((batch, num_queries, num_kv_heads, num_blocks), device=q.device, dtype=torch.float32)
+    if num_queries == 0 or num_blocks == 0:
+        return out
+    q, ck = _last_dim_contiguous(q), _last_dim_contiguous(compressed_keys.to(q.dtype))
+    positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
+    block_w, bj = _pool_tiling(cfg)
+    meta = _score_meta(q, ck)
+    _qa_block_scores_kernel[(num_queries, batch * num_kv_heads)](
+        q, ck, positions, out, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), num_windows, num_kv_heads, num_blocks, cfg.block_size,
+        cfg.compress_kernel, cfg.compress_stride, LOG2E / math.sqrt(head_dim),
+        BLOCK_W=block_w, BJ=bj, BJ_PAD=_next_pow2(bj), **meta, num_warps=4 if meta["ROWS"] * block_w <= 4096 else 8,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Selection composition
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _take_best(key, selected, blocks, count, NB_PAD: tl.constexpr):
+    """Move the `count` largest keys (ties: lower block) into `selected`; -inf marks non-candidates."""
+    for _ in range(count):
+        best = tl.max(key, 0)
+        pick = tl.min(tl.where(key == best, blocks, NB_PAD), 0)
+        hit = blocks == pick
+        selected = selected | hit
+        key = tl.where(hit, float("-inf"), key)
+    return selected
+
+
+@triton.jit
+def _select_kernel(
+    QA, AG, Prefix, First, Last, Pos, Out,
+    sqab, sqat, sqah, sagb, sagt, sagh, spb, sph, spn, sob, sot, soh,
+    H, NB, Nc, block_size, kernel, stride, sink, window, quota, topk,
+    AG_MODE: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr,
+):
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    pos = tl.load(Pos + t)
+    own = (pos // block_size).to(tl.int32)
+    blocks = tl.arange(0, NB_PAD)
+    exists = blocks < NB
+    visible = exists & (blocks <= own)
+    forced = visible & ((blocks < sink) | (blocks >= own - window))
+    candidate = visible & (forced == 0)
+    qa = tl.load(QA + b * sqab + t * sqat + h * sqah + blocks, mask=exists, other=float("-inf"))
+    key = tl.where(candidate, tl.maximum(qa, -3.4028234663852886e38), float("-inf"))
+    n_pick = tl.minimum(quota, tl.sum(candidate.to(tl.int32), 0))
+    selected = _take_best(key, forced, blocks, n_pick, NB_PAD)
+    remaining = candidate & (selected == 0)
+    free = topk - tl.sum(forced.to(tl.int32), 0) - n_pick
+    n_fill = tl.minimum(free, tl.sum(remaining.to(tl.int32), 0))
+    if AG_MODE == 0:
+        # No eviction head: every agnostic score ties, so the lowest remaining blocks fill the slots.
+        selected = selected | (remaining & (tl.cumsum(remaining.to(tl.int32), 0) <= n_fill))
+    else:
+        if AG_MODE == 1:
+            ag = tl.load(AG + b * sagb + t * sagt + h * sagh + blocks, mask=exists, other=float("-inf"))
+        else:
+            nc = tl.where(pos + 1 >= kernel, (pos + 1 - kernel) // stride + 1, 0)
+            nc = tl.minimum(nc, Nc).to(tl.int32)
+            first = tl.load(First + blocks, mask=exists, other=0)
+            last = tl.minimum(tl.load(Last + blocks, mask=exists, other=0), nc - 1)
+            usable = exists & (last >= first)
+            ag = tl.load(Prefix + b * spb + h * sph + blocks * spn + (last - first), mask=usable, other=float("-inf"))
+        key = tl.where(remaining, tl.maximum(ag, -3.4028234663852886e38), float("-inf"))
+        selected = _take_best(key, selected, blocks, n_fill, NB_PAD)
+    sel = selected.to(tl.int32)
+    rank = tl.cumsum(sel, 0) - 1
+    out_base = Out + b * sob + t * sot + h * soh
+    tl.store(out_base + rank, blocks, mask=selected)
+    slots = tl.arange(0, K_PAD)
+    tl.store(out_base + slots, tl.full([K_PAD], -1, tl.int32), mask=(slots >= tl.sum(sel, 0)) & (slots < topk))
+
+
+def _launch_select(qa, ag_mode, ag, prefix, first, last, num_windows, positions, cfg):
+    batch, num_queries, num_kv_heads, num_blocks = qa.shape
+    out = torch.empty((batch, num_queries, num_kv_heads, cfg.topk_blocks), device=qa.device, dtype=torch.int32)
+    if num_queries == 0:
+        return out
+    if qa.stride(-1) != 1:
+        qa = qa.contiguous()
+    ag_strides = (0, 0, 0)
+    if ag_mode == 1:
+        ag = ag.expand(batch, num_queries, num_kv_heads, num_blocks)
+        if ag.stride(-1) != 1:
+            ag = ag.contiguous()
+        ag_strides = ag.stride()[:3]
+    prefix_strides = prefix.stride()[:3] if ag_mode == 2 else (0, 0, 0)
+    dummy = qa
+    positions = positions.to(device=qa.device, dtype=torch.int64).contiguous()
+    _select_kernel[(num_queries, batch * num_kv_heads)](
+        qa, ag if ag_mode == 1 else dummy, prefix if ag_mode == 2 else dummy,
+        first if ag_mode == 2 else positions, last if ag_mode == 2 else positions, positions, out,
+        qa.stride(0), qa.stride(1), qa.stride(2), *ag_strides, *prefix_strides,
+        out.stride(0), out.stride(1), out.stride(2),
+        num_kv_heads, num_blocks, num_windows, cfg.block_size, cfg.compress_kernel, cfg.compress_stride,
+        cfg.sink_blocks, cfg.window_blocks, cfg.query_aware_quota, cfg.topk_blocks,
+        AG_MODE=ag_mode, NB_PAD=max(16, _next_pow2(num_blocks)), K_PAD=max(16, _next_pow2(cfg.topk_blocks)),
+        num_warps=4 if num_blocks <= 1024 else 8,
+    )
+    return out
+
+
+def select_blocks(query_block_scores, agnostic_block_scores, positions, cfg: SparseAttentionConfig):
+    """query_block_scores: [B, Tq, H, NB]; agnostic_block_scores: [B, Tq|1, H, NB] or None; positions: [Tq]
+    -> [B, Tq, H, K] int32 ascending, -1 unused (same rule as the reference)."""
+    if query_block_scores.dim() != 4 or positions.shape != (query_block_scores.shape[1],):
+        raise ValueError(f"query_block_scores must be [B, Tq, H, NB] and positions [Tq]; got {tuple(query_block_scores.shape)}, {tuple(positions.shape)}")
+    qa = query_block_scores.float()
+    if agnostic_block_scores is None:
+        return _launch_select(qa, 0, None, None, None, None, 0, positions, cfg)
+    return _launch_select(qa, 1, agnostic_block_scores.float(), None, None, None, 0, positions, cfg)
+
+
+def agnostic_prefix_table(agnostic_scores: torch.Tensor, num_blocks: int, cfg: SparseAttentionConfig):
+    """Prefix maxima of the window scores overlapping each block.
+
+    agnostic_scores: [B, Nc, H] float32 -> (prefix [B, H, NB, W] float32, first [NB] int32, last [NB] int32):
+    the agnostic block score at a position with nc complete windows is prefix[..., min(last, nc-1) - first]
+    (-inf when that is < first). A few kB per layer, so plain PyTorch.
+    """
+    batch, num_windows, num_kv_heads = agnostic_scores.shape
+    index, valid = reference.block_window_ranges(num_blocks, cfg, agnostic_scores.device)
+    first = index[:, 0].to(torch.int32).contiguous()
+    last = (index[:, 0] + valid.sum(1) - 1).to(torch.int32).contiguous()
+    if num_windows == 0:
+        prefix = torch.full((batch, num_kv_heads, num_blocks, index.shape[1]), float("-inf"), device=agnostic_scores.device)
+        return prefix, first, last
+    values = agnostic_scores.float()[:, index.clamp(max=num_windows - 1)]  # [B, NB, W, H]
+    usable = valid & (index < num_windows)
+    values = values.masked_fill(~usable[None, :, :, None], float("-inf"))
+    prefix = values.cummax(dim=2).values.permute(0, 3, 1, 2).contiguous()
+    return prefix, first, last
+
+
+@torch.no_grad()
+def select_for_queries(q, compressed_keys, agnostic_scores, positions, num_blocks, cfg: SparseAttentionConfig):
+    """q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; agnostic_scores: [B, Nc, H] or None; positions:
+    [Tq]; num_blocks: NB -> block indices [B, Tq, H, K] int32 (the reference's `select_for_queries`)."""
+    qa = query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg)
+    if agnostic_scores is None:
+        return _launch_select(qa, 0, None, None, None, None, 0, positions, cfg)
+    prefix, first, last = agnostic_prefix_table(agnostic_scores, num_blocks, cfg)
+    return _launch_select(qa, 2, None, prefix, first, last, agnostic_scores.shape[1], positions, cfg)
