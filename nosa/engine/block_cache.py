@@ -1,0 +1,103 @@
+"""The device side of NOSI: per-row block cache, slot tables and incremental selection state.
+
+A row is one running sequence. For every layer the device holds (spec sec. 6):
+  slot_k, slot_v [L, R*K, bs, H, D]  K slots of bs tokens per (row, KV head); slot j of head h holds the
+                                     block named by table[l, r, h, j]; viewed per row as [R, K*bs, H, D],
+                                     the layout `decode_attention` takes
+  table          [L, R, H, K] int32  block id per slot, -1 empty
+  page_table     [R, NB]     int32  host page of each block of the row (-1: none; gathers skip it)
+  compressed     [L, R, Nc, H, D]    compressed keys of the complete windows (sparse modes)
+  agnostic       [L, R, Nc, H] f32   window means of the eviction score (dma, nosa)
+  eviction       [L, R, T, H] f32    per-token eviction score c (the attention bias; dma, nosa)
+  recent_keys    [L, R, kernel, H, D] ring of the last `compress_kernel` keys, so a window completing at
+                                     decode is compressed without touching the host store
+K = topk_blocks in the sparse modes; in dense mode every block is selected, so K = NB.
+Only slot_k/slot_v scale with the selection; the small state scales with T / stride (compressed keys) and
+T x H floats (eviction scores), as the spec allows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nosa.config import SparseAttentionConfig
+
+
+class BlockCache:
+    def __init__(self, num_layers: int, rows: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, cfg: SparseAttentionConfig, max_model_len: int):
+        self.cfg = cfg
+        self.rows = rows
+        self.num_kv_heads = num_kv_heads
+        self.block_size = cfg.block_size
+        self.max_blocks = -(-max_model_len // cfg.block_size)
+        self.slots = self.slot_count(cfg, max_model_len)
+        self.num_windows = max(1, (max_model_len - cfg.compress_kernel) // cfg.compress_stride + 1)
+        L, R, H, D, K, bs = num_layers, rows, num_kv_heads, head_dim, self.slots, cfg.block_size
+        self.slot_k = torch.zeros((L, R * K, bs, H, D), dtype=dtype, device=device)
+        self.slot_v = torch.zeros_like(self.slot_k)
+        self.table = torch.full((L, R, H, K), -1, dtype=torch.int32, device=device)
+        self.page_table = torch.full((R, self.max_blocks), -1, dtype=torch.int32, device=device)
+        self.compressed = self.agnostic = self.eviction = self.recent_keys = None
+        if cfg.is_sparse:
+            self.compressed = torch.zeros((L, R, self.num_windows, H, D), dtype=dtype, device=device)
+            self.recent_keys = torch.zeros((L, R, cfg.compress_kernel, H, D), dtype=dtype, device=device)
+        if cfg.uses_eviction_head:
+            self.agnostic = torch.zeros((L, R, self.num_windows, H), dtype=torch.float32, device=device)
+            self.eviction = torch.zeros((L, R, max_model_len, H), dtype=torch.float32, device=device)
+
+    @staticmethod
+    def slot_count(cfg: SparseAttentionConfig, max_model_len: int) -> int:
+        return cfg.topk_blocks if cfg.is_sparse else -(-max_model_len // cfg.block_size)
+
+    @staticmethod
+    def row_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  cfg: SparseAttentionConfig, max_model_len: int) -> dict:
+        """Device bytes of one row, by part (what `BlockCache` allocates per row)."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        L, H, D, bs = num_layers, num_kv_heads, head_dim, cfg.block_size
+        slots = BlockCache.slot_count(cfg, max_model_len)
+        windows = max(1, (max_model_len - cfg.compress_kernel) // cfg.compress_stride + 1)
+        parts = {
+            "kv_slots": 2 * L * slots * bs * H * D * elem,
+            "tables": 4 * (L * H * slots + -(-max_model_len // bs)),
+            "compressed_keys": L * (windows + cfg.compress_kernel) * H * D * elem if cfg.is_sparse else 0,
+            "eviction_state": 4 * L * H * (windows + max_model_len) if cfg.uses_eviction_head else 0,
+        }
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def allocated_bytes(self) -> dict:
+        """Bytes actually allocated, by part, for all rows (the tests check these)."""
+        def size(*ts):
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+        parts = {
+            "kv_slots": size(self.slot_k, self.slot_v),
+            "tables": size(self.table, self.page_table),
+            "compressed_keys": size(self.compressed, self.recent_keys),
+            "eviction_state": size(self.agnostic, self.eviction),
+        }
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def slot_pages(self, layer: int, side: str) -> torch.Tensor:
+        """The slot cache of one layer as pages [R*K, H, bs, D] (a view), the layout of host pages."""
+        return (self.slot_k if side == "k" else self.slot_v)[layer].transpose(1, 2)
+
+    def row_view(self, layer: int, side: str) -> torch.Tensor:
+        """[R, K*bs, H, D] view: what `decode_attention` reads."""
+        t = (self.slot_k if side == "k" else self.slot_v)[layer]
+        return t.view(self.rows, self.slots * self.block_size, t.shape[-2], t.shape[-1])
+
+    def reset_row(self, row: int, pages: list[int]) -> None:
+        """Give row `row` to a new sequence whose block b lives in host page pages[b]."""
+        self.table[:, row] = -1
+        self.page_table[row] = -1
+        if pages:
+            self.page_table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32, device=self.page_table.device)
+
+    def release_row(self, row: int) -> None:
+        """A finished row: no host page, so the (padded) decode step never reads or writes the store for it."""
+        self.page_table[row] = -1
+        self.table[:, row] = -1

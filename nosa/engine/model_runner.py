@@ -1,0 +1,227 @@
+"""Runs the model for the engine: chunked prefill of one sequence, and the batched decode step over the
+block cache (spec sec. 6). Attention semantics come only from the layer (`project_qkv`,
+`eviction_scores`) and `nosa.ops` (`nosa_attention`, `select_for_queries`, `compress_keys`,
+`agnostic_chunk_scores`, `decode_attention`); this file only keeps state so nothing is recomputed.
+
+The decode step has static shapes: it always runs all R rows (a free row has no host pages, so its gathers
+and write-backs are skipped) and reads capacity-sized state whose unused part the ops mask by position.
+That is what lets `cuda_graph.py` capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nosa import ops
+from nosa.engine.block_cache import BlockCache
+from nosa.engine.block_ops import resolve_block_op
+from nosa.engine.host_store import HostStore
+
+
+class ModelRunner:
+    def __init__(self, model, cache: BlockCache, store: HostStore, prefill_chunk: int):
+        self.model = model
+        self.cfg = model.config.sparse
+        self.cache = cache
+        self.store = store
+        self.prefill_chunk = prefill_chunk
+        self.device = cache.slot_k.device
+        self.dtype = cache.slot_k.dtype
+        L = len(model.model.layers)
+        # Device counters (read once at the end, no per-step sync): blocks loaded host->device and blocks
+        # selected, per layer, over active rows; and the same for prefill installs.
+        self.loaded = torch.zeros(L, dtype=torch.int64, device=self.device)
+        self.selected = torch.zeros(L, dtype=torch.int64, device=self.device)
+        self.install_loaded = torch.zeros(L, dtype=torch.int64, device=self.device)
+        self.load_log: list[torch.Tensor] | None = None  # per step [L, R, H] loads, when a test asks
+
+    # ------------------------------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(self, row: int, token_ids: list[int], pages: list[int]) -> torch.Tensor:
+        """Run the prompt of one sequence in chunks of `prefill_chunk` queries, fill its host pages and its
+        row state, and load the blocks its last token selected. Returns the last token's logits [V] f32."""
+        model, cfg, cache = self.model.model, self.cfg, self.cache
+        length = len(token_ids)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)[None]
+        L, H, D = len(model.layers), cache.num_kv_heads, cache.slot_k.shape[-1]
+        keys = torch.empty((L, 1, length, H, D), dtype=self.dtype, device=self.device)
+        values = torch.empty_like(keys)
+        evictions = torch.empty((L, 1, length, H), dtype=torch.float32, device=self.device) if cfg.uses_eviction_head else None
+        last_selection = [None] * L
+        for start in range(0, length, self.prefill_chunk):
+            end = min(length, start + self.prefill_chunk)
+            hidden = model.embed_tokens(ids[:, start:end])
+            cos, sin = model.rotary_emb(torch.arange(start, end, device=self.device)[None], hidden.dtype)
+            for l, layer in enumerate(model.layers):
+                attn = layer.self_attn
+                q, k, v = attn.project_qkv(layer.input_layernorm(hidden), cos, sin)
+                keys[l, :, start:end], values[l, :, start:end] = k, v
+                c = None
+                if evictions is not None:
+                    evictions[l, :, start:end] = attn.eviction_scores(v)
+                    c = evictions[l, :, :end]
+                # Queries are this chunk, keys everything so far: scores are chunk x end, never T x T.
+                out, indices = ops.nosa_attention(q, keys[l, :, :end], values[l, :, :end], c, cfg, return_indices=True)
+                if end == length and indices is not None:
+                    last_selection[l] = indices[0, -1]  # [H, K]
+                hidden = hidden + attn.o_proj(out.reshape(1, end - start, -1))
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = self.model.lm_head(model.norm(hidden[:, -1:]))[0, 0].float()
+        self._install(row, length, pages, keys, values, evictions, last_selection)
+        return logits
+
+    def _install(self, row, length, pages, keys, values, evictions, last_selection) -> None:
+        cfg, cache = self.cfg, self.cache
+        cache.reset_row(row, pages)
+        kernel, stride = cfg.compress_kernel, cfg.compress_stride
+        position = torch.tensor([length - 1], device=self.device)
+        for l in range(keys.shape[0]):
+            self.store.write_tokens(l, pages, keys[l, 0], values[l, 0])
+            if cfg.is_sparse:
+                compressed = ops.compress_keys(keys[l], kernel, stride)[0]
+                cache.compressed[l, row, : compressed.shape[0]] = compressed
+                recent = torch.arange(max(0, length - kernel), length, device=self.device)
+                cache.recent_keys[l, row, recent % kernel] = keys[l, 0, recent]
+            if evictions is not None:
+                cache.eviction[l, row, :length] = evictions[l, 0]
+                agnostic = ops.agnostic_chunk_scores(evictions[l], kernel, stride)[0]
+                cache.agnostic[l, row, : agnostic.shape[0]] = agnostic
+            selection = last_selection[l] if cfg.is_sparse else self._all_visible(position)[0]
+            rows = torch.tensor([row], device=self.device)
+            loads = self._load(l, rows, selection[None], position, fresh_ok=False)
+            self.install_loaded[l] += loads.sum()
+
+    # ------------------------------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, uniform: bool) -> torch.Tensor:
+        """One token for every row. tokens, positions: [R] int64 (position = tokens already cached);
+        active: [R] bool (counted in statistics); uniform: every row at positions[0] (one selection call
+        instead of the R x R diagonal one). Returns logits [R, V] float32."""
+        model, cache = self.model.model, self.cache
+        rows = torch.arange(cache.rows, device=self.device)
+        hidden = model.embed_tokens(tokens[:, None])
+        cos, sin = model.rotary_emb(positions[:, None], hidden.dtype)
+        step_loads = []
+        for l, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            q, k, v = attn.project_qkv(layer.input_layernorm(hidden), cos, sin)
+            c = attn.eviction_scores(v)
+            if cache.eviction is not None:
+                cache.eviction[l, rows, positions] = c[:, 0]
+            if self.cfg.is_sparse:
+                self._complete_windows(l, rows, k[:, 0], positions)
+                selection = self._select(l, q, positions, uniform)
+            else:
+                selection = self._all_visible(positions)
+            loads = self._load(l, rows, selection, positions, fresh_ok=True)
+            self.loaded[l] += (loads * active[:, None]).sum()
+            self.selected[l] += ((selection >= 0) & active[:, None, None]).sum()
+            step_loads.append(loads)
+            self._append_and_write_back(l, rows, k[:, 0], v[:, 0], positions)
+            out = self._attend(l, q[:, 0], positions)
+            hidden = hidden + attn.o_proj(out.reshape(out.shape[0], 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if self.load_log is not None:
+            self.load_log.append(torch.stack(step_loads).cpu())
+        return self.model.lm_head(model.norm(hidden))[:, 0].float()
+
+    def _complete_windows(self, l, rows, k, positions) -> None:
+        """Store the new key in the ring; when a window ends at this token, compress it now, so this very
+        token can select it (no one-token lag). k: [R, H, D]."""
+        cache, kernel, stride = self.cache, self.cfg.compress_kernel, self.cfg.compress_stride
+        cache.recent_keys[l, rows, positions % kernel] = k
+        done = (positions + 1 >= kernel) & (torch.remainder(positions + 1 - kernel, stride) == 0)
+        window = torch.div(positions + 1 - kernel, stride, rounding_mode="floor").clamp(0, cache.num_windows - 1)
+        tokens = positions[:, None] - kernel + 1 + torch.arange(kernel, device=self.device)[None]  # [R, kernel]
+        keys = cache.recent_keys[l, rows[:, None], torch.remainder(tokens, kernel)]
+        compressed = ops.compress_keys(keys, kernel, stride)[:, 0]
+        current = cache.compressed[l, rows, window]
+        cache.compressed[l, rows, window] = torch.where(done[:, None, None], compressed, current)
+        if cache.agnostic is not None:
+            scores = cache.eviction[l, rows[:, None], tokens.clamp(min=0)]
+            agnostic = ops.agnostic_chunk_scores(scores, kernel, stride)[:, 0]
+            current = cache.agnostic[l, rows, window]
+            cache.agnostic[l, rows, window] = torch.where(done[:, None], agnostic, current)
+
+    def _select(self, l, q, positions, uniform: bool) -> torch.Tensor:
+        """Selection of every row (the single rule, `ops.select_for_queries`). q: [R, 1, Hq, D] -> [R, H, K].
+        Rows at different positions are handled as R queries against every row's state, keeping the
+        diagonal: exact, and R x the selection work (small next to attention at long context)."""
+        cache = self.cache
+        agnostic = cache.agnostic[l] if cache.agnostic is not None else None
+        if uniform:
+            return ops.select_for_queries(q, cache.compressed[l], agnostic, positions[:1], cache.max_blocks, self.cfg)[:, 0]
+        rows = q.shape[0]
+        queries = q[:, 0][None].expand(rows, rows, q.shape[2], q.shape[3])
+        every = ops.select_for_queries(queries, cache.compressed[l], agnostic, positions, cache.max_blocks, self.cfg)
+        diagonal = torch.arange(rows, device=self.device)
+        return every[diagonal, diagonal]
+
+    def _all_visible(self, positions) -> torch.Tensor:
+        """Dense mode: every block up to the query's own, [R, H, K] ascending, -1 padded."""
+        blocks = torch.arange(self.cache.slots, device=self.device, dtype=torch.int32)
+        own = torch.div(positions, self.cfg.block_size, rounding_mode="floor")
+        chosen = torch.where(blocks[None] <= own[:, None], blocks[None], -1)
+        return chosen[:, None].expand(-1, self.cache.num_kv_heads, -1).contiguous()
+
+    def _load(self, l, rows, selection, positions, fresh_ok: bool) -> torch.Tensor:
+        """Diff the selection [n, H, K] of `rows` against their slot tables and gather the misses of all of
+        them in one launch. A new tail block (position at a block start) has nothing on the host yet: it gets
+        a slot but no load. Returns blocks loaded per (row, head) [n, H]."""
+        cache = self.cache
+        n, H, K = selection.shape
+        table = cache.table[l, rows].reshape(n * H, K)
+        flat = selection.reshape(n * H, K).to(torch.int32)
+        diff = resolve_block_op("diff_slot_tables", table, flat)
+        new_table, miss_block, miss_slot = diff(table, flat)
+        cache.table[l, rows] = new_table.view(n, H, K)
+        miss_block = miss_block.view(n, H, K)
+        own = torch.div(positions, cache.block_size, rounding_mode="floor")
+        if fresh_ok:
+            fresh = (torch.remainder(positions, cache.block_size) == 0)[:, None, None] & (miss_block == own[:, None, None])
+            miss_block = torch.where(fresh, -1, miss_block)
+        page_rows = cache.page_table[rows]  # [n, NB]
+        src_page = torch.gather(page_rows, 1, miss_block.clamp(min=0).view(n, H * K).long()).view(n, H, K)
+        src_page = torch.where(miss_block >= 0, src_page, -1)
+        dst_page = torch.where(miss_block >= 0, rows[:, None, None] * K + miss_slot.view(n, H, K), -1)
+        head = torch.arange(H, device=self.device, dtype=torch.int32)[None, :, None].expand(n, H, K)
+        src_page, dst_page, head = src_page.reshape(-1), dst_page.reshape(-1).to(torch.int32), head.reshape(-1)
+        store = self.store
+        gather = resolve_block_op("gather_blocks", cache.slot_k, store.k)
+        gather(store.k[l], store.v[l], cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), src_page, dst_page, head)
+        return (src_page.view(n, H, K) >= 0).sum(-1)
+
+    def _append_and_write_back(self, l, rows, k, v, positions) -> None:
+        """Append the token's k, v [R, H, D] to the resident tail block in place; when that block is full,
+        write it back to its host page and keep it resident."""
+        cache = self.cache
+        R, H, K, bs = cache.rows, cache.num_kv_heads, cache.slots, cache.block_size
+        own = torch.div(positions, bs, rounding_mode="floor")
+        own_slot = torch.argmax((cache.table[l] == own[:, None, None].to(torch.int32)).to(torch.int32), dim=-1)  # [R, H]
+        offset = torch.remainder(positions, bs)[:, None].expand(R, H)
+        heads = torch.arange(H, device=self.device)[None].expand(R, H)
+        row_idx = rows[:, None].expand(R, H)
+        for side, data in ((cache.slot_k, k), (cache.slot_v, v)):
+            side[l].view(R, K, bs, H, -1)[row_idx, own_slot, offset, heads] = data
+        full = (offset == bs - 1) & (cache.page_table[rows, own.clamp(max=cache.max_blocks - 1)] >= 0)[:, None]
+        src_page = torch.where(full, row_idx * K + own_slot, -1).reshape(-1).to(torch.int32)
+        dst_page = torch.where(full, cache.page_table[row_idx, own[:, None].expand(R, H).clamp(max=cache.max_blocks - 1)], -1)
+        head = heads.reshape(-1).to(torch.int32)
+        gather = resolve_block_op("gather_blocks", cache.slot_k, self.store.k)
+        gather(cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), self.store.k[l], self.store.v[l],
+               src_page, dst_page.reshape(-1).to(torch.int32), head)
+
+    def _attend(self, l, q, positions) -> torch.Tensor:
+        """Attention of q [R, Hq, D] over the resident slots with the eviction bias -> [R, Hq, D]."""
+        cache = self.cache
+        R, H, K, bs = cache.rows, cache.num_kv_heads, cache.slots, cache.block_size
+        blocks = cache.table[l].long()  # [R, H, K]
+        token = blocks[..., None] * bs + torch.arange(bs, device=self.device)  # [R, H, K, bs]
+        valid = (blocks[..., None] >= 0) & (token <= positions[:, None, None, None])
+        token = token.reshape(R, H, K * bs).transpose(1, 2)  # [R, S, H]
+        valid = valid.reshape(R, H, K * bs).transpose(1, 2)
+        bias = None
+        if cache.eviction is not None:
+            index = token.clamp(0, cache.eviction.shape[2] - 1)
+            bias = torch.gather(cache.eviction[l], 1, index)
+        return ops.decode_attention(q, cache.row_view(l, "k"), cache.row_view(l, "v"), bias, valid.contiguous())
