@@ -264,6 +264,6 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo) -> dict:
             from nosa.eval.plots import plot_training
 
             summary["plot"] = plot_training(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
-        except ImportError as err:  # matplotlib missing: the metrics are still there to plot later
+        except (ImportError, ValueError) as err:  # no matplotlib, or no step ran: the metrics file stays
             summary["plot_error"] = str(err)
     return summary
