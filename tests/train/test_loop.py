@@ -1,0 +1,143 @@
+"""The training loop: exact resume, batch-split invariance (accumulation, 2 processes), Llama start,
+configuration precedence. float32 on CPU, tiny model, deterministic data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from nosa.train.config import TrainConfig, make_config
+from nosa.train.corpus import build_corpus
+from nosa.train.loop import learning_rate, train
+
+MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+             block_size=8, topk_blocks=6, sink_blocks=1, window_blocks=2, query_blocks=2, compress_kernel=8, compress_stride=4)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    rng = np.random.default_rng(0)
+    words = "def class return import self value with for while print".split()
+    for i in range(30):
+        (src / f"f{i}.txt").write_text(" ".join(rng.choice(words, size=int(rng.integers(40, 200)))))
+    out = tmp_path_factory.mktemp("corpus")
+    build_corpus(str(out), str(src), "byte", val_fraction=0.1)
+    return str(out)
+
+
+def _cfg(corpus, out_dir, **kw):
+    values = dict(corpus_dir=corpus, out_dir=str(out_dir), seq_len=192, max_steps=3, micro_batch_size=4, warmup_steps=1,
+                  precision="fp32", progress=False, mixture={"corpus": 0.7, "passkey": 0.3}, model=dict(MODEL), seed=1)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def _losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r and "event" not in r}
+
+
+def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
+    full = _cfg(corpus, tmp_path / "full", max_steps=6, save_every=3, micro_batch_size=2, grad_accum=2, val_every=3)
+    train(full, device="cpu")
+    resumed = _cfg(corpus, tmp_path / "resumed", max_steps=6, save_every=3, micro_batch_size=2, grad_accum=2, val_every=3)
+    summary = train(resumed, resume=str(tmp_path / "full" / "checkpoints" / "step_000003"), device="cpu")
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(b) == [4, 5, 6]
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # bit for bit
+    assert len(set(a.values())) == 6  # the run really moved
+    wa = load_file(str(tmp_path / "full" / "checkpoints" / "step_000006" / "model.safetensors"))
+    wb = load_file(os.path.join(summary["final_checkpoint"], "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # resuming "latest" in the run's own directory rewinds its metrics to the checkpoint
+    train(_cfg(corpus, tmp_path / "full", max_steps=6, save_every=3, micro_batch_size=2, grad_accum=2, val_every=3),
+          resume="latest", device="cpu")
+    assert _losses(tmp_path / "full") == a
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(_cfg(corpus, tmp_path / "empty"), resume="latest", device="cpu")
+
+
+def test_accumulation_and_checkpointing_do_not_change_the_step(corpus, tmp_path):
+    train(_cfg(corpus, tmp_path / "b4"), device="cpu")
+    train(_cfg(corpus, tmp_path / "b2x2", micro_batch_size=2, grad_accum=2, activation_checkpointing=True), device="cpu")
+    a, b = _losses(tmp_path / "b4"), _losses(tmp_path / "b2x2")
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+    assert a[3] < a[1]
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(corpus, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_cfg(corpus, tmp_path / "ddp", micro_batch_size=2).to_dict()))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nosa.cli",
+                          "train", "--config", str(config), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    train(_cfg(corpus, tmp_path / "one", micro_batch_size=4), device="cpu")
+    two, one = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
+    assert two.keys() == one.keys() == {1, 2, 3}
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+
+
+def test_llama_start_computes_the_dense_models_loss(corpus, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nosa.train.packing import CorpusRows, MixtureStream
+    from nosa.train.corpus import TokenCorpus
+    from nosa.train.tokenization import load_tokenizer
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    llama.save_pretrained(tmp_path / "llama")
+    cfg = _cfg(corpus, tmp_path / "conv", init_from="llama", init_path=str(tmp_path / "llama"), tokenizer="byte",
+               max_steps=1, model=dict(block_size=16, topk_blocks=16, window_blocks=2, query_blocks=2, compress_kernel=16, compress_stride=8))
+    got = train(cfg, device="cpu")["loss"]
+    tok = load_tokenizer("byte")
+    rows = CorpusRows(TokenCorpus(os.path.join(corpus, "train")), 192, False, tok.pad_id)
+    batch = MixtureStream(tok, 192, cfg.mixture, rows, {}, seed=cfg.seed).batch(range(4))
+    with torch.no_grad():
+        expected = llama(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_time_limit_stops_and_saves(corpus, tmp_path):
+    summary = train(_cfg(corpus, tmp_path / "t", max_steps=50, time_limit_s=1e-6), device="cpu")
+    assert summary["stopped_by_time_limit"] and summary["step"] == 1
+    assert os.path.exists(os.path.join(summary["final_checkpoint"], "model.safetensors"))
+
+
+def test_schedule():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert learning_rate(55, cfg) == pytest.approx(0.55e-3)
+    assert learning_rate(100, cfg) == pytest.approx(1e-4)
+
+
+def test_config_precedence_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.001\nseq_len: 512\nmodel: {hidden_size: 128}\n")
+    cfg = make_config(str(path), ["lr=0.002", "model.num_hidden_layers=3"], seq_len=256)
+    assert (cfg.lr, cfg.seq_len, cfg.model) == (0.002, 256, {"hidden_size": 128, "num_hidden_layers": 3})
+    path.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown training options"):
+        make_config(str(path))
+    with pytest.raises(ValueError, match="unknown mixture sources"):
+        TrainConfig(mixture={"wikipedia": 1.0})
+    with pytest.raises(ValueError, match="init_path"):
+        TrainConfig(init_from="llama")
+    with pytest.raises(ValueError, match="seq_len"):
+        TrainConfig(seq_len=0)
+    with pytest.raises(ValueError, match="key=value"):
+        make_config(None, ["lr"])

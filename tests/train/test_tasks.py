@@ -1,0 +1,71 @@
+"""The synthetic tasks are solvable by construction: exact length, answers where the spans say, each
+answer in the context exactly once, needles placed by depth, reproducible from the seed."""
+
+import re
+
+import numpy as np
+import pytest
+
+from nosa.train.tasks import TASKS, generate_task
+from nosa.train.tokenization import load_tokenizer
+
+TOK = load_tokenizer("byte")
+
+
+def _sample(task, length=600, depth=0.5, seed=0, **params):
+    return generate_task(task, TOK, np.random.default_rng(seed), length, depth, **params)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("length", [400, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_length_answers_and_uniqueness(task, length, depth):
+    for seed in range(3):
+        sample = _sample(task, length, depth, seed)
+        assert len(sample.input_ids) == length
+        assert sample.input_ids[0] == TOK.bos_id
+        context = TOK.decode(sample.input_ids[: sample.context_end()])
+        for (start, end), answer in zip(sample.answer_spans, sample.answers):
+            assert TOK.decode(sample.input_ids[start:end]) == answer
+        labels = sample.labels()
+        labelled = [i for i, x in enumerate(labels) if x != -100]
+        assert labelled == [i for s, e in sample.answer_spans for i in range(s, e)]
+        if task == "variable_tracking":
+            names = sample.answers[0].split()
+            value = re.search(r"assigned the value (\d+)\.", context).group(1)
+            assert context.count(value) == 2  # its one assignment, and the question that names it
+            assert context.count(f"VAR {names[0]} = {value}.") == 1
+            for prev, name in zip(names, names[1:]):
+                assert context.count(f"VAR {name} =") == 1
+                assert f"VAR {name} = {prev}." in context
+                assert context.index(f"VAR {prev} =") < context.index(f"VAR {name} =")
+        else:
+            haystack = context[: context.rindex("\n")]  # the question line follows the last newline
+            for answer in sample.answers:
+                assert haystack.count(answer) == 1, (task, answer)
+
+
+def test_needle_depth_moves_the_needle():
+    starts = [_sample("passkey", 2000, d, seed=5).needle_starts[0] for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert starts == sorted(starts) and starts[0] < 100 and starts[-1] > 1800
+
+
+def test_reproducible_and_seed_dependent():
+    a, b, c = _sample("mqar", seed=3), _sample("mqar", seed=3), _sample("mqar", seed=4)
+    assert a.input_ids == b.input_ids
+    assert a.input_ids != c.input_ids
+
+
+def test_task_params_and_errors():
+    s = _sample("multikey_niah", 800, 0.5, num_needles=6)
+    assert TOK.decode(s.input_ids).count("The magic number for") == 6 + 1  # 6 needles + the question
+    s = _sample("mqar", 800, 0.5, num_pairs=10, num_queries=3)
+    assert len(s.answer_spans) == 3
+    with pytest.raises(ValueError, match="too short"):
+        _sample("passkey", 50)
+    with pytest.raises(ValueError, match="unknown task"):
+        generate_task("nope", TOK, np.random.default_rng(0), 500, 0.5)
+    with pytest.raises(ValueError, match="depth"):
+        _sample("passkey", 500, 1.5)
+    with pytest.raises(ValueError, match="num_queries"):
+        _sample("mqar", 800, 0.5, num_pairs=2, num_queries=3)
