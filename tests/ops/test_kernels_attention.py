@@ -1,0 +1,116 @@
+"""Triton block-sparse attention (forward, backward) against the reference, on CPU under the interpreter.
+
+Odd shapes: T not a multiple of the block, GQA ratios 1/3/4/16, head_dim 64 and 128, float32 (tight) and
+float16 (loose: bf16 `tl.dot` is wrong in the interpreter, so bf16 runs only in test_kernels_gpu.py).
+"""
+
+import pytest
+import torch
+
+from nosa import ops
+from nosa.config import SparseAttentionConfig
+from nosa.ops import reference as ref
+from nosa.ops.kernels import attention as ka
+
+
+def _selection(q, k, ev, cfg, positions):
+    num_blocks = -(-k.shape[1] // cfg.block_size)
+    ck = ref.compress_keys(k, cfg.compress_kernel, cfg.compress_stride)
+    ag = ref.agnostic_chunk_scores(ev, cfg.compress_kernel, cfg.compress_stride) if ev is not None else None
+    return ref.select_for_queries(q, ck, ag, positions, num_blocks, cfg)
+
+
+def _run(impl, q, k, v, bias, indices, positions, block_size, grad_out, **kw):
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (q, k, v, bias)]
+    o, lse = impl(*leaves, indices, positions, block_size, return_lse=True, **kw)
+    (o.float() * grad_out).sum().backward()
+    return o, lse, [x.grad if x is not None else None for x in leaves]
+
+
+CASES = [
+    # batch, Tq, Tk, Hq, H, D, block, topk, tile_tokens, dtype
+    (2, 45, 45, 4, 4, 64, 8, 4, None, torch.float32),   # GQA 1, Tq = Tk
+    (1, 37, 53, 6, 2, 64, 16, 4, None, torch.float32),  # GQA 3 (padded group), Tq < Tk
+    (1, 50, 50, 8, 2, 128, 8, 5, 4, torch.float32),     # GQA 4, head_dim 128, union tiles of 4 tokens
+    (1, 41, 41, 16, 1, 64, 8, 4, 2, torch.float16),     # GQA 16
+    (2, 30, 44, 4, 1, 128, 8, 3, 1, torch.float16),    # GQA 4, one token per tile
+]
+
+
+@pytest.mark.parametrize("batch,tq,tk,hq,h,d,block,topk,tile,dtype", CASES)
+def test_sparse_attention_matches_reference(batch, tq, tk, hq, h, d, block, topk, tile, dtype):
+    cfg = SparseAttentionConfig(block_size=block, topk_blocks=topk, sink_blocks=1, window_blocks=1,
+                                query_blocks=min(1, topk - 3), compress_kernel=4, compress_stride=2)
+    q = torch.randn(batch, tq, hq, d).to(dtype)
+    k = torch.randn(batch, tk, h, d).to(dtype)
+    v = torch.randn(batch, tk, h, d).to(dtype)
+    bias = torch.randn(batch, tk, h)
+    positions = torch.arange(tk - tq, tk)
+    indices = _selection(q.float(), k.float(), bias, cfg, positions)
+    grad_out = torch.randn(batch, tq, hq, d)
+    o, lse, grads = _run(ka.sparse_attention, q, k, v, bias, indices, positions, block, grad_out, tile_tokens=tile)
+    # The reference in float32 is the ground truth for both dtypes.
+    o_ref, lse_ref, grads_ref = _run(ref.sparse_attention, q.float(), k.float(), v.float(), bias, indices, positions, block, grad_out)
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(o.float(), o_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, lse_ref, atol=tol, rtol=tol)
+    for name, g, g_ref in zip("q k v bias".split(), grads, grads_ref):
+        scale = g_ref.abs().max().item()
+        err = (g.float() - g_ref).abs().max().item()
+        assert err <= 10 * tol * max(1.0, scale), f"d{name}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def test_sparse_attention_without_bias_and_with_unused_slots():
+    """No bias; hand-made selections with -1 padding and a query that selects only its own block."""
+    batch, t, hq, h, d, block = 1, 21, 2, 1, 64, 4
+    q, k, v = torch.randn(batch, t, hq, d), torch.randn(batch, t, h, d), torch.randn(batch, t, h, d)
+    positions = torch.arange(t)
+    own = (positions // block).to(torch.int32)
+    indices = torch.full((batch, t, h, 3), -1, dtype=torch.int32)
+    indices[0, :, 0, 0] = torch.where(own > 1, 0, own)
+    indices[0, :, 0, 1] = torch.where(own > 1, own, -1)
+    indices[0, 5, 0] = torch.tensor([1, -1, -1], dtype=torch.int32)  # only its own block
+    grad_out = torch.randn(batch, t, hq, d)
+    o, lse, grads = _run(ka.sparse_attention, q, k, v, None, indices, positions, block, grad_out)
+    o_ref, lse_ref, grads_ref = _run(ref.sparse_attention, q, k, v, None, indices, positions, block, grad_out)
+    torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, lse_ref, atol=2e-5, rtol=2e-5)
+    for g, g_ref in zip(grads[:3], grads_ref[:3]):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_tile_lists_union_and_inversion():
+    """Each union entry's bits name exactly the tile's tokens that selected the block."""
+    indices = torch.tensor([[[[0, 2, -1]], [[0, 1, 2]], [[2, -1, -1]]]], dtype=torch.int32)  # [1, 3, 1, 3]
+    lists, counts = ka.build_tile_lists(indices, 2)
+    assert counts.tolist() == [[[3, 1]]]
+    assert lists[0, 0, 0, :3].tolist() == [(0 << 16) | 3, (1 << 16) | 2, (2 << 16) | 3]
+    assert lists[0, 0, 1, 0].item() == (2 << 16) | 1
+    tiles, bits, seg_key, seg_start, seg_end = ka.invert_tile_lists(lists, counts, num_blocks=3, segment=1)
+    pairs = sorted((int(seg_key[i]), int(tiles[seg_start[i]]), int(bits[seg_start[i]])) for i in range(seg_key.numel()))
+    assert pairs == [(0, 0, 3), (1, 0, 2), (2, 0, 3), (2, 1, 1)]
+    assert torch.all(seg_end - seg_start == 1)
+
+
+def test_dispatch_override_runs_triton_on_cpu():
+    cfg = SparseAttentionConfig(block_size=8, topk_blocks=4, sink_blocks=1, window_blocks=1, query_blocks=1,
+                                compress_kernel=4, compress_stride=2)
+    q, k, v = torch.randn(1, 33, 4, 64), torch.randn(1, 33, 2, 64), torch.randn(1, 33, 2, 64)
+    ev = torch.randn(1, 33, 2)
+    with ops.use_backend("triton"):
+        assert ops.resolve("sparse_attention", q) is ka.sparse_attention
+        out, idx = ops.nosa_attention(q, k, v, ev, cfg, return_indices=True)
+    out_ref, idx_ref = ref.nosa_attention(q, k, v, ev, cfg, return_indices=True)
+    assert torch.equal(idx, idx_ref)
+    torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=2e-5)
+    assert ops.resolve("sparse_attention", q) is ref.sparse_attention  # auto on CPU tensors
+
+
+def test_errors_are_clear():
+    q, k = torch.randn(1, 8, 3, 64), torch.randn(1, 8, 2, 64)
+    idx = torch.zeros(1, 8, 2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        ka.sparse_attention(q, k, k, None, idx, torch.arange(8), 4)
+    with pytest.raises(ValueError, match="tile_tokens"):
+        ka.sparse_attention(torch.randn(1, 8, 4, 64), k, k, None, idx, torch.arange(8), 4, tile_tokens=17)

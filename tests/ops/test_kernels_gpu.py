@@ -1,0 +1,132 @@
+"""The Triton kernels in bfloat16 on a GPU, with the flash-attention tolerance rule: the kernel's error
+against a float32 reference is at most twice the error of a PyTorch bf16 implementation (plus 1e-5)."""
+
+import math
+
+import pytest
+import torch
+
+from nosa.config import SparseAttentionConfig
+from nosa.ops import reference as ref
+from nosa.ops.kernels import attention as ka
+from nosa.ops.kernels import decode as kd
+from nosa.ops.kernels import pipeline as kp
+from nosa.ops.kernels import selection as ks
+
+pytestmark = pytest.mark.gpu
+
+
+def _torch_bf16_attention(q, k, v, bias, indices, positions, block_size):
+    """Sparse attention computed by PyTorch in the inputs' dtype (matmuls and softmax output in bf16)."""
+    group = q.shape[2] // k.shape[2]
+    num_keys = k.shape[1]
+    keys = torch.arange(num_keys, device=q.device)
+    mask = ref.block_indices_to_mask(indices, -(-num_keys // block_size))[..., keys // block_size]
+    mask = mask & (keys[None, :] <= positions[:, None])[None, :, None, :]  # [B, Tq, H, Tk]
+    kh = k.repeat_interleave(group, dim=2).transpose(1, 2)
+    vh = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    logits = q.transpose(1, 2) @ kh.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    logits = logits + bias.to(q.dtype).transpose(1, 2).repeat_interleave(group, dim=1)[:, :, None, :]
+    logits = logits.masked_fill(~mask.repeat_interleave(group, dim=2).transpose(1, 2), float("-inf"))
+    return (torch.softmax(logits, dim=-1) @ vh).transpose(1, 2)
+
+
+def _grads(fn, inputs, grad_out):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("hq,h,d,t", [(32, 2, 128, 1100), (8, 8, 64, 700), (12, 3, 128, 517)])
+def test_sparse_attention_bf16_tolerance_rule(hq, h, d, t):
+    torch.manual_seed(0)
+    cfg = SparseAttentionConfig(block_size=64, topk_blocks=8, sink_blocks=1, window_blocks=2, query_blocks=2)
+    dev = "cuda"
+    q = torch.randn(1, t, hq, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, t, h, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, t, h, d, device=dev, dtype=torch.bfloat16)
+    bias = torch.randn(1, t, h, device=dev)
+    positions = torch.arange(t, device=dev)
+    indices = kp.select_all(q, k, bias, positions, cfg)
+    grad_out = torch.randn(1, t, hq, d, device=dev)
+    inputs = (q, k, v, bias)
+    got = _grads(lambda *x: ka.sparse_attention(*x, indices, positions, 64), inputs, grad_out)
+    exact = _grads(lambda q, k, v, b: ref.sparse_attention(q.float(), k.float(), v.float(), b, indices, positions, 64), inputs, grad_out)
+    torch_bf16 = _grads(lambda *x: _torch_bf16_attention(*x, indices, positions, 64), inputs, grad_out)
+    for name, a, b, c in zip(["o", "dq", "dk", "dv", "dbias"], got, exact, torch_bf16):
+        err = (a.float() - b.float()).abs().max().item()
+        base = (c.float() - b.float()).abs().max().item()
+        assert err <= 2 * base + 1e-5, f"{name}: kernel error {err:.3g} > 2 x PyTorch bf16 error {base:.3g}"
+
+
+def test_selection_bf16_matches_reference_up_to_near_ties():
+    torch.manual_seed(0)
+    cfg = SparseAttentionConfig(block_size=64, topk_blocks=12, sink_blocks=1, window_blocks=3, query_blocks=4)
+    t, hq, h, d = 3000, 32, 2, 128
+    q = torch.randn(1, t, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, t, h, d, device="cuda", dtype=torch.bfloat16)
+    ev = torch.randn(1, t, h, device="cuda")
+    positions = torch.arange(t, device="cuda")
+    num_blocks = -(-t // 64)
+    ck = ref.compress_keys(k, 32, 16)
+    torch.testing.assert_close(ks.compress_keys(k, 32, 16), ck, atol=1e-2, rtol=1e-2)
+    ag = ref.agnostic_chunk_scores(ev, 32, 16)
+    qa_ref = ref.pool_to_blocks(ref.query_aware_chunk_scores(q, ck, positions, 32, 16), positions, num_blocks, cfg)
+    qa = ks.query_aware_block_scores(q, ck, positions, num_blocks, cfg)
+    finite = torch.isfinite(qa_ref)
+    assert torch.equal(finite, torch.isfinite(qa))
+    torch.testing.assert_close(qa[finite], qa_ref[finite], atol=1e-5, rtol=1e-4)
+    ag_blocks = ref.pool_to_blocks(ag.transpose(1, 2).unsqueeze(1), positions, num_blocks, cfg)
+    # Composition: exact on identical scores.
+    assert torch.equal(ks.select_blocks(qa_ref, ag_blocks, positions, cfg), ref.select_blocks(qa_ref, ag_blocks, positions, cfg))
+    # Pipeline: rows may differ only where the reference's scores nearly tie (float32 summation order).
+    got = ks.select_for_queries(q, ck, ag, positions, num_blocks, cfg)
+    want = ref.select_for_queries(q, ck, ag, positions, num_blocks, cfg)
+    differ = (got != want).any(-1)
+    assert differ.float().mean().item() < 1e-3
+    for b, tq, hh in differ.nonzero().tolist():
+        # The query-aware quota boundary must be a near-tie: the quota-th and next candidate scores.
+        own = tq // 64
+        blocks = torch.arange(num_blocks, device="cuda")
+        candidate = (blocks <= own) & (blocks >= cfg.sink_blocks) & (blocks < own - cfg.window_blocks)
+        scores = qa_ref[b, tq, hh][candidate].sort(descending=True).values
+        quota = cfg.query_aware_quota
+        gap = (scores[quota - 1] - scores[quota]).item()
+        assert gap <= 1e-5, f"row {(b, tq, hh)} differs but its quota boundary gap is {gap:.3g}"
+
+
+@pytest.mark.parametrize("hq,h,d", [(32, 2, 128), (4, 4, 64)])
+def test_decode_bf16_tolerance_rule(hq, h, d):
+    torch.manual_seed(0)
+    batch, slots = 4, 4096
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, slots, h, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, slots, h, d, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(batch, slots, h, device="cuda")
+    valid = torch.rand(batch, slots, h, device="cuda") > 0.2
+    got = kd.decode_attention(q, k, v, bias, valid)
+    exact = ref.decode_attention(q.float(), k.float(), v.float(), bias, valid)
+    group = hq // h
+    logits = (q[:, :, None, :] @ k.repeat_interleave(group, 2).permute(0, 2, 3, 1)).squeeze(2) / math.sqrt(d)
+    logits = logits + bias.to(q.dtype).repeat_interleave(group, 2).transpose(1, 2)
+    logits = logits.masked_fill(~valid.repeat_interleave(group, 2).transpose(1, 2), float("-inf"))
+    torch_bf16 = (torch.softmax(logits, -1)[:, :, None, :] @ v.repeat_interleave(group, 2).transpose(1, 2)).squeeze(2)
+    err = (got.float() - exact).abs().max().item()
+    base = (torch_bf16.float() - exact).abs().max().item()
+    assert err <= 2 * base + 1e-5, f"decode error {err:.3g} > 2 x PyTorch bf16 error {base:.3g}"
+
+
+def test_nosa_attention_bf16_model_shape_gradients_reach_eviction():
+    torch.manual_seed(0)
+    cfg = SparseAttentionConfig()
+    t = 5000
+    q = torch.randn(1, t, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, t, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, t, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ev = (0.1 * torch.randn(1, t, 2, device="cuda")).requires_grad_()
+    out, idx = kp.nosa_attention(q, k, v, ev, cfg, return_indices=True)
+    out.float().square().mean().backward()
+    assert idx.shape == (1, t, 2, 64)
+    assert torch.isfinite(ev.grad).all() and ev.grad.abs().sum() > 0
+    assert all(torch.isfinite(x.grad.float()).all() for x in (q, k, v))
