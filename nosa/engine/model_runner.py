@@ -152,7 +152,7 @@ class ModelRunner:
         if uniform:
             return ops.select_for_queries(q, cache.compressed[l], agnostic, positions[:1], cache.max_blocks, self.cfg)[:, 0]
         rows = q.shape[0]
-        queries = q[:, 0][None].expand(rows, rows, q.shape[2], q.shape[3])
+        queries = q[:, 0][None].expand(rows, rows, q.shape[2], q.shape[3]).contiguous()
         every = ops.select_for_queries(queries, cache.compressed[l], agnostic, positions, cache.max_blocks, self.cfg)
         diagonal = torch.arange(rows, device=self.device)
         return every[diagonal, diagonal]
