@@ -155,8 +155,10 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo) -> dict:
     model = build_model(cfg, tok, resume_dir).to(info.device)
     if cfg.activation_checkpointing:
         # transformers renamed the method during 5.x; the old name warns where the new one exists.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     wrapped = wrap_model(model, info, cfg.parallel)
     optimizer = build_optimizer(wrapped, cfg)
