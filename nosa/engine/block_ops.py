@@ -70,15 +70,20 @@ def gather_blocks(
     dst_v[dp, hd.to(dst_v.device)] = src_v[sp, hd.to(src_v.device)].to(dst_v.device)
 
 
+# None: follow `nosa.ops.use_backend`. Tests set "reference" or "triton" to pin these two ops alone (e.g.
+# the Triton gather under the reference attention ops).
+BACKEND: str | None = None
+
+
 def resolve_block_op(name: str, *tensors):
     """The implementation of `name` ('diff_slot_tables' or 'gather_blocks') for these tensors.
 
-    Follows `nosa.ops.use_backend`: 'reference' forces this module, 'triton' the kernel, 'auto' the kernel
-    when any tensor is on CUDA (a pinned host tensor counts as host: the kernel reads it through UVA).
+    'reference' forces this module, 'triton' the kernel, 'auto' the kernel when any tensor is on CUDA (a
+    pinned host tensor counts as host: the kernel reads it through UVA).
     """
     from nosa import ops
 
-    backend = ops.current_backend()
+    backend = BACKEND or ops.current_backend()
     on_cuda = any(getattr(t, "is_cuda", False) for t in tensors)
     if backend == "reference" or (backend == "auto" and not on_cuda):
         return globals()[name]

@@ -33,7 +33,8 @@ class ModelRunner:
         self.loaded = torch.zeros(L, dtype=torch.int64, device=self.device)
         self.selected = torch.zeros(L, dtype=torch.int64, device=self.device)
         self.install_loaded = torch.zeros(L, dtype=torch.int64, device=self.device)
-        self.load_log: list[torch.Tensor] | None = None  # per step [L, R, H] loads, when a test asks
+        # When a list (tests), every decode step appends (positions [R], loads [L, R, H]); forces eager mode.
+        self.load_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------------ prefill
     @torch.no_grad()
@@ -122,7 +123,7 @@ class ModelRunner:
             hidden = hidden + attn.o_proj(out.reshape(out.shape[0], 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         if self.load_log is not None:
-            self.load_log.append(torch.stack(step_loads).cpu())
+            self.load_log.append((positions.cpu(), torch.stack(step_loads).cpu()))
         return self.model.lm_head(model.norm(hidden))[:, 0].float()
 
     def _complete_windows(self, l, rows, k, positions) -> None:
