@@ -1,0 +1,189 @@
+"""`nosa bench decode`: decode throughput of the NOSI engine at the 8B layer shape (spec sec. 8), offload
+on and off, as ratios against the same engine in dense mode, plus the host->device gather's GB/s against
+the PCIe copy rate measured in the same run.
+
+The prompt's KV cache is installed synthetically (random keys and values, eviction scores from the
+model's own eviction head, the last prompt token's selection from `ops.select_for_queries`) through the
+engine's own install path; only the prefill's attention and MLP compute is skipped, which decode
+throughput does not depend on. Weights are random. Results go to bench/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from nosa.bench.common import write_result
+
+SHAPE_8B = dict(hidden_size=4096, intermediate_size=16384, num_attention_heads=32, num_key_value_heads=2,
+                head_dim=128, vocab_size=73448)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("decode", help="engine decode tokens/s vs dense, and gather GB/s (CUDA)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the 8B shape (it has 32)")
+    p.add_argument("--prompt", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps")
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps first (CUDA graph capture)")
+    p.add_argument("--configs", default="dense:off,nosa:on,nosa:off,infllmv2:on",
+                   help="comma-separated attn_mode:offload pairs; the first is the baseline")
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--name", default="decode_8b")
+    p.set_defaults(func=main)
+
+
+def synthetic_install(llm, prompt_len: int, batch: int, generator: torch.Generator):
+    """Admit `batch` requests and give each a random prompt cache through the engine's install path."""
+    from nosa import ops
+    from nosa.engine import SamplingParams
+    from nosa.engine.sequence import Sequence
+
+    runner, cfg, model = llm.runner, llm.config.sparse, llm.model
+    L, H, D, Hq = llm.config.num_hidden_layers, llm.config.num_key_value_heads, llm.config.head_dim, llm.config.num_attention_heads
+    params = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
+    running = []
+    for i in range(batch):
+        seq = Sequence(i, None, [0] * prompt_len, params, llm.device, keep_logits=False)
+        seq.params = SamplingParams(temperature=0, max_tokens=llm.max_model_len - prompt_len + 1, ignore_eos=True)
+        llm.scheduler.add(seq)
+    for seq in llm.scheduler.admit():
+        shape = (L, 1, prompt_len, H, D)
+        keys = torch.randn(shape, generator=generator, device=llm.device).to(model.dtype)
+        values = torch.randn(shape, generator=generator, device=llm.device).to(model.dtype)
+        evictions, last = None, [None] * L
+        if cfg.uses_eviction_head:
+            evictions = torch.stack([layer.self_attn.eviction_scores(values[l]) for l, layer in enumerate(model.model.layers)])
+        if cfg.is_sparse:
+            q = torch.randn((1, 1, Hq, D), generator=generator, device=llm.device).to(model.dtype)
+            position = torch.tensor([prompt_len - 1], device=llm.device)
+            for l in range(L):
+                compressed = ops.compress_keys(keys[l], cfg.compress_kernel, cfg.compress_stride)
+                agnostic = None if evictions is None else ops.agnostic_chunk_scores(evictions[l], cfg.compress_kernel, cfg.compress_stride)
+                last[l] = ops.select_for_queries(q, compressed, agnostic, position, -(-prompt_len // cfg.block_size), cfg)[0, 0]
+        runner._install(seq.row, prompt_len, seq.pages, keys, values, evictions, last)
+        seq.output_token_ids.append(int(torch.randint(0, 256, (1,), generator=generator, device=llm.device)))
+        running.append(seq)
+    return running
+
+
+def time_decode(llm, running, warmup: int, steps: int) -> dict:
+    from nosa.engine.sampling import sample
+
+    def step():
+        logits = llm._decode(running, llm.cache.rows)
+        tokens = sample(logits[[s.row for s in running]], [s.params for s in running], [None] * len(running))
+        for seq, token in zip(running, tokens):
+            seq.output_token_ids.append(token)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    loaded0, selected0 = llm.runner.loaded.clone(), llm.runner.selected.clone()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()  # ends in a device sync (sampling reads the tokens)
+        times.append(time.perf_counter() - start)
+    loaded = (llm.runner.loaded - loaded0).cpu()
+    selected = (llm.runner.selected - selected0).cpu()
+    cfg = llm.config
+    block_bytes = 2 * cfg.sparse.block_size * cfg.head_dim * torch.empty((), dtype=llm.model.dtype).element_size()
+    total = sum(times)
+    times.sort()
+    return {
+        "tokens_per_s": len(running) * steps / total,
+        "step_ms_mean": 1e3 * total / steps,
+        "step_ms_median": 1e3 * times[len(times) // 2],
+        "hit_rate_per_layer": [round(1 - float(a) / float(b), 4) for a, b in zip(loaded, selected)],
+        "blocks_loaded_per_step": float(loaded.sum()) / steps,
+        "blocks_loaded_per_step_per_layer_seq_head": float(loaded.sum()) / steps / (cfg.num_hidden_layers * len(running) * cfg.num_key_value_heads),
+        "host_to_device_bytes_per_step": float(loaded.sum()) * block_bytes / steps,
+    }
+
+
+def gather_bandwidth(block_size=64, head_dim=128, heads=2, pages=8192, entries=4096, reps=20) -> dict:
+    """GB/s of the Triton gather reading pinned host memory, against a plain pinned->device copy of the
+    same number of bytes, both timed with CUDA events (median)."""
+    from nosa.ops.kernels import gather as kernels
+
+    dtype = torch.bfloat16
+    host_k = torch.empty((pages, heads, block_size, head_dim), dtype=dtype, pin_memory=True).normal_()
+    host_v = torch.empty_like(host_k, pin_memory=True).normal_()
+    slots_k = torch.empty((entries, block_size, heads, head_dim), dtype=dtype, device="cuda")
+    slots_v = torch.empty_like(slots_k)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randperm(pages * heads, generator=g)[:entries]
+    src_page, head = (src // heads).int().cuda(), (src % heads).int().cuda()
+    dst_page = torch.arange(entries, dtype=torch.int32, device="cuda")
+    nbytes = 2 * entries * block_size * head_dim * 2
+    flat_src = torch.empty(nbytes // 2, dtype=dtype, pin_memory=True)
+    flat_dst = torch.empty(nbytes // 2, dtype=dtype, device="cuda")
+
+    def median_ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            out.append(a.elapsed_time(b))
+        return sorted(out)[len(out) // 2]
+
+    gather_ms = median_ms(lambda: kernels.gather_blocks(host_k, host_v, slots_k.transpose(1, 2), slots_v.transpose(1, 2), src_page, dst_page, head))
+    copy_ms = median_ms(lambda: flat_dst.copy_(flat_src, non_blocking=True))
+    ok = torch.equal(slots_k[:8].transpose(1, 2).cpu(), host_k[src_page[:8].long().cpu(), head[:8].long().cpu()])
+    return {"bytes": nbytes, "entries": entries, "block_bytes_per_head": block_size * head_dim * 2,
+            "gather_gb_s": nbytes / gather_ms / 1e6, "pinned_memcpy_gb_s": nbytes / copy_ms / 1e6,
+            "gather_vs_memcpy": copy_ms / gather_ms, "gather_correct": ok}
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        print("nosa bench decode needs a CUDA device")
+        return 2
+    from nosa import NosaConfig, NosaForCausalLM
+    from nosa.engine import LLM
+
+    configs = [(c.split(":")[0], c.split(":")[1] == "on") for c in args.configs.split(",")]
+    max_len = args.prompt + args.warmup + args.steps + 2
+    results = {"gather": gather_bandwidth()}
+    print(f"gather: {results['gather']['gather_gb_s']:.1f} GB/s vs pinned memcpy {results['gather']['pinned_memcpy_gb_s']:.1f} GB/s")
+    runs = []
+    for mode, offload in configs:
+        torch.manual_seed(0)
+        config = NosaConfig(**SHAPE_8B, num_hidden_layers=args.layers, max_position_embeddings=max_len, attn_mode=mode)
+        with torch.device("cuda"):
+            model = NosaForCausalLM(config).to(torch.bfloat16).eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if layer.self_attn.eviction is not None:
+                    layer.self_attn.eviction.A.normal_(0.0, 1.0)  # A = 0 would make every score tie
+        llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch,
+                  cuda_graphs=not args.no_cuda_graphs)
+        running = synthetic_install(llm, args.prompt, args.batch, torch.Generator(device="cuda").manual_seed(1))
+        run = {"attn_mode": mode, "offload": offload, **time_decode(llm, running, args.warmup, args.steps),
+               "device_kv_bytes_per_seq": llm.cache.allocated_bytes()["kv_slots"] // args.batch,
+               "host_store_bytes": llm.store.allocated_bytes if offload else 0,
+               "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+        runs.append(run)
+        print(f"{mode:9s} offload={'on ' if offload else 'off'} {run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms  "
+              f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}")
+        del llm, model, running
+        torch.cuda.empty_cache()
+    base = runs[0]["tokens_per_s"]
+    for run in runs:
+        run["ratio_vs_" + f"{configs[0][0]}_{'on' if configs[0][1] else 'off'}"] = run["tokens_per_s"] / base
+    results["decode"] = runs
+    parameters = {"shape": "8B layer shape (spec sec. 8)", **SHAPE_8B, "layers": args.layers, "layers_of_8b": 32,
+                  "prompt_tokens": args.prompt, "batch": args.batch, "timed_steps": args.steps, "warmup_steps": args.warmup,
+                  "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
+                  "sparse": "spec defaults (block 64, topk 64, sink 1, window 16, query 16, kernel 32, stride 16)",
+                  "cuda_graphs": not args.no_cuda_graphs, "configs": args.configs}
+    path = write_result(args.name, parameters, results)
+    print(f"wrote {path}")
+    return 0
