@@ -247,11 +247,12 @@ def sparse_attention(
     if bias is not None:
         logits = logits + bias.to(dtype).permute(0, 2, 1)[:, :, None, None, :]
     logits = logits.masked_fill(~allowed.permute(0, 2, 1, 3)[:, :, None], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # [B, H, G, Tq]
-    probs = torch.exp(logits - lse[..., None]).nan_to_num(nan=0.0)
+    # Every query attends at least to itself, so no row is all -inf and softmax is well defined.
+    probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("bhgts,bshd->bthgd", probs, v.to(dtype)).reshape(batch, num_queries, num_q_heads, head_dim)
     out = out.to(q.dtype)
     if return_lse:
+        lse = torch.logsumexp(logits, dim=-1)  # [B, H, G, Tq]
         return out, lse.permute(0, 3, 1, 2).reshape(batch, num_queries, num_q_heads)
     return out
 

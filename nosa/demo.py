@@ -1,0 +1,202 @@
+"""`nosa demo`: train a tiny NOSA model on the Python standard library's sources, then generate from a
+prompt much longer than the attended budget and report what the sparse selection did.
+
+Runs on a CPU-only machine with nothing prepared in a few minutes; uses the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sysconfig
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from nosa import NosaConfig, NosaForCausalLM
+from nosa.tokenizer import ByteTokenizer
+
+DEMO_MODEL = dict(
+    vocab_size=264, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=8192, attn_mode="nosa",
+    # 8 blocks of 16 tokens attended out of many: 1 sink + own + 2 window, 2 query-aware, 3 agnostic.
+    block_size=16, topk_blocks=8, sink_blocks=1, window_blocks=2, query_blocks=2, compress_kernel=16, compress_stride=8,
+)
+
+
+def stdlib_text_files() -> list[str]:
+    """The standard library's .py files, sorted, so every machine reads the same corpus in the same order."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files.extend(os.path.join(directory, n) for n in sorted(names) if n.endswith(".py"))
+    if not files:
+        raise RuntimeError(f"no Python sources found under {root}")
+    return files
+
+
+def load_corpus(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training bytes, held-out bytes) as uint8 tensors; every 20th file (at least one) is held out."""
+    files, total = [], 0
+    for path in stdlib_text_files():
+        with open(path, "rb") as f:
+            files.append(f.read())
+        total += len(files[-1])
+        if total >= max_bytes:
+            break
+    held = [i for i in range(len(files)) if i % 20 == 19] or [len(files) - 1]
+    train = [data for i, data in enumerate(files) if i not in held]
+    if not train:
+        raise ValueError(f"--corpus-bytes={max_bytes} reads a single file: nothing is left to train on")
+
+    def as_tensor(chunks):
+        return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+
+    return as_tensor(train), as_tensor([files[i] for i in held])
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(model, corpus: torch.Tensor, args, device) -> dict:
+    generator = torch.Generator().manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    losses, tokens, start = [], 0, time.perf_counter()
+    model.train()
+    bar = tqdm(range(args.steps), desc="training", unit="step")
+    for step in bar:
+        offsets = torch.randint(0, len(corpus) - args.seq_len, (args.batch_size,), generator=generator)
+        batch = torch.stack([corpus[o : o + args.seq_len] for o in offsets.tolist()]).long().to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, warmup=max(1, args.steps // 10))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        tokens += batch.numel()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+    return {"losses": losses, "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+
+def selection_statistics(logs: list[list[torch.Tensor]], prompt_length: int, block_size: int) -> dict:
+    """From per-layer selection logs of a batch-1 generate: blocks attended vs visible at the last step,
+    and how many blocks each step newly needs per (layer, KV head)."""
+    new_per_step, overlaps, worst_within_block = [], [], 0
+    attended = visible = 0
+    for log in logs:
+        steps = torch.cat([entry[:, -1:] for entry in log], dim=1)[0]  # [steps, H, K]: prefill's last query first
+        for i in range(1, steps.shape[0]):
+            t = prompt_length - 1 + i
+            for h in range(steps.shape[1]):
+                now = set(steps[i, h][steps[i, h] >= 0].tolist())
+                before = set(steps[i - 1, h][steps[i - 1, h] >= 0].tolist())
+                new = len(now - before)
+                new_per_step.append(new)
+                overlaps.append(len(now & before) / len(now))
+                if t // block_size == (t - 1) // block_size:
+                    worst_within_block = max(worst_within_block, new)
+        last = steps[-1]
+        attended += int((last >= 0).sum())
+        visible += last.shape[0] * ((prompt_length + steps.shape[0] - 2) // block_size + 1)
+    return {
+        "attended_fraction": attended / visible,
+        "blocks_attended": attended / (len(logs) * logs[0][0].shape[2]),
+        "blocks_visible": visible / (len(logs) * logs[0][0].shape[2]),
+        "new_blocks_per_step": sum(new_per_step) / len(new_per_step),
+        "overlap_rate": sum(overlaps) / len(overlaps),
+        "worst_new_within_block": worst_within_block,
+    }
+
+
+def generate(model, tokenizer, prompt_ids: torch.Tensor, args, device) -> dict:
+    model.eval()
+    logs = []
+    for layer in model.model.layers:
+        layer.self_attn.selection_log = []
+        logs.append(layer.self_attn.selection_log)
+    input_ids = prompt_ids[None].to(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=args.new_tokens,
+            do_sample=True, temperature=0.8, top_k=40, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    seconds = time.perf_counter() - start
+    for layer in model.model.layers:
+        layer.self_attn.selection_log = None
+    new_tokens = output[0, input_ids.shape[1]:]
+    stats = selection_statistics(logs, input_ids.shape[1], model.config.block_size)
+    stats.update(text=tokenizer.decode(new_tokens), new_tokens=len(new_tokens), tokens_per_s=len(new_tokens) / seconds)
+    return stats
+
+
+def run(args) -> int:
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    tokenizer = ByteTokenizer()
+    config = NosaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, **DEMO_MODEL)
+    budget = config.topk_blocks * config.block_size
+    if args.prompt_tokens <= budget:
+        raise ValueError(f"--prompt-tokens must exceed topk_blocks x block_size = {budget} for the selection to be sparse")
+    corpus, held_out = load_corpus(args.corpus_bytes)
+    if len(held_out) < args.prompt_tokens:
+        raise ValueError(f"held-out text has {len(held_out)} bytes, fewer than --prompt-tokens={args.prompt_tokens}")
+    model = NosaForCausalLM(config).to(device)
+    print(f"NOSA demo on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(corpus) / 1e6:.1f} MB of standard-library source, sequences of {args.seq_len} tokens; "
+          f"each query attends to {config.topk_blocks} blocks of {config.block_size} tokens "
+          f"({config.sink_blocks} sink + own + {config.window_blocks} window, {config.query_blocks} query-aware, "
+          f"{config.sparse.agnostic_quota} by the eviction head)")
+    trained = train(model, corpus, args, device)
+    losses = trained["losses"]
+    head = sum(losses[:10]) / len(losses[:10])
+    tail = sum(losses[-10:]) / len(losses[-10:])
+    marks = [losses[int(i * (len(losses) - 1) / 4)] for i in range(5)]
+    print(f"\nloss: {head:.3f} (first 10 steps) -> {tail:.3f} (last 10 steps); at 0/25/50/75/100%: "
+          + " ".join(f"{m:.3f}" for m in marks))
+    print(f"training throughput: {trained['tokens_per_s']:.0f} tokens/s")
+    prompt = torch.tensor([tokenizer.bos_token_id] + held_out[: args.prompt_tokens - 1].tolist())
+    result = generate(model, tokenizer, prompt, args, device)
+    print(f"\ngenerated {result['new_tokens']} tokens after a {len(prompt)}-token prompt "
+          f"({len(prompt) / budget:.1f}x the {budget}-token attended budget) at {result['tokens_per_s']:.1f} tokens/s:")
+    print("-" * 72)
+    print(tokenizer.decode(prompt[-200:]) + "\033[1m" + result["text"] + "\033[0m")
+    print("-" * 72)
+    print(f"selection at the last step: {result['blocks_attended']:.1f} of {result['blocks_visible']:.1f} visible blocks "
+          f"per (layer, KV head) ({100 * result['attended_fraction']:.1f}% of the context)")
+    print(f"between consecutive steps: {result['new_blocks_per_step']:.2f} newly needed blocks on average, "
+          f"overlap rate {100 * result['overlap_rate']:.1f}%, at most {result['worst_new_within_block']} within a block "
+          f"(bound: query_blocks = {config.query_blocks})")
+    if args.output_dir:
+        model.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+        print(f"model and tokenizer saved to {args.output_dir}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="train a tiny NOSA model on local text and generate from a long prompt")
+    parser.add_argument("--steps", type=int, default=150, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512, help="training sequence length (32 blocks of 16)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--corpus-bytes", type=int, default=8_000_000, help="bytes of standard-library source to read")
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=120)
+    parser.add_argument("--output-dir", default=os.path.join("runs", "demo"), help="where to save the model ('' to skip)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run)

@@ -1,0 +1,27 @@
+"""The `nosa` command and its demo, end to end at a tiny size."""
+
+import pytest
+
+from nosa.cli import build_parser, main
+from nosa.tokenizer import ByteTokenizer
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    code = main(["demo", "--steps", "3", "--batch-size", "2", "--seq-len", "256", "--corpus-bytes", "200000",
+                 "--prompt-tokens", "300", "--new-tokens", "12", "--output-dir", str(tmp_path), "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "loss:" in out and "generated 12 tokens after a 300-token prompt" in out
+    # The last forward is the query at position 300 + 12 - 2 = 310, in block 19: 20 blocks visible, 8 attended.
+    assert "8.0 of 20.0 visible blocks" in out
+    assert (tmp_path / "model.safetensors").exists()
+    ByteTokenizer.from_pretrained(tmp_path)
+
+
+def test_demo_rejects_a_prompt_within_the_budget():
+    with pytest.raises(ValueError, match="must exceed topk_blocks x block_size = 128"):
+        main(["demo", "--steps", "1", "--prompt-tokens", "100", "--output-dir", ""])
+
+
+def test_cli_lists_demo():
+    assert "demo" in build_parser().format_help()
