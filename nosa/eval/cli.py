@@ -126,3 +126,18 @@ def run(args) -> int:
         summary["locality_violations"] = results["locality"].get("violations")
     print(json.dumps(summary))
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m nosa.eval.cli ...` runs `nosa eval ...` without loading the other subcommands."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="nosa")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

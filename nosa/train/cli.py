@@ -62,3 +62,18 @@ def run(args) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m nosa.train.cli ...` runs `nosa train ...` without loading the other subcommands."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="nosa")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
