@@ -96,6 +96,7 @@ def _bench_length(length: int, args, cfg: SparseAttentionConfig, device) -> dict
     row["nosa_fwd_ms"] = _median_ms(nosa_fwd, warm, reps)
     row["nosa_fwd_bwd_ms"] = _median_ms(nosa_fwd_bwd, warm, reps)
     # Breakdown of the attention (selection excluded): tile lists, forward, backward.
+    tile_tokens = ka.effective_tile_tokens(group, tile_tokens)
     lists, counts = ka.build_tile_lists(indices, tile_tokens)
     row["nosa_tile_union_blocks"] = float(counts.float().mean())
     row["nosa_lists_ms"] = _median_ms(lambda: ka.build_tile_lists(indices, tile_tokens), warm, reps)
@@ -103,7 +104,7 @@ def _bench_length(length: int, args, cfg: SparseAttentionConfig, device) -> dict
         lambda: ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size, tile_tokens), warm, reps)
     o, lse = ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size, tile_tokens)
     row["nosa_attn_bwd_ms"] = _median_ms(
-        lambda: ka.sparse_attention_backward(grad_out, q, k, v, eviction, o, lse, lists, counts, indices, positions,
+        lambda: ka.sparse_attention_backward(grad_out, q, k, v, eviction, o, lse, lists, counts, positions,
                                              cfg.block_size, tile_tokens), warm, reps)
     num_blocks = -(-length // cfg.block_size)
     row["nosa_invert_lists_ms"] = _median_ms(lambda: ka.invert_tile_lists(lists, counts, num_blocks), warm, reps)

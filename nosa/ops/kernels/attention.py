@@ -43,8 +43,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def default_tile_tokens(group: int) -> int:
-    """Query tokens per tile: enough rows (tokens x padded group) to feed the matrix unit 16 rows."""
-    return max(1, 16 // _next_pow2(group))
+    """Query tokens per tile: about 64 rows (tokens x padded group). Measured on the H200 at 32K tokens,
+    G = 16: 4 tokens per tile beat 1 and 2 although the union of 4 tokens' blocks is 1.5x one token's
+    (docs/kernels.md), because each K/V block loaded serves 4x more rows."""
+    return max(1, min(MAX_TILE_TOKENS, 64 // _next_pow2(group)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,10 +324,16 @@ def _check_inputs(q, k, v, bias, block_indices, positions, block_size):
         raise ValueError(f"at most {MAX_BLOCKS - 1} key blocks are supported; got {-(-k.shape[1] // block_size)}")
 
 
+def effective_tile_tokens(group: int, tile_tokens: int) -> int:
+    """Tokens per tile once the rows are padded to the matrix unit's minimum of 16."""
+    g_pad = _next_pow2(group)
+    return max(16, tile_tokens * g_pad) // g_pad
+
+
 def _meta(q, k, block_size, tile_tokens):
     group = q.shape[2] // k.shape[2]
     g_pad = _next_pow2(group)
-    rows = max(16, tile_tokens * g_pad)
+    rows = effective_tile_tokens(group, tile_tokens) * g_pad
     head_dim = q.shape[3]
     return dict(
         G=group, G_PAD=g_pad, ROWS=rows, BLOCK_N=max(16, _next_pow2(block_size)),
@@ -333,7 +341,8 @@ def _meta(q, k, block_size, tile_tokens):
     ), rows // g_pad
 
 
-def _launch_opts(rows: int, head_dim: int) -> dict:
+def _launch_opts(kernel: str, rows: int, head_dim: int) -> dict:
+    """num_warps / num_stages of one kernel ('fwd', 'dq', 'dkv') for a tile of `rows` rows."""
     warps = 4 if rows * head_dim <= 64 * 128 else 8
     return dict(num_warps=warps, num_stages=2)
 
@@ -359,46 +368,66 @@ def sparse_attention_forward(q, k, v, bias, lists, counts, positions, block_size
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
         num_queries, k.shape[1], num_kv_heads, block_size, LOG2E / math.sqrt(head_dim),
-        HAS_BIAS=bias is not None, **meta, **_launch_opts(meta["ROWS"], head_dim),
+        HAS_BIAS=bias is not None, **meta, **_launch_opts("fwd", meta["ROWS"], head_dim),
     )
     return o, lse
 
 
-def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, block_size, tile_tokens):
-    """(dq, dk, dv, dbias) for the forward above. dbias is None without a bias."""
-    batch, num_queries, num_q_heads, head_dim = q.shape
-    num_keys, num_kv_heads = k.shape[1], k.shape[2]
-    meta, tile_tokens = _meta(q, k, block_size, tile_tokens)
-    do = _last_dim_contiguous(do)
-    delta = (do.float() * o.float()).sum(-1)  # [B, Tq, Hq], same strides as lse (both contiguous)
-    dq = torch.empty_like(q)
-    bias_arg = bias if bias is not None else q
+def _strides(q, k, v, bias, do, lse):
     bias_strides = bias.stride() if bias is not None else (0, 0, 0)
-    scale = 1.0 / math.sqrt(head_dim)
-    common = (
+    return (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *bias_strides,
         do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
     )
-    opts = _launch_opts(meta["ROWS"], head_dim)
+
+
+def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens):
+    """dq [B, Tq, Hq, D] (q's dtype); delta = rowsum(do * o) [B, Tq, Hq] float32 (lse's strides)."""
+    batch, num_queries, _, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    meta, _ = _meta(q, k, block_size, tile_tokens)
+    dq = torch.empty_like(q)
+    scale = 1.0 / math.sqrt(head_dim)
     _bwd_dq_kernel[(lists.shape[2], batch * num_kv_heads)](
-        q, k, v, bias_arg, lists, counts, positions, do, lse, delta, dq,
-        *common, lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
+        q, k, v, bias if bias is not None else q, lists, counts, positions, do, lse, delta, dq,
+        *_strides(q, k, v, bias, do, lse), lists.stride(0), lists.stride(1), lists.stride(2),
+        counts.stride(0), counts.stride(1),
         num_queries, num_keys, num_kv_heads, block_size, LOG2E * scale, scale,
-        HAS_BIAS=bias is not None, **meta, **opts,
+        HAS_BIAS=bias is not None, **meta, **_launch_opts("dq", meta["ROWS"], head_dim),
     )
-    num_blocks = -(-num_keys // block_size)
-    tiles, bits, seg_key, seg_start, seg_end = invert_tile_lists(lists, counts, num_blocks)
+    return dq
+
+
+def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens):
+    """(dk, dv [B, Tk, H, D], dbias [B, Tk, H]) float32 from the inverted lists (`invert_tile_lists`)."""
+    batch, num_queries, _, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    meta, _ = _meta(q, k, block_size, tile_tokens)
+    tiles, bits, seg_key, seg_start, seg_end = inverted
     dk = torch.zeros((batch, num_keys, num_kv_heads, head_dim), device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
     dbias = torch.zeros((batch, num_keys, num_kv_heads), device=q.device, dtype=torch.float32)
     if seg_key.numel():
+        scale = 1.0 / math.sqrt(head_dim)
         _bwd_dkv_kernel[(seg_key.numel(),)](
-            q, k, v, bias_arg, tiles, bits, seg_key, seg_start, seg_end, positions, do, lse, delta, dk, dv, dbias,
-            *common, dk.stride(0), dk.stride(1), dk.stride(2), dbias.stride(0), dbias.stride(1), dbias.stride(2),
-            num_queries, num_keys, num_kv_heads, num_blocks, block_size, LOG2E * scale, scale,
-            HAS_BIAS=bias is not None, **meta, **opts,
+            q, k, v, bias if bias is not None else q, tiles, bits, seg_key, seg_start, seg_end, positions,
+            do, lse, delta, dk, dv, dbias,
+            *_strides(q, k, v, bias, do, lse), dk.stride(0), dk.stride(1), dk.stride(2),
+            dbias.stride(0), dbias.stride(1), dbias.stride(2),
+            num_queries, num_keys, num_kv_heads, -(-num_keys // block_size), block_size, LOG2E * scale, scale,
+            HAS_BIAS=bias is not None, **meta, **_launch_opts("dkv", meta["ROWS"], head_dim),
         )
+    return dk, dv, dbias
+
+
+def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, positions, block_size, tile_tokens):
+    """(dq, dk, dv, dbias) for the forward above, in the inputs' dtypes. dbias is None without a bias."""
+    do = _last_dim_contiguous(do)
+    delta = (do.float() * o.float()).sum(-1)  # [B, Tq, Hq] contiguous, like lse
+    dq = backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens)
+    inverted = invert_tile_lists(lists, counts, -(-k.shape[1] // block_size))
+    dk, dv, dbias = backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens)
     return dq, dk.to(k.dtype), dv.to(v.dtype), (dbias.to(bias.dtype) if bias is not None else None)
 
 
@@ -409,7 +438,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         lists, counts = build_tile_lists(block_indices, _meta(q, k, block_size, tile_tokens)[1])
         positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
         o, lse = sparse_attention_forward(q, k, v, bias, lists, counts, positions, block_size, tile_tokens)
-        ctx.save_for_backward(q, k, v, bias, o, lse, lists, counts, block_indices, positions)
+        ctx.save_for_backward(q, k, v, bias, o, lse, lists, counts, positions)
         ctx.block_size = block_size
         ctx.tile_tokens = tile_tokens
         ctx.mark_non_differentiable(lse)
@@ -417,9 +446,9 @@ class SparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        q, k, v, bias, o, lse, lists, counts, block_indices, positions = ctx.saved_tensors
+        q, k, v, bias, o, lse, lists, counts, positions = ctx.saved_tensors
         dq, dk, dv, dbias = sparse_attention_backward(
-            do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, ctx.block_size, ctx.tile_tokens
+            do, q, k, v, bias, o, lse, lists, counts, positions, ctx.block_size, ctx.tile_tokens
         )
         return dq, dk, dv, dbias, None, None, None, None
 

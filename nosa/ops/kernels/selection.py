@@ -27,6 +27,8 @@ from nosa.ops import reference
 from nosa.ops.kernels.attention import LOG2E, _dot_precision, _next_pow2
 
 FLOAT32_LOWEST = -3.4028234663852886e38
+# Rows (query tokens x padded GQA group) per program of the pooled score kernel.
+SCORE_ROWS = 64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,43 +112,68 @@ def _load_query_group(Q, b, t, h, sqb, sqt, sqh, G: tl.constexpr, ROWS: tl.const
 @triton.jit
 def _qa_block_scores_kernel(
     Q, CK, Pos, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
-    Nc, H, NB, block_size, kernel, stride, qk_scale,
-    G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    Tq, Nc, H, NB, block_size, kernel, stride, qk_scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr, BJ: tl.constexpr, BJ_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    # Rows are (token, query head) for TQ consecutive queries: every compressed key loaded serves TQ x G
+    # rows, which is what makes this kernel cheap at long context (it is L2-bandwidth bound otherwise).
+    ROWS: tl.constexpr = TQ * G_PAD
+    tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    pos = tl.load(Pos + t)
-    nc = tl.where(pos + 1 >= kernel, (pos + 1 - kernel) // stride + 1, 0)
-    nc = tl.minimum(nc, Nc).to(tl.int32)
+    r = tl.arange(0, ROWS)
+    g = r % G_PAD
+    t_row = tile * TQ + r // G_PAD
+    row_ok = (g < G) & (t_row < Tq)
+    pos_row = tl.load(Pos + t_row, mask=t_row < Tq, other=-1)
+    nc_row = tl.where(pos_row + 1 >= kernel, (pos_row + 1 - kernel) // stride + 1, 0)
+    nc_row = tl.minimum(nc_row, Nc).to(tl.int32)
+    nc_max = tl.max(nc_row, 0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q, row_ok = _load_query_group(Q, b, t, h, sqb, sqt, sqh, G, ROWS, d, d_ok)
+    q = tl.load(Q + b * sqb + t_row[:, None] * sqt + (h * G + g)[:, None] * sqh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     ck_base = b * scb + h * sch
-    m, l = _softmax_stats(q, CK, ck_base, scn, nc, qk_scale, d, d_ok, ROWS, BLOCK_W, PRECISION)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    for w0 in range(0, nc_max, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)
+        ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=(w < nc_max)[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale
+        s = tl.where(w[None, :] < nc_row[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m = m_new
     inv_l = tl.where(row_ok & (l > 0), 1.0 / tl.where(l > 0, l, 1.0), 0.0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    own = (pos // block_size).to(tl.int32)
+    pos_max = tl.max(pos_row, 0)
+    own_max = (pos_max // block_size).to(tl.int32)
     jr = tl.arange(0, BJ_PAD)
-    out_base = Out + b * sob + t * sot + h * soh
+    tok = tl.arange(0, TQ)
+    t_tok = tile * TQ + tok
+    pos_tok = tl.load(Pos + t_tok, mask=t_tok < Tq, other=-1)
+    nc_tok = tl.where(pos_tok + 1 >= kernel, (pos_tok + 1 - kernel) // stride + 1, 0)
+    nc_tok = tl.minimum(nc_tok, Nc).to(tl.int32)
+    out_rows = Out + b * sob + t_tok[:, None] * sot + h * soh
     for j0 in range(0, NB, BJ):
         jj = j0 + jr
-        score = tl.full([BJ_PAD], float("-inf"), tl.float32)
-        if (j0 <= own) & (nc > 0):
+        score = tl.full([TQ, BJ_PAD], float("-inf"), tl.float32)
+        if (j0 <= own_max) & (nc_max > 0):
             x = block_size * j0 - kernel
             w_first = tl.where(x < 0, 0, x // stride + 1)
             w = w_first + tl.arange(0, BLOCK_W)
-            ok = w < nc
-            ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+            ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=(w < nc_max)[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale
-            p = tl.exp2(s - m[:, None]) * inv_l[:, None]
-            psum = tl.sum(tl.where(ok[None, :], p, 0.0), 0)
+            p = tl.where(w[None, :] < nc_row[:, None], tl.exp2(s - m[:, None]), 0.0) * inv_l[:, None]
+            psum = tl.sum(tl.reshape(p, [TQ, G_PAD, BLOCK_W]), 1)  # GQA sum: [TQ, BLOCK_W]
+            psum = tl.where(w[None, :] < nc_tok[:, None], psum, float("-inf"))
             overlap = (stride * w[None, :] < block_size * (jj[:, None] + 1)) & \
-                      (stride * w[None, :] + kernel > block_size * jj[:, None]) & ok[None, :]
-            score = tl.max(tl.where(overlap, psum[None, :], float("-inf")), 1)
-        tl.store(out_base + jj, score, mask=(jr < BJ) & (jj < NB))
+                      (stride * w[None, :] + kernel > block_size * jj[:, None])  # [BJ_PAD, BLOCK_W]
+            score = tl.max(tl.where(overlap[None, :, :], psum[:, None, :], float("-inf")), 2)
+        tl.store(out_rows + jj[None, :], score, mask=(t_tok < Tq)[:, None] & ((jr < BJ) & (jj < NB))[None, :])
 
 
 @triton.jit
@@ -245,12 +272,17 @@ def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: Spa
     q, ck = _last_dim_contiguous(q), _last_dim_contiguous(compressed_keys.to(q.dtype))
     positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
     block_w, bj = _pool_tiling(cfg)
-    meta = _score_meta(q, ck)
-    _qa_block_scores_kernel[(num_queries, batch * num_kv_heads)](
+    group = q.shape[2] // num_kv_heads
+    g_pad = _next_pow2(group)
+    tq = max(SCORE_ROWS // g_pad, 1)
+    rows = tq * g_pad
+    _qa_block_scores_kernel[(triton.cdiv(num_queries, tq), batch * num_kv_heads)](
         q, ck, positions, out, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), num_windows, num_kv_heads, num_blocks, cfg.block_size,
-        cfg.compress_kernel, cfg.compress_stride, LOG2E / math.sqrt(head_dim),
-        BLOCK_W=block_w, BJ=bj, BJ_PAD=_next_pow2(bj), **meta, num_warps=4 if meta["ROWS"] * block_w <= 4096 else 8,
+        out.stride(0), out.stride(1), out.stride(2), num_queries, num_windows, num_kv_heads, num_blocks,
+        cfg.block_size, cfg.compress_kernel, cfg.compress_stride, LOG2E / math.sqrt(head_dim),
+        G=group, G_PAD=g_pad, TQ=tq, D=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)),
+        BLOCK_W=block_w, BJ=bj, BJ_PAD=_next_pow2(bj), PRECISION=_dot_precision(q.dtype),
+        num_warps=4 if rows * block_w <= 4096 else 8,
     )
     return out
 
