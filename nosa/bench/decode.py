@@ -27,8 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=64, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (CUDA graph capture)")
-    p.add_argument("--configs", default="dense:off,nosa:on,nosa:off,infllmv2:on",
-                   help="comma-separated attn_mode:offload pairs; the first is the baseline")
+    p.add_argument("--configs", default="dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager",
+                   help="comma-separated attn_mode:on|off[:eager]; the first is the baseline")
+    p.add_argument("--profile", default=None, help="write a kernel-time table of a few nosa offload steps here")
+    p.add_argument("--commit", default=None, help="source commit to record (when the run has no git checkout)")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--name", default="decode_8b")
     p.set_defaults(func=main)
@@ -136,10 +138,58 @@ def gather_bandwidth(block_size=64, head_dim=128, heads=2, pages=8192, entries=4
 
     gather_ms = median_ms(lambda: kernels.gather_blocks(host_k, host_v, slots_k.transpose(1, 2), slots_v.transpose(1, 2), src_page, dst_page, head))
     copy_ms = median_ms(lambda: flat_dst.copy_(flat_src, non_blocking=True))
-    ok = torch.equal(slots_k[:8].transpose(1, 2).cpu(), host_k[src_page[:8].long().cpu(), head[:8].long().cpu()])
+    # Entry m landed in slot m, head head[m]: compare a few entries with their host blocks.
+    sample = torch.arange(16)
+    got = slots_k[sample.cuda(), :, head[:16].long()].cpu()  # [16, bs, D]
+    ok = bool(torch.equal(got, host_k[src_page[:16].long().cpu(), head[:16].long().cpu()]))
     return {"bytes": nbytes, "entries": entries, "block_bytes_per_head": block_size * head_dim * 2,
             "gather_gb_s": nbytes / gather_ms / 1e6, "pinned_memcpy_gb_s": nbytes / copy_ms / 1e6,
             "gather_vs_memcpy": copy_ms / gather_ms, "gather_correct": ok}
+
+
+def hbm_copy_rate() -> float:
+    """GB/s of a 2 GiB device copy, read + write bytes counted (how gpu-box.md quotes it)."""
+    a = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 5 * 2 * a.numel() * 2 / start.elapsed_time(end) / 1e6
+
+
+def floor(run: dict, llm, args, hbm_gb_s: float, pcie_gb_s: float) -> dict:
+    """The step's floor (gpu-box.md): max(HBM bytes / HBM rate, PCIe bytes / PCIe rate). HBM bytes: the
+    weights and the K/V the attention reads (every token in dense mode, at most topk x block_size tokens
+    per sequence and KV head otherwise)."""
+    cfg = llm.config
+    tokens = args.prompt if not cfg.sparse.is_sparse else min(args.prompt, cfg.sparse.selection_tokens)
+    kv_bytes = 2 * cfg.num_hidden_layers * args.batch * tokens * cfg.num_key_value_heads * cfg.head_dim * 2
+    # A lower bound: reads at the copy's combined read+write rate (gpu-box.md quotes HBM that way).
+    hbm_ms = (run["weight_bytes"] + kv_bytes) / hbm_gb_s / 1e6
+    pcie_ms = run["host_to_device_bytes_per_step"] / pcie_gb_s / 1e6 if run["offload"] else 0.0
+    return {"floor_hbm_ms": hbm_ms, "floor_pcie_ms": pcie_ms, "floor_ms": max(hbm_ms, pcie_ms),
+            "attention_kv_bytes_per_step": kv_bytes}
+
+
+def profile_steps(llm, running, path: str, steps: int = 3) -> None:
+    """Kernel time of a few eager decode steps, by kernel, to say where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphed, llm.graphed = llm.graphed, None
+    try:
+        time_decode(llm, running, 1, 1)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            time_decode(llm, running, 0, steps)
+            torch.cuda.synchronize()
+        with open(path, "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    finally:
+        llm.graphed = graphed
 
 
 def main(args) -> int:
@@ -149,12 +199,19 @@ def main(args) -> int:
     from nosa import NosaConfig, NosaForCausalLM
     from nosa.engine import LLM
 
-    configs = [(c.split(":")[0], c.split(":")[1] == "on") for c in args.configs.split(",")]
-    max_len = args.prompt + args.warmup + args.steps + 2
+    configs = []
+    for item in args.configs.split(","):
+        fields = item.split(":")
+        if len(fields) not in (2, 3) or fields[1] not in ("on", "off") or fields[2:] not in ([], ["eager"]):
+            print(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager]")
+            return 2
+        configs.append((fields[0], fields[1] == "on", fields[2:] == ["eager"]))
+    max_len = args.prompt + args.warmup + args.steps + 8  # + the profiled steps
     results = {"gather": gather_bandwidth()}
     print(f"gather: {results['gather']['gather_gb_s']:.1f} GB/s vs pinned memcpy {results['gather']['pinned_memcpy_gb_s']:.1f} GB/s")
     runs = []
-    for mode, offload in configs:
+    hbm_gb_s = hbm_copy_rate()
+    for mode, offload, eager in configs:
         torch.manual_seed(0)
         config = NosaConfig(**SHAPE_8B, num_hidden_layers=args.layers, max_position_embeddings=max_len, attn_mode=mode)
         with torch.device("cuda"):
@@ -164,26 +221,33 @@ def main(args) -> int:
                 if layer.self_attn.eviction is not None:
                     layer.self_attn.eviction.A.normal_(0.0, 1.0)  # A = 0 would make every score tie
         llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch,
-                  cuda_graphs=not args.no_cuda_graphs)
+                  cuda_graphs=not (args.no_cuda_graphs or eager))
         running = synthetic_install(llm, args.prompt, args.batch, torch.Generator(device="cuda").manual_seed(1))
-        run = {"attn_mode": mode, "offload": offload, **time_decode(llm, running, args.warmup, args.steps),
+        run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.graphed is not None,
+               **time_decode(llm, running, args.warmup, args.steps),
                "device_kv_bytes_per_seq": llm.cache.allocated_bytes()["kv_slots"] // args.batch,
                "host_store_bytes": llm.store.allocated_bytes if offload else 0,
                "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+        run.update(floor(run, llm, args, hbm_gb_s, results["gather"]["pinned_memcpy_gb_s"]))
         runs.append(run)
-        print(f"{mode:9s} offload={'on ' if offload else 'off'} {run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms  "
+        if args.profile and mode == "nosa" and offload and not eager:
+            profile_steps(llm, running, args.profile)
+        print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''} {run['tokens_per_s']:9.1f} tok/s  "
+              f"step {run['step_ms_median']:.2f} ms (floor {run['floor_ms']:.2f})  "
               f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}")
         del llm, model, running
         torch.cuda.empty_cache()
     base = runs[0]["tokens_per_s"]
     for run in runs:
-        run["ratio_vs_" + f"{configs[0][0]}_{'on' if configs[0][1] else 'off'}"] = run["tokens_per_s"] / base
+        run["ratio_vs_baseline"] = run["tokens_per_s"] / base
+    results["baseline"] = {"attn_mode": configs[0][0], "offload": configs[0][1]}
+    results["hbm_copy_gb_s"] = hbm_gb_s
     results["decode"] = runs
     parameters = {"shape": "8B layer shape (spec sec. 8)", **SHAPE_8B, "layers": args.layers, "layers_of_8b": 32,
                   "prompt_tokens": args.prompt, "batch": args.batch, "timed_steps": args.steps, "warmup_steps": args.warmup,
                   "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
                   "sparse": "spec defaults (block 64, topk 64, sink 1, window 16, query 16, kernel 32, stride 16)",
-                  "cuda_graphs": not args.no_cuda_graphs, "configs": args.configs}
+                  "cuda_graphs": not args.no_cuda_graphs, "configs": args.configs, "source_commit": args.commit}
     path = write_result(args.name, parameters, results)
     print(f"wrote {path}")
     return 0
