@@ -26,7 +26,10 @@ def plot_training(metrics_path: str, out_path: str) -> str:
         raise ValueError(f"{metrics_path} holds no step records to plot")
     plt = _pyplot()
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    ax_loss.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss (all labels)", alpha=0.6)
+    corpus = [r for r in records if "corpus" in r.get("loss_by_source", {})]
+    if corpus and any(set(r.get("loss_by_source", {})) - {"corpus"} for r in records):  # a mixture: show corpus alone
+        ax_loss.plot([r["step"] for r in corpus], [r["loss_by_source"]["corpus"] for r in corpus], label="train loss (corpus rows)")
     val = [r for r in records if "val_loss" in r]
     if val:
         ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (corpus)")

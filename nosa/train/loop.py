@@ -88,11 +88,16 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def token_loss_rows(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] float32: per row, the sum over label != -100 of next-token cross-entropy."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    return nll.sum(dim=1)
+
+
 def token_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over label != -100 of next-token cross-entropy (float32)."""
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    return token_loss_rows(model, input_ids, labels).sum()
 
 
 def open_corpus(cfg: TrainConfig, tok: TextTokenizer, info: DistInfo, split: str) -> TokenCorpus:
@@ -208,14 +213,21 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo) -> dict:
         global_count = float(all_reduce_sum(count, info))
         if global_count == 0:
             raise RuntimeError(f"step {step} has no label tokens on any process; check the mixture and task lengths")
-        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+        # Per source: [loss sums..., label counts...], summed over processes for the log.
+        by_source = torch.zeros(2 * len(stream.sources), dtype=torch.float64, device=info.device)
         for a, batch in enumerate(batches):
             ids, labels = batch["input_ids"].to(info.device), batch["labels"].to(info.device)
             with skip_gradient_sync(wrapped, a < cfg.grad_accum - 1):
                 with autocast_context(cfg, info.device):
-                    local = token_loss_sum(wrapped, ids, labels)
-                (local * (info.world / global_count)).backward()
-            loss_sum += local.detach().double()
+                    rows = token_loss_rows(wrapped, ids, labels)
+                (rows.sum() * (info.world / global_count)).backward()
+            counts = (labels[:, 1:] != -100).sum(dim=1)
+            for row, source in enumerate(batch["sources"]):
+                k = stream.sources.index(source)
+                by_source[k] += rows[row].detach().double()
+                by_source[len(stream.sources) + k] += counts[row].double()
+        all_reduce_sum(by_source, info)
+        loss_sum = by_source[: len(stream.sources)].sum()
         grad_norm = None
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
@@ -224,16 +236,15 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo) -> dict:
         optimizer.zero_grad(set_to_none=True)
         rows_consumed += rows_per_step
         step += 1
-        loss = float(all_reduce_sum(loss_sum, info)) / global_count
+        loss = float(loss_sum) / global_count
+        n = len(stream.sources)
+        loss_by_source = {src: float(by_source[k] / by_source[n + k]) for k, src in enumerate(stream.sources)
+                          if by_source[n + k] > 0}
         elapsed = time.time() - t0
         tokens = rows_per_step * cfg.seq_len
-        sources: dict[str, int] = {}
-        for b in batches:
-            for s in b["sources"]:
-                sources[s] = sources.get(s, 0) + 1
-        last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "label_tokens": int(global_count),
-                "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_s": elapsed,
-                "elapsed_s": time.time() - began, "rows_consumed": rows_consumed, "sources_rank0": sources}
+        last = {"step": step, "loss": loss, "loss_by_source": loss_by_source, "lr": lr, "grad_norm": grad_norm,
+                "label_tokens": int(global_count), "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_s": elapsed,
+                "elapsed_s": time.time() - began, "rows_consumed": rows_consumed}
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.max_steps):
             last["val_loss"] = validation_loss(wrapped, val_rows, cfg, info)
         if info.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps or "val_loss" in last):
