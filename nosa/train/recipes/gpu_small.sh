@@ -9,8 +9,8 @@
 # Every stage logs to $OUT/logs and later stages run even when an earlier one failed (partial results).
 # Overridable for a CPU rehearsal: C (config), DL (DDP check length), TB (train seconds), EV (eval flags).
 export PYTHONPATH=$PWD
-C=${C:-configs/gpu_small.yaml}; DL=${DL:-2048}; TB=${TB:-120}
-EV=${EV:---ppl-len 4096 --ppl-rows 16 --lengths 2048,4096,8192 --depths 0,0.5,1 --samples 4 --locality-prompt 4096 --locality-steps 128}
+C=${C:-configs/gpu_small.yaml}; DL=${DL:-2048}; TB=${TB:-100}
+EV=${EV:---ppl-len 4096 --ppl-rows 16 --lengths 2048,4096,8192 --depths 0,0.5,1 --samples 3 --locality-prompt 4096 --locality-steps 96}
 : "${OUT:?set OUT to the results directory}"
 mkdir -p "$OUT/logs" "$OUT/train" "$OUT/eval"
 date -u > "$OUT/logs/times.txt"
