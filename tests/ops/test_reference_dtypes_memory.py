@@ -1,0 +1,44 @@
+"""The reference ops in bfloat16, and chunking that keeps memory O(chunk x T) at long context."""
+
+import torch
+
+from nosa.config import SparseAttentionConfig
+from nosa.ops import reference as ref
+from tests.helpers import tiny_model
+
+CFG = SparseAttentionConfig(block_size=8, topk_blocks=6, sink_blocks=1, window_blocks=2, query_blocks=2,
+                            compress_kernel=8, compress_stride=4)
+
+
+def test_bfloat16_reference_tracks_float32():
+    q, k, v, c = torch.randn(2, 90, 4, 16), torch.randn(2, 90, 2, 16), torch.randn(2, 90, 2, 16), torch.randn(2, 90, 2)
+    exact = ref.nosa_attention(q, k, v, c, CFG)
+    half = ref.nosa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), c, CFG)
+    assert half.dtype == torch.bfloat16
+    # bf16 inputs can flip a near-tie in selection; most outputs must still agree to bf16 precision.
+    close = ((half.float() - exact).abs() < 0.05).float().mean()
+    assert close > 0.95
+
+
+def test_bfloat16_model_forward_and_backward():
+    model = tiny_model("nosa").to(torch.bfloat16).train()
+    ids = torch.randint(0, 97, (2, 70))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.layers[0].self_attn.eviction.A.grad is not None
+
+
+def test_query_chunks_bound_the_score_tensor():
+    # At T = 16384 with 32 query heads the unchunked scores would hold 8.6e9 elements; each chunk holds
+    # at most the budget.
+    chunk = ref.query_chunk_size(16384, 16384, 32, 1, ref.DEFAULT_CHUNK_ELEMENTS)
+    assert chunk * 16384 * 32 <= ref.DEFAULT_CHUNK_ELEMENTS
+    assert ref.query_chunk_size(4, 4, 1, 1, ref.DEFAULT_CHUNK_ELEMENTS) == 4
+
+
+def test_long_context_runs_in_chunks_with_identical_result():
+    T = 2048
+    q, k, v, c = torch.randn(1, T, 2, 8), torch.randn(1, T, 1, 8), torch.randn(1, T, 1, 8), torch.randn(1, T, 1)
+    small_chunks = ref.nosa_attention(q, k, v, c, CFG, max_chunk_elements=64 * T * 2)
+    one_chunk = ref.nosa_attention(q, k, v, c, CFG, max_chunk_elements=T * T * 2)
+    torch.testing.assert_close(small_chunks, one_chunk, rtol=1e-5, atol=1e-6)
