@@ -39,6 +39,23 @@ def _median_ms(fn, warmup: int, reps: int) -> float:
     return times[len(times) // 2]
 
 
+def _graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
+    """Per-call GPU time of `fn` replayed from a CUDA graph of `calls` back-to-back calls (median of
+    `reps` replays): decode steps run from graphs, so launch overhead is not part of what is measured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside capture (compiles and autotunes)
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return _median_ms(graph.replay, 2, reps) / calls
+
+
 def _copy_bandwidth(device) -> float:
     """HBM copy rate in bytes/s (read + write counted), 1 GiB bf16."""
     a = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
@@ -104,10 +121,18 @@ def _bench_length(length: int, args, cfg: SparseAttentionConfig, device) -> dict
         lambda: ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size, tile_tokens), warm, reps)
     o, lse = ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size, tile_tokens)
     row["nosa_attn_bwd_ms"] = _median_ms(
-        lambda: ka.sparse_attention_backward(grad_out, q, k, v, eviction, o, lse, lists, counts, positions,
+        lambda: ka.sparse_attention_backward(grad_out, q, k, v, eviction, o, lse, lists, counts, indices, positions,
                                              cfg.block_size, tile_tokens), warm, reps)
     num_blocks = -(-length // cfg.block_size)
-    row["nosa_invert_lists_ms"] = _median_ms(lambda: ka.invert_tile_lists(lists, counts, num_blocks), warm, reps)
+    row["nosa_invert_selection_ms"] = _median_ms(lambda: ka.invert_selection(indices, num_blocks), warm, reps)
+    # dq and dk/dv kernels alone.
+    delta = (grad_out.float() * o.float()).sum(-1)
+    row["nosa_dq_kernel_ms"] = _median_ms(
+        lambda: ka.backward_dq(grad_out, q, k, v, eviction, lse, delta, lists, counts, positions, cfg.block_size, tile_tokens), warm, reps)
+    inverted = ka.invert_selection(indices, num_blocks)
+    row["nosa_dkv_kernel_ms"] = _median_ms(
+        lambda: ka.backward_dkv(grad_out, q, k, v, eviction, lse, delta, inverted, positions, cfg.block_size, tile_tokens), warm, reps)
+    del inverted, delta
     fwd_flops = 4.0 * pairs * d
     row["nosa_fwd_tflops"] = fwd_flops / (row["nosa_fwd_ms"] * 1e9)
     row["nosa_fwd_bwd_tflops"] = 3.5 * fwd_flops / (row["nosa_fwd_bwd_ms"] * 1e9)
@@ -150,7 +175,7 @@ def _bench_length(length: int, args, cfg: SparseAttentionConfig, device) -> dict
     vs = torch.randn(batch, slots, h, d, device=device, dtype=dtype, generator=gen)
     bias = 0.5 * torch.rand(batch, slots, h, device=device, generator=gen)
     valid = torch.ones(batch, slots, h, device=device, dtype=torch.bool)
-    row["nosa_decode_ms"] = _median_ms(lambda: kd.decode_attention(qq, ks, vs, bias, valid), warm, reps * 4)
+    row["nosa_decode_ms"] = _graph_ms(lambda: kd.decode_attention(qq, ks, vs, bias, valid))
     nosa_bytes = 2 * ks.numel() * 2 + bias.numel() * 4 + valid.numel() + 2 * qq.numel() * 2
     row["nosa_decode_bytes"] = nosa_bytes
     row["nosa_decode_gbps"] = nosa_bytes / (row["nosa_decode_ms"] * 1e6)
@@ -158,7 +183,7 @@ def _bench_length(length: int, args, cfg: SparseAttentionConfig, device) -> dict
     kc = torch.randn(batch, h, length, d, device=device, dtype=dtype, generator=gen)
     vc = torch.randn(batch, h, length, d, device=device, dtype=dtype, generator=gen)
     q4 = qq[:, :, None, :]
-    row["dense_decode_ms"] = _median_ms(lambda: F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True), warm, reps * 2)
+    row["dense_decode_ms"] = _graph_ms(lambda: F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True))
     dense_bytes = 2 * kc.numel() * 2 + 2 * qq.numel() * 2
     row["dense_decode_gbps"] = dense_bytes / (row["dense_decode_ms"] * 1e6)
     row["speedup_decode"] = row["dense_decode_ms"] / row["nosa_decode_ms"]
@@ -199,7 +224,8 @@ def run(args) -> int:
         "ceilings": {"tensor_core_tflops": TENSOR_CORE_TFLOPS, "hbm_copy_bytes_per_s_measured": hbm},
         "notes": "times are medians of CUDA-event timings; NOSA fwd and fwd+bwd include selection; dense SDPA gets "
                  "GQA heads expanded outside the timing; FLOPs per attended pair and head dim: fwd 4, fwd+bwd 14 "
-                 "(flash-attention convention, for both methods); decode bytes = K+V+bias+valid+q+o.",
+                 "(flash-attention convention, for both methods); decode bytes = K+V+bias+valid+q+o; decode times are "
+                 "per call from CUDA-graph replays of 20 back-to-back calls (launch overhead excluded, as in the engine).",
     }
     path = write_result(args.name, parameters, rows, directory=args.out_dir) if args.out_dir else write_result(args.name, parameters, rows)
     print(f"wrote {path}")

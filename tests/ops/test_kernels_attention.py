@@ -80,17 +80,17 @@ def test_sparse_attention_without_bias_and_with_unused_slots():
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
 
 
-def test_tile_lists_union_and_inversion():
-    """Each union entry's bits name exactly the tile's tokens that selected the block."""
+def test_tile_lists_union_and_inverted_selection():
+    """Each union entry's bits name exactly the tile's tokens that selected the block; the inverted
+    selection lists, per key block, the tokens that selected it, in segments."""
     indices = torch.tensor([[[[0, 2, -1]], [[0, 1, 2]], [[2, -1, -1]]]], dtype=torch.int32)  # [1, 3, 1, 3]
     lists, counts = ka.build_tile_lists(indices, 2)
     assert counts.tolist() == [[[3, 1]]]
     assert lists[0, 0, 0, :3].tolist() == [(0 << 16) | 3, (1 << 16) | 2, (2 << 16) | 3]
     assert lists[0, 0, 1, 0].item() == (2 << 16) | 1
-    tiles, bits, seg_key, seg_start, seg_end = ka.invert_tile_lists(lists, counts, num_blocks=3, segment=1)
-    pairs = sorted((int(seg_key[i]), int(tiles[seg_start[i]]), int(bits[seg_start[i]])) for i in range(seg_key.numel()))
-    assert pairs == [(0, 0, 3), (1, 0, 2), (2, 0, 3), (2, 1, 1)]
-    assert torch.all(seg_end - seg_start == 1)
+    tokens, seg_key, seg_start, seg_end = ka.invert_selection(indices, num_blocks=3, segment=2)
+    segments = [(int(seg_key[i]), tokens[seg_start[i]:seg_end[i]].tolist()) for i in range(seg_key.numel())]
+    assert segments == [(0, [0, 1]), (1, [1]), (2, [0, 1]), (2, [2])]
 
 
 def test_dispatch_override_runs_triton_on_cpu():

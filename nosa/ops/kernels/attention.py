@@ -9,9 +9,10 @@ attends exactly to its own blocks (a block some row did not select is masked for
 - forward (`_fwd_kernel`): one program per (query tile, sequence x KV head), online softmax in base 2,
   returns o and the natural log-sum-exp.
 - backward: dq per query tile (`_bwd_dq_kernel`, same walk); dk, dv and the bias gradient per *key block*
-  (`_bwd_dkv_kernel`) over the inverted lists (which query tiles selected this block), split into segments
-  of at most `DKV_SEGMENT` tiles so the sink block (selected by every query) does not serialise on one
-  SM; segments add into float32 buffers atomically.
+  (`_bwd_dkv_kernel`) over the inverted selection (the query tokens that selected this block, taken
+  `tile_tokens` at a time, so unlike the forward no row is computed for a token that did not select the
+  block), split into segments of at most `DKV_SEGMENT` tokens so the sink block (selected by every
+  query) does not serialise on one SM; segments add into float32 buffers atomically.
 
 List entries pack (block << 16) | token_bits, so a tile holds at most 16 tokens and a sequence at most
 32767 blocks.
@@ -28,9 +29,10 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 MAX_TILE_TOKENS = 16
 MAX_BLOCKS = 1 << 15
-# Query tiles per dk/dv program: long inverted lists (sink and window blocks) are split so their work
-# spreads over many SMs; each split costs one atomic add of a [block, D] tile.
-DKV_SEGMENT = 32
+# Query tokens per dk/dv program: long inverted lists (sink and window blocks) are split so their work
+# spreads over many SMs; each split costs one atomic add of a [block, D] tile. 512 tokens = 128 tiles of 4
+# (128 and 512 tiles measured alike on the H200, 32 tiles 13% slower).
+DKV_SEGMENT = 512
 
 
 def _next_pow2(x: int) -> int:
@@ -94,34 +96,35 @@ def build_tile_lists(block_indices: torch.Tensor, tile_tokens: int):
     return lists[..., :max_len].contiguous(), counts
 
 
-def invert_tile_lists(lists: torch.Tensor, counts: torch.Tensor, num_blocks: int, segment: int = DKV_SEGMENT):
-    """For every (sequence, KV head, key block): the query tiles that attend to it, cut into segments.
+def invert_selection(block_indices: torch.Tensor, num_blocks: int, segment: int = DKV_SEGMENT):
+    """For every (sequence, KV head, key block): the query tokens that selected it, cut into segments.
 
-    lists, counts: from `build_tile_lists`. Returns (tiles [N] int32, bits [N] int32 sorted by key block
-    then tile; seg_key [S] int32 = (b * H + h) * num_blocks + block; seg_start, seg_end [S] int32 into
-    tiles/bits).
+    block_indices: [B, Tq, H, K] int32 (-1 unused). Returns (tokens [N] int32, sorted by key then token;
+    seg_key [S] int32 = (b * H + h) * num_blocks + block; seg_start, seg_end [S] int32 into tokens), each
+    segment at most `segment` tokens.
     """
-    batch, num_kv_heads, n_tiles, width = lists.shape
-    valid = lists >= 0
-    bh = torch.arange(batch * num_kv_heads, device=lists.device, dtype=torch.int64).view(batch, num_kv_heads, 1, 1)
-    tile = torch.arange(n_tiles, device=lists.device, dtype=torch.int32).view(1, 1, n_tiles, 1)
-    blk = (lists >> 16).to(torch.int64)
-    key = (bh * num_blocks + blk).expand_as(lists)[valid]
-    tiles = tile.expand_as(lists)[valid]
-    bits = (lists & 0xFFFF)[valid]
+    batch, num_queries, num_kv_heads, _ = block_indices.shape
+    device = block_indices.device
+    valid = block_indices >= 0
+    bh = (torch.arange(batch, device=device).view(batch, 1, 1, 1) * num_kv_heads
+          + torch.arange(num_kv_heads, device=device).view(1, 1, num_kv_heads, 1))
+    key = (bh * num_blocks + block_indices.long()).masked_select(valid)
+    token = torch.arange(num_queries, device=device, dtype=torch.int32).view(1, num_queries, 1, 1)
+    tokens = token.expand_as(block_indices).masked_select(valid)
+    # Stable: the flattened order is (b, t, h, k), so each key's tokens stay ascending.
     order = torch.argsort(key, stable=True)
-    tiles, bits, key = tiles[order].contiguous(), bits[order].contiguous(), key[order]
+    tokens, key = tokens[order].contiguous(), key[order]
     per_key = torch.bincount(key, minlength=batch * num_kv_heads * num_blocks)
     ends = torch.cumsum(per_key, 0)
     starts = ends - per_key
     nseg = torch.div(per_key + segment - 1, segment, rounding_mode="floor")
     total = int(nseg.sum())  # host sync: the dk/dv grid size
-    seg_key = torch.repeat_interleave(torch.arange(per_key.numel(), device=lists.device), nseg, output_size=total)
+    seg_key = torch.repeat_interleave(torch.arange(per_key.numel(), device=device), nseg, output_size=total)
     first_seg = torch.cumsum(nseg, 0) - nseg
-    within = torch.arange(total, device=lists.device) - first_seg[seg_key]
+    within = torch.arange(total, device=device) - first_seg[seg_key]
     seg_start = starts[seg_key] + within * segment
     seg_end = torch.minimum(seg_start + segment, ends[seg_key])
-    return tiles, bits, seg_key.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
+    return tokens, seg_key.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkv_kernel(
-    Q, K, V, Bias, Tiles, Bits, SegKey, SegStart, SegEnd, Pos, DO, Lse, Delta, DK, DV, DBias,
+    Q, K, V, Bias, Tokens, SegKey, SegStart, SegEnd, Pos, DO, Lse, Delta, DK, DV, DBias,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
     sdkb, sdkt, sdkh, sdbb, sdbt, sdbh,
     Tq, Tk, H, num_blocks, block_size, qk_scale, sm_scale,
@@ -272,11 +275,15 @@ def _bwd_dkv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dbias = tl.zeros([BLOCK_N], tl.float32)
-    for e in range(start, end):
-        tile = tl.load(Tiles + e)
-        bits = tl.load(Bits + e)
-        t, head, ti, row_ok = _tile_rows(tile, h, Tq, G, G_PAD, ROWS)
-        row_ok = row_ok & (((bits >> ti) & 1) != 0)
+    r = tl.arange(0, ROWS)
+    g = r % G_PAD
+    head = h * G + g
+    for e in range(start, end, ROWS // G_PAD):
+        # Rows: (token, query head) for the next ROWS // G_PAD tokens that selected this block.
+        idx = e + r // G_PAD
+        in_seg = idx < end
+        t = tl.load(Tokens + idx, mask=in_seg, other=0)
+        row_ok = in_seg & (g < G)
         pos = tl.load(Pos + t, mask=row_ok, other=-1)
         qmask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + b * sqb + t[:, None] * sqt + head[:, None] * sqh + d[None, :], mask=qmask, other=0.0)
@@ -341,10 +348,15 @@ def _meta(q, k, block_size, tile_tokens):
     ), rows // g_pad
 
 
+# Measured on the H200 at 32K tokens, 8B shape (64-row tiles, head_dim 128; docs/kernels.md): fwd is best
+# at 4 warps / 3 stages (10.4 ms vs 21-25 ms at 8 warps), dq at 4 / 2, dkv at 4 / 1 (more stages were slower).
+_STAGES = {"fwd": 3, "dq": 2, "dkv": 1}
+
+
 def _launch_opts(kernel: str, rows: int, head_dim: int) -> dict:
     """num_warps / num_stages of one kernel ('fwd', 'dq', 'dkv') for a tile of `rows` rows."""
     warps = 4 if rows * head_dim <= 64 * 128 else 8
-    return dict(num_warps=warps, num_stages=2)
+    return dict(num_warps=warps, num_stages=_STAGES[kernel])
 
 
 def _last_dim_contiguous(x):
@@ -400,18 +412,18 @@ def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_s
 
 
 def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens):
-    """(dk, dv [B, Tk, H, D], dbias [B, Tk, H]) float32 from the inverted lists (`invert_tile_lists`)."""
+    """(dk, dv [B, Tk, H, D], dbias [B, Tk, H]) float32 from the inverted selection (`invert_selection`)."""
     batch, num_queries, _, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
     meta, _ = _meta(q, k, block_size, tile_tokens)
-    tiles, bits, seg_key, seg_start, seg_end = inverted
+    tokens, seg_key, seg_start, seg_end = inverted
     dk = torch.zeros((batch, num_keys, num_kv_heads, head_dim), device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
     dbias = torch.zeros((batch, num_keys, num_kv_heads), device=q.device, dtype=torch.float32)
     if seg_key.numel():
         scale = 1.0 / math.sqrt(head_dim)
         _bwd_dkv_kernel[(seg_key.numel(),)](
-            q, k, v, bias if bias is not None else q, tiles, bits, seg_key, seg_start, seg_end, positions,
+            q, k, v, bias if bias is not None else q, tokens, seg_key, seg_start, seg_end, positions,
             do, lse, delta, dk, dv, dbias,
             *_strides(q, k, v, bias, do, lse), dk.stride(0), dk.stride(1), dk.stride(2),
             dbias.stride(0), dbias.stride(1), dbias.stride(2),
@@ -421,12 +433,12 @@ def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size,
     return dk, dv, dbias
 
 
-def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, positions, block_size, tile_tokens):
+def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, block_size, tile_tokens):
     """(dq, dk, dv, dbias) for the forward above, in the inputs' dtypes. dbias is None without a bias."""
     do = _last_dim_contiguous(do)
     delta = (do.float() * o.float()).sum(-1)  # [B, Tq, Hq] contiguous, like lse
     dq = backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens)
-    inverted = invert_tile_lists(lists, counts, -(-k.shape[1] // block_size))
+    inverted = invert_selection(block_indices, -(-k.shape[1] // block_size))
     dk, dv, dbias = backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens)
     return dq, dk.to(k.dtype), dv.to(v.dtype), (dbias.to(bias.dtype) if bias is not None else None)
 
@@ -438,7 +450,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         lists, counts = build_tile_lists(block_indices, _meta(q, k, block_size, tile_tokens)[1])
         positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
         o, lse = sparse_attention_forward(q, k, v, bias, lists, counts, positions, block_size, tile_tokens)
-        ctx.save_for_backward(q, k, v, bias, o, lse, lists, counts, positions)
+        ctx.save_for_backward(q, k, v, bias, o, lse, lists, counts, block_indices, positions)
         ctx.block_size = block_size
         ctx.tile_tokens = tile_tokens
         ctx.mark_non_differentiable(lse)
@@ -446,9 +458,9 @@ class SparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        q, k, v, bias, o, lse, lists, counts, positions = ctx.saved_tensors
+        q, k, v, bias, o, lse, lists, counts, block_indices, positions = ctx.saved_tensors
         dq, dk, dv, dbias = sparse_attention_backward(
-            do, q, k, v, bias, o, lse, lists, counts, positions, ctx.block_size, ctx.tile_tokens
+            do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, ctx.block_size, ctx.tile_tokens
         )
         return dq, dk, dv, dbias, None, None, None, None
 

@@ -7,7 +7,9 @@ program writes a partial (max, sum, output) for its chunk and a second small ker
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import triton
@@ -16,6 +18,21 @@ import triton.language as tl
 from nosa.ops.kernels.attention import LOG2E, _dot_precision, _next_pow2
 
 
+def _partial_configs():
+    # The interpreter (CPU tests) runs every config of an autotuner: give it one.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_S": 64}, num_warps=4, num_stages=2)]
+    return [
+        triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
+        for bs in (64, 128) for w in (4, 8) for st in (2, 3, 4)
+    ]
+
+
+# Slot chunks are multiples of the largest BLOCK_S so every config sees whole tiles.
+CHUNK_ALIGN = 128
+
+
+@triton.autotune(configs=_partial_configs(), key=["S", "chunk", "G", "D"])
 @triton.jit
 def _decode_partial_kernel(
     Q, K, V, Bias, Valid, PartO, PartM, PartL,
@@ -94,11 +111,17 @@ def _decode_merge_kernel(
              mask=row_ok[:, None] & (d[None, :] < D))
 
 
-def _num_splits(batch_heads: int, num_slots: int, block_s: int, sm_count: int) -> int:
-    # Enough programs for ~4 waves of the SMs, but never chunks shorter than 4 key tiles.
-    want = max(1, (4 * sm_count + batch_heads - 1) // batch_heads)
-    most = max(1, num_slots // (4 * block_s))
+def _num_splits(batch_heads: int, num_slots: int, sm_count: int) -> int:
+    # Enough programs for ~8 per SM (memory-level parallelism: decode is a pure stream of K and V), but
+    # never chunks shorter than two aligned tiles.
+    want = max(1, (8 * sm_count + batch_heads - 1) // batch_heads)
+    most = max(1, num_slots // (2 * CHUNK_ALIGN))
     return max(1, min(want, most, 64))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None = None):
@@ -120,7 +143,6 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None 
     group = num_q_heads // num_kv_heads
     rows = max(16, _next_pow2(group))
     block_d = max(16, _next_pow2(head_dim))
-    block_s = 64
     out = torch.empty_like(q)
     if batch == 0:
         return out
@@ -129,11 +151,11 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None 
     v_slots = v_slots if v_slots.stride(-1) == 1 else v_slots.contiguous()
     valid_u8 = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
     if splits is None:
-        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-        splits = _num_splits(batch * num_kv_heads, num_slots, block_s, sm_count)
+        sm_count = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 8
+        splits = _num_splits(batch * num_kv_heads, num_slots, sm_count)
     splits = max(1, min(int(splits), max(1, num_slots)))
     chunk = -(-max(1, num_slots) // splits)
-    chunk = -(-chunk // block_s) * block_s
+    chunk = -(-chunk // CHUNK_ALIGN) * CHUNK_ALIGN
     splits = -(-max(1, num_slots) // chunk)
     part_o = torch.empty((batch * num_kv_heads * splits * rows, block_d), device=q.device, dtype=torch.float32)
     part_m = torch.empty((batch * num_kv_heads * splits * rows,), device=q.device, dtype=torch.float32)
@@ -146,8 +168,7 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None 
         q.stride(0), q.stride(1), k_slots.stride(0), k_slots.stride(1), k_slots.stride(2),
         v_slots.stride(0), v_slots.stride(1), v_slots.stride(2), *bias_strides, *valid_u8.stride(),
         num_slots, num_kv_heads, chunk, LOG2E / math.sqrt(head_dim),
-        G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, HAS_BIAS=bias_slots is not None,
-        PRECISION=precision, num_warps=4, num_stages=3,
+        G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, HAS_BIAS=bias_slots is not None, PRECISION=precision,
     )
     _decode_merge_kernel[(batch * num_kv_heads,)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), num_kv_heads, splits,
