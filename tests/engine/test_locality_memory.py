@@ -58,3 +58,16 @@ def test_dense_mode_holds_every_block():
     small = LLM(model, device="cpu", max_model_len=32, max_num_seqs=1).cache.allocated_bytes()["kv_slots"]
     large = LLM(model, device="cpu", max_model_len=256, max_num_seqs=1).cache.allocated_bytes()["kv_slots"]
     assert large == 8 * small
+
+
+def test_gpu_budget_sets_the_number_of_rows_and_matches_what_is_allocated():
+    from nosa.engine.block_cache import BlockCache
+
+    model = tiny_model("nosa")
+    cfg = model.config
+    L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    row = BlockCache.row_bytes(L, H, D, torch.float32, cfg.sparse, 64)["total"]
+    workspace = L * 64 * H * (2 * D * 4 + 4)  # one prompt's K/V and eviction scores, all layers
+    llm = LLM(model, device="cpu", max_model_len=64, max_num_seqs=8, gpu_memory_budget=workspace + 3 * row + row // 2)
+    assert llm.max_num_seqs == 3
+    assert llm.cache.allocated_bytes()["total"] == 3 * row
