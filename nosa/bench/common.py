@@ -14,10 +14,11 @@ RESULTS_DIR = os.path.join("bench", "results")
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout, or NOSA_COMMIT where the code travelled without its git metadata."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("NOSA_COMMIT")
 
 
 def machine_header() -> dict:

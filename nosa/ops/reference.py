@@ -42,8 +42,14 @@ def window_mean(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     num_windows = num_complete_windows(x.shape[1], kernel, stride)
     if num_windows == 0:
         return x.new_zeros((x.shape[0], 0) + tuple(x.shape[2:]))
-    windows = x[:, : (num_windows - 1) * stride + kernel].float().unfold(1, kernel, stride)
-    return windows.mean(dim=-1).to(x.dtype)
+    windows = x[:, : (num_windows - 1) * stride + kernel].to(compute_dtype(x)).unfold(1, kernel, stride)
+    # Summed in token order, one add at a time, rather than by a reduction whose order depends on the
+    # tensor's layout: a window compressed alone (the engine, at decode) and the same window compressed
+    # with all others (the full forward) then round identically, so score ties break identically.
+    total = windows[..., 0].clone()
+    for offset in range(1, kernel):
+        total += windows[..., offset]
+    return (total / kernel).to(x.dtype)
 
 
 def compress_keys(k: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
