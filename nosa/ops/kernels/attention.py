@@ -478,5 +478,9 @@ def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return
         tile_tokens = default_tile_tokens(group)
     if not 1 <= tile_tokens <= MAX_TILE_TOKENS:
         raise ValueError(f"tile_tokens must be in 1..{MAX_TILE_TOKENS}, got {tile_tokens}")
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        o = q * 0  # keeps the autograd graph for empty batches
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
+        return (o, lse) if return_lse else o
     o, lse = SparseAttentionFunction.apply(q, k, v, bias, block_indices, positions, block_size, tile_tokens)
     return (o, lse) if return_lse else o
