@@ -6,6 +6,14 @@ The prompt's KV cache is installed synthetically (random keys and values, evicti
 model's own eviction head, the last prompt token's selection from `ops.select_for_queries`) through the
 engine's own install path; only the prefill's attention and MLP compute is skipped, which decode
 throughput does not depend on. Weights are random. Results go to bench/results/<name>.json.
+
+Two modes:
+- fixed batch (default): every configuration decodes `--batch` sequences, whatever device memory it needs.
+- equal device memory (`--equal-memory-dense-batch N`, spec sec. 7, the paper's claim): every configuration
+  gets the SAME `gpu_memory_budget`, the bytes the engine's own accounting (`LLM.device_bytes`) charges
+  dense attention with all KV on the device for N sequences at this prompt length, and runs the largest
+  batch the engine admits under that budget (capped by `--max-batch`). The batch is whatever
+  `LLM(gpu_memory_budget=...)` decides, never computed here.
 """
 
 from __future__ import annotations
@@ -27,13 +35,25 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=64, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (CUDA graph capture)")
-    p.add_argument("--configs", default="dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager",
-                   help="comma-separated attn_mode:on|off[:eager]; the first is the baseline")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated attn_mode:on|off[:eager]; the first is the baseline (default: "
+                        "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager; in equal-memory mode "
+                        "dense:off,infllmv2:off,nosa:on,nosa:off,infllmv2:on)")
     p.add_argument("--profile", default=None, help="write a kernel-time table of a few nosa offload steps here")
     p.add_argument("--commit", default=None, help="source commit to record (when the run has no git checkout)")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--name", default="decode_8b")
+    p.add_argument("--equal-memory-dense-batch", type=int, default=0, metavar="N",
+                   help="equal-memory mode: every config gets the device KV budget dense-on-GPU needs for N "
+                        "sequences and runs the largest batch the engine admits under it (0: fixed --batch)")
+    p.add_argument("--max-batch", type=int, default=64, help="cap on the batch in equal-memory mode")
+    p.add_argument("--single-copy-dense", action="store_true",
+                   help="equal-memory mode: also run dense on the GPU at the batch one copy of its KV would fit "
+                        "in the budget (the engine keeps dense KV twice on the device: store + slots)")
     p.set_defaults(func=main)
+
+
+EQUAL_MEMORY_CONFIGS = "dense:off,infllmv2:off,nosa:on,nosa:off,infllmv2:on"
 
 
 def synthetic_install(llm, prompt_len: int, batch: int, generator: torch.Generator):
@@ -168,7 +188,7 @@ def floor(run: dict, llm, args, hbm_gb_s: float, pcie_gb_s: float) -> dict:
     per sequence and KV head otherwise)."""
     cfg = llm.config
     tokens = args.prompt if not cfg.sparse.is_sparse else min(args.prompt, cfg.sparse.selection_tokens)
-    kv_bytes = 2 * cfg.num_hidden_layers * args.batch * tokens * cfg.num_key_value_heads * cfg.head_dim * 2
+    kv_bytes = 2 * cfg.num_hidden_layers * run["batch"] * tokens * cfg.num_key_value_heads * cfg.head_dim * 2
     # A lower bound: reads at the copy's combined read+write rate (gpu-box.md quotes HBM that way).
     hbm_ms = (run["weight_bytes"] + kv_bytes) / hbm_gb_s / 1e6
     pcie_ms = run["host_to_device_bytes_per_step"] / pcie_gb_s / 1e6 if run["offload"] else 0.0
@@ -192,62 +212,116 @@ def profile_steps(llm, running, path: str, steps: int = 3) -> None:
         llm.graphed = graphed
 
 
+def make_config(mode: str, layers: int, max_len: int):
+    from nosa import NosaConfig
+
+    return NosaConfig(**SHAPE_8B, num_hidden_layers=layers, max_position_embeddings=max_len, attn_mode=mode)
+
+
+def make_model(mode: str, layers: int, max_len: int):
+    from nosa import NosaForCausalLM
+
+    torch.manual_seed(0)
+    config = make_config(mode, layers, max_len)
+    with torch.device("cuda"):
+        model = NosaForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.self_attn.eviction is not None:
+                layer.self_attn.eviction.A.normal_(0.0, 1.0)  # A = 0 would make every score tie
+    return model
+
+
+def equal_memory_budget(args, max_len: int) -> int:
+    """Device bytes the engine charges dense attention, all KV on the device, for N sequences (its own
+    accounting: N rows plus the prefill workspace)."""
+    from nosa.engine import LLM
+
+    config = make_config("dense", args.layers, max_len)
+    row, workspace = LLM.device_bytes(config, torch.bfloat16, False, max_len)
+    return workspace + args.equal_memory_dense_batch * row
+
+
 def main(args) -> int:
     if not torch.cuda.is_available():
         print("nosa bench decode needs a CUDA device")
         return 2
-    from nosa import NosaConfig, NosaForCausalLM
     from nosa.engine import LLM
+    from nosa.engine.block_cache import BlockCache
 
+    equal_memory = args.equal_memory_dense_batch > 0
+    spec = args.configs or (EQUAL_MEMORY_CONFIGS if equal_memory else "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager")
     configs = []
-    for item in args.configs.split(","):
+    for item in spec.split(","):
         fields = item.split(":")
         if len(fields) not in (2, 3) or fields[1] not in ("on", "off") or fields[2:] not in ([], ["eager"]):
             print(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager]")
             return 2
         configs.append((fields[0], fields[1] == "on", fields[2:] == ["eager"]))
     max_len = args.prompt + args.warmup + args.steps + 8  # + the profiled steps
+    budget = equal_memory_budget(args, max_len) if equal_memory else None
+    if equal_memory:
+        print(f"equal device memory: {budget / 2**20:.1f} MiB for every config (dense on GPU, batch {args.equal_memory_dense_batch})")
     results = {"gather": gather_bandwidth()}
     print(f"gather: {results['gather']['gather_gb_s']:.1f} GB/s vs pinned memcpy {results['gather']['pinned_memcpy_gb_s']:.1f} GB/s")
     runs = []
     hbm_gb_s = hbm_copy_rate()
-    for mode, offload, eager in configs:
-        torch.manual_seed(0)
-        config = NosaConfig(**SHAPE_8B, num_hidden_layers=args.layers, max_position_embeddings=max_len, attn_mode=mode)
-        with torch.device("cuda"):
-            model = NosaForCausalLM(config).to(torch.bfloat16).eval()
-        with torch.no_grad():
-            for layer in model.model.layers:
-                if layer.self_attn.eviction is not None:
-                    layer.self_attn.eviction.A.normal_(0.0, 1.0)  # A = 0 would make every score tie
-        llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch,
-                  cuda_graphs=not (args.no_cuda_graphs or eager))
-        running = synthetic_install(llm, args.prompt, args.batch, torch.Generator(device="cuda").manual_seed(1))
-        run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.graphed is not None,
+    if equal_memory and args.single_copy_dense:
+        # Not what the engine admits: a labelled extra row, so the double copy's cost can be read off.
+        model_config = make_config("dense", args.layers, max_len)
+        row, workspace = LLM.device_bytes(model_config, torch.bfloat16, False, max_len)
+        kv = row - BlockCache.row_bytes(args.layers, model_config.num_key_value_heads, model_config.head_dim,
+                                        torch.bfloat16, model_config.sparse, max_len)["kv_slots"]
+        configs.append(("dense", False, False, min(args.max_batch, (budget - workspace) // kv)))
+    for mode, offload, eager, *forced in configs:
+        model = make_model(mode, args.layers, max_len)
+        if forced:
+            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=forced[0],
+                      cuda_graphs=not (args.no_cuda_graphs or eager))
+        elif equal_memory:
+            # The engine decides the batch: the largest number of rows its accounting fits in the budget.
+            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.max_batch,
+                      gpu_memory_budget=budget, cuda_graphs=not (args.no_cuda_graphs or eager))
+        else:
+            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch,
+                      cuda_graphs=not (args.no_cuda_graphs or eager))
+        batch = llm.max_num_seqs
+        row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len)
+        running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
+        run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.graphed is not None, "batch": batch,
+               "batch_from": "fixed" if not equal_memory else ("single-copy dense (not engine-admitted)" if forced else "engine budget"),
                **time_decode(llm, running, args.warmup, args.steps),
-               "device_kv_bytes_per_seq": llm.cache.allocated_bytes()["kv_slots"] // args.batch,
+               "device_kv_bytes_per_seq": llm.cache.allocated_bytes()["kv_slots"] // batch,
+               "device_bytes_per_row_charged": row_bytes, "device_workspace_bytes_charged": workspace,
+               "device_bytes_charged": workspace + batch * row_bytes,
                "host_store_bytes": llm.store.allocated_bytes if offload else 0,
                "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
         run.update(floor(run, llm, args, hbm_gb_s, results["gather"]["pinned_memcpy_gb_s"]))
         runs.append(run)
         if args.profile and mode == "nosa" and offload and not eager:
             profile_steps(llm, running, args.profile)
-        print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''} {run['tokens_per_s']:9.1f} tok/s  "
-              f"step {run['step_ms_median']:.2f} ms (floor {run['floor_ms']:.2f})  "
+        print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''} batch {batch:3d} "
+              f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (floor {run['floor_ms']:.2f})  "
               f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}")
         del llm, model, running
         torch.cuda.empty_cache()
-    base = runs[0]["tokens_per_s"]
+    base = runs[0]["tokens_per_s"]  # the first config of --configs (engine-admitted batch in equal-memory mode)
     for run in runs:
         run["ratio_vs_baseline"] = run["tokens_per_s"] / base
-    results["baseline"] = {"attn_mode": configs[0][0], "offload": configs[0][1]}
+    results["baseline"] = {"attn_mode": configs[0][0], "offload": configs[0][1], "batch": runs[0]["batch"]}
     results["hbm_copy_gb_s"] = hbm_gb_s
     results["decode"] = runs
     parameters = {"shape": "8B layer shape (spec sec. 8)", **SHAPE_8B, "layers": args.layers, "layers_of_8b": 32,
-                  "prompt_tokens": args.prompt, "batch": args.batch, "timed_steps": args.steps, "warmup_steps": args.warmup,
+                  "prompt_tokens": args.prompt, "timed_steps": args.steps, "warmup_steps": args.warmup,
                   "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
                   "sparse": "spec defaults (block 64, topk 64, sink 1, window 16, query 16, kernel 32, stride 16)",
-                  "cuda_graphs": not args.no_cuda_graphs, "configs": args.configs, "source_commit": args.commit}
+                  "cuda_graphs": not args.no_cuda_graphs, "configs": spec, "source_commit": args.commit}
+    if equal_memory:
+        parameters.update({"mode": "equal device memory", "gpu_memory_budget": budget,
+                           "budget_from": f"dense, all KV on the device, batch {args.equal_memory_dense_batch}",
+                           "max_batch": args.max_batch})
+    else:
+        parameters.update({"mode": "fixed batch", "batch": args.batch})
     path = write_result(args.name, parameters, results)
     print(f"wrote {path}")
     return 0

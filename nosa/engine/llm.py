@@ -87,14 +87,9 @@ class LLM:
         self.max_model_len = max_model_len
         cfg, L = config.sparse, config.num_hidden_layers
         H, D, dtype = config.num_key_value_heads, config.head_dim, self.model.dtype
-        elem = torch.empty((), dtype=dtype).element_size()
         page_bytes = HostStore.page_bytes(L, H, cfg.block_size, D, dtype)
         max_blocks = -(-max_model_len // cfg.block_size)
-        row_bytes = BlockCache.row_bytes(L, H, D, dtype, cfg, max_model_len)["total"]
-        if not offload:
-            row_bytes += max_blocks * page_bytes  # the store lives on the device: a full sequence per row
-        # Prefill keeps one prompt's K/V (and eviction scores) of every layer on the device at a time.
-        workspace = L * max_model_len * H * (2 * D * elem + 4)
+        row_bytes, workspace = self.device_bytes(config, dtype, offload, max_model_len)
         rows = max_num_seqs
         if gpu_memory_budget is not None:
             if isinstance(gpu_memory_budget, bool) or not isinstance(gpu_memory_budget, int) or gpu_memory_budget <= 0:
@@ -126,6 +121,22 @@ class LLM:
         self.scheduler = Scheduler(rows, self.store, cfg.block_size, max_model_len)
         self._steps = self._decode_tokens = self._prefill_tokens = 0
         self._decode_s = self._prefill_s = 0.0
+
+    @staticmethod
+    def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int) -> tuple[int, int]:
+        """(bytes per row, fixed workspace bytes) that `gpu_memory_budget` is charged: the engine admits
+        min(max_num_seqs, (budget - workspace) // row) rows. Benchmarks that give several configurations the
+        same budget read it from here, so they use the engine's own accounting."""
+        cfg, L = config.sparse, config.num_hidden_layers
+        H, D = config.num_key_value_heads, config.head_dim
+        elem = torch.empty((), dtype=dtype).element_size()
+        row_bytes = BlockCache.row_bytes(L, H, D, dtype, cfg, max_model_len)["total"]
+        if not offload:
+            # The store lives on the device: a full sequence per row.
+            row_bytes += -(-max_model_len // cfg.block_size) * HostStore.page_bytes(L, H, cfg.block_size, D, dtype)
+        # Prefill keeps one prompt's K/V (and eviction scores) of every layer on the device at a time.
+        workspace = L * max_model_len * H * (2 * D * elem + 4)
+        return row_bytes, workspace
 
     @property
     def max_num_seqs(self) -> int:

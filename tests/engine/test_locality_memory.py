@@ -71,3 +71,17 @@ def test_gpu_budget_sets_the_number_of_rows_and_matches_what_is_allocated():
     llm = LLM(model, device="cpu", max_model_len=64, max_num_seqs=8, gpu_memory_budget=workspace + 3 * row + row // 2)
     assert llm.max_num_seqs == 3
     assert llm.cache.allocated_bytes()["total"] == 3 * row
+
+
+@pytest.mark.parametrize("mode", ["nosa", "dense", "infllmv2"])
+@pytest.mark.parametrize("offload", [True, False])
+def test_device_bytes_is_the_accounting_the_budget_uses(mode, offload):
+    """`LLM.device_bytes` (what the equal-memory benchmark reads) is exactly what the budget is charged."""
+    model = tiny_model(mode)
+    row, workspace = LLM.device_bytes(model.config, torch.float32, offload, 64)
+    for rows in (1, 3):
+        llm = LLM(model, device="cpu", offload=offload, max_model_len=64, max_num_seqs=8,
+                  gpu_memory_budget=workspace + rows * row + row - 1)
+        assert llm.max_num_seqs == rows
+    with pytest.raises(ValueError):
+        LLM(model, device="cpu", offload=offload, max_model_len=64, gpu_memory_budget=workspace + row - 1)
