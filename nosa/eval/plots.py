@@ -78,7 +78,9 @@ def plot_eval(results: dict, out_path: str) -> str:
             ax.bar([str(r["layer"]) for r in layers], [r["overlap_mean"] for r in layers], label="mean overlap")
             ax.plot([str(r["layer"]) for r in layers], [r["overlap_min"] for r in layers], "kv", label="min overlap")
             if data.get("overlap_bound") is not None:
-                ax.axhline(data["overlap_bound"], color="r", ls="--", label="(k-q)/k bound")
+                k = data["topk_blocks"]
+                ax.axhline(data["overlap_bound"], color="r", ls="--", label="bound inside a block: (k-q)/k")
+                ax.axhline(data["overlap_bound"] - 1 / k, color="r", ls=":", label="bound at a block boundary: (k-q-1)/k")
             ax.set_xlabel("layer")
             ax.set_ylabel("overlap of consecutive selections")
             ax.set_ylim(0, 1.05)
