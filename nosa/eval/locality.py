@@ -35,8 +35,11 @@ def recording(model):
 
 
 def _cache_of(output):
-    cache = getattr(output, "past_key_values", None)
-    return cache if cache is not None else getattr(output, "cache", None)
+    # transformers renamed the output field `past_key_values` -> `cache` during 5.x (the old name warns).
+    for name in ("cache", "past_key_values"):
+        if name in output.keys():
+            return output[name]
+    raise RuntimeError("the model returned no cache although use_cache=True")
 
 
 @torch.no_grad()

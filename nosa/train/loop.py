@@ -69,6 +69,15 @@ def build_model(cfg: TrainConfig, tok: TextTokenizer, resume_dir: str | None = N
     return model
 
 
+def enable_activation_checkpointing(model: NosaForCausalLM) -> None:
+    """Recompute each decoder layer in the backward pass instead of storing its activations."""
+    # transformers renamed the method during 5.x; the old name warns where the new one exists.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     # Matrices decay; norms, biases and the eviction head's per-head scale A do not.
     decay, no_decay = [], []
@@ -159,11 +168,7 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo) -> dict:
         start_step, rows_consumed = state["step"], state["rows_consumed"]
     model = build_model(cfg, tok, resume_dir).to(info.device)
     if cfg.activation_checkpointing:
-        # transformers renamed the method during 5.x; the old name warns where the new one exists.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     wrapped = wrap_model(model, info, cfg.parallel)
     optimizer = build_optimizer(wrapped, cfg)

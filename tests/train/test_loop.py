@@ -141,3 +141,13 @@ def test_config_precedence_and_errors(tmp_path):
         TrainConfig(seq_len=0)
     with pytest.raises(ValueError, match="key=value"):
         make_config(None, ["lr"])
+
+
+def test_activation_checkpointing_reaches_every_layer():
+    from nosa import NosaConfig, NosaForCausalLM
+    from nosa.train.loop import enable_activation_checkpointing
+
+    model = NosaForCausalLM(NosaConfig(**MODEL))
+    assert not any(layer.gradient_checkpointing for layer in model.model.layers)
+    enable_activation_checkpointing(model)
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
