@@ -93,6 +93,26 @@ def test_tile_lists_union_and_inverted_selection():
     assert segments == [(0, [0, 1]), (1, [1]), (2, [0, 1]), (2, [2])]
 
 
+def test_mixed_input_dtypes_run_promoted():
+    """Under autocast RoPE can leave q, k in float32 while v is half: the kernel promotes like the
+    reference (float32 math), returns o in q's dtype and each gradient in its input's dtype."""
+    batch, t, hq, h, d, block = 1, 19, 4, 2, 64, 4
+    q, k = torch.randn(batch, t, hq, d), torch.randn(batch, t, h, d)
+    v = torch.randn(batch, t, h, d).half()
+    bias = torch.randn(batch, t, h)
+    positions = torch.arange(t)
+    own = (positions // block).to(torch.int32)
+    indices = torch.stack([torch.zeros_like(own), own], -1).view(1, t, 1, 2).expand(batch, t, h, 2).contiguous()
+    indices[:, :block] = torch.tensor([0, -1], dtype=torch.int32)
+    grad_out = torch.randn(batch, t, hq, d)
+    o, lse, grads = _run(ka.sparse_attention, q, k, v, bias, indices, positions, block, grad_out)
+    o_ref, lse_ref, grads_ref = _run(ref.sparse_attention, q, k, v.float(), bias, indices, positions, block, grad_out)
+    assert o.dtype == torch.float32 and grads[2].dtype == torch.float16
+    torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=2e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.float(), g_ref, atol=2e-3, rtol=2e-3)
+
+
 def test_dispatch_override_runs_triton_on_cpu():
     cfg = SparseAttentionConfig(block_size=8, topk_blocks=4, sink_blocks=1, window_blocks=1, query_blocks=1,
                                 compress_kernel=4, compress_stride=2)

@@ -446,7 +446,11 @@ def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, block_in
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, block_indices, positions, block_size, tile_tokens):
-        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        # Mixed input dtypes (under autocast RoPE can leave q, k in float32 while v is bf16) run in the
+        # promoted dtype, as the reference computes in float32; o comes back in q's dtype like the reference.
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        compute = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        q, k, v = (_last_dim_contiguous(x.to(compute)) for x in (q, k, v))
         lists, counts = build_tile_lists(block_indices, _meta(q, k, block_size, tile_tokens)[1])
         positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
         o, lse = sparse_attention_forward(q, k, v, bias, lists, counts, positions, block_size, tile_tokens)
@@ -454,15 +458,16 @@ class SparseAttentionFunction(torch.autograd.Function):
         ctx.block_size = block_size
         ctx.tile_tokens = tile_tokens
         ctx.mark_non_differentiable(lse)
-        return o, lse
+        return o.to(ctx.dtypes[0]), lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, bias, o, lse, lists, counts, block_indices, positions = ctx.saved_tensors
         dq, dk, dv, dbias = sparse_attention_backward(
-            do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, ctx.block_size, ctx.tile_tokens
+            do.to(q.dtype), q, k, v, bias, o, lse, lists, counts, block_indices, positions, ctx.block_size, ctx.tile_tokens
         )
-        return dq, dk, dv, dbias, None, None, None, None
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), dbias, None, None, None, None
 
 
 def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return_lse=False, tile_tokens=None):

@@ -141,11 +141,14 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None 
     if bias_slots is not None and bias_slots.shape != valid.shape:
         raise ValueError(f"bias_slots must be [B, S, H] = {tuple(valid.shape)}; got {tuple(bias_slots.shape)}")
     group = num_q_heads // num_kv_heads
+    out_dtype = q.dtype
     rows = max(16, _next_pow2(group))
     block_d = max(16, _next_pow2(head_dim))
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if batch == 0:
-        return out
+        return out.to(out_dtype)
+    compute = torch.promote_types(torch.promote_types(q.dtype, k_slots.dtype), v_slots.dtype)
+    q, k_slots, v_slots = (x.to(compute) for x in (q, k_slots, v_slots))  # mixed dtypes: promoted, like the reference
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_slots = k_slots if k_slots.stride(-1) == 1 else k_slots.contiguous()
     v_slots = v_slots if v_slots.stride(-1) == 1 else v_slots.contiguous()
@@ -174,4 +177,4 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None 
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), num_kv_heads, splits,
         G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, SPLIT_PAD=max(2, _next_pow2(splits)), num_warps=4,
     )
-    return out
+    return out.to(out_dtype)
