@@ -75,18 +75,32 @@ def test_accumulation_and_checkpointing_do_not_change_the_step(corpus, tmp_path)
     assert a[3] < a[1]
 
 
-def test_two_processes_equal_one_process_with_twice_the_batch(corpus, tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(_cfg(corpus, tmp_path / "ddp", micro_batch_size=2).to_dict()))
+def _torchrun(config, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nosa.cli",
-                          "train", "--config", str(config), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+                          "train", "--config", str(config), "--device", "cpu", *extra],
+                         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    train(_cfg(corpus, tmp_path / "one", micro_batch_size=4), device="cpu")
-    two, one = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_twice_the_batch(corpus, tmp_path, parallel):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_cfg(corpus, tmp_path / "two", micro_batch_size=2, parallel=parallel, save_every=2).to_dict()))
+    _torchrun(config)
+    train(_cfg(corpus, tmp_path / "one", micro_batch_size=4, save_every=2), device="cpu")
+    two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
     assert two.keys() == one.keys() == {1, 2, 3}
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5)
+    # the saved weights are whole tensors (FSDP gathers its shards) and match the one-process run
+    wa = load_file(str(tmp_path / "one" / "checkpoints" / "step_000003" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "checkpoints" / "step_000003" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    if parallel == "fsdp":  # resume under FSDP: the sharded optimizer state comes back from the full file
+        _torchrun(config, "--resume", str(tmp_path / "two" / "checkpoints" / "step_000002"), "--out-dir", str(tmp_path / "again"))
+        assert _losses(tmp_path / "again") == {3: two[3]}
 
 
 def test_llama_start_computes_the_dense_models_loss(corpus, tmp_path):
