@@ -130,3 +130,24 @@ def test_nosa_attention_bf16_model_shape_gradients_reach_eviction():
     assert idx.shape == (1, t, 2, 64)
     assert torch.isfinite(ev.grad).all() and ev.grad.abs().sum() > 0
     assert all(torch.isfinite(x.grad.float()).all() for x in (q, k, v))
+
+
+def test_mixed_dtypes_under_autocast_compile_and_match():
+    """What training under bf16 autocast feeds the layer op: q, k float32 (after RoPE), v bf16."""
+    torch.manual_seed(0)
+    cfg = SparseAttentionConfig(block_size=64, topk_blocks=8, sink_blocks=1, window_blocks=2, query_blocks=2)
+    t = 700
+    q = torch.randn(1, t, 8, 64, device="cuda", requires_grad=True)
+    k = torch.randn(1, t, 2, 64, device="cuda", requires_grad=True)
+    v = torch.randn(1, t, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ev = torch.randn(1, t, 2, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, idx = kp.nosa_attention(q, k, v, ev, cfg, return_indices=True)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, ev), grad_out)
+    out_ref = ref.nosa_attention(q, k, v.float(), ev, cfg)
+    want = torch.autograd.grad(out_ref, (q, k, v, ev), grad_out)
+    assert out.dtype == torch.float32 and got[2].dtype == torch.bfloat16
+    torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
