@@ -28,13 +28,39 @@ class ModelRunner:
         self.device = cache.slot_k.device
         self.dtype = cache.slot_k.dtype
         L = len(model.model.layers)
+        R, H, K, bs, D = cache.rows, cache.num_kv_heads, cache.slots, cache.block_size, cache.slot_k.shape[-1]
         # Device counters (read once at the end, no per-step sync): blocks loaded host->device and blocks
-        # selected, per layer, over active rows; and the same for prefill installs.
-        self.loaded = torch.zeros(L, dtype=torch.int64, device=self.device)
-        self.selected = torch.zeros(L, dtype=torch.int64, device=self.device)
+        # selected at decode, per (layer, row, head) over active rows (each (row, head) program of the plan
+        # kernel owns its counter, so no atomics); and blocks loaded by prefill installs, per layer.
+        self.loaded_rh = torch.zeros((L, R, H), dtype=torch.int64, device=self.device)
+        self.selected_rh = torch.zeros((L, R, H), dtype=torch.int64, device=self.device)
         self.install_loaded = torch.zeros(L, dtype=torch.int64, device=self.device)
+        # Static per-step buffers, shared by the layers (stream order separates their uses), so the step
+        # allocates nothing and a captured graph reads and writes fixed addresses.
+        self.step_loads = torch.zeros((L, R, H), dtype=torch.int32, device=self.device)  # blocks loaded this step
+        self.src_page = torch.full((R * H * K,), -1, dtype=torch.int32, device=self.device)
+        self.dst_page = torch.full((R * H * K,), -1, dtype=torch.int32, device=self.device)
+        self.gather_head = torch.arange(H, dtype=torch.int32, device=self.device)[None, :, None].expand(R, H, K).reshape(-1).contiguous()
+        self.valid = torch.zeros((R, K * bs, H), dtype=torch.bool, device=self.device)
+        self.bias = torch.zeros((R, K * bs, H), dtype=torch.float32, device=self.device) if cache.eviction is not None else None
+        self.window_k = self.window_c = None
+        if self.cfg.is_sparse:
+            kernel = self.cfg.compress_kernel
+            self.window_k = torch.zeros((R, kernel, H, D), dtype=self.dtype, device=self.device)
+            if cache.eviction is not None:
+                self.window_c = torch.zeros((R, kernel, H), dtype=torch.float32, device=self.device)
         # When a list (tests), every decode step appends (positions [R], loads [L, R, H]); forces eager mode.
         self.load_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def loaded(self) -> torch.Tensor:
+        """Blocks loaded host->device at decode, per layer [L] (active rows)."""
+        return self.loaded_rh.sum(dim=(1, 2))
+
+    @property
+    def selected(self) -> torch.Tensor:
+        """Blocks selected at decode, per layer [L] (active rows)."""
+        return self.selected_rh.sum(dim=(1, 2))
 
     # ------------------------------------------------------------------------------------------ prefill
     @torch.no_grad()
@@ -97,52 +123,51 @@ class ModelRunner:
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, uniform: bool) -> torch.Tensor:
         """One token for every row. tokens, positions: [R] int64 (position = tokens already cached);
         active: [R] bool (counted in statistics); uniform: every row at positions[0] (one selection call
-        instead of the R x R diagonal one). Returns logits [R, V] float32."""
-        model, cache = self.model.model, self.cache
-        rows = torch.arange(cache.rows, device=self.device)
+        instead of the R x R diagonal one). Returns logits [R, V] float32.
+
+        Per layer the bookkeeping is four `block_ops` launches (window staging and commit, the slot plan,
+        the attention inputs) around the window means, the selection, one gather and the attention."""
+        model, cache, cfg = self.model.model, self.cache, self.cfg
         hidden = model.embed_tokens(tokens[:, None])
         cos, sin = model.rotary_emb(positions[:, None], hidden.dtype)
-        step_loads = []
+        stage = resolve_block_op("stage_window", cache.slot_k)
+        commit = resolve_block_op("commit_window", cache.slot_k)
+        plan = resolve_block_op("plan_step", cache.slot_k)
+        gather = resolve_block_op("gather_blocks", cache.slot_k, self.store.k)
+        inputs = resolve_block_op("attention_inputs", cache.slot_k)
         for l, layer in enumerate(model.layers):
             attn = layer.self_attn
             q, k, v = attn.project_qkv(layer.input_layernorm(hidden), cos, sin)
             c = attn.eviction_scores(v)
-            if cache.eviction is not None:
-                cache.eviction[l, rows, positions] = c[:, 0]
-            if self.cfg.is_sparse:
-                self._complete_windows(l, rows, k[:, 0], positions)
+            eviction = cache.eviction[l] if cache.eviction is not None else None
+            selection = None  # dense mode: the plan selects every visible block
+            if cfg.is_sparse:
+                # Windows complete at decode are compressed now, so this very token can select them (no
+                # one-token lag); the means go through `ops` like prefill's, so they round identically.
+                stage(k[:, 0], None if c is None else c[:, 0], positions, cache.recent_keys[l], eviction,
+                      self.window_k, self.window_c)
+                compressed = ops.compress_keys(self.window_k, cfg.compress_kernel, cfg.compress_stride)
+                agnostic = None
+                if eviction is not None:
+                    agnostic = ops.agnostic_chunk_scores(self.window_c, cfg.compress_kernel, cfg.compress_stride)
+                commit(positions, compressed, agnostic, cache.compressed[l],
+                       cache.agnostic[l] if cache.agnostic is not None else None, cfg.compress_kernel, cfg.compress_stride)
                 selection = self._select(l, q, positions, uniform)
-            else:
-                selection = self._all_visible(positions)
-            loads = self._load(l, rows, selection, positions, fresh_ok=True)
-            self.loaded[l] += (loads * active[:, None]).sum()
-            self.selected[l] += ((selection >= 0) & active[:, None, None]).sum()
-            step_loads.append(loads)
-            self._append_and_write_back(l, rows, k[:, 0], v[:, 0], positions)
-            out = self._attend(l, q[:, 0], positions)
+            plan(cache.table[l], selection, cache.page_table, positions, active, k[:, 0], v[:, 0],
+                 cache.slot_k[l], cache.slot_v[l], self.store.k[l], self.store.v[l],
+                 self.src_page, self.dst_page, self.step_loads[l], self.loaded_rh[l], self.selected_rh[l])
+            # One launch for every miss of the batch (Triton reading pinned host memory on CUDA). It cannot
+            # overlap this layer's compute: what it loads is known only once this layer's query has selected,
+            # and the attention right after reads it.
+            gather(self.store.k[l], self.store.v[l], cache.slot_pages(l, "k"), cache.slot_pages(l, "v"),
+                   self.src_page, self.dst_page, self.gather_head)
+            inputs(cache.table[l], positions, eviction, self.valid, self.bias, cache.block_size)
+            out = ops.decode_attention(q[:, 0], cache.row_view(l, "k"), cache.row_view(l, "v"), self.bias, self.valid)
             hidden = hidden + attn.o_proj(out.reshape(out.shape[0], 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         if self.load_log is not None:
-            self.load_log.append((positions.cpu(), torch.stack(step_loads).cpu()))
+            self.load_log.append((positions.cpu(), self.step_loads.cpu()))
         return self.model.lm_head(model.norm(hidden))[:, 0].float()
-
-    def _complete_windows(self, l, rows, k, positions) -> None:
-        """Store the new key in the ring; when a window ends at this token, compress it now, so this very
-        token can select it (no one-token lag). k: [R, H, D]."""
-        cache, kernel, stride = self.cache, self.cfg.compress_kernel, self.cfg.compress_stride
-        cache.recent_keys[l, rows, positions % kernel] = k
-        done = (positions + 1 >= kernel) & (torch.remainder(positions + 1 - kernel, stride) == 0)
-        window = torch.div(positions + 1 - kernel, stride, rounding_mode="floor").clamp(0, cache.num_windows - 1)
-        tokens = positions[:, None] - kernel + 1 + torch.arange(kernel, device=self.device)[None]  # [R, kernel]
-        keys = cache.recent_keys[l, rows[:, None], torch.remainder(tokens, kernel)]
-        compressed = ops.compress_keys(keys, kernel, stride)[:, 0]
-        current = cache.compressed[l, rows, window]
-        cache.compressed[l, rows, window] = torch.where(done[:, None, None], compressed, current)
-        if cache.agnostic is not None:
-            scores = cache.eviction[l, rows[:, None], tokens.clamp(min=0)]
-            agnostic = ops.agnostic_chunk_scores(scores, kernel, stride)[:, 0]
-            current = cache.agnostic[l, rows, window]
-            cache.agnostic[l, rows, window] = torch.where(done[:, None], agnostic, current)
 
     def _select(self, l, q, positions, uniform: bool) -> torch.Tensor:
         """Selection of every row (the single rule, `ops.select_for_queries`). q: [R, 1, Hq, D] -> [R, H, K].
@@ -191,38 +216,3 @@ class ModelRunner:
         gather = resolve_block_op("gather_blocks", cache.slot_k, store.k)
         gather(store.k[l], store.v[l], cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), src_page, dst_page, head)
         return (src_page.view(n, H, K) >= 0).sum(-1)
-
-    def _append_and_write_back(self, l, rows, k, v, positions) -> None:
-        """Append the token's k, v [R, H, D] to the resident tail block in place; when that block is full,
-        write it back to its host page and keep it resident."""
-        cache = self.cache
-        R, H, K, bs = cache.rows, cache.num_kv_heads, cache.slots, cache.block_size
-        own = torch.div(positions, bs, rounding_mode="floor")
-        own_slot = torch.argmax((cache.table[l] == own[:, None, None].to(torch.int32)).to(torch.int32), dim=-1)  # [R, H]
-        offset = torch.remainder(positions, bs)[:, None].expand(R, H)
-        heads = torch.arange(H, device=self.device)[None].expand(R, H)
-        row_idx = rows[:, None].expand(R, H)
-        for side, data in ((cache.slot_k, k), (cache.slot_v, v)):
-            side[l].view(R, K, bs, H, -1)[row_idx, own_slot, offset, heads] = data
-        full = (offset == bs - 1) & (cache.page_table[rows, own.clamp(max=cache.max_blocks - 1)] >= 0)[:, None]
-        src_page = torch.where(full, row_idx * K + own_slot, -1).reshape(-1).to(torch.int32)
-        dst_page = torch.where(full, cache.page_table[row_idx, own[:, None].expand(R, H).clamp(max=cache.max_blocks - 1)], -1)
-        head = heads.reshape(-1).to(torch.int32)
-        gather = resolve_block_op("gather_blocks", cache.slot_k, self.store.k)
-        gather(cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), self.store.k[l], self.store.v[l],
-               src_page, dst_page.reshape(-1).to(torch.int32), head)
-
-    def _attend(self, l, q, positions) -> torch.Tensor:
-        """Attention of q [R, Hq, D] over the resident slots with the eviction bias -> [R, Hq, D]."""
-        cache = self.cache
-        R, H, K, bs = cache.rows, cache.num_kv_heads, cache.slots, cache.block_size
-        blocks = cache.table[l].long()  # [R, H, K]
-        token = blocks[..., None] * bs + torch.arange(bs, device=self.device)  # [R, H, K, bs]
-        valid = (blocks[..., None] >= 0) & (token <= positions[:, None, None, None])
-        token = token.reshape(R, H, K * bs).transpose(1, 2)  # [R, S, H]
-        valid = valid.reshape(R, H, K * bs).transpose(1, 2)
-        bias = None
-        if cache.eviction is not None:
-            index = token.clamp(0, cache.eviction.shape[2] - 1)
-            bias = torch.gather(cache.eviction[l], 1, index)
-        return ops.decode_attention(q, cache.row_view(l, "k"), cache.row_view(l, "v"), bias, valid.contiguous())

@@ -6,6 +6,12 @@
   there is no staging copy and no per-block memcpy call. The same kernel writes full tail blocks back to
   the host store (device -> host).
 - `diff_slot_tables`: the slot-table diff on the device, one program per (row, KV head).
+- `stage_window`, `commit_window`, `plan_step`, `attention_inputs`: the decode step's per-layer bookkeeping
+  (contracts in `nosa.engine.block_ops`), one launch each. Unfused, this bookkeeping was ~80 small PyTorch
+  kernels per layer (index builds, gathers, wheres, index_puts), more time per step than the PCIe gather.
+  They move no data the PyTorch version did not, and compute nothing in floating point (the window means
+  stay in `nosa.ops.compress_keys` / `agnostic_chunk_scores`, so decode rounds exactly like prefill and
+  the full forward); the outputs are equal bit for bit.
 """
 
 from __future__ import annotations
@@ -109,3 +115,260 @@ def diff_slot_tables(table: torch.Tensor, selected: torch.Tensor):
         _diff_kernel[(num_rows,)](table, selected, new_table, miss_block, miss_slot, num_slots,
                                   BLOCK_K=triton.next_power_of_2(num_slots))
     return new_table, miss_block, miss_slot
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode-step bookkeeping
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _stage_window_kernel(
+    K_new, s_kn_r, s_kn_h, C_new, s_cn_r, s_cn_h, Pos,
+    Ring, s_rg_r, s_rg_t, s_rg_h, Evict, s_ev_r, s_ev_t, s_ev_h,
+    WinK, s_wk_r, s_wk_t, s_wk_h, WinC, s_wc_r, s_wc_t, s_wc_h,
+    H, D, KERNEL, HAS_EVICTION: tl.constexpr, KERNEL_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    pos = tl.load(Pos + r).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    k = tl.load(K_new + r * s_kn_r + h * s_kn_h + d, mask=d_ok, other=0.0)
+    slot = pos % KERNEL
+    tl.store(Ring + r * s_rg_r + slot * s_rg_t + h * s_rg_h + d, k, mask=d_ok)
+    i = tl.arange(0, KERNEL_PAD)
+    i_ok = i < KERNEL
+    tok = pos - KERNEL + 1 + i
+    ring_slot = ((tok % KERNEL) + KERNEL) % KERNEL  # non-negative whatever the sign convention of %
+    tile_ok = i_ok[:, None] & d_ok[None, :]
+    keys = tl.load(Ring + r * s_rg_r + ring_slot[:, None] * s_rg_t + h * s_rg_h + d[None, :], mask=tile_ok, other=0.0)
+    # The slot this program just stored is taken from registers: no read-after-write across threads.
+    keys = tl.where((ring_slot == slot)[:, None], k[None, :], keys)
+    tl.store(WinK + r * s_wk_r + i[:, None] * s_wk_t + h * s_wk_h + d[None, :], keys, mask=tile_ok)
+    if HAS_EVICTION:
+        c = tl.load(C_new + r * s_cn_r + h * s_cn_h).to(tl.float32)
+        tl.store(Evict + r * s_ev_r + pos * s_ev_t + h * s_ev_h, c)
+        tc = tl.maximum(tok, 0)
+        scores = tl.load(Evict + r * s_ev_r + tc * s_ev_t + h * s_ev_h, mask=i_ok, other=0.0)
+        scores = tl.where(tc == pos, c, scores)
+        tl.store(WinC + r * s_wc_r + i * s_wc_t + h * s_wc_h, scores, mask=i_ok)
+
+
+def stage_window(k, c, positions, ring, eviction, window_k, window_c) -> None:
+    """Same contract as `nosa.engine.block_ops.stage_window`, one program per (row, KV head)."""
+    rows, kernel, heads, head_dim = ring.shape
+    if rows == 0:
+        return
+    k = _last_dim_contiguous(k)
+    for name, t in (("ring", ring), ("window_k", window_k)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"stage_window: {name} must have a contiguous last dimension")
+    has_eviction = eviction is not None
+    if has_eviction:
+        c = c.reshape(rows, heads)
+        cn, ev, wc = c, eviction, window_c
+    else:
+        cn = ev = wc = k  # unused (HAS_EVICTION is False); any tensor with 3 strides
+    _stage_window_kernel[(rows * heads,)](
+        k, k.stride(0), k.stride(1), cn, cn.stride(0), cn.stride(1), positions,
+        ring, ring.stride(0), ring.stride(1), ring.stride(2), ev, ev.stride(0), ev.stride(1), ev.stride(2),
+        window_k, window_k.stride(0), window_k.stride(1), window_k.stride(2), wc, wc.stride(0), wc.stride(1), wc.stride(2),
+        heads, head_dim, kernel, HAS_EVICTION=has_eviction, KERNEL_PAD=triton.next_power_of_2(kernel),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+@triton.jit
+def _commit_window_kernel(
+    Pos, CompNew, s_cn_r, s_cn_h, Comp, s_c_r, s_c_w, s_c_h, AgNew, s_an_r, s_an_h, Ag, s_a_r, s_a_w, s_a_h,
+    H, D, KERNEL, STRIDE, NUM_WINDOWS, HAS_AGNOSTIC: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    end = tl.load(Pos + r).to(tl.int64) + 1 - KERNEL
+    if (end >= 0) & (end % STRIDE == 0):
+        window = tl.minimum(end // STRIDE, NUM_WINDOWS - 1)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        key = tl.load(CompNew + r * s_cn_r + h * s_cn_h + d, mask=d_ok)
+        tl.store(Comp + r * s_c_r + window * s_c_w + h * s_c_h + d, key, mask=d_ok)
+        if HAS_AGNOSTIC:
+            tl.store(Ag + r * s_a_r + window * s_a_w + h * s_a_h, tl.load(AgNew + r * s_an_r + h * s_an_h))
+
+
+def commit_window(positions, compressed_new, agnostic_new, compressed, agnostic, kernel: int, stride: int) -> None:
+    """Same contract as `nosa.engine.block_ops.commit_window`, one program per (row, KV head)."""
+    rows, num_windows, heads, head_dim = compressed.shape
+    if rows == 0:
+        return
+    cn = _last_dim_contiguous(compressed_new[:, 0])
+    if compressed.stride(-1) != 1:
+        raise ValueError("commit_window: compressed must have a contiguous last dimension")
+    has_agnostic = agnostic is not None
+    an, ag = (agnostic_new[:, 0], agnostic) if has_agnostic else (cn, compressed)
+    _commit_window_kernel[(rows * heads,)](
+        positions, cn, cn.stride(0), cn.stride(1), compressed, compressed.stride(0), compressed.stride(1), compressed.stride(2),
+        an, an.stride(0), an.stride(1), ag, ag.stride(0), ag.stride(1), ag.stride(2),
+        heads, head_dim, kernel, stride, num_windows, HAS_AGNOSTIC=has_agnostic, BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+@triton.jit
+def _plan_step_kernel(
+    Table, Sel, s_sel_r, s_sel_h, Pages, Pos, Active, Src, Dst, Loads, Loaded, Selected,
+    K_new, s_kn_r, s_kn_h, V_new, s_vn_r, s_vn_h,
+    SlotK, SlotV, s_sp, s_st, s_sh, s_sd, StoreK, StoreV, s_gp, s_gh, s_gt, s_gd,
+    H, K, NB,
+    DENSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, TILE_TOKENS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    pos = tl.load(Pos + r).to(tl.int64)
+    own = pos // BLOCK_TOKENS
+    offset = pos % BLOCK_TOKENS
+    offs = tl.arange(0, BLOCK_K)
+    inside = offs < K
+    table = tl.load(Table + pid * K + offs, mask=inside, other=-1)
+    if DENSE:
+        # Dense mode selects blocks 0..own, ascending. Under the diff's rule (the r-th miss takes the r-th
+        # free slot) block j then always sits in slot j: install fills an empty table in order, and each new
+        # block takes the first free slot, its own index. So the diff reduces to comparing slot j with j, for
+        # any number of slots (the general kernel below holds a K x K comparison in registers).
+        chosen = inside & (offs <= own)
+        sel = tl.where(chosen, offs, -1)
+        miss = chosen & (table != offs)
+        slot_of_miss = offs
+        new_table = sel
+        num_selected = tl.sum(chosen.to(tl.int32), axis=0)
+    else:
+        sel = tl.load(Sel + r * s_sel_r + h * s_sel_h + offs, mask=inside, other=-1)
+        equal = (table[:, None] == sel[None, :]) & (table[:, None] >= 0)  # [slot j, selected i]
+        keep = tl.max(equal.to(tl.int32), axis=1) > 0
+        hit = tl.max(equal.to(tl.int32), axis=0) > 0
+        miss = (sel >= 0) & (hit == 0)
+        free = (keep == 0) & inside
+        miss_rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1
+        free_rank = tl.cumsum(free.to(tl.int32), axis=0) - 1
+        match = free[:, None] & miss[None, :] & (free_rank[:, None] == miss_rank[None, :])  # miss i -> free slot j
+        slot_of_miss = tl.sum(tl.where(match, offs[:, None], 0), axis=0)
+        assigned = tl.max(match.to(tl.int32), axis=1) > 0
+        assigned_block = tl.sum(tl.where(match, sel[None, :], 0), axis=1)
+        new_table = tl.where(keep, table, tl.where(assigned, assigned_block, -1))
+        num_selected = tl.sum((sel >= 0).to(tl.int32), axis=0)
+    # A new tail block (the token starts it) has nothing on the host yet: a slot, no load.
+    fresh = (offset == 0) & (sel == own)
+    want = miss & (fresh == 0)
+    page = tl.load(Pages + r * NB + tl.minimum(tl.maximum(sel, 0), NB - 1), mask=want, other=-1)
+    src = tl.where(want, page, -1)
+    dst = tl.where(src >= 0, r * K + slot_of_miss, -1)
+    tl.store(Src + pid * K + offs, src, mask=inside)
+    tl.store(Dst + pid * K + offs, dst.to(tl.int32), mask=inside)
+    loads = tl.sum((src >= 0).to(tl.int32), axis=0)
+    tl.store(Loads + pid, loads)
+    tl.store(Table + pid * K + offs, new_table, mask=inside)
+    if tl.load(Active + r) != 0:
+        # One program per (row, head) owns these counters: no atomics needed.
+        tl.store(Loaded + pid, tl.load(Loaded + pid) + loads.to(tl.int64))
+        tl.store(Selected + pid, tl.load(Selected + pid) + num_selected.to(tl.int64))
+    # Append the token to its tail block (always selected, so resident after the diff).
+    own_slot = tl.min(tl.where(new_table == own, offs, BLOCK_K), axis=0)
+    own_slot = tl.where(own_slot == BLOCK_K, 0, own_slot).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    k = tl.load(K_new + r * s_kn_r + h * s_kn_h + d, mask=d_ok, other=0.0)
+    v = tl.load(V_new + r * s_vn_r + h * s_vn_h + d, mask=d_ok, other=0.0)
+    base = (r * K + own_slot) * s_sp + h * s_sh
+    tl.store(SlotK + base + offset * s_st + d * s_sd, k, mask=d_ok)
+    tl.store(SlotV + base + offset * s_st + d * s_sd, v, mask=d_ok)
+    # A tail block this token fills goes back to its host page (and stays resident).
+    own_page = tl.load(Pages + r * NB + tl.minimum(own, NB - 1)).to(tl.int64)
+    if (offset == BLOCK_TOKENS - 1) & (own_page >= 0):
+        toks = tl.arange(0, TILE_TOKENS)
+        for t0 in range(0, BLOCK_TOKENS, TILE_TOKENS):
+            t = t0 + toks
+            m = (t[:, None] < BLOCK_TOKENS) & d_ok[None, :]
+            newest = (t == offset)[:, None]  # this token's row from registers, not from the store above
+            src_off = base + t[:, None] * s_st + d[None, :] * s_sd
+            dst_off = own_page * s_gp + h * s_gh + t[:, None] * s_gt + d[None, :] * s_gd
+            tl.store(StoreK + dst_off, tl.where(newest, k[None, :], tl.load(SlotK + src_off, mask=m)), mask=m)
+            tl.store(StoreV + dst_off, tl.where(newest, v[None, :], tl.load(SlotV + src_off, mask=m)), mask=m)
+
+
+def plan_step(table, selection, page_table, positions, active, k, v, slot_k, slot_v, store_k, store_v,
+              src_page, dst_page, loads, loaded, selected) -> None:
+    """Same contract as `nosa.engine.block_ops.plan_step`, one program per (row, KV head)."""
+    from nosa.engine import block_ops
+
+    rows, heads, slots = table.shape
+    if selection is not None and slots > MAX_DIFF_SLOTS:
+        return block_ops.plan_step(table, selection, page_table, positions, active, k, v, slot_k, slot_v,
+                                   store_k, store_v, src_page, dst_page, loads, loaded, selected)
+    if rows == 0:
+        return
+    for name, t in (("table", table), ("page_table", page_table), ("src_page", src_page), ("dst_page", dst_page),
+                    ("loads", loads), ("loaded", loaded), ("selected", selected)):
+        if not t.is_contiguous():
+            raise ValueError(f"plan_step: {name} must be contiguous")
+    if slot_k.stride() != slot_v.stride() or store_k.stride() != store_v.stride():
+        raise ValueError("plan_step: K and V must share strides on each side")
+    block_tokens, head_dim = slot_k.shape[1], slot_k.shape[3]
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    dense = selection is None
+    sel = table if dense else _last_dim_contiguous(selection.to(torch.int32))
+    block_d = triton.next_power_of_2(head_dim)
+    _plan_step_kernel[(rows * heads,)](
+        table, sel, sel.stride(0), sel.stride(1), page_table, positions, active.view(torch.uint8),
+        src_page, dst_page, loads, loaded, selected,
+        k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+        slot_k, slot_v, slot_k.stride(0), slot_k.stride(1), slot_k.stride(2), slot_k.stride(3),
+        store_k, store_v, store_k.stride(0), store_k.stride(1), store_k.stride(2), store_k.stride(3),
+        heads, slots, page_table.shape[1],
+        DENSE=dense, BLOCK_K=triton.next_power_of_2(slots), BLOCK_TOKENS=block_tokens, HEAD_DIM=head_dim,
+        BLOCK_D=block_d, TILE_TOKENS=max(1, min(triton.next_power_of_2(block_tokens), 8192 // block_d)),
+    )
+
+
+@triton.jit
+def _attention_inputs_kernel(
+    Table, Pos, Evict, s_ev_r, s_ev_t, s_ev_h, Valid, Bias, s_o_r, s_o_s, s_o_h,
+    H, K, T, BLOCK_TOKENS: tl.constexpr, HAS_BIAS: tl.constexpr, TILE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)
+    ok = s < K * BLOCK_TOKENS
+    block = tl.load(Table + pid * K + s // BLOCK_TOKENS, mask=ok, other=-1).to(tl.int64)
+    token = block * BLOCK_TOKENS + s % BLOCK_TOKENS
+    valid = (block >= 0) & (token <= tl.load(Pos + r).to(tl.int64))
+    out = r * s_o_r + s * s_o_s + h * s_o_h
+    tl.store(Valid + out, valid.to(tl.uint8), mask=ok)
+    if HAS_BIAS:
+        index = tl.minimum(tl.maximum(token, 0), T - 1)
+        bias = tl.load(Evict + r * s_ev_r + index * s_ev_t + h * s_ev_h, mask=ok & valid, other=0.0)
+        tl.store(Bias + out, bias, mask=ok)
+
+
+def attention_inputs(table, positions, eviction, valid, bias, block_size: int) -> None:
+    """Same contract as `nosa.engine.block_ops.attention_inputs`, programs over (row, KV head) x slot tokens."""
+    rows, heads, slots = table.shape
+    if rows == 0:
+        return
+    if not table.is_contiguous() or valid.stride() != (bias.stride() if bias is not None else valid.stride()):
+        raise ValueError("attention_inputs: table must be contiguous and valid, bias share strides")
+    has_bias = bias is not None
+    ev = eviction if has_bias else valid.view(torch.uint8)  # unused without bias
+    tile = 1024
+    grid = (rows * heads, triton.cdiv(slots * block_size, tile))
+    _attention_inputs_kernel[grid](
+        table, positions, ev, ev.stride(0), ev.stride(1), ev.stride(2), valid.view(torch.uint8),
+        bias if has_bias else valid.view(torch.uint8), valid.stride(0), valid.stride(1), valid.stride(2),
+        heads, slots, ev.shape[1], BLOCK_TOKENS=block_size, HAS_BIAS=has_bias, TILE=tile,
+    )
