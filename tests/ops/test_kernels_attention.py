@@ -127,6 +127,29 @@ def test_dispatch_override_runs_triton_on_cpu():
     assert ops.resolve("sparse_attention", q) is ref.sparse_attention  # auto on CPU tensors
 
 
+def test_varlen_equals_each_sequence_alone():
+    from nosa.ops.kernels import pipeline as kp
+
+    cfg = SparseAttentionConfig(block_size=8, topk_blocks=4, sink_blocks=1, window_blocks=1, query_blocks=1,
+                                compress_kernel=4, compress_stride=2)
+    lengths = [13, 30]
+    total = sum(lengths)
+    q, k, v = torch.randn(1, total, 4, 64), torch.randn(1, total, 2, 64), torch.randn(1, total, 2, 64)
+    ev = torch.randn(1, total, 2, requires_grad=True)
+    out, selections = kp.nosa_attention_varlen(q, k, v, ev, torch.tensor([0, 13, total]), cfg, return_indices=True)
+    out.sum().backward()
+    start = 0
+    for length, indices in zip(lengths, selections):
+        sl = slice(start, start + length)
+        want, want_idx = ref.nosa_attention(q[:, sl], k[:, sl], v[:, sl], ev.detach()[:, sl], cfg, return_indices=True)
+        torch.testing.assert_close(out[:, sl].detach(), want, atol=2e-5, rtol=2e-5)
+        assert torch.equal(indices, want_idx)
+        start += length
+    assert torch.isfinite(ev.grad).all()
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        kp.nosa_attention_varlen(q, k, v, ev, torch.tensor([0, 50, 40]), cfg)
+
+
 def test_errors_are_clear():
     q, k = torch.randn(1, 8, 3, 64), torch.randn(1, 8, 2, 64)
     idx = torch.zeros(1, 8, 2, 1, dtype=torch.int32)

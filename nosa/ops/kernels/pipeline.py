@@ -64,3 +64,33 @@ def nosa_attention(q, k, v, eviction, cfg: SparseAttentionConfig, max_chunk_elem
     bias = eviction if cfg.uses_eviction_head else None
     out = sparse_attention(q, k, v, bias, indices, positions, cfg.block_size, tile_tokens=tile_tokens)
     return (out, indices) if return_indices else out
+
+
+def nosa_attention_varlen(q, k, v, eviction, cu_seqlens, cfg: SparseAttentionConfig,
+                          max_chunk_elements: int = reference.DEFAULT_CHUNK_ELEMENTS, return_indices: bool = False):
+    """NOSA attention over packed sequences of different lengths (every token of each sequence is a query).
+
+    q: [1, N, Hq, D]; k, v: [1, N, H, D]; eviction: [1, N, H] or None; cu_seqlens: [S + 1] int (0, ...,
+    N), sequence s = tokens cu_seqlens[s]:cu_seqlens[s+1] -> [1, N, Hq, D] (and, with return_indices, a
+    list of per-sequence block indices [1, T_s, H, K]). Blocks, windows and positions count from each
+    sequence's start, so the result equals running each sequence alone; the kernels are launched once
+    per sequence (block indices are relative to a sequence, so tiles never mix sequences).
+    """
+    if q.dim() != 4 or q.shape[0] != 1 or k.shape[:2] != q.shape[:2]:
+        raise ValueError(f"packed inputs must be q [1, N, Hq, D] and k, v [1, N, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    bounds = [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[1] or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f"cu_seqlens must rise from 0 to N={q.shape[1]}; got {bounds}")
+    outputs, selections = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        ev = None if eviction is None else eviction[:, start:end]
+        result = nosa_attention(q[:, start:end], k[:, start:end], v[:, start:end], ev, cfg,
+                                max_chunk_elements=max_chunk_elements, return_indices=return_indices)
+        if return_indices:
+            result, indices = result
+            selections.append(indices)
+        outputs.append(result)
+    out = torch.cat(outputs, dim=1) if outputs else q.new_zeros(q.shape)
+    return (out, selections) if return_indices else out
