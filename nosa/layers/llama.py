@@ -80,5 +80,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos, sin: [B, T, D]."""
-    return x * cos[:, :, None] + _rotate_half(x) * sin[:, :, None]
+    """x: [B, T, H, D]; cos, sin: [B, T, D]. The result keeps x's dtype: under bf16 autocast the
+    projections are bf16 while cos/sin follow the float32 residual stream, and a silent promotion would
+    hand the attention kernels float32 q and k beside a bf16 v."""
+    return (x * cos[:, :, None] + _rotate_half(x) * sin[:, :, None]).to(x.dtype)
