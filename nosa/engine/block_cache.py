@@ -8,6 +8,9 @@ A row is one running sequence. For every layer the device holds (spec sec. 6):
   page_table     [R, NB]     int32  host page of each block of the row (-1: none; gathers skip it)
   compressed     [L, R, Nc, H, D]    compressed keys of the complete windows (sparse modes)
   agnostic       [L, R, Nc, H] f32   window means of the eviction score (dma, nosa)
+  agnostic_blocks [L, R, H, NB] f32  those pooled to blocks (max over the block's complete windows, -inf
+                                     without one), kept up to date as windows complete, so selection
+                                     never re-pools the whole history (dma, nosa)
   eviction       [L, R, T, H] f32    per-token eviction score c (the attention bias; dma, nosa)
   recent_keys    [L, R, kernel, H, D] ring of the last `compress_kernel` keys, so a window completing at
                                      decode is compressed without touching the host store
@@ -38,12 +41,13 @@ class BlockCache:
         self.slot_v = torch.zeros_like(self.slot_k)
         self.table = torch.full((L, R, H, K), -1, dtype=torch.int32, device=device)
         self.page_table = torch.full((R, self.max_blocks), -1, dtype=torch.int32, device=device)
-        self.compressed = self.agnostic = self.eviction = self.recent_keys = None
+        self.compressed = self.agnostic = self.agnostic_blocks = self.eviction = self.recent_keys = None
         if cfg.is_sparse:
             self.compressed = torch.zeros((L, R, self.num_windows, H, D), dtype=dtype, device=device)
             self.recent_keys = torch.zeros((L, R, cfg.compress_kernel, H, D), dtype=dtype, device=device)
         if cfg.uses_eviction_head:
             self.agnostic = torch.zeros((L, R, self.num_windows, H), dtype=torch.float32, device=device)
+            self.agnostic_blocks = torch.full((L, R, H, self.max_blocks), float("-inf"), dtype=torch.float32, device=device)
             self.eviction = torch.zeros((L, R, max_model_len, H), dtype=torch.float32, device=device)
 
     @staticmethod
@@ -62,7 +66,7 @@ class BlockCache:
             "kv_slots": 2 * L * slots * bs * H * D * elem,
             "tables": 4 * (L * H * slots + -(-max_model_len // bs)),
             "compressed_keys": L * (windows + cfg.compress_kernel) * H * D * elem if cfg.is_sparse else 0,
-            "eviction_state": 4 * L * H * (windows + max_model_len) if cfg.uses_eviction_head else 0,
+            "eviction_state": 4 * L * H * (windows + max_model_len + -(-max_model_len // bs)) if cfg.uses_eviction_head else 0,
         }
         parts["total"] = sum(parts.values())
         return parts
@@ -76,7 +80,7 @@ class BlockCache:
             "kv_slots": size(self.slot_k, self.slot_v),
             "tables": size(self.table, self.page_table),
             "compressed_keys": size(self.compressed, self.recent_keys),
-            "eviction_state": size(self.agnostic, self.eviction),
+            "eviction_state": size(self.agnostic, self.agnostic_blocks, self.eviction),
         }
         parts["total"] = sum(parts.values())
         return parts

@@ -98,16 +98,28 @@ def stage_window(k, c, positions, ring, eviction, window_k, window_c) -> None:
         window_c.copy_(eviction[rows[:, None], tokens.clamp(min=0)])
 
 
-def commit_window(positions, compressed_new, agnostic_new, compressed, agnostic, kernel: int, stride: int) -> None:
+def commit_window(positions, compressed_new, agnostic_new, compressed, agnostic, agnostic_blocks,
+                  kernel: int, stride: int, block_size: int) -> None:
     """Where a compression window ends at token positions[r], store its compressed key [R, 1, H, D] and
     agnostic score [R, 1, H] (or None) at that window's index of compressed [R, Nc, H, D] / agnostic
-    [R, Nc, H]; other rows are left as they are."""
+    [R, Nc, H], and raise the pooled agnostic score agnostic_blocks [R, H, NB] of every block the window
+    overlaps to at least it; other rows are left as they are.
+
+    Windows complete in order, so agnostic_blocks stays the max over each block's complete windows: what
+    `pool_to_blocks` computes from scratch at this position, exactly (a max rounds nothing)."""
     rows = torch.arange(compressed.shape[0], device=compressed.device)
     done = (positions + 1 >= kernel) & (torch.remainder(positions + 1 - kernel, stride) == 0)
     window = torch.div(positions + 1 - kernel, stride, rounding_mode="floor").clamp(0, compressed.shape[1] - 1)
     compressed[rows, window] = torch.where(done[:, None, None], compressed_new[:, 0], compressed[rows, window])
     if agnostic is not None:
         agnostic[rows, window] = torch.where(done[:, None], agnostic_new[:, 0], agnostic[rows, window])
+    if agnostic_blocks is not None:
+        # Window w covers tokens [stride*w, stride*w + kernel): blocks stride*w // bs .. (stride*w + kernel - 1) // bs.
+        blocks = torch.arange(agnostic_blocks.shape[-1], device=compressed.device)
+        start = window * stride
+        overlap = done[:, None] & (blocks[None] >= start[:, None] // block_size) & (blocks[None] <= (start[:, None] + kernel - 1) // block_size)
+        raised = torch.maximum(agnostic_blocks, agnostic_new[:, 0, :, None])
+        agnostic_blocks.copy_(torch.where(overlap[:, None, :], raised, agnostic_blocks))
 
 
 def all_visible(positions, slots: int, heads: int, block_size: int) -> torch.Tensor:

@@ -113,6 +113,9 @@ class ModelRunner:
                 cache.eviction[l, row, :length] = evictions[l, 0]
                 agnostic = ops.agnostic_chunk_scores(evictions[l], kernel, stride)[0]
                 cache.agnostic[l, row, : agnostic.shape[0]] = agnostic
+                # Pooled to blocks at the last prompt token; decode raises it as windows complete.
+                pooled = ops.pool_to_blocks(agnostic.transpose(0, 1)[None, None], position, cache.max_blocks, cfg)
+                cache.agnostic_blocks[l, row] = pooled[0, 0]
             selection = last_selection[l] if cfg.is_sparse else self._all_visible(position)[0]
             rows = torch.tensor([row], device=self.device)
             loads = self._load(l, rows, selection[None], position, fresh_ok=False)
@@ -151,7 +154,9 @@ class ModelRunner:
                 if eviction is not None:
                     agnostic = ops.agnostic_chunk_scores(self.window_c, cfg.compress_kernel, cfg.compress_stride)
                 commit(positions, compressed, agnostic, cache.compressed[l],
-                       cache.agnostic[l] if cache.agnostic is not None else None, cfg.compress_kernel, cfg.compress_stride)
+                       cache.agnostic[l] if cache.agnostic is not None else None,
+                       cache.agnostic_blocks[l] if cache.agnostic_blocks is not None else None,
+                       cfg.compress_kernel, cfg.compress_stride, cache.block_size)
                 selection = self._select(l, q, positions, uniform)
             plan(cache.table[l], selection, cache.page_table, positions, active, k[:, 0], v[:, 0],
                  cache.slot_k[l], cache.slot_v[l], self.store.k[l], self.store.v[l],
@@ -170,18 +175,34 @@ class ModelRunner:
         return self.model.lm_head(model.norm(hidden))[:, 0].float()
 
     def _select(self, l, q, positions, uniform: bool) -> torch.Tensor:
-        """Selection of every row (the single rule, `ops.select_for_queries`). q: [R, 1, Hq, D] -> [R, H, K].
-        Rows at different positions are handled as R queries against every row's state, keeping the
-        diagonal: exact, and R x the selection work (small next to attention at long context)."""
+        """Selection of every row (the single rule, `ops.select_blocks`). q: [R, 1, Hq, D] -> [R, H, K].
+        The agnostic block scores come pooled from the cache (`agnostic_blocks`, maintained as windows
+        complete) instead of being re-pooled from every window each step; the query-aware ones are pooled
+        from the compressed keys as `select_for_queries` does. Rows at different positions are handled as R
+        queries against every row's state, keeping the diagonal: exact, and R x the selection work (small
+        next to attention at long context)."""
         cache = self.cache
-        agnostic = cache.agnostic[l] if cache.agnostic is not None else None
+        agnostic = cache.agnostic_blocks[l][:, None] if cache.agnostic_blocks is not None else None  # [R, 1, H, NB]
         if uniform:
-            return ops.select_for_queries(q, cache.compressed[l], agnostic, positions[:1], cache.max_blocks, self.cfg)[:, 0]
+            return self._select_rows(q, cache.compressed[l], agnostic, positions[:1])[:, 0]
         rows = q.shape[0]
         queries = q[:, 0][None].expand(rows, rows, q.shape[2], q.shape[3]).contiguous()
-        every = ops.select_for_queries(queries, cache.compressed[l], agnostic, positions, cache.max_blocks, self.cfg)
+        every = self._select_rows(queries, cache.compressed[l], agnostic, positions)
         diagonal = torch.arange(rows, device=self.device)
         return every[diagonal, diagonal]
+
+    def _select_rows(self, q, compressed, agnostic_blocks, positions) -> torch.Tensor:
+        """`select_for_queries` with the agnostic pooling already done: [B, Tq, H, K] int32."""
+        cfg, num_blocks = self.cfg, self.cache.max_blocks
+        if q.is_cuda and ops.current_backend() != "reference":
+            # The fused score kernel pools inside and never writes the per-window scores.
+            from nosa.ops.kernels.selection import query_aware_block_scores
+
+            query_scores = query_aware_block_scores(q, compressed, positions, num_blocks, cfg)
+        else:
+            chunks = ops.query_aware_chunk_scores(q, compressed, positions, cfg.compress_kernel, cfg.compress_stride)
+            query_scores = ops.pool_to_blocks(chunks, positions, num_blocks, cfg)
+        return ops.select_blocks(query_scores, agnostic_blocks, positions, cfg)
 
     def _all_visible(self, positions) -> torch.Tensor:
         """Dense mode: every block up to the query's own, [R, H, K] ascending, -1 padded."""

@@ -100,6 +100,11 @@ def test_stage_and_commit_window_kernels_equal_reference(with_eviction):
     agnostic0 = torch.randn(R, num_windows, H, generator=g) if with_eviction else None
     new_key = torch.randn(R, 1, H, D, generator=g)
     new_score = torch.randn(R, 1, H, generator=g) if with_eviction else None
+    bs, NB = 4, 10
+    blocks0 = None
+    if with_eviction:
+        blocks0 = torch.randn(R, H, NB, generator=g)
+        blocks0[:, :, 6:] = float("-inf")  # blocks with no complete window yet
     outs = []
     for impl in (block_ops, kernels):
         ring, eviction = ring0.clone(), None if eviction0 is None else eviction0.clone()
@@ -107,13 +112,22 @@ def test_stage_and_commit_window_kernels_equal_reference(with_eviction):
         window_c = torch.full((R, kernel, H), float("nan")) if with_eviction else None
         impl.stage_window(k, c, positions, ring, eviction, window_k, window_c)
         compressed, agnostic = compressed0.clone(), None if agnostic0 is None else agnostic0.clone()
-        impl.commit_window(positions, new_key, new_score, compressed, agnostic, kernel, stride)
-        outs.append([t for t in (ring, eviction, window_k, window_c, compressed, agnostic) if t is not None])
+        pooled = None if blocks0 is None else blocks0.clone()
+        impl.commit_window(positions, new_key, new_score, compressed, agnostic, pooled, kernel, stride, bs)
+        outs.append([t for t in (ring, eviction, window_k, window_c, compressed, agnostic, pooled) if t is not None])
     for got, want in zip(outs[1], outs[0]):
         assert torch.equal(got, want)
     # Rows whose position ends a window (3, 17, 39) took the new key; the others kept theirs.
-    assert torch.equal(outs[0][-2 if with_eviction else -1][1, 0], new_key[1, 0])
-    assert torch.equal(outs[0][-2 if with_eviction else -1][0], compressed0[0])
+    compressed = outs[0][4] if with_eviction else outs[0][-1]
+    assert torch.equal(compressed[1, 0], new_key[1, 0])
+    assert torch.equal(compressed[0], compressed0[0])
+    if with_eviction:
+        # Row 3 (position 17): window 7 = tokens 14..17 overlaps blocks 3 and 4 only.
+        pooled = outs[0][-1]
+        assert torch.equal(pooled[3, :, 3], torch.maximum(blocks0[3, :, 3], new_score[3, 0]))
+        assert torch.equal(pooled[3, :, 4], torch.maximum(blocks0[3, :, 4], new_score[3, 0]))
+        assert torch.equal(pooled[3, :, :3], blocks0[3, :, :3]) and torch.equal(pooled[3, :, 5:], blocks0[3, :, 5:])
+        assert torch.equal(pooled[0], blocks0[0]) and torch.equal(pooled[2], blocks0[2])  # no window ended
 
 
 def _plan_inputs(dense, g, R=4, H=2, K=6, bs=4, D=16, NB=12, P=40):

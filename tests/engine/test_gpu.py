@@ -87,3 +87,33 @@ def test_device_kv_does_not_grow_with_context_on_cuda():
     assert sizes[0][0]["kv_slots"] == sizes[1][0]["kv_slots"]
     # Everything the engine put on the device is its listed parts (plus small counters and allocator rounding).
     assert all(0 <= total - parts["total"] < 2**20 for parts, total in sizes)
+
+
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_decode_selection_with_cached_agnostic_pooling_equals_select_for_queries(mode, uniform):
+    """The decode step selects from agnostic scores pooled incrementally (`agnostic_blocks`) with the
+    fused query-aware score kernel; that must be `ops.select_for_queries` on the same state, exactly."""
+    from nosa.ops import reference
+
+    model = tiny_model(mode).cuda()
+    llm = LLM(model, device="cuda", max_model_len=80, max_num_seqs=4)
+    cfg, R, H, NB = model.config.sparse, 4, model.config.num_key_value_heads, llm.cache.max_blocks
+    g = torch.Generator(device="cuda").manual_seed(3)
+    positions = torch.full((R,), 57, device="cuda") if uniform else torch.tensor([9, 30, 57, 79], device="cuda")
+    num_windows = int(reference.num_complete_windows(int(positions.max()) + 1, cfg.compress_kernel, cfg.compress_stride))
+    compressed = torch.randn(R, num_windows, H, model.config.head_dim, generator=g, device="cuda")
+    agnostic = torch.randn(R, num_windows, H, generator=g, device="cuda") if cfg.uses_eviction_head else None
+    q = torch.randn(R, 1, model.config.num_attention_heads, model.config.head_dim, generator=g, device="cuda")
+    pooled = None
+    if agnostic is not None:
+        # Each row pooled at its own position, as the engine keeps it.
+        pooled = torch.cat([reference.pool_to_blocks(agnostic[r : r + 1].transpose(1, 2)[:, None], positions[r : r + 1], NB, cfg)
+                            for r in range(R)])
+    queries, pos = (q, positions[:1]) if uniform else (q[:, 0][None].expand(R, R, -1, -1).contiguous(), positions)
+    got = llm.runner._select_rows(queries, compressed, pooled, pos)
+    want = ops.select_for_queries(queries, compressed, agnostic, pos, NB, cfg)
+    if not uniform:
+        diagonal = torch.arange(R, device="cuda")
+        got, want = got[diagonal, diagonal], want[diagonal, diagonal]
+    assert torch.equal(got, want)

@@ -185,7 +185,8 @@ def stage_window(k, c, positions, ring, eviction, window_k, window_c) -> None:
 @triton.jit
 def _commit_window_kernel(
     Pos, CompNew, s_cn_r, s_cn_h, Comp, s_c_r, s_c_w, s_c_h, AgNew, s_an_r, s_an_h, Ag, s_a_r, s_a_w, s_a_h,
-    H, D, KERNEL, STRIDE, NUM_WINDOWS, HAS_AGNOSTIC: tl.constexpr, BLOCK_D: tl.constexpr,
+    AgBlk, s_ab_r, s_ab_h, H, D, KERNEL, STRIDE, NUM_WINDOWS, NB, BLOCK_TOKENS,
+    HAS_AGNOSTIC: tl.constexpr, BLOCK_D: tl.constexpr, SPAN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     r = (pid // H).to(tl.int64)
@@ -198,10 +199,18 @@ def _commit_window_kernel(
         key = tl.load(CompNew + r * s_cn_r + h * s_cn_h + d, mask=d_ok)
         tl.store(Comp + r * s_c_r + window * s_c_w + h * s_c_h + d, key, mask=d_ok)
         if HAS_AGNOSTIC:
-            tl.store(Ag + r * s_a_r + window * s_a_w + h * s_a_h, tl.load(AgNew + r * s_an_r + h * s_an_h))
+            score = tl.load(AgNew + r * s_an_r + h * s_an_h)
+            tl.store(Ag + r * s_a_r + window * s_a_w + h * s_a_h, score)
+            # The blocks the window overlaps keep the max over their complete windows.
+            start = window * STRIDE
+            blocks = start // BLOCK_TOKENS + tl.arange(0, SPAN)
+            hit = (blocks <= (start + KERNEL - 1) // BLOCK_TOKENS) & (blocks < NB)
+            ptr = AgBlk + r * s_ab_r + h * s_ab_h + blocks
+            tl.store(ptr, tl.maximum(tl.load(ptr, mask=hit, other=0.0), score), mask=hit)
 
 
-def commit_window(positions, compressed_new, agnostic_new, compressed, agnostic, kernel: int, stride: int) -> None:
+def commit_window(positions, compressed_new, agnostic_new, compressed, agnostic, agnostic_blocks,
+                  kernel: int, stride: int, block_size: int) -> None:
     """Same contract as `nosa.engine.block_ops.commit_window`, one program per (row, KV head)."""
     rows, num_windows, heads, head_dim = compressed.shape
     if rows == 0:
@@ -210,11 +219,15 @@ def commit_window(positions, compressed_new, agnostic_new, compressed, agnostic,
     if compressed.stride(-1) != 1:
         raise ValueError("commit_window: compressed must have a contiguous last dimension")
     has_agnostic = agnostic is not None
-    an, ag = (agnostic_new[:, 0], agnostic) if has_agnostic else (cn, compressed)
+    if has_agnostic and (agnostic_blocks is None or agnostic_blocks.stride(-1) != 1):
+        raise ValueError("commit_window: agnostic scores need agnostic_blocks [R, H, NB] with a contiguous last dimension")
+    an, ag, ab = (agnostic_new[:, 0], agnostic, agnostic_blocks) if has_agnostic else (cn, compressed, cn)
     _commit_window_kernel[(rows * heads,)](
         positions, cn, cn.stride(0), cn.stride(1), compressed, compressed.stride(0), compressed.stride(1), compressed.stride(2),
-        an, an.stride(0), an.stride(1), ag, ag.stride(0), ag.stride(1), ag.stride(2),
-        heads, head_dim, kernel, stride, num_windows, HAS_AGNOSTIC=has_agnostic, BLOCK_D=triton.next_power_of_2(head_dim),
+        an, an.stride(0), an.stride(1), ag, ag.stride(0), ag.stride(1), ag.stride(2), ab, ab.stride(0), ab.stride(1),
+        heads, head_dim, kernel, stride, num_windows, ab.shape[-1], block_size,
+        HAS_AGNOSTIC=has_agnostic, BLOCK_D=triton.next_power_of_2(head_dim),
+        SPAN=triton.next_power_of_2((kernel - 1) // block_size + 2),
     )
 
 
