@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("nosa.bench.kernels", "nosa.bench.decode")
+BENCHMARKS = ("nosa.bench.kernels", "nosa.bench.decode", "nosa.bench.report")
 
 
 def register(subparsers) -> None:

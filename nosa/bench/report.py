@@ -1,0 +1,103 @@
+"""`nosa bench report`: markdown tables from the committed result files, so the README's figures are
+generated from bench/results/*.json rather than typed by hand."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from nosa.bench.common import RESULTS_DIR
+
+README_START = "<!-- bench-report:start -->"
+README_END = "<!-- bench-report:end -->"
+
+
+def _machine_line(machine: dict, path: str) -> str:
+    commit = (machine.get("commit") or "unknown")[:10]
+    return (f"_{os.path.basename(path)}: {machine.get('gpu')}, driver {machine.get('driver')}, torch {machine.get('torch')}, "
+            f"Triton {machine.get('triton')}, CUDA {machine.get('cuda')}, commit {commit}, {machine.get('date')}_")
+
+
+def kernels_table(path: str) -> str:
+    data = json.load(open(path))
+    rows = [
+        "| tokens | selection ms | NOSA fwd+bwd ms | SDPA fwd+bwd ms | fwd+bwd speed-up | NOSA tensor-core share "
+        "| NOSA decode µs | SDPA decode µs | decode speed-up | decode HBM share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        rows.append(
+            f"| {r['tokens']:,} | {r['nosa_selection_ms']:.2f} | {r['nosa_fwd_bwd_ms']:.2f} | {r['dense_fwd_bwd_ms']:.2f} "
+            f"| {r['speedup_fwd_bwd']:.2f}x | {100 * r['nosa_fwd_bwd_tc_fraction']:.0f}% | {1000 * r['nosa_decode_ms']:.0f} "
+            f"| {1000 * r['dense_decode_ms']:.0f} | {r['speedup_decode']:.2f}x | {100 * r['nosa_decode_hbm_fraction']:.0f}% |"
+        )
+    return "\n".join(rows + ["", _machine_line(data["machine"], path)])
+
+
+def decode_table(path: str) -> str:
+    data = json.load(open(path))
+    params, results = data["parameters"], data["results"]
+    rows = [
+        "| attn_mode | offload | batch | tokens/s | vs dense | step ms | floor ms | loads per (layer, seq, head) | hit rate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["decode"]:
+        hit = r.get("hit_rate_per_layer") or []
+        hit_rate = f"{sum(hit) / len(hit):.2f}" if hit else "-"
+        batch = r.get("batch", params.get("batch"))
+        mode = ("on" if r["offload"] else "off") + ("" if r.get("cuda_graphs", True) else " (eager)")
+        rows.append(
+            f"| {r['attn_mode']} | {mode} | {batch} | {r['tokens_per_s']:.0f} | {r['ratio_vs_baseline']:.2f}x "
+            f"| {r['step_ms_median']:.2f} | {r.get('floor_ms', float('nan')):.2f} "
+            f"| {r['blocks_loaded_per_step_per_layer_seq_head']:.1f} | {hit_rate} |"
+        )
+    gather = results.get("gather")
+    lines = rows + [""]
+    if gather:
+        lines.append(f"Gather of missed blocks from pinned host memory: {gather['gather_gb_s']:.1f} GB/s, "
+                     f"{100 * gather['gather_vs_memcpy']:.0f}% of a pinned memcpy ({gather['pinned_memcpy_gb_s']:.1f} GB/s) in the same run.")
+        lines.append("")
+    setup = ", ".join(f"{k}={params[k]}" for k in ("layers", "prompt_tokens", "batch", "timed_steps", "dtype", "weights") if k in params)
+    lines.append(f"Setup: {setup}.")
+    lines.append("")
+    lines.append(_machine_line(data["machine"], path))
+    return "\n".join(lines)
+
+
+def render(directory: str = RESULTS_DIR) -> str:
+    sections = []
+    kernels = os.path.join(directory, "kernels.json")
+    if os.path.exists(kernels):
+        sections.append("### Kernels (`nosa bench kernels`, one layer of the 8B shape, bf16)\n\n" + kernels_table(kernels))
+    for path in sorted(glob.glob(os.path.join(directory, "decode*.json"))):
+        title = os.path.splitext(os.path.basename(path))[0]
+        sections.append(f"### Decode throughput (`nosa bench decode`, {title})\n\n" + decode_table(path))
+    return "\n\n".join(sections)
+
+
+def update_readme(readme: str, body: str) -> None:
+    text = open(readme).read()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} section to fill")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(readme, "w") as f:
+        f.write(head + README_START + "\n" + body + "\n" + README_END + tail)
+
+
+def run(args) -> int:
+    body = render(args.results)
+    if args.readme:
+        update_readme(args.readme, body)
+        print(f"updated {args.readme}")
+    else:
+        print(body)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="markdown tables from bench/results/*.json (optionally into the README)")
+    parser.add_argument("--results", default=RESULTS_DIR)
+    parser.add_argument("--readme", default=None, help="rewrite the README's bench-report section in place")
+    parser.set_defaults(func=run)

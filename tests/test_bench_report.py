@@ -1,0 +1,22 @@
+"""README benchmark tables come from the committed result files."""
+
+import json
+
+from nosa.bench.common import machine_header, write_result
+from nosa.bench.report import README_END, README_START, render, update_readme
+
+
+def test_render_reads_result_files(tmp_path):
+    row = dict(attn_mode="nosa", offload=True, cuda_graphs=True, tokens_per_s=1234.0, step_ms_median=2.5, floor_ms=1.0,
+               blocks_loaded_per_step_per_layer_seq_head=3.0, hit_rate_per_layer=[0.8, 0.9], ratio_vs_baseline=1.5)
+    write_result("decode_test", {"batch": 4, "layers": 2}, {"decode": [row]}, directory=str(tmp_path))
+    text = render(str(tmp_path))
+    assert "| nosa | on | 4 | 1234 | 1.50x | 2.50 | 1.00 | 3.0 | 0.85 |" in text
+    assert json.load(open(tmp_path / "decode_test.json"))["machine"]["torch"] == machine_header()["torch"]
+
+
+def test_update_readme_replaces_only_the_marked_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold\n{README_END}\noutro\n")
+    update_readme(str(readme), "new table")
+    assert readme.read_text() == f"intro\n{README_START}\nnew table\n{README_END}\noutro\n"
