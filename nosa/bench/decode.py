@@ -37,8 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (CUDA graph capture)")
     p.add_argument("--configs", default=None,
                    help="comma-separated attn_mode:on|off[:eager]; the first is the baseline (default: "
-                        "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager; in equal-memory mode "
-                        "dense:off,infllmv2:off,nosa:on,nosa:off,infllmv2:on)")
+                        "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager)")
+    p.add_argument("--equal-configs", default=None,
+                   help="configs of the equal-memory comparison (default: dense:off,infllmv2:off,nosa:on,nosa:off,infllmv2:on)")
     p.add_argument("--profile", default=None, help="write a kernel-time table of a few nosa offload steps here")
     p.add_argument("--commit", default=None, help="source commit to record (when the run has no git checkout)")
     p.add_argument("--no-cuda-graphs", action="store_true")
@@ -47,12 +48,17 @@ def register(subparsers) -> None:
                    help="equal-memory mode: every config gets the device KV budget dense-on-GPU needs for N "
                         "sequences and runs the largest batch the engine admits under it (0: fixed --batch)")
     p.add_argument("--max-batch", type=int, default=64, help="cap on the batch in equal-memory mode")
+    p.add_argument("--both", action="store_true",
+                   help="run the fixed-batch comparison (--name) and then the equal-memory one (--equal-name) in one "
+                        "process (Triton compiles and the gather/HBM rates are shared)")
+    p.add_argument("--equal-name", default="decode_8b_equal_memory")
     p.add_argument("--single-copy-dense", action="store_true",
                    help="equal-memory mode: also run dense on the GPU at the batch one copy of its KV would fit "
                         "in the budget (the engine keeps dense KV twice on the device: store + slots)")
     p.set_defaults(func=main)
 
 
+FIXED_BATCH_CONFIGS = "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager"
 EQUAL_MEMORY_CONFIGS = "dense:off,infllmv2:off,nosa:on,nosa:off,infllmv2:on"
 
 
@@ -242,49 +248,47 @@ def equal_memory_budget(args, max_len: int) -> int:
     return workspace + args.equal_memory_dense_batch * row
 
 
-def main(args) -> int:
-    if not torch.cuda.is_available():
-        print("nosa bench decode needs a CUDA device")
-        return 2
-    from nosa.engine import LLM
-    from nosa.engine.block_cache import BlockCache
-
-    equal_memory = args.equal_memory_dense_batch > 0
-    spec = args.configs or (EQUAL_MEMORY_CONFIGS if equal_memory else "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager")
+def parse_configs(spec: str):
     configs = []
     for item in spec.split(","):
         fields = item.split(":")
         if len(fields) not in (2, 3) or fields[1] not in ("on", "off") or fields[2:] not in ([], ["eager"]):
-            print(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager]")
-            return 2
+            raise ValueError(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager]")
         configs.append((fields[0], fields[1] == "on", fields[2:] == ["eager"]))
+    return configs
+
+
+def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, models: dict) -> None:
+    """One comparison (fixed batch, or equal device memory), written to bench/results/<name>.json."""
+    from nosa.engine import LLM
+    from nosa.engine.block_cache import BlockCache
+
+    configs = parse_configs(spec)
     max_len = args.prompt + args.warmup + args.steps + 8  # + the profiled steps
     budget = equal_memory_budget(args, max_len) if equal_memory else None
     if equal_memory:
         print(f"equal device memory: {budget / 2**20:.1f} MiB for every config (dense on GPU, batch {args.equal_memory_dense_batch})")
-    results = {"gather": gather_bandwidth()}
-    print(f"gather: {results['gather']['gather_gb_s']:.1f} GB/s vs pinned memcpy {results['gather']['pinned_memcpy_gb_s']:.1f} GB/s")
+        if args.single_copy_dense:
+            # Not what the engine admits: a labelled extra row, so the double copy's cost can be read off.
+            model_config = make_config("dense", args.layers, max_len)
+            row, workspace = LLM.device_bytes(model_config, torch.bfloat16, False, max_len)
+            kv = row - BlockCache.row_bytes(args.layers, model_config.num_key_value_heads, model_config.head_dim,
+                                            torch.bfloat16, model_config.sparse, max_len)["kv_slots"]
+            configs.append(("dense", False, False, min(args.max_batch, (budget - workspace) // kv)))
     runs = []
-    hbm_gb_s = hbm_copy_rate()
-    if equal_memory and args.single_copy_dense:
-        # Not what the engine admits: a labelled extra row, so the double copy's cost can be read off.
-        model_config = make_config("dense", args.layers, max_len)
-        row, workspace = LLM.device_bytes(model_config, torch.bfloat16, False, max_len)
-        kv = row - BlockCache.row_bytes(args.layers, model_config.num_key_value_heads, model_config.head_dim,
-                                        torch.bfloat16, model_config.sparse, max_len)["kv_slots"]
-        configs.append(("dense", False, False, min(args.max_batch, (budget - workspace) // kv)))
     for mode, offload, eager, *forced in configs:
-        model = make_model(mode, args.layers, max_len)
+        if mode not in models:
+            models[mode] = make_model(mode, args.layers, max_len)  # weights are read-only: shared by the suites
+        model = models[mode]
+        graphs = not (args.no_cuda_graphs or eager)
         if forced:
-            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=forced[0],
-                      cuda_graphs=not (args.no_cuda_graphs or eager))
+            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=forced[0], cuda_graphs=graphs)
         elif equal_memory:
             # The engine decides the batch: the largest number of rows its accounting fits in the budget.
             llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.max_batch,
-                      gpu_memory_budget=budget, cuda_graphs=not (args.no_cuda_graphs or eager))
+                      gpu_memory_budget=budget, cuda_graphs=graphs)
         else:
-            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch,
-                      cuda_graphs=not (args.no_cuda_graphs or eager))
+            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch, cuda_graphs=graphs)
         batch = llm.max_num_seqs
         row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len)
         running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
@@ -296,21 +300,20 @@ def main(args) -> int:
                "device_bytes_charged": workspace + batch * row_bytes,
                "host_store_bytes": llm.store.allocated_bytes if offload else 0,
                "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-        run.update(floor(run, llm, args, hbm_gb_s, results["gather"]["pinned_memcpy_gb_s"]))
+        run.update(floor(run, llm, args, shared["hbm_copy_gb_s"], shared["gather"]["pinned_memcpy_gb_s"]))
         runs.append(run)
-        if args.profile and mode == "nosa" and offload and not eager:
+        if args.profile and not equal_memory and mode == "nosa" and offload and not eager:
             profile_steps(llm, running, args.profile)
         print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''} batch {batch:3d} "
               f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (floor {run['floor_ms']:.2f})  "
-              f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}")
-        del llm, model, running
+              f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
+        del llm, running
         torch.cuda.empty_cache()
-    base = runs[0]["tokens_per_s"]  # the first config of --configs (engine-admitted batch in equal-memory mode)
+    base = runs[0]["tokens_per_s"]  # the first config (engine-admitted batch in equal-memory mode)
     for run in runs:
         run["ratio_vs_baseline"] = run["tokens_per_s"] / base
-    results["baseline"] = {"attn_mode": configs[0][0], "offload": configs[0][1], "batch": runs[0]["batch"]}
-    results["hbm_copy_gb_s"] = hbm_gb_s
-    results["decode"] = runs
+    results = {"gather": shared["gather"], "baseline": {"attn_mode": configs[0][0], "offload": configs[0][1], "batch": runs[0]["batch"]},
+               "hbm_copy_gb_s": shared["hbm_copy_gb_s"], "decode": runs}
     parameters = {"shape": "8B layer shape (spec sec. 8)", **SHAPE_8B, "layers": args.layers, "layers_of_8b": 32,
                   "prompt_tokens": args.prompt, "timed_steps": args.steps, "warmup_steps": args.warmup,
                   "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
@@ -318,10 +321,32 @@ def main(args) -> int:
                   "cuda_graphs": not args.no_cuda_graphs, "configs": spec, "source_commit": args.commit}
     if equal_memory:
         parameters.update({"mode": "equal device memory", "gpu_memory_budget": budget,
-                           "budget_from": f"dense, all KV on the device, batch {args.equal_memory_dense_batch}",
+                           "budget_from": f"dense, all KV on the device, batch {args.equal_memory_dense_batch} (LLM.device_bytes)",
                            "max_batch": args.max_batch})
     else:
         parameters.update({"mode": "fixed batch", "batch": args.batch})
-    path = write_result(args.name, parameters, results)
-    print(f"wrote {path}")
+    path = write_result(name, parameters, results)
+    print(f"wrote {path}", flush=True)
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        print("nosa bench decode needs a CUDA device")
+        return 2
+    suites = []
+    if args.both or args.equal_memory_dense_batch <= 0:
+        suites.append((False, args.configs or FIXED_BATCH_CONFIGS, args.name))
+    if args.equal_memory_dense_batch > 0:
+        suites.append((True, args.equal_configs or EQUAL_MEMORY_CONFIGS, args.equal_name if args.both else args.name))
+    try:
+        for _, spec, _ in suites:
+            parse_configs(spec)
+    except ValueError as err:
+        print(err)
+        return 2
+    shared = {"gather": gather_bandwidth(), "hbm_copy_gb_s": hbm_copy_rate()}
+    print(f"gather: {shared['gather']['gather_gb_s']:.1f} GB/s vs pinned memcpy {shared['gather']['pinned_memcpy_gb_s']:.1f} GB/s", flush=True)
+    models: dict = {}
+    for equal_memory, spec, name in suites:
+        run_suite(args, equal_memory, spec, name, shared, models)
     return 0
