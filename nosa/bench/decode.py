@@ -49,7 +49,7 @@ def register(subparsers) -> None:
                         "sequences and runs the largest batch the engine admits under it (0: fixed --batch)")
     p.add_argument("--max-batch", type=int, default=64, help="cap on the batch in equal-memory mode")
     p.add_argument("--both", action="store_true",
-                   help="run the fixed-batch comparison (--name) and then the equal-memory one (--equal-name) in one "
+                   help="run the equal-memory comparison (--equal-name) and then the fixed-batch one (--name) in one "
                         "process (Triton compiles and the gather/HBM rates are shared)")
     p.add_argument("--equal-name", default="decode_8b_equal_memory")
     p.add_argument("--single-copy-dense", action="store_true",
@@ -334,10 +334,10 @@ def main(args) -> int:
         print("nosa bench decode needs a CUDA device")
         return 2
     suites = []
-    if args.both or args.equal_memory_dense_batch <= 0:
-        suites.append((False, args.configs or FIXED_BATCH_CONFIGS, args.name))
     if args.equal_memory_dense_batch > 0:
         suites.append((True, args.equal_configs or EQUAL_MEMORY_CONFIGS, args.equal_name if args.both else args.name))
+    if args.both or args.equal_memory_dense_batch <= 0:
+        suites.append((False, args.configs or FIXED_BATCH_CONFIGS, args.name))
     try:
         for _, spec, _ in suites:
             parse_configs(spec)
