@@ -14,7 +14,7 @@ import torch
 
 from nosa import ops
 from nosa.engine.block_cache import BlockCache
-from nosa.engine.block_ops import resolve_block_op
+from nosa.engine.block_ops import all_visible, resolve_block_op
 from nosa.engine.host_store import HostStore
 
 
@@ -116,9 +116,12 @@ class ModelRunner:
                 # Pooled to blocks at the last prompt token; decode raises it as windows complete.
                 pooled = ops.pool_to_blocks(agnostic.transpose(0, 1)[None, None], position, cache.max_blocks, cfg)
                 cache.agnostic_blocks[l, row] = pooled[0, 0]
-            selection = last_selection[l] if cfg.is_sparse else self._all_visible(position)[0]
+            if cfg.is_sparse:
+                selection = last_selection[l]
+            else:
+                selection = all_visible(position, cache.slots, cache.num_kv_heads, cache.block_size)[0]
             rows = torch.tensor([row], device=self.device)
-            loads = self._load(l, rows, selection[None], position, fresh_ok=False)
+            loads = self._load(l, rows, selection[None], position)
             self.install_loaded[l] += loads.sum()
 
     # ------------------------------------------------------------------------------------------ decode
@@ -204,17 +207,11 @@ class ModelRunner:
             query_scores = ops.pool_to_blocks(chunks, positions, num_blocks, cfg)
         return ops.select_blocks(query_scores, agnostic_blocks, positions, cfg)
 
-    def _all_visible(self, positions) -> torch.Tensor:
-        """Dense mode: every block up to the query's own, [R, H, K] ascending, -1 padded."""
-        blocks = torch.arange(self.cache.slots, device=self.device, dtype=torch.int32)
-        own = torch.div(positions, self.cfg.block_size, rounding_mode="floor")
-        chosen = torch.where(blocks[None] <= own[:, None], blocks[None], -1)
-        return chosen[:, None].expand(-1, self.cache.num_kv_heads, -1).contiguous()
-
-    def _load(self, l, rows, selection, positions, fresh_ok: bool) -> torch.Tensor:
-        """Diff the selection [n, H, K] of `rows` against their slot tables and gather the misses of all of
-        them in one launch. A new tail block (position at a block start) has nothing on the host yet: it gets
-        a slot but no load. Returns blocks loaded per (row, head) [n, H]."""
+    def _load(self, l, rows, selection, positions) -> torch.Tensor:
+        """Prefill install: diff the selection [n, H, K] of `rows` against their (empty) slot tables and
+        gather the misses in one launch (the decode step does this inside `plan_step`). At install the
+        prompt's last token is cached, so every selected block is on the host. Returns blocks loaded per
+        (row, head) [n, H]."""
         cache = self.cache
         n, H, K = selection.shape
         table = cache.table[l, rows].reshape(n * H, K)
@@ -223,10 +220,6 @@ class ModelRunner:
         new_table, miss_block, miss_slot = diff(table, flat)
         cache.table[l, rows] = new_table.view(n, H, K)
         miss_block = miss_block.view(n, H, K)
-        own = torch.div(positions, cache.block_size, rounding_mode="floor")
-        if fresh_ok:
-            fresh = (torch.remainder(positions, cache.block_size) == 0)[:, None, None] & (miss_block == own[:, None, None])
-            miss_block = torch.where(fresh, -1, miss_block)
         page_rows = cache.page_table[rows]  # [n, NB]
         src_page = torch.gather(page_rows, 1, miss_block.clamp(min=0).view(n, H * K).long()).view(n, H, K)
         src_page = torch.where(miss_block >= 0, src_page, -1)
