@@ -11,7 +11,7 @@ def test_render_reads_result_files(tmp_path):
                blocks_loaded_per_step_per_layer_seq_head=3.0, hit_rate_per_layer=[0.8, 0.9], ratio_vs_baseline=1.5)
     write_result("decode_test", {"batch": 4, "layers": 2}, {"decode": [row]}, directory=str(tmp_path))
     text = render(str(tmp_path))
-    assert "| nosa | on | 4 | 1234 | 1.50x | 2.50 | 1.00 | 3.0 | 0.85 |" in text
+    assert "| nosa | on | 4 | fixed | 1234 | 1.50x | 2.50 | 1.00 | 3.0 | 0.85 |" in text
     assert json.load(open(tmp_path / "decode_test.json"))["machine"]["torch"] == machine_header()["torch"]
 
 

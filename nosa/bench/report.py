@@ -39,8 +39,8 @@ def decode_table(path: str) -> str:
     data = json.load(open(path))
     params, results = data["parameters"], data["results"]
     rows = [
-        "| attn_mode | offload | batch | tokens/s | vs dense | step ms | floor ms | loads per (layer, seq, head) | hit rate |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| attn_mode | offload | batch | batch chosen by | tokens/s | vs dense | step ms | floor ms | loads per (layer, seq, head) | hit rate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["decode"]:
         hit = r.get("hit_rate_per_layer") or []
@@ -48,7 +48,7 @@ def decode_table(path: str) -> str:
         batch = r.get("batch", params.get("batch"))
         mode = ("on" if r["offload"] else "off") + ("" if r.get("cuda_graphs", True) else " (eager)")
         rows.append(
-            f"| {r['attn_mode']} | {mode} | {batch} | {r['tokens_per_s']:.0f} | {r['ratio_vs_baseline']:.2f}x "
+            f"| {r['attn_mode']} | {mode} | {batch} | {r.get('batch_from', 'fixed')} | {r['tokens_per_s']:.0f} | {r['ratio_vs_baseline']:.2f}x "
             f"| {r['step_ms_median']:.2f} | {r.get('floor_ms', float('nan')):.2f} "
             f"| {r['blocks_loaded_per_step_per_layer_seq_head']:.1f} | {hit_rate} |"
         )
@@ -58,7 +58,7 @@ def decode_table(path: str) -> str:
         lines.append(f"Gather of missed blocks from pinned host memory: {gather['gather_gb_s']:.1f} GB/s, "
                      f"{100 * gather['gather_vs_memcpy']:.0f}% of a pinned memcpy ({gather['pinned_memcpy_gb_s']:.1f} GB/s) in the same run.")
         lines.append("")
-    setup = ", ".join(f"{k}={params[k]}" for k in ("layers", "prompt_tokens", "batch", "timed_steps", "dtype", "weights") if k in params)
+    setup = ", ".join(f"{k}={params[k]}" for k in ("mode", "budget_from", "layers", "prompt_tokens", "batch", "timed_steps", "dtype", "weights") if k in params)
     lines.append(f"Setup: {setup}.")
     lines.append("")
     lines.append(_machine_line(data["machine"], path))
