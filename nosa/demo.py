@@ -20,7 +20,7 @@ from nosa.tokenizer import ByteTokenizer
 DEMO_MODEL = dict(
     vocab_size=264, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=8192, attn_mode="nosa",
-    # 8 blocks of 16 tokens attended out of many: 1 sink + own + 2 window, 2 query-aware, 3 agnostic.
+    # 8 blocks of 16 tokens attended out of many: 1 sink + own + 2 window, 2 query-aware, 2 agnostic.
     block_size=16, topk_blocks=8, sink_blocks=1, window_blocks=2, query_blocks=2, compress_kernel=16, compress_stride=8,
 )
 
