@@ -70,3 +70,20 @@ def write_result(name: str, parameters: dict, results, directory: str = RESULTS_
     with open(path, "w") as f:
         json.dump({"machine": machine_header(), "parameters": parameters, "results": results}, f, indent=2)
     return path
+
+
+def cuda_median_ms(fn, warmup: int = 1, reps: int = 10) -> float:
+    """Median GPU time of `fn` in ms over `reps` calls, each bracketed by CUDA events, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]

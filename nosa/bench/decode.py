@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from nosa.bench.common import write_result
+from nosa.bench.common import write_result, cuda_median_ms
 
 SHAPE_8B = dict(hidden_size=4096, intermediate_size=16384, num_attention_heads=32, num_key_value_heads=2,
                 head_dim=128, vocab_size=73448)
@@ -149,21 +149,8 @@ def gather_bandwidth(block_size=64, head_dim=128, heads=2, pages=8192, entries=4
     flat_src = torch.empty(nbytes // 2, dtype=dtype, pin_memory=True)
     flat_dst = torch.empty(nbytes // 2, dtype=dtype, device="cuda")
 
-    def median_ms(fn):
-        fn()
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            out.append(a.elapsed_time(b))
-        return sorted(out)[len(out) // 2]
-
-    gather_ms = median_ms(lambda: kernels.gather_blocks(host_k, host_v, slots_k.transpose(1, 2), slots_v.transpose(1, 2), src_page, dst_page, head))
-    copy_ms = median_ms(lambda: flat_dst.copy_(flat_src, non_blocking=True))
+    gather_ms = cuda_median_ms(lambda: kernels.gather_blocks(host_k, host_v, slots_k.transpose(1, 2), slots_v.transpose(1, 2), src_page, dst_page, head), reps=reps)
+    copy_ms = cuda_median_ms(lambda: flat_dst.copy_(flat_src, non_blocking=True), reps=reps)
     # Entry m landed in slot m, head head[m]: compare a few entries with their host blocks.
     sample = torch.arange(16)
     got = slots_k[sample.cuda(), :, head[:16].long()].cpu()  # [16, bs, D]

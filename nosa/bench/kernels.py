@@ -16,27 +16,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nosa.bench.common import machine_header, write_result
+from nosa.bench.common import machine_header, write_result, cuda_median_ms
 from nosa.config import SparseAttentionConfig
 
 # Ceilings measured on the lent H200 (docs: /work/shared/docs/gpu-box.md); the run re-measures HBM copy.
 TENSOR_CORE_TFLOPS = 783.0
-
-
-def _median_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def _graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
@@ -53,14 +37,14 @@ def _graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    return _median_ms(graph.replay, 2, reps) / calls
+    return cuda_median_ms(graph.replay, 2, reps) / calls
 
 
 def _copy_bandwidth(device) -> float:
     """HBM copy rate in bytes/s (read + write counted), 1 GiB bf16."""
     a = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
     b = torch.empty_like(a)
-    ms = _median_ms(lambda: b.copy_(a), 3, 10)
+    ms = cuda_median_ms(lambda: b.copy_(a), 3, 10)
     rate = 2 * a.numel() * a.element_size() / (ms * 1e-3)
     del a, b
     return rate
@@ -109,28 +93,28 @@ def _bench_length(length: int, args, cfg: SparseAttentionConfig, device) -> dict
     indices = kp.select_all(q, k, eviction, positions, cfg)
     pairs = attended_pairs(indices, positions, cfg.block_size, length) * group
     row["nosa_attended_keys_per_query"] = pairs / (length * hq)
-    row["nosa_selection_ms"] = _median_ms(lambda: kp.select_all(q, k, eviction, positions, cfg), warm, reps)
-    row["nosa_fwd_ms"] = _median_ms(nosa_fwd, warm, reps)
-    row["nosa_fwd_bwd_ms"] = _median_ms(nosa_fwd_bwd, warm, reps)
+    row["nosa_selection_ms"] = cuda_median_ms(lambda: kp.select_all(q, k, eviction, positions, cfg), warm, reps)
+    row["nosa_fwd_ms"] = cuda_median_ms(nosa_fwd, warm, reps)
+    row["nosa_fwd_bwd_ms"] = cuda_median_ms(nosa_fwd_bwd, warm, reps)
     # Breakdown of the attention (selection excluded): tile lists, forward, backward.
     tile_tokens = ka.effective_tile_tokens(group, tile_tokens)
     lists, counts = ka.build_tile_lists(indices, tile_tokens)
     row["nosa_tile_union_blocks"] = float(counts.float().mean())
-    row["nosa_lists_ms"] = _median_ms(lambda: ka.build_tile_lists(indices, tile_tokens), warm, reps)
-    row["nosa_attn_fwd_kernel_ms"] = _median_ms(
+    row["nosa_lists_ms"] = cuda_median_ms(lambda: ka.build_tile_lists(indices, tile_tokens), warm, reps)
+    row["nosa_attn_fwd_kernel_ms"] = cuda_median_ms(
         lambda: ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size, tile_tokens), warm, reps)
     o, lse = ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size, tile_tokens)
-    row["nosa_attn_bwd_ms"] = _median_ms(
+    row["nosa_attn_bwd_ms"] = cuda_median_ms(
         lambda: ka.sparse_attention_backward(grad_out, q, k, v, eviction, o, lse, lists, counts, indices, positions,
                                              cfg.block_size, tile_tokens), warm, reps)
     num_blocks = -(-length // cfg.block_size)
-    row["nosa_invert_selection_ms"] = _median_ms(lambda: ka.invert_selection(indices, num_blocks), warm, reps)
+    row["nosa_invert_selection_ms"] = cuda_median_ms(lambda: ka.invert_selection(indices, num_blocks), warm, reps)
     # dq and dk/dv kernels alone.
     delta = (grad_out.float() * o.float()).sum(-1)
-    row["nosa_dq_kernel_ms"] = _median_ms(
+    row["nosa_dq_kernel_ms"] = cuda_median_ms(
         lambda: ka.backward_dq(grad_out, q, k, v, eviction, lse, delta, lists, counts, positions, cfg.block_size, tile_tokens), warm, reps)
     inverted = ka.invert_selection(indices, num_blocks)
-    row["nosa_dkv_kernel_ms"] = _median_ms(
+    row["nosa_dkv_kernel_ms"] = cuda_median_ms(
         lambda: ka.backward_dkv(grad_out, q, k, v, eviction, lse, delta, inverted, positions, cfg.block_size, tile_tokens), warm, reps)
     del inverted, delta
     fwd_flops = 4.0 * pairs * d
@@ -155,8 +139,8 @@ def _bench_length(length: int, args, cfg: SparseAttentionConfig, device) -> dict
         F.scaled_dot_product_attention(*dense_leaves, is_causal=True).backward(god)
 
     dense_reps = max(3, reps // 2) if length >= 32768 else reps
-    row["dense_fwd_ms"] = _median_ms(dense_fwd, warm, dense_reps)
-    row["dense_fwd_bwd_ms"] = _median_ms(dense_fwd_bwd, warm, dense_reps)
+    row["dense_fwd_ms"] = cuda_median_ms(dense_fwd, warm, dense_reps)
+    row["dense_fwd_bwd_ms"] = cuda_median_ms(dense_fwd_bwd, warm, dense_reps)
     dense_pairs = hq * length * (length + 1) / 2
     row["dense_fwd_tflops"] = 4.0 * dense_pairs * d / (row["dense_fwd_ms"] * 1e9)
     row["dense_fwd_bwd_tflops"] = 14.0 * dense_pairs * d / (row["dense_fwd_bwd_ms"] * 1e9)
