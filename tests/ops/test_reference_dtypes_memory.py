@@ -42,3 +42,13 @@ def test_long_context_runs_in_chunks_with_identical_result():
     small_chunks = ref.nosa_attention(q, k, v, c, CFG, max_chunk_elements=64 * T * 2)
     one_chunk = ref.nosa_attention(q, k, v, c, CFG, max_chunk_elements=T * T * 2)
     torch.testing.assert_close(small_chunks, one_chunk, rtol=1e-5, atol=1e-6)
+
+
+def test_a_window_compressed_alone_rounds_like_the_same_window_in_the_full_sequence():
+    # The engine compresses one window when it completes; the full forward compresses all windows at once.
+    # Bitwise equality makes score ties (repeated text) break the same way in both.
+    k = torch.randn(1, 203, 2, 16) * 3
+    full = ref.compress_keys(k, 8, 4)
+    for i in range(full.shape[1]):
+        alone = ref.compress_keys(k[:, 4 * i : 4 * i + 8], 8, 4)
+        assert torch.equal(alone[:, 0], full[:, i])
