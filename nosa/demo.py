@@ -189,7 +189,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="train a tiny NOSA model on local text and generate from a long prompt")
-    parser.add_argument("--steps", type=int, default=150, help="training steps")
+    parser.add_argument("--steps", type=int, default=350, help="training steps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512, help="training sequence length (32 blocks of 16)")
     parser.add_argument("--lr", type=float, default=3e-3)
