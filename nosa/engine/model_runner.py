@@ -197,14 +197,8 @@ class ModelRunner:
     def _select_rows(self, q, compressed, agnostic_blocks, positions) -> torch.Tensor:
         """`select_for_queries` with the agnostic pooling already done: [B, Tq, H, K] int32."""
         cfg, num_blocks = self.cfg, self.cache.max_blocks
-        if q.is_cuda and ops.current_backend() != "reference":
-            # The fused score kernel pools inside and never writes the per-window scores.
-            from nosa.ops.kernels.selection import query_aware_block_scores
-
-            query_scores = query_aware_block_scores(q, compressed, positions, num_blocks, cfg)
-        else:
-            chunks = ops.query_aware_chunk_scores(q, compressed, positions, cfg.compress_kernel, cfg.compress_stride)
-            query_scores = ops.pool_to_blocks(chunks, positions, num_blocks, cfg)
+        # On CUDA the fused score kernel pools inside and never writes the per-window scores.
+        query_scores = ops.query_aware_block_scores(q, compressed, positions, num_blocks, cfg)
         return ops.select_blocks(query_scores, agnostic_blocks, positions, cfg)
 
     def _load(self, l, rows, selection, positions) -> torch.Tensor:

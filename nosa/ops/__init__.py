@@ -92,6 +92,7 @@ compress_keys = _dispatched("compress_keys")
 agnostic_chunk_scores = _dispatched("agnostic_chunk_scores")
 query_aware_chunk_scores = _dispatched("query_aware_chunk_scores")
 pool_to_blocks = _dispatched("pool_to_blocks")
+query_aware_block_scores = _dispatched("query_aware_block_scores")
 select_blocks = _dispatched("select_blocks")
 select_for_queries = _dispatched("select_for_queries")
 sparse_attention = _dispatched("sparse_attention")
@@ -100,6 +101,6 @@ decode_attention = _dispatched("decode_attention")
 
 __all__ = [
     "BACKENDS", "register_kernel", "use_backend", "current_backend", "resolve", "reference",
-    "compress_keys", "agnostic_chunk_scores", "query_aware_chunk_scores", "pool_to_blocks", "select_blocks",
+    "compress_keys", "agnostic_chunk_scores", "query_aware_chunk_scores", "pool_to_blocks", "query_aware_block_scores", "select_blocks",
     "select_for_queries", "sparse_attention", "nosa_attention", "decode_attention",
 ]

@@ -196,6 +196,15 @@ def block_indices_to_mask(block_indices: torch.Tensor, num_blocks: int) -> torch
     return mask[..., :num_blocks]
 
 
+def query_aware_block_scores(
+    q: torch.Tensor, compressed_keys: torch.Tensor, positions: torch.Tensor, num_blocks: int, cfg: SparseAttentionConfig
+) -> torch.Tensor:
+    """Query-aware chunk scores pooled to blocks. q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D];
+    positions: [Tq] -> [B, Tq, H, NB] float32 (-inf for a block with no complete window)."""
+    chunks = query_aware_chunk_scores(q, compressed_keys, positions, cfg.compress_kernel, cfg.compress_stride)
+    return pool_to_blocks(chunks, positions, num_blocks, cfg)
+
+
 @torch.no_grad()
 def select_for_queries(
     q: torch.Tensor,
@@ -210,8 +219,7 @@ def select_for_queries(
     q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; agnostic_scores: [B, Nc, H] (window means of the
     eviction score) or None; positions: [Tq]; num_blocks: blocks that exist -> [B, Tq, H, K] int32.
     """
-    qa_chunks = query_aware_chunk_scores(q, compressed_keys, positions, cfg.compress_kernel, cfg.compress_stride)
-    qa_blocks = pool_to_blocks(qa_chunks, positions, num_blocks, cfg)
+    qa_blocks = query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg)
     ag_blocks = None
     if agnostic_scores is not None:
         ag_blocks = pool_to_blocks(agnostic_scores.float().transpose(1, 2).unsqueeze(1), positions, num_blocks, cfg)

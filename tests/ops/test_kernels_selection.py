@@ -45,7 +45,7 @@ def test_query_aware_scores_and_pooling(hq, h, d, kernel, stride, block):
     torch.testing.assert_close(chunk, chunk_ref, atol=1e-6, rtol=1e-5)
     num_blocks = -(-tk // block)
     pooled = ks.query_aware_block_scores(q, ck, positions, num_blocks, cfg)
-    pooled_ref = ref.pool_to_blocks(chunk_ref, positions, num_blocks, cfg)
+    pooled_ref = ref.query_aware_block_scores(q, ck, positions, num_blocks, cfg)
     assert torch.equal(torch.isinf(pooled), torch.isinf(pooled_ref))
     finite = torch.isfinite(pooled_ref)
     torch.testing.assert_close(pooled[finite], pooled_ref[finite], atol=1e-6, rtol=1e-5)

@@ -9,13 +9,15 @@ from nosa.ops.kernels.attention import sparse_attention
 from nosa.ops.kernels.decode import decode_attention
 from nosa.ops.kernels.pipeline import nosa_attention
 from nosa.ops.kernels.selection import (
-    agnostic_chunk_scores, compress_keys, query_aware_chunk_scores, select_blocks, select_for_queries,
+    agnostic_chunk_scores, compress_keys, query_aware_block_scores, query_aware_chunk_scores, select_blocks,
+    select_for_queries,
 )
 
 for _name, _fn in (
     ("compress_keys", compress_keys),
     ("agnostic_chunk_scores", agnostic_chunk_scores),
     ("query_aware_chunk_scores", query_aware_chunk_scores),
+    ("query_aware_block_scores", query_aware_block_scores),
     ("select_blocks", select_blocks),
     ("select_for_queries", select_for_queries),
     ("sparse_attention", sparse_attention),
@@ -25,6 +27,7 @@ for _name, _fn in (
     register_kernel(_name, _fn)
 
 __all__ = [
-    "compress_keys", "agnostic_chunk_scores", "query_aware_chunk_scores", "select_blocks", "select_for_queries",
+    "compress_keys", "agnostic_chunk_scores", "query_aware_chunk_scores", "query_aware_block_scores", "select_blocks",
+    "select_for_queries",
     "sparse_attention", "nosa_attention", "decode_attention",
 ]
