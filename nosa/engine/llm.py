@@ -232,6 +232,14 @@ class LLM:
                 for seq, token in zip(running, tokens):
                     seq.append(token, logits[seq.row], eos, self.tokenizer)
                     self._retire_if_done(seq, bar)
+        except BaseException:
+            # An error (or Ctrl-C) mid-call must not leave this call's requests holding rows and pages:
+            # the next generate would otherwise decode them again. Give everything back, then re-raise.
+            for seq in sequences:
+                if seq.finish_reason is None and seq.row is not None and self.scheduler.running.get(seq.row) is seq:
+                    self.cache.release_row(seq.row)
+                self.scheduler.abort(seq)
+            raise
         finally:
             bar.close()
 

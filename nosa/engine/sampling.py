@@ -58,7 +58,9 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """logits: [V] of one request -> the next token id."""
     if params.greedy:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    # Shifted so the largest score is 0 before dividing: a tiny temperature then sends the others to -inf
+    # (a one-hot softmax) instead of overflowing every score to inf.
+    scores = (logits.float() - logits.float().max()) / params.temperature
     if params.top_k > 0 and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

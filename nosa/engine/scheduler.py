@@ -60,6 +60,13 @@ class Scheduler:
         self.free_rows.append(seq.row)
         seq.pages = []
 
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request wherever it is (waiting or running), giving back its row and pages."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq.row is not None and self.running.get(seq.row) is seq:
+            self.finish(seq)
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

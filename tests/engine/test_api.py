@@ -140,3 +140,33 @@ def test_cli_generate(model, tmp_path, capsys):
     assert len(request["token_ids"]) == 5 and stats["decode_tokens"] == 4
     assert main(["generate", str(tmp_path), "abc", "--device", "cpu", "--max-model-len", "4", "--quiet"]) == 2
     assert "max_model_len" in capsys.readouterr().err
+
+
+def test_tiny_temperature_samples_the_argmax_instead_of_overflowing(model):
+    llm = make_llm(model)
+    greedy = [o.token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)]
+    tiny = SamplingParams(temperature=1e-45, seed=3, max_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts(), tiny, use_tqdm=False)] == greedy
+
+
+def test_an_error_mid_generate_gives_back_rows_and_pages(model, monkeypatch):
+    llm = make_llm(model, max_num_seqs=2)
+    expected = [o.token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)]
+    free_pages, free_rows = llm.store.free_pages, sorted(llm.scheduler.free_rows)
+    calls = {"n": 0}
+    real_step = llm.runner.decode_step
+
+    def failing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device failure")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(llm.runner, "decode_step", failing_step)
+    monkeypatch.setattr(llm, "graphed", None)
+    with pytest.raises(RuntimeError, match="simulated device failure"):
+        llm.generate(prompts(), GREEDY, use_tqdm=False)
+    assert not llm.scheduler.running and not llm.scheduler.waiting
+    assert llm.store.free_pages == free_pages and sorted(llm.scheduler.free_rows) == free_rows
+    monkeypatch.setattr(llm.runner, "decode_step", real_step)
+    assert [o.token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)] == expected
