@@ -34,9 +34,9 @@ class SequenceSpans:
         """attention_mask: [B, Tk] of 0/1 with one contiguous run of ones per row (left or right padding)."""
         if attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be 2-D [batch, keys], got shape {tuple(attention_mask.shape)}")
-        mask = attention_mask.to(torch.int64)
-        if bool(((mask != 0) & (mask != 1)).any()):
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError("attention_mask must hold only 0 and 1")
+        mask = attention_mask.to(torch.int64)
         lengths = mask.sum(dim=1)
         if bool((lengths == 0).any()):
             rows = torch.nonzero(lengths == 0).flatten().tolist()

@@ -73,7 +73,7 @@ class NosaModel(NosaPreTrainedModel):
                 layer.self_attn.eviction.delta._is_eviction_delta = True
         self.post_init()
 
-    def check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> None:
+    def check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length: int) -> None:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -86,7 +86,7 @@ class NosaModel(NosaPreTrainedModel):
                     f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); got values in "
                     f"[{int(input_ids.min())}, {int(input_ids.max())}]"
                 )
-        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if length == 0:
             raise ValueError("the input holds no tokens")
         total = past_length + length
@@ -94,9 +94,19 @@ class NosaModel(NosaPreTrainedModel):
             raise ValueError(
                 f"sequence of {total} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
             )
-        if attention_mask is not None and attention_mask.shape[-1] != total:
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
+                raise ValueError(
+                    f"attention_mask must be [batch={batch}, past + new tokens={total}], got shape {tuple(attention_mask.shape)}"
+                )
+            if attention_mask.shape[1] != total:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} tokens but past + new tokens = {total}"
+                )
+        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != length
+                                         or position_ids.shape[0] not in (1, batch)):
             raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} tokens but past + new tokens = {total}"
+                f"position_ids must be [batch={batch} (or 1), new tokens={length}], got shape {tuple(position_ids.shape)}"
             )
 
     def forward(
@@ -109,7 +119,7 @@ class NosaModel(NosaPreTrainedModel):
         use_cache: bool | None = None,
     ) -> BaseModelOutputWithPast:
         past_length = cache.get_seq_length() if cache is not None else 0
-        self.check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        self.check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
         if use_cache and cache is None:
             cache = DynamicCache()
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds

@@ -71,6 +71,12 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.ones(1, 6, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1]]))
     with pytest.raises(ValueError, match="attention_mask covers 5 tokens"):
         model(torch.ones(1, 6, dtype=torch.long), attention_mask=torch.ones(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must be \\[batch=2"):
+        model(torch.ones(2, 6, dtype=torch.long), attention_mask=torch.ones(1, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="must hold only 0 and 1"):
+        model(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[0.5, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="position_ids must be"):
+        model(torch.ones(2, 6, dtype=torch.long), position_ids=torch.arange(5)[None])
     with pytest.raises(ValueError, match="labels must have shape"):
         model(torch.ones(1, 6, dtype=torch.long), labels=torch.ones(1, 5, dtype=torch.long))
 
