@@ -32,7 +32,8 @@ def test_window_means(dtype):
     assert ks.compress_keys(k[:, :7], 8, 4).shape == (2, 0, 3, 64)
 
 
-@pytest.mark.parametrize("hq,h,d,kernel,stride,block", [(4, 4, 64, 4, 2, 8), (12, 4, 128, 6, 3, 8), (16, 1, 64, 8, 4, 16)])
+@pytest.mark.parametrize("hq,h,d,kernel,stride,block", [(4, 4, 64, 4, 2, 8), (12, 4, 128, 6, 3, 8), (16, 1, 64, 8, 4, 16),
+                                                      (2, 2, 64, 16, 8, 1)])  # blocks far smaller than the stride
 def test_query_aware_scores_and_pooling(hq, h, d, kernel, stride, block):
     cfg = _cfg(block_size=block, compress_kernel=kernel, compress_stride=stride)
     tk, tq = 61, 30

@@ -246,14 +246,22 @@ def query_aware_chunk_scores(q, compressed_keys, positions, kernel, stride):
     return out
 
 
-def _pool_tiling(cfg: SparseAttentionConfig):
-    """(windows per pooling step, blocks per pooling step): the windows of BJ consecutive blocks fit BLOCK_W."""
+# The pooling step builds a [TQ, BJ_PAD, BLOCK_W] tensor. Cap it at the size the 8B-shape configurations
+# already use (GQA 1 at the spec defaults: 128 x 16 x 64); without a cap, blocks much smaller than the
+# stride grow BJ past Triton's 2^20-element limit.
+MAX_POOL_ELEMENTS = 1 << 17
+
+
+def _pool_tiling(cfg: SparseAttentionConfig, tq: int):
+    """(windows per pooling step, blocks per pooling step): the windows of BJ consecutive blocks fit
+    BLOCK_W, and the pooling tensor of TQ tokens stays within MAX_POOL_ELEMENTS."""
     bs, kernel, stride = cfg.block_size, cfg.compress_kernel, cfg.compress_stride
     block_w = 64
     while (bs + kernel - 1) // stride + 2 > block_w:
         block_w *= 2
     bj = 1
-    while (bs * (bj + 1) + kernel - 1) // stride + 2 <= block_w:
+    while ((bs * (bj + 1) + kernel - 1) // stride + 2 <= block_w
+           and tq * _next_pow2(bj + 1) * block_w <= MAX_POOL_ELEMENTS):
         bj += 1
     return block_w, bj
 
@@ -272,10 +280,10 @@ def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: Spa
         return out
     q, ck = _last_dim_contiguous(q), _last_dim_contiguous(compressed_keys.to(q.dtype))
     positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
-    block_w, bj = _pool_tiling(cfg)
     group = q.shape[2] // num_kv_heads
     g_pad = _next_pow2(group)
     tq = max(SCORE_ROWS // g_pad, 1)
+    block_w, bj = _pool_tiling(cfg, tq)
     rows = tq * g_pad
     _qa_block_scores_kernel[(triton.cdiv(num_queries, tq), batch * num_kv_heads)](
         q, ck, positions, out, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
