@@ -19,7 +19,9 @@ from nosa.engine.sequence import RequestOutput, Sequence
 
 @dataclass
 class EngineStats:
-    """Since the engine was built. hit_rate_per_layer: share of selected blocks already resident at decode;
+    """Since the engine was built. hit_rate_per_layer: share of selected blocks that needed no host->device
+    load at decode (1 - loads / selected; a tail block that starts at the step has nothing to load and so
+    counts as a hit);
     blocks_loaded_per_step: host->device block loads (per KV head) per decode step, all layers and rows;
     bytes_host_to_device: KV bytes gathered at decode and prefill install."""
 
