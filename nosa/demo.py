@@ -148,6 +148,12 @@ def run(args) -> int:
     tokenizer = ByteTokenizer()
     config = NosaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id, **DEMO_MODEL)
+    for flag, value, minimum in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--new-tokens", args.new_tokens, 2), ("--corpus-bytes", args.corpus_bytes, 1)):
+        if value < minimum:
+            raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+    if args.seq_len < 2 or args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len must lie in [2, {config.max_position_embeddings}], got {args.seq_len}")
     budget = config.topk_blocks * config.block_size
     if args.prompt_tokens <= budget:
         raise ValueError(f"--prompt-tokens must exceed topk_blocks x block_size = {budget} for the selection to be sparse")

@@ -43,6 +43,8 @@ class ByteTokenizer:
             ids = ids.tolist()
         out = bytearray()
         for token in ids:
+            if isinstance(token, bool) or not float(token).is_integer():
+                raise ValueError(f"token ids must be integers, got {token!r}")
             token = int(token)
             if token < 0 or token >= self.vocab_size:
                 raise ValueError(f"token id {token} is outside this tokenizer's vocabulary [0, {self.vocab_size})")

@@ -20,3 +20,15 @@ def test_update_readme_replaces_only_the_marked_section(tmp_path):
     readme.write_text(f"intro\n{README_START}\nold\n{README_END}\noutro\n")
     update_readme(str(readme), "new table")
     assert readme.read_text() == f"intro\n{README_START}\nnew table\n{README_END}\noutro\n"
+
+
+def test_machine_header_names_the_nosa_checkout_wherever_it_runs(tmp_path, monkeypatch):
+    import subprocess
+
+    import nosa
+
+    expected = subprocess.run(["git", "-C", str(__import__("pathlib").Path(nosa.__file__).parents[1]), "rev-parse", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    assert machine_header()["commit"] == (expected or None)

@@ -23,5 +23,11 @@ def test_demo_rejects_a_prompt_within_the_budget():
         main(["demo", "--steps", "1", "--prompt-tokens", "100", "--output-dir", ""])
 
 
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--new-tokens", "1"), ("--batch-size", "0")])
+def test_demo_rejects_bad_sizes(flag, value):
+    with pytest.raises(ValueError, match=f"{flag} must be >="):
+        main(["demo", flag, value, "--output-dir", ""])
+
+
 def test_cli_lists_demo():
     assert "demo" in build_parser().format_help()

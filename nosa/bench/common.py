@@ -14,9 +14,12 @@ RESULTS_DIR = os.path.join("bench", "results")
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout, or NOSA_COMMIT where the code travelled without its git metadata."""
+    """HEAD of the checkout nosa is imported from (not of the current directory), or NOSA_COMMIT where the
+    code travelled without its git metadata."""
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "-C", package_dir, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("NOSA_COMMIT")
 

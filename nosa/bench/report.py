@@ -13,8 +13,9 @@ README_START = "<!-- bench-report:start -->"
 README_END = "<!-- bench-report:end -->"
 
 
-def _machine_line(machine: dict, path: str) -> str:
-    commit = (machine.get("commit") or "unknown")[:10]
+def _machine_line(machine: dict, path: str, parameters: dict | None = None) -> str:
+    # Runs on the device machine carry no git metadata; some recorded the source commit as a parameter.
+    commit = (machine.get("commit") or (parameters or {}).get("source_commit") or "unknown")[:10]
     return (f"_{os.path.basename(path)}: {machine.get('gpu')}, driver {machine.get('driver')}, torch {machine.get('torch')}, "
             f"Triton {machine.get('triton')}, CUDA {machine.get('cuda')}, commit {commit}, {machine.get('date')}_")
 
@@ -61,7 +62,7 @@ def decode_table(path: str) -> str:
     setup = ", ".join(f"{k}={params[k]}" for k in ("mode", "budget_from", "layers", "prompt_tokens", "batch", "timed_steps", "dtype", "weights") if k in params)
     lines.append(f"Setup: {setup}.")
     lines.append("")
-    lines.append(_machine_line(data["machine"], path))
+    lines.append(_machine_line(data["machine"], path, params))
     return "\n".join(lines)
 
 

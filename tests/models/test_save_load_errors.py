@@ -92,3 +92,5 @@ def test_byte_tokenizer_round_trip(tmp_path):
     assert ByteTokenizer.from_pretrained(tmp_path).decode(ids) == text
     with pytest.raises(ValueError, match="outside this tokenizer's vocabulary"):
         tok.decode([300])
+    with pytest.raises(ValueError, match="must be integers"):
+        tok.decode([1.7])
