@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import inspect
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +18,56 @@ from nosa.train.tasks import TASKS
 INIT_FROM = ("scratch", "nosa", "llama")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
+# field -> smallest allowed value
+INT_FIELDS = {"seq_len": 2, "max_steps": 1, "micro_batch_size": 1, "grad_accum": 1, "log_every": 1, "val_batches": 1,
+              "warmup_steps": 0, "save_every": 0, "val_every": 0, "seed": 0}
+# field -> (low, high, low excluded, high excluded)
+FLOAT_FIELDS = {"lr": (0.0, math.inf, True, True), "min_lr_ratio": (0.0, 1.0, False, False),
+                "weight_decay": (0.0, math.inf, False, True), "beta1": (0.0, 1.0, False, True),
+                "beta2": (0.0, 1.0, False, True), "eps": (0.0, math.inf, True, True),
+                "grad_clip": (0.0, math.inf, False, True), "time_limit_s": (0.0, math.inf, False, True)}
+BOOL_FIELDS = ("isolate_documents", "activation_checkpointing", "progress")
+
+
+@functools.lru_cache(maxsize=1)
+def model_fields() -> frozenset:
+    """The keyword arguments NosaConfig.__init__ names (its **kwargs excluded)."""
+    from nosa.config import NosaConfig
+
+    params = inspect.signature(NosaConfig.__init__).parameters.values()
+    return frozenset(p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+
+
+def _number(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    """A finite float in the range, from a number or its text ('1e-3'); ValueError naming the field."""
+    text = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be a number in {text}, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number in {text}, got {value!r}") from None
+    if not math.isfinite(number) or number < low or number > high or (low_open and number == low) or (high_open and number == high):
+        raise ValueError(f"{name} must be a finite number in {text}, got {value!r}")
+    return number
+
+
+def _integer(name: str, value, low: int) -> int:
+    """An int >= low, from an int, an integral float or its text ('1e6'); ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    number = value
+    if not isinstance(value, int):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}") from None
+        if not math.isfinite(number) or number != int(number):
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        number = int(number)
+    if number < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return number
 
 
 @dataclass
@@ -60,6 +114,17 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Type- and range-check every field, converting numbers written as text (PyYAML reads `1e-3`
+        as a string: YAML 1.1 wants a dot in a float) so a value is either usable or refused here,
+        never at the first step."""
+        for name in ("init_from", "corpus_dir", "corpus_source", "out_dir", "precision", "parallel"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        for name in ("init_path", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string (a local directory) or null, got {value!r}")
         if self.init_from not in INIT_FROM:
             raise ValueError(f"init_from must be one of {INIT_FROM}, got {self.init_from!r}")
         if self.init_from != "scratch" and not self.init_path:
@@ -68,35 +133,48 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
-        for name in ("seq_len", "max_steps", "micro_batch_size", "grad_accum", "log_every", "val_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, low in INT_FIELDS.items():
+            setattr(self, name, _integer(name, getattr(self, name), low))
+        if self.corpus_max_tokens is not None:
+            self.corpus_max_tokens = _integer("corpus_max_tokens", self.corpus_max_tokens, 1)
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (one prediction needs two tokens), got {self.seq_len}")
-        for name in ("warmup_steps", "save_every", "val_every"):
+        for name, (low, high, low_open, high_open) in FLOAT_FIELDS.items():
+            setattr(self, name, _number(name, getattr(self, name), low, high, low_open, high_open))
+        for name in BOOL_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("grad_clip and weight_decay must be >= 0")
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         if not isinstance(self.mixture, dict) or not self.mixture:
             raise ValueError(f"mixture must be a non-empty mapping of source -> weight, got {self.mixture!r}")
         known = {"corpus", *TASKS}
         unknown = sorted(set(self.mixture) - known)
         if unknown:
             raise ValueError(f"unknown mixture sources {unknown}; known: {sorted(known)}")
-        if any(not isinstance(w, (int, float)) or w < 0 for w in self.mixture.values()) or sum(self.mixture.values()) <= 0:
-            raise ValueError(f"mixture weights must be >= 0 and not all 0, got {self.mixture}")
+        weights = {}
+        for source, weight in self.mixture.items():
+            # NaN passes `w < 0` and poisons the cumulative weights: every draw then picks one source.
+            weights[source] = _number(f"mixture.{source}", weight, 0.0, math.inf, False, True)
+        if sum(weights.values()) <= 0:
+            raise ValueError(f"mixture weights must be finite, >= 0 and not all 0, got {self.mixture}")
+        self.mixture = weights
+        if not isinstance(self.task_params, dict):
+            raise ValueError(f"task_params must be a mapping of task -> generator keyword arguments, got {self.task_params!r}")
         unknown = sorted(set(self.task_params) - set(TASKS))
         if unknown:
             raise ValueError(f"task_params names unknown tasks {unknown}; known: {sorted(TASKS)}")
+        for task, params in self.task_params.items():
+            if not isinstance(params, dict):
+                raise ValueError(f"task_params.{task} must be a mapping of keyword arguments, got {params!r}")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of NosaConfig fields, got {type(self.model).__name__}")
+        # NosaConfig takes **kwargs (transformers passes bookkeeping through it), so a misspelt field
+        # would be stored and ignored: the run would train the default size without a word.
+        allowed = model_fields()
+        unknown = sorted(set(self.model) - allowed)
+        if unknown:
+            hints = [f"{k} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, allowed, 1)) else k for k in unknown]
+            raise ValueError(f"unknown model fields: {', '.join(hints)}; NosaConfig accepts: {sorted(allowed)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,6 +209,10 @@ def apply_override(values: dict, assignment: str) -> None:
     if parts[0] not in FIELDS:
         raise ValueError(f"unknown training option {parts[0]!r}; known: {sorted(FIELDS)}")
     target = values
+    if len(parts) > 1 and parts[0] not in values and FIELDS[parts[0]].default_factory is not dataclasses.MISSING:
+        # `--set mixture.passkey=0.2` adds to the default mixture (it would otherwise replace it with
+        # {passkey: 0.2}); a mapping from the config file is merged into the same way.
+        values[parts[0]] = FIELDS[parts[0]].default_factory()
     for part in parts[:-1]:
         target = target.setdefault(part, {})
         if not isinstance(target, dict):

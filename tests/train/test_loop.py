@@ -165,3 +165,42 @@ def test_activation_checkpointing_reaches_every_layer():
     assert not any(layer.gradient_checkpointing for layer in model.model.layers)
     enable_activation_checkpointing(model)
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
+
+
+def test_numbers_written_as_text_are_converted_and_every_field_is_checked(tmp_path):
+    # PyYAML reads 1e-3 (no dot) as a string: the help text's own example must work
+    assert make_config(None, ["lr=1e-3"]).lr == 1e-3
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\ncorpus_max_tokens: 1e6\nmin_lr_ratio: 5e-2\n")
+    cfg = make_config(str(path))
+    assert (cfg.lr, cfg.corpus_max_tokens, cfg.min_lr_ratio) == (1e-3, 1_000_000, 0.05)
+    assert isinstance(cfg.corpus_max_tokens, int)
+    bad = {"time_limit_s=abc": "time_limit_s", "min_lr_ratio=abc": "min_lr_ratio", "beta1=2": "beta1",
+           "beta2=1": "beta2", "eps=-1": "eps", "corpus_max_tokens=-5": "corpus_max_tokens",
+           "corpus_max_tokens=1.5": "corpus_max_tokens", "isolate_documents=maybe": "isolate_documents",
+           "progress=maybe": "progress", "lr=.nan": "lr", "seed=-1": "seed", "max_steps=true": "max_steps",
+           "grad_clip=-0.5": "grad_clip", "out_dir=3": "out_dir", "task_params.mqar=4": "task_params.mqar"}
+    for assignment, name in bad.items():
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            make_config(None, [assignment])
+
+
+def test_misspelt_model_fields_are_refused():
+    with pytest.raises(ValueError, match="hiden_size.*hidden_size"):
+        make_config(None, ["model.hiden_size=128"])
+    assert make_config(None, ["model.hidden_size=128"]).model == {"hidden_size": 128}
+
+
+def test_dotted_mixture_override_merges_with_the_default(tmp_path):
+    assert make_config(None, ["mixture.passkey=0.2"]).mixture == {"corpus": 1.0, "passkey": 0.2}
+    path = tmp_path / "c.yaml"
+    path.write_text("mixture: {corpus: 0.5, mqar: 0.5}\n")
+    assert make_config(str(path), ["mixture.passkey=0.2"]).mixture == {"corpus": 0.5, "mqar": 0.5, "passkey": 0.2}
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -1.0, "x"])
+def test_mixture_weights_must_be_finite_and_non_negative(weight):
+    with pytest.raises(ValueError, match="mixture.passkey"):
+        TrainConfig(mixture={"corpus": 1.0, "passkey": weight})
+    with pytest.raises(ValueError, match="not all 0"):
+        TrainConfig(mixture={"corpus": 0.0})
