@@ -9,7 +9,8 @@ Sources (`build_corpus(source=...)`):
 On disk, `<out>/<split>/` for split in train, val:
   tokens.bin   all documents back to back, each [bos] + text + [eos], dtype uint16 or uint32
   docs.npy     int64 [num_docs + 1] document start offsets into tokens.bin (last = total)
-  meta.json    tokenizer name, dtype, counts, sources, what was skipped and why
+  meta.json    tokenizer name and fingerprint, dtype, counts, sources, what was skipped and why, the
+               names of the first 1000 documents (documents_list_truncated says when there are more)
 Documents are assigned to val by a seeded shuffle of the document list (`val_fraction` of them, at least
 one), so the split is reproducible and never splits a document.
 """
@@ -27,6 +28,7 @@ from nosa.train.tokenization import TextTokenizer, load_tokenizer
 
 DEFAULT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 META_FILE = "meta.json"
+MAX_LISTED = 1000
 
 
 def stdlib_files() -> list[str]:
@@ -125,6 +127,7 @@ def build_corpus(
             "split": split,
             "source": source,
             "tokenizer": tok.name,
+            "tokenizer_fingerprint": tok.fingerprint,
             "vocab_size": tok.vocab_size,
             "bos_id": tok.bos_id,
             "eos_id": tok.eos_id,
@@ -137,7 +140,10 @@ def build_corpus(
             "max_documents": max_documents,
             "max_tokens": max_tokens,
             "seed": seed,
-            "documents": [names[i] for i in indices][:1000],
+            # The names of the first MAX_LISTED documents only (a big corpus would make meta.json huge).
+            "documents": [names[i] for i in indices][:MAX_LISTED],
+            "documents_listed": min(len(indices), MAX_LISTED),
+            "documents_list_truncated": len(indices) > MAX_LISTED,
         }
         with open(os.path.join(directory, META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
@@ -169,8 +175,14 @@ class TokenCorpus:
         return len(self.offsets) - 1
 
     def check_tokenizer(self, tok: TextTokenizer) -> None:
-        if self.meta["tokenizer"] != tok.name:
+        """Refuse a tokenizer other than the one that built the corpus. Compared by content (see
+        TextTokenizer.fingerprint); a corpus written before fingerprints were recorded falls back to the
+        name."""
+        recorded = self.meta.get("tokenizer_fingerprint")
+        same = recorded == tok.fingerprint if recorded is not None else self.meta["tokenizer"] == tok.name
+        if not same:
             raise ValueError(
                 f"corpus {self.directory!r} was tokenized with {self.meta['tokenizer']!r} but training uses "
-                f"{tok.name!r}; rebuild the corpus with this tokenizer"
+                f"{tok.name!r}, a tokenizer with different ids (vocabulary, special ids or encoding); rebuild "
+                "the corpus with this tokenizer (`nosa train --build-corpus`) or point corpus_dir elsewhere"
             )

@@ -79,10 +79,18 @@ class CorpusRows:
         }
 
 
+SOURCE_BLOCK = 4096  # rows whose sources are drawn together (one generator call per block)
+
+
 class MixtureStream:
-    """Row n of the training stream: its source drawn with `mixture` weights from a generator seeded by
-    (seed, n); corpus rows follow a seeded permutation per epoch; task rows are generated at seq_len with
-    a uniform random needle depth."""
+    """Row n of the training stream: its source is drawn with `mixture` weights (the uniform draws of
+    rows [k*SOURCE_BLOCK, (k+1)*SOURCE_BLOCK) come from one generator seeded by (seed, 2, k)); corpus rows
+    follow a seeded permutation per epoch, indexed by the number of corpus draws before row n, so every
+    epoch reads each corpus row exactly once whatever the mixture; task rows are generated at seq_len
+    from a generator seeded by (seed, 0, n) with a uniform random needle depth.
+
+    The count of corpus draws before row n is a prefix sum over blocks (cached), so any row, the first
+    one after a resume included, is computed from n alone in O(n / SOURCE_BLOCK) block draws."""
 
     def __init__(self, tok: TextTokenizer, seq_len: int, mixture: dict, corpus_rows: CorpusRows | None = None,
                  task_params: dict | None = None, seed: int = 0):
@@ -96,23 +104,47 @@ class MixtureStream:
         weights = np.asarray([mixture[s] for s in self.sources], dtype=np.float64)
         self.cumulative = np.cumsum(weights / weights.sum())
         self.corpus_rows = corpus_rows
+        self.corpus_code = self.sources.index("corpus") if "corpus" in self.sources else -1
         self.task_params = task_params or {}
         self._perm_epoch, self._perm = -1, None
+        self._block_index, self._block = -1, None
+        self._corpus_before_block = [0]  # corpus draws in rows [0, k * SOURCE_BLOCK), for k = 0, 1, ...
 
-    def _corpus_index(self, n: int) -> int:
+    def _source_block(self, k: int) -> np.ndarray:
+        """Source index (into self.sources) of every row of block k."""
+        if k != self._block_index:
+            draws = np.random.default_rng([self.seed, 2, k]).random(SOURCE_BLOCK)
+            codes = np.searchsorted(self.cumulative, draws, side="right").clip(max=len(self.sources) - 1)
+            self._block_index, self._block = k, codes
+        return self._block
+
+    def source_of(self, n: int) -> str:
+        return self.sources[int(self._source_block(n // SOURCE_BLOCK)[n % SOURCE_BLOCK])]
+
+    def corpus_draws_before(self, n: int) -> int:
+        """How many of rows [0, n) are corpus rows."""
+        k, offset = divmod(n, SOURCE_BLOCK)
+        while len(self._corpus_before_block) <= k:
+            j = len(self._corpus_before_block) - 1
+            self._corpus_before_block.append(
+                self._corpus_before_block[-1] + int((self._source_block(j) == self.corpus_code).sum()))
+        return self._corpus_before_block[k] + int((self._source_block(k)[:offset] == self.corpus_code).sum())
+
+    def _corpus_index(self, draw: int) -> int:
+        """The corpus row of the draw-th corpus draw: a seeded permutation of the rows per epoch."""
         count = len(self.corpus_rows)
-        epoch = n // count
+        epoch = draw // count
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, 1, epoch]).permutation(count)
             self._perm_epoch = epoch
-        return int(self._perm[n % count])
+        return int(self._perm[draw % count])
 
     def example(self, n: int) -> tuple[np.ndarray, np.ndarray, str]:
-        rng = np.random.default_rng([self.seed, 0, n])
-        source = self.sources[int(np.searchsorted(self.cumulative, rng.random(), side="right").clip(max=len(self.sources) - 1))]
+        source = self.source_of(n)
         if source == "corpus":
-            ids, labels = self.corpus_rows.row(self._corpus_index(n))
+            ids, labels = self.corpus_rows.row(self._corpus_index(self.corpus_draws_before(n)))
             return ids, labels, source
+        rng = np.random.default_rng([self.seed, 0, n])
         sample = generate_task(source, self.tok, rng, self.seq_len, float(rng.random()), **self.task_params.get(source, {}))
         return np.asarray(sample.input_ids, dtype=np.int64), np.asarray(sample.labels(), dtype=np.int64), source
 

@@ -7,6 +7,8 @@ tokenizer (loaded from a local directory; nothing is downloaded).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -15,7 +17,8 @@ from nosa.tokenizer import ByteTokenizer
 
 
 class TextTokenizer:
-    """Adapter with a uniform interface. `name` is what corpus metadata records to catch mismatches."""
+    """Adapter with a uniform interface. `name` says where the tokenizer came from (for people);
+    `fingerprint` says what it is (corpus metadata records it to catch mismatches)."""
 
     def __init__(self, inner, name: str):
         self.inner = inner
@@ -32,6 +35,23 @@ class TextTokenizer:
             # valid id works as the pad id when the tokenizer has none.
             self.pad_id = inner.pad_token_id if inner.pad_token_id is not None else self.eos_id
             self.vocab_size = len(inner)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what decides the token ids: the vocabulary (added tokens included), the special ids,
+        and the ids of a probe text (which also covers merges and normalisation). The path is not part of
+        it: the same tokenizer saved into a checkpoint has the same fingerprint, a different one saved at
+        the same path does not."""
+        if getattr(self, "_fingerprint", None) is None:
+            if self.is_bytes:
+                vocab = {"<bytes>": 256}
+            else:
+                vocab = self.inner.get_vocab()
+            probe = "Fingerprint probe: The pass key is 48213.\n\tdef f(x):  return x ** 2  # émigré 東京 🙂"
+            payload = json.dumps({"vocab": sorted(vocab.items()), "vocab_size": self.vocab_size,
+                                  "special": [self.bos_id, self.eos_id, self.pad_id], "probe": self.encode(probe)})
+            self._fingerprint = hashlib.sha256(payload.encode("utf-8")).hexdigest()
+        return self._fingerprint
 
     @property
     def is_bytes(self) -> bool:

@@ -167,3 +167,81 @@ def test_row_layout_splits_a_step_identically_over_processes():
     two = list(step_row_indices(64, 0, 4, 2, 0)) + list(step_row_indices(64, 0, 4, 2, 1))
     accum = list(step_row_indices(64, 0, 4, 1, 0)) + list(step_row_indices(64, 1, 4, 1, 0))
     assert one == two == accum == list(range(64, 72))
+
+
+class _NumberedRows:
+    """Stands in for CorpusRows: row j is j repeated, so a row says which one it is."""
+
+    def __init__(self, count):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def row(self, j):
+        return np.full(16, j, dtype=np.int64), np.full(16, j, dtype=np.int64)
+
+
+def test_corpus_rows_are_a_permutation_per_epoch_under_a_mixture():
+    """The corpus index counts corpus draws only: each epoch of draws reads every corpus row once, and a
+    stream started at row n (a resume) reads what the uninterrupted stream read there."""
+    rows = _NumberedRows(37)
+    mixture = {"corpus": 0.8, "passkey": 0.2}
+    stream = MixtureStream(TOK, 16, mixture, rows, {}, seed=5)
+    draws = {}  # row n -> corpus row index, for corpus rows only (task rows at length 16 are never generated)
+    for n in range(5000):  # crosses the first block of source draws (4096 rows)
+        if stream.source_of(n) == "corpus":
+            draws[n] = int(stream.example(n)[0][0])
+    order = list(draws.values())
+    epochs = len(order) // len(rows)
+    assert epochs >= 100 and 0.75 < len(order) / 5000 < 0.85
+    for e in range(epochs):
+        assert sorted(order[e * len(rows):(e + 1) * len(rows)]) == list(range(len(rows)))
+    for n in (4095, 4096, 4999):
+        n = max(m for m in draws if m <= n)
+        assert int(MixtureStream(TOK, 16, mixture, rows, {}, seed=5).example(n)[0][0]) == draws[n]
+
+
+def _word_level_tokenizer(path, reverse=False):
+    """A small transformers tokenizer saved at `path`; `reverse` gives the characters other ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {c: i for i, c in enumerate(reversed(chars) if reverse else chars)}
+    vocab.update({"<s>": len(vocab), "</s>": len(vocab) + 1, "[UNK]": len(vocab) + 2})
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>", unk_token="[UNK]").save_pretrained(path)
+
+
+def test_tokenizer_check_compares_content_not_paths(tmp_path):
+    _word_level_tokenizer(tmp_path / "tok")
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in _texts(6)) + "\n")
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    build_corpus(str(tmp_path / "c"), str(jsonl), tok, val_fraction=0.2)
+    corpus = TokenCorpus(str(tmp_path / "c" / "train"))
+    corpus.check_tokenizer(tok)
+    # the same tokenizer saved elsewhere (as a checkpoint saves it) is accepted
+    tok.inner.save_pretrained(tmp_path / "ckpt")
+    corpus.check_tokenizer(load_tokenizer(str(tmp_path / "ckpt")))
+    # a different tokenizer at the original path is refused
+    _word_level_tokenizer(tmp_path / "tok", reverse=True)
+    with pytest.raises(ValueError, match="rebuild the corpus"):
+        corpus.check_tokenizer(load_tokenizer(str(tmp_path / "tok")))
+    with pytest.raises(ValueError, match="rebuild the corpus"):
+        corpus.check_tokenizer(TOK)
+
+
+def test_meta_says_when_the_document_list_is_cut(tmp_path, monkeypatch):
+    import nosa.train.corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "MAX_LISTED", 3)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, text in enumerate(_texts(10)):
+        (src / f"doc{i:02d}.txt").write_text(text)
+    metas = build_corpus(str(tmp_path / "c"), str(src), "byte", val_fraction=0.2)
+    assert metas["train"]["num_documents"] == 8 and len(metas["train"]["documents"]) == 3
+    assert metas["train"]["documents_list_truncated"] and not metas["val"]["documents_list_truncated"]
