@@ -34,6 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--time-limit-s", type=float)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint dir (default: the latest in out-dir)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a new run (no --resume) in an out-dir that holds checkpoints deletes them first (refused otherwise)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--build-corpus", action="store_true", help="only tokenize the corpus into --corpus-dir and exit")
     p.set_defaults(func=run)
@@ -58,7 +60,7 @@ def run(args) -> int:
 
     import os
 
-    summary = train(cfg, resume=args.resume, device=args.device)
+    summary = train(cfg, resume=args.resume, device=args.device, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))
     return 0

@@ -31,6 +31,11 @@ META_FILE = "meta.json"
 MAX_LISTED = 1000
 
 
+def source_path(source: str) -> str:
+    """'stdlib' as it is, a file or folder as an absolute path (so a relative source names one place)."""
+    return source if source == "stdlib" else os.path.abspath(source)
+
+
 def stdlib_files() -> list[str]:
     root = sysconfig.get_paths()["stdlib"]
     files = sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))
@@ -126,6 +131,7 @@ def build_corpus(
         meta = {
             "split": split,
             "source": source,
+            "source_path": source_path(source),
             "tokenizer": tok.name,
             "tokenizer_fingerprint": tok.fingerprint,
             "vocab_size": tok.vocab_size,

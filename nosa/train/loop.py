@@ -14,19 +14,22 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from nosa.config import NosaConfig
 from nosa.models import NosaForCausalLM
-from nosa.train.checkpoint import find_checkpoint, load_optimizer, read_state, save_checkpoint
+from nosa.train.checkpoint import checkpoint_root, find_checkpoint, load_optimizer, read_state, save_checkpoint
 from nosa.train.config import TrainConfig
-from nosa.train.corpus import TokenCorpus, build_corpus
+from nosa.train.corpus import TokenCorpus, build_corpus, source_path
 from nosa.train.distributed import (DistInfo, all_reduce_sum, barrier, cleanup, init_distributed,
                                     skip_gradient_sync, unwrap, wrap_model)
 from nosa.train.packing import CorpusRows, MixtureStream, step_row_indices
+from nosa.train.tasks import generate_task
 from nosa.train.tokenization import TextTokenizer, load_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -115,8 +118,27 @@ def open_corpus(cfg: TrainConfig, tok: TextTokenizer, info: DistInfo, split: str
             build_corpus(cfg.corpus_dir, cfg.corpus_source, tok, max_tokens=cfg.corpus_max_tokens, seed=cfg.seed)
         barrier(info)
     corpus = TokenCorpus(os.path.join(cfg.corpus_dir, split))
+    check_corpus_matches(corpus, cfg)
     corpus.check_tokenizer(tok)
     return corpus
+
+
+def check_corpus_matches(corpus: TokenCorpus, cfg: TrainConfig) -> None:
+    """An existing corpus_dir is only reused when it was built from this config's source and token cap;
+    otherwise a changed corpus_source would silently train on the old data."""
+    meta = corpus.meta
+    built_from = meta.get("source_path") or meta.get("source")
+    wanted = source_path(cfg.corpus_source)
+    problems = []
+    if built_from != wanted and source_path(str(built_from)) != wanted:
+        problems.append(f"corpus_source {meta.get('source')!r} (this run: {cfg.corpus_source!r})")
+    if meta.get("max_tokens") != cfg.corpus_max_tokens:
+        problems.append(f"corpus_max_tokens {meta.get('max_tokens')!r} (this run: {cfg.corpus_max_tokens!r})")
+    if problems:
+        raise ValueError(
+            f"corpus_dir {cfg.corpus_dir!r} was built with {' and '.join(problems)}; rebuild it "
+            "with this config (`nosa train --build-corpus` rewrites corpus_dir) or point corpus_dir elsewhere"
+        )
 
 
 def _rewind_metrics(path: str, step: int) -> None:
@@ -130,11 +152,17 @@ def _rewind_metrics(path: str, step: int) -> None:
         f.writelines(kept)
 
 
+def validation_row_count(available: int, cfg: TrainConfig, world: int) -> int:
+    return min(available, cfg.val_batches * world * cfg.micro_batch_size)
+
+
 @torch.no_grad()
 def validation_loss(model, rows: CorpusRows, cfg: TrainConfig, info: DistInfo) -> float:
-    """Token-mean loss over the first val_batches x micro_batch_size rows of the val split (all processes)."""
+    """Token-mean loss over the first val_batches x world x micro_batch_size rows of the val split: val_batches
+    global micro-batches, the rows 1 process x batch W*b reads too, so the value does not depend on how the
+    global batch is split over processes (the processes share the rows)."""
     model.eval()
-    count = min(len(rows), cfg.val_batches * cfg.micro_batch_size)
+    count = validation_row_count(len(rows), cfg, info.world)
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)
     for start in range(info.rank * cfg.micro_batch_size, count, info.world * cfg.micro_batch_size):
         batch = [rows.row(j) for j in range(start, min(start + cfg.micro_batch_size, count))]
@@ -148,24 +176,113 @@ def validation_loss(model, rows: CorpusRows, cfg: TrainConfig, info: DistInfo) -
     return float(totals[0] / totals[1].clamp(min=1))
 
 
-def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None) -> dict:
+# Fields a resume must keep: they decide the data (which rows, in which order, how they are cut and
+# tokenized) or the optimisation (schedule, optimizer hyper-parameters, the model itself), so changing
+# them would make the resumed run differ from the uninterrupted one. Every other field (time limit,
+# logging, checkpoint cadence, validation, precision, out_dir, where the corpus lives) may change.
+RESUME_FIXED = ("model", "tokenizer", "corpus_source", "corpus_max_tokens", "seq_len", "isolate_documents", "mixture",
+                "task_params", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
+                "grad_clip", "seed")
+
+
+def _plain(value):
+    """JSON round trip, so a config compares equal to the copy a checkpoint stored (tuples -> lists)."""
+    return json.loads(json.dumps(value))
+
+
+def check_resume_config(cfg: TrainConfig, state: dict, world: int, resume_dir: str) -> dict:
+    """Refuse a resume whose config breaks exact resume; returns the harmless changes {field: [old, new]}."""
+    saved = state.get("config") or {}
+    current = _plain(cfg.to_dict())
+    refused = {k: [saved[k], current[k]] for k in RESUME_FIXED if k in saved and _plain(saved[k]) != current[k]}
+    saved_rows = state.get("world_size", 1) * saved.get("micro_batch_size", cfg.micro_batch_size) * saved.get("grad_accum", cfg.grad_accum)
+    rows = world * cfg.micro_batch_size * cfg.grad_accum
+    if saved_rows != rows:
+        # Any split of the same global batch over processes, micro-batches and accumulation reads the same
+        # rows with the same gradient (see the module docstring); a different global batch does not.
+        refused["rows_per_step (world x micro_batch_size x grad_accum)"] = [
+            f"{state.get('world_size', 1)} x {saved.get('micro_batch_size')} x {saved.get('grad_accum')} = {saved_rows}",
+            f"{world} x {cfg.micro_batch_size} x {cfg.grad_accum} = {rows}"]
+    if refused:
+        lines = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in refused.items())
+        raise ValueError(
+            f"cannot resume {resume_dir!r} exactly with this config: {lines}. Use the checkpoint's values "
+            f"(its trainer_state.json holds the config), or start a new run from its weights with "
+            f"init_from='nosa', init_path={resume_dir!r}"
+        )
+    return {k: [saved[k], current[k]] for k in current if k in saved and _plain(saved[k]) != current[k]}
+
+
+def _last_logged_loss(metrics_path: str, step: int):
+    if not os.path.exists(metrics_path):
+        return None
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    losses = [r["loss"] for r in records if r.get("step") == step and "event" not in r and "loss" in r]
+    return losses[-1] if losses else None
+
+
+def _check_out_dir(cfg: TrainConfig, overwrite: bool, info: DistInfo) -> None:
+    """A fresh run must not share out_dir with an earlier run's checkpoints: `latest` would still name
+    the old run's, and a later --resume would continue the wrong run."""
+    root = checkpoint_root(cfg.out_dir)
+    if not os.path.isdir(root) or not os.listdir(root):
+        return
+    if not overwrite:
+        raise ValueError(
+            f"out_dir {cfg.out_dir!r} already holds checkpoints of another run ({root}); continue it with "
+            "--resume, choose another out_dir (--out-dir), or pass --overwrite to delete them"
+        )
+    barrier(info)  # every process has looked before the main one deletes
+    if info.is_main:
+        shutil.rmtree(root)
+    barrier(info)
+
+
+def check_tasks(cfg: TrainConfig, tok: TextTokenizer) -> None:
+    """Generate one sample of each task of the mixture at seq_len, so a bad task_params entry or a too
+    short seq_len fails now instead of when the first such row is drawn, maybe hours in."""
+    for task, weight in cfg.mixture.items():
+        if task == "corpus" or weight <= 0:
+            continue
+        params = cfg.task_params.get(task, {})
+        try:
+            generate_task(task, tok, np.random.default_rng(0), cfg.seq_len, 0.5, **params)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"mixture task {task!r} cannot be generated at seq_len={cfg.seq_len} with "
+                             f"task_params.{task}={params}: {err}") from None
+
+
+def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None, overwrite: bool = False) -> dict:
     """Run training; returns a summary (also the last line of metrics.jsonl). `resume`: a checkpoint dir
-    or 'latest'."""
+    or 'latest'. `overwrite`: a fresh run may delete the checkpoints already in out_dir."""
     info = init_distributed(device)
     try:
-        return _train(cfg, resume, info)
+        return _train(cfg, resume, info, overwrite)
     finally:
         cleanup(info)
 
 
-def _train(cfg: TrainConfig, resume: str | None, info: DistInfo) -> dict:
+def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     tok = resolve_tokenizer(cfg)
+    check_tasks(cfg, tok)
     resume_dir = find_checkpoint(resume, cfg.out_dir) if resume else None
     start_step, rows_consumed = 0, 0
+    metrics_path = os.path.join(cfg.out_dir, METRICS_FILE)
+    resume_changes = {}
     if resume_dir:
         state = read_state(resume_dir)
         start_step, rows_consumed = state["step"], state["rows_consumed"]
+        resume_changes = check_resume_config(cfg, state, info.world, resume_dir)
+        if start_step >= cfg.max_steps:
+            # Nothing to train: say so, and leave the checkpoint and the metrics as they are.
+            loss = _last_logged_loss(os.path.join(os.path.dirname(os.path.dirname(resume_dir)), METRICS_FILE), start_step)
+            return {"event": "end", "step": start_step, "final_checkpoint": resume_dir, "loss": loss,
+                    "already_finished": True, "stopped_by_time_limit": False, "wall_s": 0.0,
+                    "message": f"{resume_dir} is already at max_steps={cfg.max_steps}; nothing was trained or saved"}
+    else:
+        _check_out_dir(cfg, overwrite, info)
     model = build_model(cfg, tok, resume_dir).to(info.device)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -175,13 +292,18 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo) -> dict:
     if resume_dir:
         load_optimizer(resume_dir, wrapped, optimizer)
 
+    # Each split is opened only when it is used: a run without validation needs no usable val split.
     corpus_rows = val_rows = None
-    if cfg.uses_corpus or cfg.val_every:
+    if cfg.uses_corpus:
         corpus_rows = CorpusRows(open_corpus(cfg, tok, info, "train"), cfg.seq_len, cfg.isolate_documents, tok.pad_id)
-        val_rows = CorpusRows(open_corpus(cfg, tok, info, "val"), cfg.seq_len, cfg.isolate_documents, tok.pad_id)
-    stream = MixtureStream(tok, cfg.seq_len, cfg.mixture, corpus_rows if cfg.uses_corpus else None, cfg.task_params, cfg.seed)
+    if cfg.val_every:
+        val_corpus = open_corpus(cfg, tok, info, "val")
+        try:
+            val_rows = CorpusRows(val_corpus, cfg.seq_len, cfg.isolate_documents, tok.pad_id)
+        except ValueError as err:
+            raise ValueError(f"val_every={cfg.val_every} needs validation rows: {err}; or set val_every=0") from None
+    stream = MixtureStream(tok, cfg.seq_len, cfg.mixture, corpus_rows, cfg.task_params, cfg.seed)
 
-    metrics_path = os.path.join(cfg.out_dir, METRICS_FILE)
     if info.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
@@ -191,6 +313,9 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo) -> dict:
         elif os.path.exists(metrics_path):
             os.remove(metrics_path)
     metrics = open(metrics_path, "a") if info.is_main else None
+    if info.is_main and resume_dir:
+        metrics.write(json.dumps({"event": "resume", "step": start_step, "from": resume_dir, "rows_consumed": rows_consumed,
+                                  "world_size": info.world, "changed": resume_changes}) + "\n")
     if info.is_main and not resume_dir:
         summary_line = {"event": "start", "step": 0, "parameters": sum(p.numel() for p in model.parameters()),
                         "world_size": info.world, "rows_per_step": info.world * cfg.micro_batch_size * cfg.grad_accum,

@@ -33,8 +33,13 @@ def corpus(tmp_path_factory):
     return str(out)
 
 
+def _source(corpus):
+    with open(os.path.join(corpus, "train", "meta.json")) as f:
+        return json.load(f)["source"]
+
+
 def _cfg(corpus, out_dir, **kw):
-    values = dict(corpus_dir=corpus, out_dir=str(out_dir), seq_len=192, max_steps=3, micro_batch_size=4, warmup_steps=1,
+    values = dict(corpus_dir=corpus, corpus_source=_source(corpus), out_dir=str(out_dir), seq_len=192, max_steps=3, micro_batch_size=4, warmup_steps=1,
                   precision="fp32", progress=False, mixture={"corpus": 0.7, "passkey": 0.3}, model=dict(MODEL), seed=1)
     values.update(kw)
     return TrainConfig(**values)
@@ -57,9 +62,9 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     wa = load_file(str(tmp_path / "full" / "checkpoints" / "step_000006" / "model.safetensors"))
     wb = load_file(os.path.join(summary["final_checkpoint"], "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    # resuming "latest" in the run's own directory rewinds its metrics to the checkpoint
+    # resuming in the run's own directory rewinds its metrics to the checkpoint
     train(_cfg(corpus, tmp_path / "full", max_steps=6, save_every=3, micro_batch_size=2, grad_accum=2, val_every=3),
-          resume="latest", device="cpu")
+          resume=str(tmp_path / "full" / "checkpoints" / "step_000003"), device="cpu")
     assert _losses(tmp_path / "full") == a
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(_cfg(corpus, tmp_path / "empty"), resume="latest", device="cpu")
@@ -204,3 +209,100 @@ def test_mixture_weights_must_be_finite_and_non_negative(weight):
         TrainConfig(mixture={"corpus": 1.0, "passkey": weight})
     with pytest.raises(ValueError, match="not all 0"):
         TrainConfig(mixture={"corpus": 0.0})
+
+
+def test_validation_rows_do_not_depend_on_how_the_batch_is_split(corpus, monkeypatch):
+    """2 processes x b=1 evaluate the same rows as 1 process x b=2 (two simulated ranks, their sums added)."""
+    import nosa.train.loop as loop
+    from nosa import NosaConfig, NosaForCausalLM
+    from nosa.train.corpus import TokenCorpus
+    from nosa.train.distributed import DistInfo
+    from nosa.train.packing import CorpusRows
+
+    rows = CorpusRows(TokenCorpus(os.path.join(corpus, "val")), 64, False, 0)
+    assert len(rows) >= 8
+    totals = []
+    monkeypatch.setattr(loop, "all_reduce_sum", lambda t, info: totals.append(t.clone()) or t)
+    torch.manual_seed(0)
+    model = NosaForCausalLM(NosaConfig(**MODEL)).float()
+    cpu = torch.device("cpu")
+    two = _cfg(corpus, "unused", seq_len=64, micro_batch_size=1, val_batches=2)
+    for rank in (0, 1):
+        loop.validation_loss(model, rows, two, DistInfo(rank, 2, rank, cpu))
+    split = totals[0] + totals[1]
+    totals.clear()
+    loop.validation_loss(model, rows, _cfg(corpus, "unused", seq_len=64, micro_batch_size=2, val_batches=2), DistInfo(0, 1, 0, cpu))
+    assert float(split[1]) == float(totals[0][1]) == 4 * 63
+    assert float(split[0]) == pytest.approx(float(totals[0][0]), rel=1e-6)
+
+
+def test_no_validation_needs_no_val_split(corpus, tmp_path):
+    import shutil
+
+    small = tmp_path / "corpus"
+    shutil.copytree(corpus, small)
+    val = small / "val"  # a val split too short for one row
+    np.asarray([1, 2, 3, 4, 5], dtype=np.uint16).tofile(val / "tokens.bin")
+    np.save(val / "docs.npy", np.asarray([0, 5], dtype=np.int64))
+    summary = train(_cfg(str(small), tmp_path / "run", max_steps=1, mixture={"corpus": 1.0}), device="cpu")
+    assert summary["step"] == 1
+    with pytest.raises(ValueError, match="val_every=1 needs validation rows"):
+        train(_cfg(str(small), tmp_path / "run2", max_steps=1, val_every=1), device="cpu")
+
+
+def test_an_existing_corpus_dir_must_match_the_source(corpus, tmp_path):
+    with pytest.raises(ValueError, match="corpus_source.*stdlib.*--build-corpus"):
+        train(_cfg(corpus, tmp_path / "a", corpus_source="stdlib", max_steps=1), device="cpu")
+    with pytest.raises(ValueError, match="corpus_max_tokens None.*1000"):
+        train(_cfg(corpus, tmp_path / "b", corpus_max_tokens=1000, max_steps=1), device="cpu")
+
+
+def test_tasks_of_the_mixture_are_checked_before_training(corpus, tmp_path):
+    out = tmp_path / "t"
+    with pytest.raises(ValueError, match=r"task_params\.mqar"):
+        train(_cfg(corpus, out, mixture={"corpus": 0.5, "mqar": 0.5}, task_params={"mqar": {"num_queries": 20}}), device="cpu")
+    with pytest.raises(ValueError, match="'passkey'.*seq_len=32"):
+        train(_cfg(corpus, out, seq_len=32), device="cpu")
+    assert not out.exists()
+
+
+def _mtimes(out_dir):
+    root = os.path.join(out_dir, "checkpoints")
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_resume_refuses_changes_that_break_it_and_logs_the_others(corpus, tmp_path):
+    base = dict(max_steps=2, save_every=1, micro_batch_size=2)
+    train(_cfg(corpus, tmp_path / "run", **base), device="cpu")
+    step1 = str(tmp_path / "run" / "checkpoints" / "step_000001")
+    for change, name in ((dict(seed=2), "seed"), (dict(micro_batch_size=1), "rows_per_step"), (dict(max_steps=3), "max_steps"),
+                         (dict(mixture={"corpus": 1.0}), "mixture"), (dict(lr=1e-3), "lr")):
+        with pytest.raises(ValueError, match=f"cannot resume.*{name}"):
+            train(_cfg(corpus, tmp_path / "other", **{**base, **change}), resume=step1, device="cpu")
+    # the same global batch split differently (1 x 2 x accum 1 -> 1 x 1 x accum 2) and harmless fields are fine
+    summary = train(_cfg(corpus, tmp_path / "other", **{**base, "micro_batch_size": 1, "grad_accum": 2, "log_every": 5,
+                                                        "time_limit_s": 600.0}), resume=step1, device="cpu")
+    assert summary["step"] == 2
+    with open(tmp_path / "other" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    resumed = [r for r in records if r.get("event") == "resume"]
+    assert len(resumed) == 1 and resumed[0]["step"] == 1 and resumed[0]["from"] == step1
+    assert {"log_every", "time_limit_s", "micro_batch_size", "grad_accum", "out_dir"} <= set(resumed[0]["changed"])
+    # a finished run: nothing is trained or saved again
+    before = _mtimes(tmp_path / "run")
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    summary = train(_cfg(corpus, tmp_path / "run", **base), resume="latest", device="cpu")
+    assert summary["already_finished"] and "already at max_steps=2" in summary["message"]
+    assert summary["loss"] == _losses(tmp_path / "run")[2]
+    assert _mtimes(tmp_path / "run") == before and (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_new_run_does_not_reuse_an_out_dir_with_checkpoints(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(corpus, out, max_steps=2, save_every=1), device="cpu")
+    with pytest.raises(ValueError, match="--overwrite"):
+        train(_cfg(corpus, out, max_steps=1), device="cpu")
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_000001", "step_000002"]
+    train(_cfg(corpus, out, max_steps=1), device="cpu", overwrite=True)
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_000001"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_000001"
