@@ -136,3 +136,58 @@ def test_nosa_eval_end_to_end(corpus, tmp_path):
     assert set(result["tasks"]) == {"passkey", "variable_tracking"}
     assert len(result["locality"]["per_layer"]) == 2
     assert os.path.getsize(tmp_path / "ev" / "r.png") > 1000
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    for mode in ("nosa", "dense"):
+        _tiny(mode).save_pretrained(root / mode)
+        ByteTokenizer().save_pretrained(root / mode)
+    return root
+
+
+def test_a_missing_model_directory_fails_without_the_hub(tmp_path):
+    for missing in (tmp_path / "nope", tmp_path):  # no such folder; a folder without config.json
+        with pytest.raises(FileNotFoundError, match="--model"):
+            main(["eval", "--model", str(missing), "--out", str(tmp_path / "r.json"), "--device", "cpu"])
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--samples", "0"], "--samples"),
+    (["--task-params", "[1]"], "--task-params"),
+    (["--task-params", '{"mqar": 3}'], "--task-params"),
+    (["--task-params", '{"nope": {}}'], "--task-params names unknown"),
+    (["--tasks", "passkey,foo"], "--tasks"),
+    (["--lengths", "a,b"], "--lengths"),
+    (["--depths", "0,2"], "--depths"),
+    (["--tasks", "passkey", "--lengths", "20"], "--lengths 20"),
+    (["--tasks", "mqar", "--lengths", "300", "--task-params", '{"mqar": {"num_queries": 20}}'], "--task-params"),
+    (["--tasks", "", "--locality-prompt", "10", "--locality-steps", "1"], "--locality-steps"),
+    (["--tasks", "", "--locality-prompt", "10", "--locality-steps", "2"], r"--locality-prompt \+ --locality-steps = 12 tokens"),
+    (["--tasks", "", "--locality-prompt", "0", "--ppl-len", "100000", "CORPUS"], "--ppl-len 100000"),
+    (["--tasks", "", "--ppl-len", "64", "--locality-prompt", "100000", "CORPUS"], r"--locality-prompt \+ --locality-steps"),
+])
+def test_eval_flags_are_checked_before_any_part_runs(saved_models, corpus, tmp_path, flags, message):
+    if "CORPUS" in flags:
+        flags = [f for f in flags if f != "CORPUS"] + ["--corpus-dir", corpus]
+    out = tmp_path / "r.json"
+    with pytest.raises(ValueError, match=message):
+        main(["eval", "--model", str(saved_models / "nosa"), "--out", str(out), "--device", "cpu", *flags])
+    assert not out.exists()
+
+
+def test_skipped_parts_are_recorded_with_the_reason(saved_models, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(saved_models / "dense"), "--tasks", "", "--locality-prompt", "100",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["skipped"]) == {"perplexity", "tasks", "locality"}
+    assert "dense" in result["skipped"]["locality"] and "--corpus-dir" in result["skipped"]["perplexity"]
+    assert "no eval results to plot" in result["plot_error"] and not os.path.exists(tmp_path / "r.png")
+    assert main(["eval", "--model", str(saved_models / "nosa"), "--tasks", "passkey", "--lengths", "300", "--depths", "0.5",
+                 "--samples", "1", "--locality-prompt", "0", "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["skipped"]["locality"] == "--locality-prompt 0" and "tasks" in result
