@@ -102,6 +102,11 @@ class MixtureStream:
         if "corpus" in self.sources and corpus_rows is None:
             raise ValueError("the mixture draws from the corpus but no corpus was given")
         weights = np.asarray([mixture[s] for s in self.sources], dtype=np.float64)
+        given = np.asarray(list(mixture.values()), dtype=np.float64)
+        if not np.isfinite(given).all() or (given < 0).any() or weights.sum() <= 0:
+            # inf would make every draw pick one source and NaN would drop its source silently;
+            # TrainConfig refuses them too, this guards direct use.
+            raise ValueError(f"mixture weights must be finite, >= 0 and not all 0, got {mixture}")
         self.cumulative = np.cumsum(weights / weights.sum())
         self.corpus_rows = corpus_rows
         self.corpus_code = self.sources.index("corpus") if "corpus" in self.sources else -1

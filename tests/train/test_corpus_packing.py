@@ -160,6 +160,9 @@ def test_mixture_is_a_function_of_the_row_index(corpus_dir):
         assert labelled == 400 if source == "corpus" else 0 < labelled < 40
     with pytest.raises(ValueError, match="no corpus"):
         MixtureStream(TOK, 400, mixture, None)
+    for weight in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite"):
+            MixtureStream(TOK, 400, {"passkey": weight, "mqar": 1.0})
 
 
 def test_row_layout_splits_a_step_identically_over_processes():
