@@ -6,6 +6,7 @@ Runs on a CPU-only machine with nothing prepared in a few minutes; uses the GPU 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sysconfig
@@ -141,6 +142,7 @@ def generate(model, tokenizer, prompt_ids: torch.Tensor, args, device) -> dict:
 
 
 def run(args) -> int:
+    started = time.perf_counter()
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
@@ -190,7 +192,34 @@ def run(args) -> int:
         model.save_pretrained(args.output_dir)
         tokenizer.save_pretrained(args.output_dir)
         print(f"model and tokenizer saved to {args.output_dir}")
+    if args.summary:
+        write_summary(args, trained, result, time.perf_counter() - started, device)
+        print(f"summary written to {args.summary}")
     return 0
+
+
+def write_summary(args, trained: dict, result: dict, seconds: float, device) -> None:
+    """The run's figures with the machine header, so quoted numbers come from a file."""
+    from nosa.bench.common import machine_header
+
+    losses = trained["losses"]
+    summary = {
+        "machine": machine_header(),
+        "parameters": {k: v for k, v in vars(args).items() if k != "func"} | {"device": str(device), "model": DEMO_MODEL},
+        "results": {
+            "wall_s": seconds,
+            "loss_first_10": sum(losses[:10]) / len(losses[:10]),
+            "loss_last_10": sum(losses[-10:]) / len(losses[-10:]),
+            "losses": losses,
+            "train_tokens_per_s": trained["tokens_per_s"],
+            **{k: v for k, v in result.items() if k != "text"},
+        },
+    }
+    directory = os.path.dirname(args.summary)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(args.summary, "w") as f:
+        json.dump(summary, f, indent=2)
 
 
 def register(subparsers) -> None:
@@ -203,6 +232,7 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=120)
     parser.add_argument("--output-dir", default=os.path.join("runs", "demo"), help="where to save the model ('' to skip)")
+    parser.add_argument("--summary", default=None, help="also write the figures, with the machine header, to this JSON file")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)

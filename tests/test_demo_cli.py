@@ -1,5 +1,7 @@
 """The `nosa` command and its demo, end to end at a tiny size."""
 
+import json
+
 import pytest
 
 from nosa.cli import build_parser, main
@@ -8,7 +10,8 @@ from nosa.tokenizer import ByteTokenizer
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     code = main(["demo", "--steps", "3", "--batch-size", "2", "--seq-len", "256", "--corpus-bytes", "200000",
-                 "--prompt-tokens", "300", "--new-tokens", "12", "--output-dir", str(tmp_path), "--device", "cpu"])
+                 "--prompt-tokens", "300", "--new-tokens", "12", "--output-dir", str(tmp_path), "--device", "cpu",
+                 "--summary", str(tmp_path / "summary.json")])
     assert code == 0
     out = capsys.readouterr().out
     assert "loss:" in out and "generated 12 tokens after a 300-token prompt" in out
@@ -16,6 +19,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "8.0 of 20.0 visible blocks" in out
     assert (tmp_path / "model.safetensors").exists()
     ByteTokenizer.from_pretrained(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["machine"]["torch"] and len(summary["results"]["losses"]) == 3
+    assert summary["results"]["blocks_attended"] == 8.0 and summary["results"]["new_tokens"] == 12
 
 
 def test_demo_rejects_a_prompt_within_the_budget():
