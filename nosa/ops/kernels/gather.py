@@ -76,12 +76,9 @@ def gather_blocks(src_k, src_v, dst_k, dst_v, src_page, dst_page, head) -> None:
 
 
 @triton.jit
-def _diff_kernel(table_ptr, sel_ptr, out_table_ptr, miss_block_ptr, miss_slot_ptr, K, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_K)
-    inside = offs < K
-    table = tl.load(table_ptr + row * K + offs, mask=inside, other=-1)
-    sel = tl.load(sel_ptr + row * K + offs, mask=inside, other=-1)
+def _diff_row(table, sel, offs, inside):
+    """The slot-table diff of one (row, head): resident blocks stay in their slots, the r-th miss takes the
+    r-th freed slot. table, sel: [BLOCK_K] -> (miss mask, slot of each miss, new table)."""
     equal = (table[:, None] == sel[None, :]) & (table[:, None] >= 0)  # [slot j, selected i]
     keep = tl.max(equal.to(tl.int32), axis=1) > 0
     hit = tl.max(equal.to(tl.int32), axis=0) > 0
@@ -95,6 +92,17 @@ def _diff_kernel(table_ptr, sel_ptr, out_table_ptr, miss_block_ptr, miss_slot_pt
     assigned = tl.max(match.to(tl.int32), axis=1) > 0
     assigned_block = tl.sum(tl.where(match, sel[None, :], 0), axis=1)
     new_table = tl.where(keep, table, tl.where(assigned, assigned_block, -1))
+    return miss, slot_of_miss, new_table
+
+
+@triton.jit
+def _diff_kernel(table_ptr, sel_ptr, out_table_ptr, miss_block_ptr, miss_slot_ptr, K, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    inside = offs < K
+    table = tl.load(table_ptr + row * K + offs, mask=inside, other=-1)
+    sel = tl.load(sel_ptr + row * K + offs, mask=inside, other=-1)
+    miss, slot_of_miss, new_table = _diff_row(table, sel, offs, inside)
     tl.store(out_table_ptr + row * K + offs, new_table, mask=inside)
     tl.store(miss_block_ptr + row * K + offs, tl.where(miss, sel, -1), mask=inside)
     tl.store(miss_slot_ptr + row * K + offs, tl.where(miss, slot_of_miss, -1), mask=inside)
@@ -262,18 +270,7 @@ def _plan_step_kernel(
         num_selected = tl.sum(chosen.to(tl.int32), axis=0)
     else:
         sel = tl.load(Sel + r * s_sel_r + h * s_sel_h + offs, mask=inside, other=-1)
-        equal = (table[:, None] == sel[None, :]) & (table[:, None] >= 0)  # [slot j, selected i]
-        keep = tl.max(equal.to(tl.int32), axis=1) > 0
-        hit = tl.max(equal.to(tl.int32), axis=0) > 0
-        miss = (sel >= 0) & (hit == 0)
-        free = (keep == 0) & inside
-        miss_rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1
-        free_rank = tl.cumsum(free.to(tl.int32), axis=0) - 1
-        match = free[:, None] & miss[None, :] & (free_rank[:, None] == miss_rank[None, :])  # miss i -> free slot j
-        slot_of_miss = tl.sum(tl.where(match, offs[:, None], 0), axis=0)
-        assigned = tl.max(match.to(tl.int32), axis=1) > 0
-        assigned_block = tl.sum(tl.where(match, sel[None, :], 0), axis=1)
-        new_table = tl.where(keep, table, tl.where(assigned, assigned_block, -1))
+        miss, slot_of_miss, new_table = _diff_row(table, sel, offs, inside)
         num_selected = tl.sum((sel >= 0).to(tl.int32), axis=0)
     # A new tail block (the token starts it) has nothing on the host yet: a slot, no load.
     fresh = (offset == 0) & (sel == own)
