@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nosa import NosaConfig, NosaForCausalLM
+from nosa.results.locality import bound_quota, locality_summary
 from nosa.tokenizer import ByteTokenizer
 
 DEMO_MODEL = dict(
@@ -88,33 +89,24 @@ def train(model, corpus: torch.Tensor, args, device) -> dict:
     return {"losses": losses, "tokens_per_s": tokens / (time.perf_counter() - start)}
 
 
-def selection_statistics(logs: list[list[torch.Tensor]], prompt_length: int, block_size: int) -> dict:
+def selection_statistics(logs: list[list[torch.Tensor]], prompt_length: int, sparse) -> dict:
     """From per-layer selection logs of a batch-1 generate: blocks attended vs visible at the last step,
     and how many blocks each step newly needs per (layer, KV head)."""
-    new_per_step, overlaps, worst_within_block = [], [], 0
-    attended = visible = 0
-    for log in logs:
-        steps = torch.cat([entry[:, -1:] for entry in log], dim=1)[0]  # [steps, H, K]: prefill's last query first
-        for i in range(1, steps.shape[0]):
-            t = prompt_length - 1 + i
-            for h in range(steps.shape[1]):
-                now = set(steps[i, h][steps[i, h] >= 0].tolist())
-                before = set(steps[i - 1, h][steps[i - 1, h] >= 0].tolist())
-                new = len(now - before)
-                new_per_step.append(new)
-                overlaps.append(len(now & before) / len(now))
-                if t // block_size == (t - 1) // block_size:
-                    worst_within_block = max(worst_within_block, new)
-        last = steps[-1]
-        attended += int((last >= 0).sum())
-        visible += last.shape[0] * ((prompt_length + steps.shape[0] - 2) // block_size + 1)
+    traces = [torch.cat([entry[:, -1:] for entry in log], dim=1).cpu() for log in logs]  # prefill's last query first
+    summary = locality_summary(traces, prompt_length - 1, sparse.block_size, sparse.topk_blocks, bound_quota(sparse))
+    steps = traces[0].shape[1]
+    last = [trace[0, -1] for trace in traces]
+    attended = sum(int((entry >= 0).sum()) for entry in last)
+    visible = sum(entry.shape[0] for entry in last) * ((prompt_length + steps - 2) // sparse.block_size + 1)
+    heads = len(traces) * traces[0].shape[2]
+    within = [r["new_blocks_max_within_block"] for r in summary["per_layer"] if r["new_blocks_max_within_block"] is not None]
     return {
         "attended_fraction": attended / visible,
-        "blocks_attended": attended / (len(logs) * logs[0][0].shape[2]),
-        "blocks_visible": visible / (len(logs) * logs[0][0].shape[2]),
-        "new_blocks_per_step": sum(new_per_step) / len(new_per_step),
-        "overlap_rate": sum(overlaps) / len(overlaps),
-        "worst_new_within_block": worst_within_block,
+        "blocks_attended": attended / heads,
+        "blocks_visible": visible / heads,
+        "new_blocks_per_step": summary["new_blocks_mean"],
+        "overlap_rate": summary["overlap_mean"],
+        "worst_new_within_block": max(within, default=0),
     }
 
 
@@ -136,7 +128,7 @@ def generate(model, tokenizer, prompt_ids: torch.Tensor, args, device) -> dict:
     for layer in model.model.layers:
         layer.self_attn.selection_log = None
     new_tokens = output[0, input_ids.shape[1]:]
-    stats = selection_statistics(logs, input_ids.shape[1], model.config.block_size)
+    stats = selection_statistics(logs, input_ids.shape[1], model.config.sparse)
     stats.update(text=tokenizer.decode(new_tokens), new_tokens=len(new_tokens), tokens_per_s=len(new_tokens) / seconds)
     return stats
 
@@ -200,7 +192,7 @@ def run(args) -> int:
 
 def write_summary(args, trained: dict, result: dict, seconds: float, device) -> None:
     """The run's figures with the machine header, so quoted numbers come from a file."""
-    from nosa.bench.common import machine_header
+    from nosa.results.header import machine_header
 
     losses = trained["losses"]
     summary = {

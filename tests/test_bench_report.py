@@ -2,7 +2,8 @@
 
 import json
 
-from nosa.bench.common import machine_header, write_result
+from nosa.bench.common import write_result
+from nosa.results.header import machine_header
 from nosa.bench.report import README_END, README_START, render, update_readme
 
 

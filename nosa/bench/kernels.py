@@ -16,7 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nosa.bench.common import machine_header, write_result, cuda_median_ms
+from nosa.bench.common import cuda_median_ms, write_result
+from nosa.results.header import machine_header
 from nosa.config import SparseAttentionConfig
 
 # Ceilings measured on the lent H200 (docs: /work/shared/docs/gpu-box.md); the run re-measures HBM copy.

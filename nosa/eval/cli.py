@@ -25,7 +25,7 @@ def _floats(text: str, flag: str) -> list[float]:
 def check_args(args) -> dict:
     """Every flag checked before anything is loaded or evaluated, so a bad value fails at once with its
     flag's name instead of deep inside a part, after the earlier parts ran. Returns the parsed values."""
-    from nosa.train.tasks import TASKS
+    from nosa.data.tasks import TASKS
 
     for flag in ("batch_size", "ppl_rows", "ppl_buckets", "samples"):
         if getattr(args, flag) < 1:
@@ -96,17 +96,17 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from nosa.bench.common import machine_header
+    from nosa.results.header import machine_header
     from nosa.models import NosaForCausalLM
-    from nosa.train.corpus import TokenCorpus
-    from nosa.train.packing import CorpusRows
-    from nosa.train.tokenization import load_tokenizer
+    from nosa.data.corpus import TokenCorpus
+    from nosa.data.packing import CorpusRows
+    from nosa.data.tokenization import load_tokenizer
 
     from nosa.eval.locality import decode_locality
     from nosa.eval.perplexity import perplexity_by_position
-    from nosa.eval.plots import plot_eval
+    from nosa.results.plots import plot_eval
     from nosa.eval.tasks import evaluate_tasks
-    from nosa.train.tasks import generate_task
+    from nosa.data.tasks import generate_task
     import numpy as np
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nosa.train.packing import CorpusRows
+from nosa.data.packing import CorpusRows
 
 
 @torch.no_grad()

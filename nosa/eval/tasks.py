@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nosa.train.tasks import TASKS, generate_task
-from nosa.train.tokenization import TextTokenizer
+from nosa.data.tasks import TASKS, generate_task
+from nosa.data.tokenization import TextTokenizer
 
 
 @torch.no_grad()

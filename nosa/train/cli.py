@@ -50,7 +50,7 @@ def run(args) -> int:
         "activation_checkpointing", "isolate_documents", "save_every", "time_limit_s", "progress")}
     cfg = make_config(args.config, args.overrides, **flags)
     if args.build_corpus:
-        from nosa.train.corpus import build_corpus
+        from nosa.data.corpus import build_corpus
         from nosa.train.loop import resolve_tokenizer
 
         metas = build_corpus(cfg.corpus_dir, cfg.corpus_source, resolve_tokenizer(cfg), max_tokens=cfg.corpus_max_tokens, seed=cfg.seed)

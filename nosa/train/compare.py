@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--note", default="", help="free text stored with the numbers (what a and b are)")
     args = parser.parse_args(argv)
-    from nosa.bench.common import machine_header
+    from nosa.results.header import machine_header
 
     result = {"machine": machine_header(), "note": args.note, **compare(args.a, args.b)}
     with open(args.out, "w") as f:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from nosa.train.tasks import TASKS
+from nosa.data.tasks import TASKS
 
 INIT_FROM = ("scratch", "nosa", "llama")
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -25,12 +25,12 @@ from nosa.config import NosaConfig
 from nosa.models import NosaForCausalLM
 from nosa.train.checkpoint import checkpoint_root, find_checkpoint, load_optimizer, read_state, save_checkpoint
 from nosa.train.config import TrainConfig
-from nosa.train.corpus import TokenCorpus, build_corpus, source_path
+from nosa.data.corpus import TokenCorpus, build_corpus, source_path
 from nosa.train.distributed import (DistInfo, all_reduce_sum, barrier, cleanup, init_distributed,
                                     skip_gradient_sync, unwrap, wrap_model)
-from nosa.train.packing import CorpusRows, MixtureStream, step_row_indices
-from nosa.train.tasks import generate_task
-from nosa.train.tokenization import TextTokenizer, load_tokenizer
+from nosa.data.packing import CorpusRows, MixtureStream, step_row_indices
+from nosa.data.tasks import generate_task
+from nosa.data.tokenization import TextTokenizer, load_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -406,7 +406,7 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
         metrics.write(json.dumps(summary) + "\n")
         metrics.close()
         try:
-            from nosa.eval.plots import plot_training
+            from nosa.results.plots import plot_training
 
             summary["plot"] = plot_training(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
         except (ImportError, ValueError) as err:  # no matplotlib, or no step ran: the metrics file stays

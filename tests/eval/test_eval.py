@@ -16,10 +16,10 @@ from nosa.eval.locality import decode_locality
 from nosa.eval.perplexity import perplexity_by_position
 from nosa.eval.tasks import answer_hits, evaluate_tasks
 from nosa.tokenizer import ByteTokenizer
-from nosa.train.corpus import TokenCorpus, build_corpus
-from nosa.train.packing import CorpusRows
-from nosa.train.tasks import generate_task
-from nosa.train.tokenization import load_tokenizer
+from nosa.data.corpus import TokenCorpus, build_corpus
+from nosa.data.packing import CorpusRows
+from nosa.data.tasks import generate_task
+from nosa.data.tokenization import load_tokenizer
 
 TOK = load_tokenizer("byte")
 

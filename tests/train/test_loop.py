@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from nosa.train.config import TrainConfig, make_config
-from nosa.train.corpus import build_corpus
+from nosa.data.corpus import build_corpus
 from nosa.train.loop import learning_rate, train
 
 MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
@@ -111,9 +111,9 @@ def test_two_processes_equal_one_process_with_twice_the_batch(corpus, tmp_path, 
 def test_llama_start_computes_the_dense_models_loss(corpus, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nosa.train.packing import CorpusRows, MixtureStream
-    from nosa.train.corpus import TokenCorpus
-    from nosa.train.tokenization import load_tokenizer
+    from nosa.data.packing import CorpusRows, MixtureStream
+    from nosa.data.corpus import TokenCorpus
+    from nosa.data.tokenization import load_tokenizer
 
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -215,9 +215,9 @@ def test_validation_rows_do_not_depend_on_how_the_batch_is_split(corpus, monkeyp
     """2 processes x b=1 evaluate the same rows as 1 process x b=2 (two simulated ranks, their sums added)."""
     import nosa.train.loop as loop
     from nosa import NosaConfig, NosaForCausalLM
-    from nosa.train.corpus import TokenCorpus
+    from nosa.data.corpus import TokenCorpus
     from nosa.train.distributed import DistInfo
-    from nosa.train.packing import CorpusRows
+    from nosa.data.packing import CorpusRows
 
     rows = CorpusRows(TokenCorpus(os.path.join(corpus, "val")), 64, False, 0)
     assert len(rows) >= 8

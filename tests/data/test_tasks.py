@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from nosa.train.tasks import TASKS, generate_task
-from nosa.train.tokenization import load_tokenizer
+from nosa.data.tasks import TASKS, generate_task
+from nosa.data.tokenization import load_tokenizer
 
 TOK = load_tokenizer("byte")
 

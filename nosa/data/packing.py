@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nosa.train.corpus import TokenCorpus
-from nosa.train.tasks import TASKS, generate_task
-from nosa.train.tokenization import TextTokenizer
+from nosa.data.corpus import TokenCorpus
+from nosa.data.tasks import TASKS, generate_task
+from nosa.data.tokenization import TextTokenizer
 
 
 class CorpusRows:

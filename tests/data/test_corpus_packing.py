@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from nosa import NosaConfig, NosaForCausalLM
-from nosa.train.corpus import TokenCorpus, build_corpus, stdlib_files
-from nosa.train.packing import CorpusRows, MixtureStream, step_row_indices
-from nosa.train.tokenization import load_tokenizer
+from nosa.data.corpus import TokenCorpus, build_corpus, stdlib_files
+from nosa.data.packing import CorpusRows, MixtureStream, step_row_indices
+from nosa.data.tokenization import load_tokenizer
 
 TOK = load_tokenizer("byte")
 
@@ -238,7 +238,7 @@ def test_tokenizer_check_compares_content_not_paths(tmp_path):
 
 
 def test_meta_says_when_the_document_list_is_cut(tmp_path, monkeypatch):
-    import nosa.train.corpus as corpus_module
+    import nosa.data.corpus as corpus_module
 
     monkeypatch.setattr(corpus_module, "MAX_LISTED", 3)
     src = tmp_path / "src"

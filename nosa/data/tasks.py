@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nosa.train.tokenization import TextTokenizer
+from nosa.data.tokenization import TextTokenizer
 
 FILLER_WORDS = (
     "the quiet river runs past old stone walls and green fields where small birds sing in the morning light "

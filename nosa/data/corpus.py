@@ -24,7 +24,7 @@ import sysconfig
 
 import numpy as np
 
-from nosa.train.tokenization import TextTokenizer, load_tokenizer
+from nosa.data.tokenization import TextTokenizer, load_tokenizer
 
 DEFAULT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 META_FILE = "meta.json"

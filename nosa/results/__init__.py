@@ -1,0 +1,1 @@
+"""Below train, eval, bench and demo: the result-file header, plots and the locality statistics of selection traces."""
