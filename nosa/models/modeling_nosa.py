@@ -16,7 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from nosa.config import NosaConfig
-from nosa.layers import EvictionHead, NosaAttention, RMSNorm, RotaryEmbedding, SequenceSpans, SwiGLU
+from nosa.layers import AttentionBackend, EvictionHead, NosaAttention, RMSNorm, RotaryEmbedding, SequenceSpans, SwiGLU
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x;
 # accept and return whichever this installed version uses.
@@ -136,6 +136,16 @@ class NosaModel(NosaPreTrainedModel):
             hidden = layer(hidden, cos, sin, spans, cache)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{_CACHE_FIELD: cache})
 
+    def forward_with_attention(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        """The decoder layers with their attention in `attention` (an engine's): input_ids, position_ids
+        [B, T] -> the last layer's hidden states [B, T, hidden], before the final norm. No input checks and
+        no host syncs (the engine validates requests up front and graph-captures its decode step)."""
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, None, attention)
+        return hidden
+
 
 class NosaForCausalLM(NosaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -180,6 +190,10 @@ class NosaForCausalLM(NosaPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head of `NosaModel.forward_with_attention`'s hidden states -> float32 logits."""
+        return self.lm_head(self.model.norm(hidden)).float()
 
     @classmethod
     def from_llama(cls, llama_model_or_path, **overrides) -> "NosaForCausalLM":
