@@ -16,6 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from nosa.config import NosaConfig
+from nosa.models.convert import copy_llama_weights, load_llama, nosa_config_from_llama
 from nosa.layers import AttentionBackend, EvictionHead, NosaAttention, RMSNorm, RotaryEmbedding, SequenceSpans, SwiGLU
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x;
@@ -197,9 +198,17 @@ class NosaForCausalLM(NosaPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_llama(cls, llama_model_or_path, **overrides) -> "NosaForCausalLM":
-        from nosa.models.convert import convert_llama
+        """A NosaForCausalLM holding the Llama weights (copied), with A = 0 and a small random `delta`.
 
-        return convert_llama(llama_model_or_path, **overrides)
+        `llama_model_or_path`: a transformers LlamaForCausalLM, or a path/name that
+        `LlamaForCausalLM.from_pretrained` loads. With A = 0 the converted model computes the dense model's
+        function in attn_mode='dense', and in the sparse modes whenever a query sees <= topk_blocks blocks.
+        """
+        llama = load_llama(llama_model_or_path)
+        parameter = next(llama.parameters())
+        model = cls(nosa_config_from_llama(llama.config, **overrides)).to(parameter.dtype)
+        copy_llama_weights(model, llama)
+        return model.to(parameter.device)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
