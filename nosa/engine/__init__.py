@@ -1,6 +1,7 @@
 """NOSI, the offloading inference engine (spec sec. 6): `LLM(...).generate(prompts, SamplingParams(...))`."""
 
-from nosa.engine.llm import LLM, EngineStats
+from nosa.engine.llm import LLM
+from nosa.engine.stats import EngineStats
 from nosa.engine.sampling import SamplingParams
 from nosa.engine.sequence import RequestOutput, StepOutput
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from nosa import ops
 from nosa.config import SparseAttentionConfig
 
 
@@ -33,9 +34,9 @@ class BlockCache:
         self.rows = rows
         self.num_kv_heads = num_kv_heads
         self.block_size = cfg.block_size
-        self.max_blocks = -(-max_model_len // cfg.block_size)
+        self.max_blocks = ops.num_blocks(max_model_len, cfg.block_size)
         self.slots = self.slot_count(cfg, max_model_len)
-        self.num_windows = max(1, (max_model_len - cfg.compress_kernel) // cfg.compress_stride + 1)
+        self.num_windows = self.window_count(cfg, max_model_len)
         L, R, H, D, K, bs = num_layers, rows, num_kv_heads, head_dim, self.slots, cfg.block_size
         self.slot_k = torch.zeros((L, R * K, bs, H, D), dtype=dtype, device=device)
         self.slot_v = torch.zeros_like(self.slot_k)
@@ -52,7 +53,13 @@ class BlockCache:
 
     @staticmethod
     def slot_count(cfg: SparseAttentionConfig, max_model_len: int) -> int:
-        return cfg.topk_blocks if cfg.is_sparse else -(-max_model_len // cfg.block_size)
+        return cfg.topk_blocks if cfg.is_sparse else ops.num_blocks(max_model_len, cfg.block_size)
+
+    @staticmethod
+    def window_count(cfg: SparseAttentionConfig, max_model_len: int) -> int:
+        """Compressed-window capacity of a row: the windows complete in max_model_len tokens (at least one
+        slot, so the buffers are never empty)."""
+        return max(1, ops.reference.num_complete_windows(max_model_len, cfg.compress_kernel, cfg.compress_stride))
 
     @staticmethod
     def row_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -61,12 +68,12 @@ class BlockCache:
         elem = torch.empty((), dtype=dtype).element_size()
         L, H, D, bs = num_layers, num_kv_heads, head_dim, cfg.block_size
         slots = BlockCache.slot_count(cfg, max_model_len)
-        windows = max(1, (max_model_len - cfg.compress_kernel) // cfg.compress_stride + 1)
+        windows = BlockCache.window_count(cfg, max_model_len)
         parts = {
             "kv_slots": 2 * L * slots * bs * H * D * elem,
-            "tables": 4 * (L * H * slots + -(-max_model_len // bs)),
+            "tables": 4 * (L * H * slots + ops.num_blocks(max_model_len, bs)),
             "compressed_keys": L * (windows + cfg.compress_kernel) * H * D * elem if cfg.is_sparse else 0,
-            "eviction_state": 4 * L * H * (windows + max_model_len + -(-max_model_len // bs)) if cfg.uses_eviction_head else 0,
+            "eviction_state": 4 * L * H * (windows + max_model_len + ops.num_blocks(max_model_len, bs)) if cfg.uses_eviction_head else 0,
         }
         parts["total"] = sum(parts.values())
         return parts

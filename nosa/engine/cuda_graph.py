@@ -1,7 +1,8 @@
 """CUDA graphs for the decode step: the step is captured once per variant (uniform positions or not) over
 static input buffers that are updated in place before each replay. The first call of a variant runs
 eagerly on the same buffers (warm-up: Triton compilation, cuBLAS handles), the second captures, and every
-later call replays."""
+later call replays. A graph holds the host store's addresses, so when the store grows (`HostStore.version`)
+the graphs are dropped and captured again."""
 
 from __future__ import annotations
 
@@ -20,11 +21,15 @@ class GraphedDecode:
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.warm: set[bool] = set()
         self.pool = None
+        self.store_version = runner.store.version
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, uniform: bool) -> torch.Tensor:
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.active.copy_(active)
+        if self.runner.store.version != self.store_version:
+            self.graphs.clear()
+            self.store_version = self.runner.store.version
         if uniform in self.graphs:
             graph, logits = self.graphs[uniform]
             graph.replay()

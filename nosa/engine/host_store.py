@@ -4,28 +4,67 @@ Layout per side: [L, P, H, bs, D]; one page is one block of one sequence for all
 one (block, head) is bs x D contiguous elements, the unit the gather kernel reads. With a CUDA device the
 store is pinned host memory (the gather kernel reads it in place); with offload off it lives on the device
 itself, and the engine is the on-GPU baseline with the same code path.
+
+`num_pages` is a cap (the host memory budget), not an allocation: with offload on the store grows as
+requests are admitted (geometrically, page indices kept), each growth checked against the host memory the
+machine has available, so a budget larger than the machine fails with a message when the pages are
+actually needed instead of an allocation error at start. `version` counts the reallocations: whoever holds
+views of `k` / `v` (the runner, captured CUDA graphs) rebuilds them when it changes. With offload off the
+store is device memory that the device budget already charged, and is allocated whole at start.
 """
 
 from __future__ import annotations
 
 import torch
 
+from nosa import ops
+
+
+class HostMemoryError(RuntimeError):
+    """The host store cannot grow to the pages the admitted requests need: the machine lacks the memory."""
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (Linux MemAvailable, else psutil), or None when
+    the machine does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
 
 class HostStore:
     def __init__(self, num_layers: int, num_pages: int, num_kv_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, offload: bool):
-        self.num_pages = num_pages
+        self.num_pages = num_pages  # the cap
         self.block_size = block_size
-        shape = (num_layers, num_pages, num_kv_heads, block_size, head_dim)
-        if offload:
-            # Pinned memory is what makes the zero-copy gather possible (pageable memory runs ~3x slower).
-            pin = device.type == "cuda"
-            self.k = torch.empty(shape, dtype=dtype, pin_memory=pin)
-            self.v = torch.empty(shape, dtype=dtype, pin_memory=pin)
-        else:
-            self.k = torch.empty(shape, dtype=dtype, device=device)
-            self.v = torch.empty(shape, dtype=dtype, device=device)
-        self._free = list(range(num_pages - 1, -1, -1))
+        self.offload = offload
+        self.device = device
+        self.dtype = dtype
+        self._page_shape = (num_kv_heads, block_size, head_dim)
+        self.num_layers = num_layers
+        self.version = 0
+        self._in_use = 0
+        # Pinned memory is what makes the zero-copy gather possible (pageable memory runs ~3x slower).
+        self._pin = offload and device.type == "cuda"
+        # One page to start with (a real, pinned allocation), the rest as requests are admitted.
+        self.k, self.v = self._empty(min(num_pages, 1) if offload else num_pages)
+        self._free = list(range(self.allocated_pages - 1, -1, -1))
+
+    def _empty(self, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.num_layers, pages) + self._page_shape
+        if not self.offload:
+            return torch.empty(shape, dtype=self.dtype, device=self.device), torch.empty(shape, dtype=self.dtype, device=self.device)
+        return (torch.empty(shape, dtype=self.dtype, pin_memory=self._pin),
+                torch.empty(shape, dtype=self.dtype, pin_memory=self._pin))
 
     @staticmethod
     def page_bytes(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -33,25 +72,67 @@ class HostStore:
         return 2 * num_layers * num_kv_heads * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
+    def bytes_per_page(self) -> int:
+        return self.page_bytes(self.num_layers, self._page_shape[0], self._page_shape[1], self._page_shape[2], self.dtype)
+
+    @property
+    def allocated_pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages that can still be given out, up to the cap (allocated or not yet)."""
+        return self.num_pages - self._in_use
 
     @property
     def allocated_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes of the store at its cap (what the host memory budget allows)."""
+        return self.num_pages * self.bytes_per_page
+
+    def _grow(self, needed: int) -> None:
+        """Reallocate to at least `needed` pages (doubling, within the cap and the machine's memory)."""
+        old = self.allocated_pages
+        target = min(self.num_pages, max(needed, 2 * old))
+        available = available_host_memory()
+        if available is not None and (target - old) * self.bytes_per_page > available:
+            target = needed  # doubling does not fit: take exactly what the admitted requests need
+        new_bytes = target * self.bytes_per_page
+        if available is not None and new_bytes > available:
+            # The old store stays alive while it is copied, so the whole new one must fit beside it.
+            raise HostMemoryError(
+                f"the host KV store must grow to {needed} pages ({new_bytes / 2**30:.2f} GiB, K and V of "
+                f"{self.num_layers} layers) for the admitted requests, but the machine has "
+                f"{available / 2**30:.2f} GiB of host memory available; lower host_memory_budget (now "
+                f"{self.capacity_bytes / 2**30:.2f} GiB), max_num_seqs or max_model_len"
+            )
+        k, v = self._empty(target)
+        if old:
+            k[:, :old].copy_(self.k)
+            v[:, :old].copy_(self.v)
+        self.k, self.v = k, v
+        self._free = list(range(target - 1, old - 1, -1)) + self._free
+        self.version += 1
+
     def allocate(self, count: int) -> list[int]:
+        if count > self.free_pages:
+            raise RuntimeError(f"host store has {self.free_pages} free pages, {count} requested")
         if count > len(self._free):
-            raise RuntimeError(f"host store has {len(self._free)} free pages, {count} requested")
+            self._grow(self._in_use + count)
+        self._in_use += count
         return [self._free.pop() for _ in range(count)]
 
     def release(self, pages: list[int]) -> None:
+        self._in_use -= len(pages)
         self._free.extend(reversed(pages))
 
     def write_tokens(self, layer: int, pages: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the first T tokens of a sequence. k, v: [T, H, D] (any device) -> pages[0 : ceil(T / bs)]."""
         length = k.shape[0]
-        num_blocks = -(-length // self.block_size)
+        num_blocks = ops.num_blocks(length, self.block_size)
         pad = num_blocks * self.block_size - length
         index = torch.tensor(pages[:num_blocks], dtype=torch.long, device=self.k.device)
         for side, data in ((self.k, k), (self.v, v)):

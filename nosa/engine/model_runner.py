@@ -42,7 +42,7 @@ class ModelRunner:
         self.load_plans = [ops.LoadPlan(shared.src_page, shared.dst_page, shared.head, self.step_loads[l],
                                         self.loaded_rh[l], self.selected_rh[l]) for l in range(L)]
         self.layer_slots = [ops.LayerSlots(cache.table[l], cache.slot_k[l], cache.slot_v[l], cache.page_table) for l in range(L)]
-        self.layer_hosts = [ops.HostPages(store.k[l], store.v[l]) for l in range(L)]
+        self._hosts_version, self._hosts = None, None
         self.install_loaded = torch.zeros(L, dtype=torch.int64, device=self.device)  # blocks loaded by prefill installs
         self.valid = torch.zeros((R, K * bs, H), dtype=torch.bool, device=self.device)
         self.bias = torch.zeros((R, K * bs, H), dtype=torch.float32, device=self.device) if cache.eviction is not None else None
@@ -59,6 +59,14 @@ class ModelRunner:
         # `step_selections` (the selection traces of `record_selections`); forces eager mode.
         self.record_selections = False
         self.step_selections = torch.full((L, R, H, K), -1, dtype=torch.int32, device=self.device) if self.cfg.is_sparse else None
+
+    @property
+    def layer_hosts(self) -> list[ops.HostPages]:
+        """Each layer's host pages, as the cache ops take them (rebuilt when the store has grown)."""
+        if self._hosts_version != self.store.version:
+            self._hosts = [ops.HostPages(self.store.k[l], self.store.v[l]) for l in range(self.store.k.shape[0])]
+            self._hosts_version = self.store.version
+        return self._hosts
 
     @property
     def loaded(self) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from nosa import ops
 from nosa.engine.host_store import HostStore
 from nosa.engine.sequence import Sequence
 
@@ -21,7 +22,7 @@ class Scheduler:
 
     def pages_needed(self, seq: Sequence) -> int:
         # Pages are reserved for the whole request up front, so a running request never waits for memory.
-        return -(-seq.max_cached_tokens // self.block_size)
+        return ops.num_blocks(seq.max_cached_tokens, self.block_size)
 
     def check(self, seq: Sequence, label=None) -> None:
         """Raise ValueError if this request can never run under this engine's limits (messages name the
@@ -47,9 +48,11 @@ class Scheduler:
         """Move the first waiting request (first come, first served) to a free row if its pages fit now."""
         if not (self.waiting and self.free_rows and self.pages_needed(self.waiting[0]) <= self.store.free_pages):
             return None
+        # Pages first: if the store cannot grow to them (HostMemoryError), the request is still waiting.
+        pages = self.store.allocate(self.pages_needed(self.waiting[0]))
         seq = self.waiting.popleft()
         seq.row = self.free_rows.pop()
-        seq.pages = self.store.allocate(self.pages_needed(seq))
+        seq.pages = pages
         seq.admitted_at = time.perf_counter()
         self.running[seq.row] = seq
         return seq

@@ -49,6 +49,26 @@ class StepOutput:
     logprobs: list[dict] | None = None
 
 
+def parse_prompt(label, prompt, tokenizer, vocab_size: int) -> tuple[str | None, list[int]]:
+    """A request's prompt (str with a tokenizer, list of token ids, or a 1-D tensor of them) -> (text or
+    None, token ids); ValueError naming request `label` and the problem otherwise."""
+    text = None
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError(f"request {label}: text prompts need a tokenizer (pass tokenizer= or token ids)")
+        text, prompt = prompt, tokenizer.encode(prompt)
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise ValueError(f"request {label}: a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+    if len(prompt) == 0:
+        raise ValueError(f"request {label}: the prompt is empty; give at least one token")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"request {label}: token ids {bad[:5]} lie outside [0, vocab_size={vocab_size})")
+    return text, list(prompt)
+
+
 class Sequence:
     def __init__(self, request_id: int, prompt: str | None, token_ids: list[int], params: SamplingParams,
                  device: torch.device, keep_logits: bool, selection_shape: tuple[int, int, int] | None = None):

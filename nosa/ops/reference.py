@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nosa.config import SparseAttentionConfig
+from nosa.ops.util import ceil_div
 
 # Chunking budget: score tensors of one query chunk hold at most this many float32 elements, so memory
 # grows as O(T) per chunk instead of O(T^2) at long context.
@@ -252,7 +253,7 @@ def sparse_attention(
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
     key_positions = torch.arange(num_keys, device=q.device)
-    num_blocks = -(-num_keys // block_size)
+    num_blocks = ceil_div(num_keys, block_size)
     block_mask = block_indices_to_mask(block_indices, num_blocks)  # [B, Tq, H, NB]
     allowed = block_mask[..., key_positions // block_size] & (key_positions[None, :] <= positions[:, None])[None, :, None, :]
     dtype = compute_dtype(q)
@@ -320,7 +321,7 @@ def nosa_attention(
     agnostic = None
     if cfg.uses_eviction_head:
         agnostic = agnostic_chunk_scores(eviction.detach(), cfg.compress_kernel, cfg.compress_stride)
-    num_blocks = -(-num_keys // cfg.block_size)
+    num_blocks = ceil_div(num_keys, cfg.block_size)
     chunk = query_chunk_size(num_queries, num_keys, q.shape[2], q.shape[0], max_chunk_elements)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias)

@@ -51,7 +51,7 @@ def test_device_kv_per_sequence_is_topk_blocks_whatever_the_context(mode):
         sizes[max_len] = llm.cache.allocated_bytes()
         assert sizes[max_len]["kv_slots"] == 3 * expected
         # The full history lives in the host store, which does grow with the context.
-        assert llm.store.allocated_bytes == 3 * -(-max_len // cfg.block_size) * expected // cfg.topk_blocks
+        assert llm.store.capacity_bytes == 3 * -(-max_len // cfg.block_size) * expected // cfg.topk_blocks
     # The small selection state grows as T / stride (compressed keys) and T x H floats (eviction scores).
     assert sizes[256]["compressed_keys"] > sizes[32]["compressed_keys"]
 

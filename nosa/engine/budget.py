@@ -1,0 +1,80 @@
+"""The engine's memory accounting: how many device rows and host pages a configuration gets.
+
+`device_bytes` is what one row and the fixed workspace cost on the device; `plan_memory` turns the user's
+budgets into rows (`gpu_memory_budget`) and a host-store cap (`host_memory_budget`), refusing budgets that
+cannot hold one sequence with a message that says what to change. Benchmarks that give several
+configurations the same budget read `device_bytes`, so they use the engine's own accounting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nosa import ops
+from nosa.engine.block_cache import BlockCache
+from nosa.engine.host_store import HostStore
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """rows: device rows (running sequences at once); host_pages: the host store's cap in pages (it grows to
+    it as requests are admitted); row_bytes, workspace_bytes: what `gpu_memory_budget` is charged per row
+    and once; page_bytes: one host page (one block of one sequence, K and V, all layers)."""
+
+    rows: int
+    host_pages: int
+    row_bytes: int
+    workspace_bytes: int
+    page_bytes: int
+
+
+def _positive_bytes(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
+
+
+def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int) -> tuple[int, int]:
+    """(bytes per row, fixed workspace bytes) that `gpu_memory_budget` is charged: the engine admits
+    min(max_num_seqs, (budget - workspace) // row) rows."""
+    cfg, L = config.sparse, config.num_hidden_layers
+    H, D = config.num_key_value_heads, config.head_dim
+    elem = torch.empty((), dtype=dtype).element_size()
+    row_bytes = BlockCache.row_bytes(L, H, D, dtype, cfg, max_model_len)["total"]
+    if not offload:
+        # The store lives on the device: a full sequence per row.
+        row_bytes += ops.num_blocks(max_model_len, cfg.block_size) * HostStore.page_bytes(L, H, cfg.block_size, D, dtype)
+    # Prefill keeps one prompt's K/V (and eviction scores) of every layer on the device at a time.
+    workspace = L * max_model_len * H * (2 * D * elem + 4)
+    return row_bytes, workspace
+
+
+def plan_memory(config, dtype: torch.dtype, offload: bool, max_model_len: int, max_num_seqs: int,
+                gpu_memory_budget: int | None, host_memory_budget: int | None) -> MemoryPlan:
+    cfg, L = config.sparse, config.num_hidden_layers
+    H, D = config.num_key_value_heads, config.head_dim
+    page_bytes = HostStore.page_bytes(L, H, cfg.block_size, D, dtype)
+    max_blocks = ops.num_blocks(max_model_len, cfg.block_size)
+    row_bytes, workspace = device_bytes(config, dtype, offload, max_model_len)
+    rows = max_num_seqs
+    if gpu_memory_budget is not None:
+        _positive_bytes("gpu_memory_budget", gpu_memory_budget)
+        rows = min(rows, (gpu_memory_budget - workspace) // row_bytes)
+        if rows < 1:
+            raise ValueError(
+                f"gpu_memory_budget={gpu_memory_budget} bytes is too small: one sequence of max_model_len="
+                f"{max_model_len} tokens needs {row_bytes} bytes of device state plus {workspace} bytes of "
+                f"prefill workspace ({row_bytes + workspace} in all); raise the budget or lower max_model_len"
+            )
+    # The rows never hold more than rows * max_blocks pages at once: a larger budget is capped there.
+    pages = rows * max_blocks
+    if offload and host_memory_budget is not None:
+        _positive_bytes("host_memory_budget", host_memory_budget)
+        if host_memory_budget // page_bytes < 1:
+            raise ValueError(
+                f"host_memory_budget={host_memory_budget} bytes is too small: one block of {cfg.block_size} "
+                f"tokens needs {page_bytes} bytes (K and V of {L} layers)"
+            )
+        pages = min(pages, host_memory_budget // page_bytes)
+    return MemoryPlan(rows=rows, host_pages=pages, row_bytes=row_bytes, workspace_bytes=workspace, page_bytes=page_bytes)
