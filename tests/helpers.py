@@ -31,3 +31,16 @@ def tiny_model(attn_mode: str = "nosa", randomize_eviction: bool = True, seed: i
                     head.A.normal_(0.0, 1.0)
                     head.delta.weight.normal_(0.0, 0.5)
     return model
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run `nosa ARGV` in-process and check it failed the way a user error must: exit code 2, no
+    traceback, the message alone on stderr. Returns that message."""
+    from nosa.cli import main
+
+    capsys.readouterr()  # drop what earlier calls printed
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, f"exit code {code}, stderr: {err}"
+    assert "Traceback" not in err and err.strip(), err
+    return err

@@ -6,6 +6,7 @@ import pytest
 
 from nosa.cli import build_parser, main
 from nosa.tokenizer import ByteTokenizer
+from tests.helpers import cli_error
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -24,15 +25,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert summary["results"]["blocks_attended"] == 8.0 and summary["results"]["new_tokens"] == 12
 
 
-def test_demo_rejects_a_prompt_within_the_budget():
-    with pytest.raises(ValueError, match="must exceed topk_blocks x block_size = 128"):
-        main(["demo", "--steps", "1", "--prompt-tokens", "100", "--output-dir", ""])
+def test_demo_rejects_a_prompt_within_the_budget(capsys):
+    assert "must exceed topk_blocks x block_size = 128" in cli_error(
+        ["demo", "--steps", "1", "--prompt-tokens", "100", "--output-dir", ""], capsys)
 
 
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--new-tokens", "1"), ("--batch-size", "0")])
-def test_demo_rejects_bad_sizes(flag, value):
-    with pytest.raises(ValueError, match=f"{flag} must be >="):
-        main(["demo", flag, value, "--output-dir", ""])
+def test_demo_rejects_bad_sizes(flag, value, capsys):
+    assert f"{flag} must be >=" in cli_error(["demo", flag, value, "--output-dir", ""], capsys)
 
 
 def test_cli_lists_demo():

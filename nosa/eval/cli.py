@@ -212,13 +212,9 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """`python -m nosa.eval.cli ...` runs `nosa eval ...` without loading the other subcommands."""
-    import argparse
-    import sys
+    from nosa.command import main_for
 
-    parser = argparse.ArgumentParser(prog="nosa")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    return main_for(register, "eval", argv)
 
 
 if __name__ == "__main__":

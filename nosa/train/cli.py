@@ -68,13 +68,9 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """`python -m nosa.train.cli ...` runs `nosa train ...` without loading the other subcommands."""
-    import argparse
-    import sys
+    from nosa.command import main_for
 
-    parser = argparse.ArgumentParser(prog="nosa")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    return main_for(register, "train", argv)
 
 
 if __name__ == "__main__":

@@ -191,7 +191,11 @@ def read_config_file(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     with open(path) as f:
-        data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        text = f.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -204,7 +208,10 @@ def apply_override(values: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ValueError(f"--set takes key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {assignment!r}: the value is not valid YAML ({err})") from None
     parts = key.strip().split(".")
     if parts[0] not in FIELDS:
         raise ValueError(f"unknown training option {parts[0]!r}; known: {sorted(FIELDS)}")
