@@ -38,7 +38,7 @@ def run_command(func, args, prog: str) -> int:
     except USER_ERRORS as err:
         if os.environ.get("NOSA_TRACEBACK") == "1":
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -73,3 +73,61 @@ def main_for(register, command: str, argv=None) -> int:
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args([command, *(argv if argv is not None else sys.argv[1:])])
     return run_command(args.func, args, f"nosa {command}")
+
+
+def read_prompts(arguments: list[str], stdin, token_ids: bool) -> list:
+    """`nosa generate`'s prompts: the positional arguments, or one a line from stdin (read as bytes, so
+    text that is not UTF-8 is named instead of failing in the decoder); with --token-ids, comma-separated
+    integers. Raises UsageError naming the prompt and the flag."""
+    if arguments:
+        prompts, where = list(arguments), "prompt argument"
+        for i, text in enumerate(prompts):
+            try:
+                text.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
+            except UnicodeEncodeError:
+                raise UsageError(f"{where} {i + 1} is not valid UTF-8 text; give UTF-8 text, or token ids with "
+                                 "--token-ids") from None
+    else:
+        prompts, where = [], "stdin line"
+        for number, raw in enumerate(getattr(stdin, "buffer", stdin), 1):
+            try:
+                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            except UnicodeDecodeError as err:
+                raise UsageError(f"{where} {number} is not valid UTF-8 text ({err.reason} at byte {err.start}); give "
+                                 "UTF-8 text, or token ids with --token-ids") from None
+            if line.strip():
+                prompts.append(line.rstrip("\n"))
+    if not prompts:
+        raise UsageError("no prompt given (arguments or stdin)")
+    if not token_ids:
+        return prompts
+    parsed = []
+    for i, text in enumerate(prompts):
+        try:
+            parsed.append([int(t) for t in text.split(",") if t.strip()])
+        except ValueError:
+            raise UsageError(f"--token-ids: {where} {i + 1} ({text!r}) must be comma-separated integers, e.g. 1,20,7") from None
+    return parsed
+
+
+class quiet_transformers:
+    """With `enabled`, transformers' progress bars (the weight-loading bar of from_pretrained) stay off
+    for the duration; the setting is put back afterwards, so an in-process caller is left as it was."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self.was_enabled = logging.is_progress_bar_enabled()
+        if self.enabled:
+            logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        if self.was_enabled:
+            logging.enable_progress_bar()
+        return False
