@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nosa import NosaConfig, NosaForCausalLM
+from nosa.command import resolve_device
 from nosa.results.locality import bound_quota, locality_summary
 from nosa.tokenizer import ByteTokenizer
 
@@ -136,7 +137,7 @@ def generate(model, tokenizer, prompt_ids: torch.Tensor, args, device) -> dict:
 def run(args) -> int:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer = ByteTokenizer()

@@ -82,3 +82,15 @@ def test_traceback_on_request(monkeypatch):
     monkeypatch.setenv("NOSA_TRACEBACK", "1")
     with pytest.raises(ValueError, match="--steps must be"):
         main(["demo", "--steps", "0", "--output-dir", ""])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("command", [["demo", "--output-dir", ""], ["train", "--set", "mixture={passkey: 1.0}"],
+                                     ["eval", "--model", "."]])
+def test_device_cuda_without_cuda(command, capsys):
+    err = cli_error([*command, "--device", "cuda"], capsys)
+    assert "--device cuda" in err and "no CUDA device" in err
+
+
+def test_unknown_device_is_named(capsys):
+    assert "--device 'tpu'" in cli_error(["demo", "--output-dir", "", "--device", "tpu"], capsys)

@@ -109,7 +109,9 @@ def run(args) -> int:
     from nosa.data.tasks import generate_task
     import numpy as np
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from nosa.command import resolve_device
+
+    device = resolve_device(args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
 
     def autocast():

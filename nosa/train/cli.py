@@ -60,6 +60,10 @@ def run(args) -> int:
 
     import os
 
+    if args.device:
+        from nosa.command import resolve_device
+
+        resolve_device(args.device)  # refused here with what to do, not as an AssertionError inside torch
     summary = train(cfg, resume=args.resume, device=args.device, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))
