@@ -7,6 +7,9 @@ field and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 from dataclasses import dataclass
 
 from transformers import PretrainedConfig
@@ -105,6 +108,48 @@ class SparseAttentionConfig:
 
 SPARSE_FIELDS = tuple(SparseAttentionConfig.__dataclass_fields__)
 
+# Keyword arguments transformers itself passes to a config's __init__ (from a saved config.json, from
+# from_pretrained, or from other versions of the library) besides NosaConfig's own fields. They are
+# handed on to PretrainedConfig; anything else is a typo and refused.
+TRANSFORMERS_CONFIG_KWARGS = frozenset({
+    "architectures", "auto_map", "model_type", "transformers_version", "name_or_path", "dtype", "torch_dtype",
+    "num_labels", "id2label", "label2id", "problem_type", "output_attentions", "output_hidden_states", "return_dict",
+    "attn_implementation", "experts_implementation", "per_layer_config", "chunk_size_feed_forward",
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder",
+    "decoder_start_token_id", "sep_token_id", "tokenizer_class", "prefix", "task_specific_params",
+    "finetuning_task", "torchscript", "pruned_heads", "use_bfloat16", "tf_legacy_loss", "rope_scaling",
+    "rope_parameters", "layer_types",
+})
+
+
+def _transformers_kwargs() -> frozenset:
+    """The names PretrainedConfig accepts in this transformers version, on top of the fixed list."""
+    names = set(TRANSFORMERS_CONFIG_KWARGS)
+    if dataclasses.is_dataclass(PretrainedConfig):  # transformers 5: the base config is a dataclass
+        names.update(f.name for f in dataclasses.fields(PretrainedConfig))
+    names.update(p for p in inspect.signature(PretrainedConfig.__init__).parameters if p not in ("self", "kwargs"))
+    try:  # generation settings found in older config.json files; transformers drops them itself
+        from transformers import GenerationConfig
+
+        names.update(GenerationConfig._get_default_generation_params())
+    except (ImportError, AttributeError):
+        pass
+    return frozenset(names)
+
+
+def check_config_kwargs(kwargs: dict, own_fields) -> None:
+    """Refuse keyword arguments that are neither NosaConfig fields nor ones transformers passes (names
+    starting with '_' are transformers' private keys), suggesting the nearest field."""
+    known = _transformers_kwargs()
+    unknown = sorted(k for k in kwargs if k not in known and not k.startswith("_"))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(own_fields), n=1)
+        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise ValueError(f"unknown NosaConfig fields: {', '.join(hints)}; NosaConfig accepts: {sorted(own_fields)}")
+
 
 class NosaConfig(PretrainedConfig):
     """A Llama-architecture causal LM with NOSA attention (or one of its baselines).
@@ -151,6 +196,7 @@ class NosaConfig(PretrainedConfig):
         attn_mode: str = "nosa",
         **kwargs,
     ):
+        check_config_kwargs(kwargs, NOSA_CONFIG_FIELDS)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -219,3 +265,6 @@ class NosaConfig(PretrainedConfig):
     @property
     def sparse(self) -> SparseAttentionConfig:
         return SparseAttentionConfig(**{name: getattr(self, name) for name in SPARSE_FIELDS})
+
+
+NOSA_CONFIG_FIELDS = tuple(p for p in inspect.signature(NosaConfig.__init__).parameters if p not in ("self", "kwargs"))
