@@ -81,7 +81,7 @@ def test_the_bound_holds_where_the_condition_does(attn_mode, geometry):
     for seed in (0, 1):
         model, result = _decode(attn_mode, geometry, seed)
         assert result["visible_blocks_first_step"] > geometry["topk_blocks"]  # really sparse
-        assert result["violations"] == 0, result["per_layer"]
+        assert result["violations"] == 0 and result["has_locality_bound"], result["per_layer"]
         assert result["new_blocks_max"] >= 1  # the selection did move: the bound was exercised
 
 
@@ -89,5 +89,7 @@ def test_the_bound_holds_where_the_condition_does(attn_mode, geometry):
 def test_the_bound_fails_where_the_condition_does_not(attn_mode, query_blocks):
     geometry = dict(FAILING, query_blocks=query_blocks, topk_blocks=4 + query_blocks)
     assert not SparseAttentionConfig(attn_mode=attn_mode, **geometry).has_locality_bound
-    violations = sum(_decode(attn_mode, geometry, seed)[1]["violations"] for seed in (0, 1))
+    results = [_decode(attn_mode, geometry, seed)[1] for seed in (0, 1)]
+    assert not any(r["has_locality_bound"] for r in results)
+    violations = sum(r["violations"] for r in results)
     assert violations > 0
