@@ -71,13 +71,35 @@ def find_checkpoint(resume: str, out_dir: str) -> str:
     return resume
 
 
+def _damaged(file: str, what: str) -> ValueError:
+    return ValueError(f"{file} is damaged or truncated ({what}); resume from an earlier checkpoint "
+                      f"(--resume {os.path.dirname(os.path.dirname(file))}/step_NNNNNN) or start the run over (--overwrite)")
+
+
 def read_state(path: str) -> dict:
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
+    file = os.path.join(path, STATE_FILE)
+    try:
+        with open(file) as f:
+            state = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(file, f"not valid JSON: {err}") from None
+    missing = [k for k in ("step", "rows_consumed") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise _damaged(file, f"no {', '.join(missing)}")
+    return state
 
 
 def load_optimizer(path: str, model, optimizer) -> None:
-    saved = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
+    file = os.path.join(path, OPTIMIZER_FILE)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} is missing: this checkpoint cannot be resumed exactly; resume from "
+                                "another one, or start over from its weights with --init-from nosa --init-path")
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
+        raise _damaged(file, f"{type(err).__name__}: {err}") from None
+    if not isinstance(saved, dict) or "format" not in saved or "state" not in saved:
+        raise _damaged(file, "not an optimizer state written by nosa train")
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
