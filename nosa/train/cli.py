@@ -67,6 +67,15 @@ def run(args) -> int:
     summary = train(cfg, resume=args.resume, device=args.device, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))
+    if summary.get("stopped_by_signal"):
+        import signal
+        import sys
+
+        name = summary["stopped_by_signal"]
+        print(f"nosa train: stopped by {name} after step {summary['step']}; saved {summary['final_checkpoint']}; "
+              f"continue with the same command and --resume", file=sys.stderr)
+        number = getattr(signal, name, None) if isinstance(name, str) and name.startswith("SIG") else None
+        return 128 + int(number) if number is not None else 1
     return 0
 
 
