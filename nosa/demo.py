@@ -138,8 +138,12 @@ def run(args) -> int:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # torch's own default (one thread per core, or OMP_NUM_THREADS) unless --threads says otherwise:
+    # forcing os.cpu_count() threads collapsed throughput when another process shared the cores.
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     tokenizer = ByteTokenizer()
     config = NosaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id, **DEMO_MODEL)
@@ -228,4 +232,6 @@ def register(subparsers) -> None:
     parser.add_argument("--summary", default=None, help="also write the figures, with the machine header, to this JSON file")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's, which OMP_NUM_THREADS sets)")
     parser.set_defaults(func=run)

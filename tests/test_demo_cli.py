@@ -37,3 +37,15 @@ def test_demo_rejects_bad_sizes(flag, value, capsys):
 
 def test_cli_lists_demo():
     assert "demo" in build_parser().format_help()
+
+
+def test_demo_leaves_the_thread_count_to_torch_unless_told(monkeypatch, capsys):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    cli_error(["demo", "--steps", "0", "--output-dir", "", "--device", "cpu"], capsys)  # stops after the thread setup
+    assert calls == []
+    cli_error(["demo", "--threads", "1", "--steps", "0", "--output-dir", "", "--device", "cpu"], capsys)
+    assert calls == [1]
+    assert "--threads must be >= 1" in cli_error(["demo", "--threads", "0", "--output-dir", ""], capsys)
