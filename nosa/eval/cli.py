@@ -64,6 +64,21 @@ def check_args(args) -> dict:
                                 "(e.g. runs/x/checkpoints/step_001000); nothing is downloaded")
     if not os.path.exists(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model!r} holds no config.json: it is not a saved model directory")
+    # Lengths against the model's position limit, read from its config.json before anything is loaded.
+    from nosa.models.loading import check_model_directory
+
+    check_model_directory(args.model)
+    with open(os.path.join(args.model, "config.json")) as f:
+        max_positions = json.load(f).get("max_position_embeddings")
+    if isinstance(max_positions, int):
+        limits = [("--ppl-len", args.ppl_len, bool(args.corpus_dir)),
+                  ("--locality-prompt + --locality-steps", args.locality_prompt + args.locality_steps, bool(args.locality_prompt))]
+        if tasks:
+            limits.append(("--lengths", max(lengths), True))
+        for flag, tokens, used in limits:
+            if used and tokens > max_positions:
+                raise ValueError(f"{flag} {tokens} exceeds the model's max_position_embeddings={max_positions} "
+                                 f"({os.path.join(args.model, 'config.json')}); use at most {max_positions} tokens")
     if args.corpus_dir and not os.path.isdir(os.path.join(args.corpus_dir, "val")):
         raise FileNotFoundError(f"--corpus-dir {args.corpus_dir!r} has no val split (build it with `nosa train --build-corpus`)")
     return {"tasks": tasks, "lengths": lengths, "depths": depths, "task_params": task_params}

@@ -170,6 +170,7 @@ def test_a_missing_model_directory_fails_without_the_hub(tmp_path, capsys):
     (["--tasks", "", "--locality-prompt", "10", "--locality-steps", "2"], r"--locality-prompt \+ --locality-steps = 12 tokens"),
     (["--tasks", "", "--locality-prompt", "0", "--ppl-len", "100000", "CORPUS"], "--ppl-len 100000"),
     (["--tasks", "", "--ppl-len", "64", "--locality-prompt", "100000", "CORPUS"], r"--locality-prompt \+ --locality-steps"),
+    (["--tasks", "passkey", "--lengths", "1000,100000"], "--lengths 100000 exceeds the model's max_position_embeddings=65536"),
 ])
 def test_eval_flags_are_checked_before_any_part_runs(saved_models, corpus, tmp_path, flags, message, capsys):
     if "CORPUS" in flags:
