@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import sysconfig
 import time
 
@@ -178,7 +179,9 @@ def run(args) -> int:
     print(f"\ngenerated {result['new_tokens']} tokens after a {len(prompt)}-token prompt "
           f"({len(prompt) / budget:.1f}x the {budget}-token attended budget) at {result['tokens_per_s']:.1f} tokens/s:")
     print("-" * 72)
-    print(tokenizer.decode(prompt[-200:]) + "\033[1m" + result["text"] + "\033[0m")
+    # Bold marks the generated text on a terminal; a file or pipe gets the plain text.
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    print(tokenizer.decode(prompt[-200:]) + bold + result["text"] + plain)
     print("-" * 72)
     print(f"selection at the last step: {result['blocks_attended']:.1f} of {result['blocks_visible']:.1f} visible blocks "
           f"per (layer, KV head) ({100 * result['attended_fraction']:.1f}% of the context)")

@@ -16,6 +16,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "loss:" in out and "generated 12 tokens after a 300-token prompt" in out
+    assert "\033" not in out  # no terminal escapes when stdout is not a terminal
     # The last forward is the query at position 300 + 12 - 2 = 310, in block 19: 20 blocks visible, 8 attended.
     assert "8.0 of 20.0 visible blocks" in out
     assert (tmp_path / "model.safetensors").exists()
