@@ -10,7 +10,7 @@ import json
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a NOSA model (scratch, NOSA checkpoint or dense Llama)",
                               description=__doc__)
-    p.add_argument("--config", help="YAML or JSON file of training options (see configs/)")
+    p.add_argument("--config", help="YAML or JSON file of training options (a path, or a packaged config name: tiny_cpu, gpu_small, llama_continue)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one option, e.g. --set lr=1e-3 --set model.hidden_size=128 (repeatable)")
     p.add_argument("--out-dir")
