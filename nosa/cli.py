@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from nosa.command import Parser, run_command
+
 SUBCOMMANDS = (
     "nosa.demo",          # nosa demo
     "nosa.train.cli",     # nosa train
@@ -17,7 +19,7 @@ SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nosa", description="NOSA sparse attention: demo, train, generate, bench, eval")
+    parser = Parser(prog="nosa", description="NOSA sparse attention: demo, train, generate, bench, eval")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMANDS:
         try:
@@ -31,12 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every subcommand runs under one error path (nosa.command.run_command): a user error prints its
+    message alone with exit code 2; a bug keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    return run_command(args.func, args, f"nosa {args.command}")
 
 
 if __name__ == "__main__":

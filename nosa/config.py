@@ -7,6 +7,11 @@ field and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
+import math
+import warnings
 from dataclasses import dataclass
 
 from transformers import PretrainedConfig
@@ -21,6 +26,26 @@ def _require_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+_WARNED_GEOMETRIES: set = set()
+
+
+def _warn_no_locality_bound(cfg: "SparseAttentionConfig") -> None:
+    """Once per geometry and process: configs are rebuilt often (NosaConfig.sparse makes a new one)."""
+    key = dataclasses.astuple(cfg)
+    if key in _WARNED_GEOMETRIES:
+        return
+    _WARNED_GEOMETRIES.add(key)
+    j = cfg.locality_counterexample
+    warnings.warn(
+        f"this {cfg.attn_mode} geometry has no locality bound (spec sec. 5): with block_size={cfg.block_size}, "
+        f"window_blocks={cfg.window_blocks}, compress_kernel={cfg.compress_kernel}, compress_stride={cfg.compress_stride}, "
+        f"the last compression window overlapping block {j} ends after block {j} has left the forced window, so its "
+        f"agnostic score can still change and more than {cfg.query_aware_quota} blocks per step may be newly selected "
+        f"(offloading then loads more). The bound needs, for every block j, that window to end at or before the first "
+        f"token of block j + 1 + window_blocks; e.g. raise window_blocks or lower compress_kernel - compress_stride.",
+        UserWarning, stacklevel=4)
 
 
 @dataclass(frozen=True)
@@ -70,6 +95,38 @@ class SparseAttentionConfig:
                 f"query_blocks ({self.query_blocks}) must be <= topk_blocks - sink_blocks - window_blocks - 1 "
                 f"= {self.topk_blocks - self.forced_blocks} in attn_mode='nosa' (the agnostic fill cannot be negative)"
             )
+        if self.attn_mode in ("nosa", "dma") and not self.has_locality_bound:
+            _warn_no_locality_bound(self)
+
+    @property
+    def locality_counterexample(self) -> int | None:
+        """The first block j whose last overlapping compression window ends after the first token of block
+        j + 1 + window_blocks (see `has_locality_bound`), or None when no block does. The condition depends
+        on j only through ((j + 1) * block_size) mod compress_stride, so one period of blocks decides it."""
+        period = self.compress_stride // math.gcd(self.block_size, self.compress_stride)
+        for j in range(period):
+            end_of_block = (j + 1) * self.block_size  # first token after block j
+            last_start = (end_of_block - 1) // self.compress_stride * self.compress_stride
+            last_token = last_start + self.compress_kernel - 1
+            if last_token > (j + 1 + self.window_blocks) * self.block_size:
+                return j
+        return None
+
+    @property
+    def has_locality_bound(self) -> bool:
+        """Whether spec sec. 5's locality bound holds: while the query stays inside one block, at most
+        `query_blocks` (nosa) or 0 (dma) blocks are newly selected per step, one more on the step that
+        enters a new block.
+
+        It needs the query-agnostic ranking to be fixed except when a block leaves the forced window, so
+        the condition, exactly (spec sec. 5): for every block j, the last compression window overlapping j
+        (it starts at the largest multiple of compress_stride below (j + 1) * block_size and ends
+        compress_kernel - 1 tokens later) ends at or before the first token of block j + 1 + window_blocks,
+        the step at which j leaves the window. When compress_stride divides block_size this reads
+        compress_kernel - compress_stride <= window_blocks * block_size + 1. Only nosa and dma have the
+        bound; infllmv2 (every free slot query-aware) and dense do not. A nosa/dma geometry without it is a
+        valid model whose selection may move more per step (a warning says so when it is built)."""
+        return self.attn_mode in ("nosa", "dma") and self.locality_counterexample is None
 
     @property
     def forced_blocks(self) -> int:
@@ -104,6 +161,48 @@ class SparseAttentionConfig:
 
 
 SPARSE_FIELDS = tuple(SparseAttentionConfig.__dataclass_fields__)
+
+# Keyword arguments transformers itself passes to a config's __init__ (from a saved config.json, from
+# from_pretrained, or from other versions of the library) besides NosaConfig's own fields. They are
+# handed on to PretrainedConfig; anything else is a typo and refused.
+TRANSFORMERS_CONFIG_KWARGS = frozenset({
+    "architectures", "auto_map", "model_type", "transformers_version", "name_or_path", "dtype", "torch_dtype",
+    "num_labels", "id2label", "label2id", "problem_type", "output_attentions", "output_hidden_states", "return_dict",
+    "attn_implementation", "experts_implementation", "per_layer_config", "chunk_size_feed_forward",
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder",
+    "decoder_start_token_id", "sep_token_id", "tokenizer_class", "prefix", "task_specific_params",
+    "finetuning_task", "torchscript", "pruned_heads", "use_bfloat16", "tf_legacy_loss", "rope_scaling",
+    "rope_parameters", "layer_types",
+})
+
+
+def _transformers_kwargs() -> frozenset:
+    """The names PretrainedConfig accepts in this transformers version, on top of the fixed list."""
+    names = set(TRANSFORMERS_CONFIG_KWARGS)
+    if dataclasses.is_dataclass(PretrainedConfig):  # transformers 5: the base config is a dataclass
+        names.update(f.name for f in dataclasses.fields(PretrainedConfig))
+    names.update(p for p in inspect.signature(PretrainedConfig.__init__).parameters if p not in ("self", "kwargs"))
+    try:  # generation settings found in older config.json files; transformers drops them itself
+        from transformers import GenerationConfig
+
+        names.update(GenerationConfig._get_default_generation_params())
+    except (ImportError, AttributeError):
+        pass
+    return frozenset(names)
+
+
+def check_config_kwargs(kwargs: dict, own_fields) -> None:
+    """Refuse keyword arguments that are neither NosaConfig fields nor ones transformers passes (names
+    starting with '_' are transformers' private keys), suggesting the nearest field."""
+    known = _transformers_kwargs()
+    unknown = sorted(k for k in kwargs if k not in known and not k.startswith("_"))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(own_fields), n=1)
+        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise ValueError(f"unknown NosaConfig fields: {', '.join(hints)}; NosaConfig accepts: {sorted(own_fields)}")
 
 
 class NosaConfig(PretrainedConfig):
@@ -151,6 +250,7 @@ class NosaConfig(PretrainedConfig):
         attn_mode: str = "nosa",
         **kwargs,
     ):
+        check_config_kwargs(kwargs, NOSA_CONFIG_FIELDS)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -219,3 +319,6 @@ class NosaConfig(PretrainedConfig):
     @property
     def sparse(self) -> SparseAttentionConfig:
         return SparseAttentionConfig(**{name: getattr(self, name) for name in SPARSE_FIELDS})
+
+
+NOSA_CONFIG_FIELDS = tuple(p for p in inspect.signature(NosaConfig.__init__).parameters if p not in ("self", "kwargs"))

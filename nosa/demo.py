@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import sysconfig
 import time
 
@@ -16,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nosa import NosaConfig, NosaForCausalLM
+from nosa.command import resolve_device
 from nosa.results.locality import bound_quota, locality_summary
 from nosa.tokenizer import ByteTokenizer
 
@@ -136,9 +138,13 @@ def generate(model, tokenizer, prompt_ids: torch.Tensor, args, device) -> dict:
 def run(args) -> int:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = resolve_device(args.device)
+    # torch's own default (one thread per core, or OMP_NUM_THREADS) unless --threads says otherwise:
+    # forcing os.cpu_count() threads collapsed throughput when another process shared the cores.
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     tokenizer = ByteTokenizer()
     config = NosaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id, **DEMO_MODEL)
@@ -173,7 +179,9 @@ def run(args) -> int:
     print(f"\ngenerated {result['new_tokens']} tokens after a {len(prompt)}-token prompt "
           f"({len(prompt) / budget:.1f}x the {budget}-token attended budget) at {result['tokens_per_s']:.1f} tokens/s:")
     print("-" * 72)
-    print(tokenizer.decode(prompt[-200:]) + "\033[1m" + result["text"] + "\033[0m")
+    # Bold marks the generated text on a terminal; a file or pipe gets the plain text.
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    print(tokenizer.decode(prompt[-200:]) + bold + result["text"] + plain)
     print("-" * 72)
     print(f"selection at the last step: {result['blocks_attended']:.1f} of {result['blocks_visible']:.1f} visible blocks "
           f"per (layer, KV head) ({100 * result['attended_fraction']:.1f}% of the context)")
@@ -227,4 +235,6 @@ def register(subparsers) -> None:
     parser.add_argument("--summary", default=None, help="also write the figures, with the machine header, to this JSON file")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's, which OMP_NUM_THREADS sets)")
     parser.set_defaults(func=run)

@@ -61,3 +61,16 @@ def reference_logits(model, prompt: list[int], generated: list[int]) -> torch.Te
     ids = torch.tensor(prompt + generated[:-1], device=model.device)[None]
     with torch.no_grad():
         return model(ids).logits[0, len(prompt) - 1 :].float().cpu()
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run `nosa ARGV` in-process and check it failed the way a user error must: exit code 2, no
+    traceback, the message alone on stderr. Returns that message."""
+    from nosa.cli import main
+
+    capsys.readouterr()  # drop what earlier calls printed
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, f"exit code {code}, stderr: {err}"
+    assert "Traceback" not in err and err.strip(), err
+    return err

@@ -33,3 +33,10 @@ def test_machine_header_names_the_nosa_checkout_wherever_it_runs(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     subprocess.run(["git", "init", "-q"], check=True)
     assert machine_header()["commit"] == (expected or None)
+
+
+def test_report_of_a_missing_or_empty_results_directory_is_an_error(tmp_path, capsys):
+    from tests.helpers import cli_error
+
+    assert "is not a directory" in cli_error(["bench", "report", "--results", str(tmp_path / "nonexistent")], capsys)
+    assert "holds no kernels.json or decode" in cli_error(["bench", "report", "--results", str(tmp_path)], capsys)

@@ -88,7 +88,11 @@ def update_readme(readme: str, body: str) -> None:
 
 
 def run(args) -> int:
+    if not os.path.isdir(args.results):
+        raise FileNotFoundError(f"--results {args.results!r} is not a directory (the result files live in {RESULTS_DIR})")
     body = render(args.results)
+    if not body:
+        raise FileNotFoundError(f"--results {args.results!r} holds no kernels.json or decode*.json: nothing to report")
     if args.readme:
         update_readme(args.readme, body)
         print(f"updated {args.readme}")

@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object per request and the engine stats")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (generation and weight loading)")
     p.set_defaults(func=main)
 
 
@@ -35,18 +35,17 @@ def main(args) -> int:
 
     from nosa.engine import LLM, SamplingParams
 
-    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        print("nosa generate: no prompt given (arguments or stdin)", file=sys.stderr)
-        return 2
+    from nosa.command import quiet_transformers, read_prompts, resolve_device
+
     try:
-        if args.token_ids:
-            prompts = [[int(t) for t in p.split(",") if t.strip()] for p in prompts]
+        prompts = read_prompts(args.prompts, sys.stdin, args.token_ids)
+        device = resolve_device(args.device)
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
-        llm = LLM(args.model, device=args.device, offload=not args.no_offload, gpu_memory_budget=args.gpu_memory_budget,
-                  host_memory_budget=args.host_memory_budget, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, cuda_graphs=not args.no_cuda_graphs)
+        with quiet_transformers(args.quiet):  # --quiet: no weight-loading bar either
+            llm = LLM(args.model, device=device, offload=not args.no_offload, gpu_memory_budget=args.gpu_memory_budget,
+                      host_memory_budget=args.host_memory_budget, max_model_len=args.max_model_len,
+                      max_num_seqs=args.max_num_seqs, cuda_graphs=not args.no_cuda_graphs)
         outputs = llm.generate(prompts, params, use_tqdm=not args.quiet)
     except ValueError as err:
         print(f"nosa generate: {err}", file=sys.stderr)

@@ -64,6 +64,21 @@ def check_args(args) -> dict:
                                 "(e.g. runs/x/checkpoints/step_001000); nothing is downloaded")
     if not os.path.exists(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model!r} holds no config.json: it is not a saved model directory")
+    # Lengths against the model's position limit, read from its config.json before anything is loaded.
+    from nosa.models.loading import check_model_directory
+
+    check_model_directory(args.model)
+    with open(os.path.join(args.model, "config.json")) as f:
+        max_positions = json.load(f).get("max_position_embeddings")
+    if isinstance(max_positions, int):
+        limits = [("--ppl-len", args.ppl_len, bool(args.corpus_dir)),
+                  ("--locality-prompt + --locality-steps", args.locality_prompt + args.locality_steps, bool(args.locality_prompt))]
+        if tasks:
+            limits.append(("--lengths", max(lengths), True))
+        for flag, tokens, used in limits:
+            if used and tokens > max_positions:
+                raise ValueError(f"{flag} {tokens} exceeds the model's max_position_embeddings={max_positions} "
+                                 f"({os.path.join(args.model, 'config.json')}); use at most {max_positions} tokens")
     if args.corpus_dir and not os.path.isdir(os.path.join(args.corpus_dir, "val")):
         raise FileNotFoundError(f"--corpus-dir {args.corpus_dir!r} has no val split (build it with `nosa train --build-corpus`)")
     return {"tasks": tasks, "lengths": lengths, "depths": depths, "task_params": task_params}
@@ -109,7 +124,9 @@ def run(args) -> int:
     from nosa.data.tasks import generate_task
     import numpy as np
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from nosa.command import resolve_device
+
+    device = resolve_device(args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
 
     def autocast():
@@ -212,13 +229,9 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """`python -m nosa.eval.cli ...` runs `nosa eval ...` without loading the other subcommands."""
-    import argparse
-    import sys
+    from nosa.command import main_for
 
-    parser = argparse.ArgumentParser(prog="nosa")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    return main_for(register, "eval", argv)
 
 
 if __name__ == "__main__":

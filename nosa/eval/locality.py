@@ -70,6 +70,8 @@ def decode_locality(model, token_ids: torch.Tensor, prompt_len: int, device, aut
         "attn_mode": sparse.attn_mode,
         "prompt_len": prompt_len,
         "query_blocks": sparse.query_blocks,
+        # Violations are expected to be 0 only where the geometry has the bound (docs/locality.md).
+        "has_locality_bound": sparse.has_locality_bound,
         "visible_blocks_first_step": prompt_len // block + 1,
         "visible_blocks_last_step": (prompt_len + steps - 1) // block + 1,
         **summary,

@@ -43,6 +43,16 @@ class NosaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["NosaDecoderLayer"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained; a local directory's files are checked first so a missing or
+        damaged one is named with what to do (nosa.models.loading)."""
+        from nosa.models.loading import checked_from_pretrained
+
+        parent = super()
+        return checked_from_pretrained(pretrained_model_name_or_path,
+                                       lambda: parent.from_pretrained(pretrained_model_name_or_path, *args, **kwargs))
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range

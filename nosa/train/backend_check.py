@@ -2,7 +2,7 @@
 model shape, and how fast is one training step with each? Writes JSON; exit status 1 when the kernels
 fail or disagree, so a launcher can fall back (`... || export NOSA_BACKEND=reference`).
 
-    python -m nosa.train.backend_check --config configs/gpu_small.yaml --out backend_check.json
+    python -m nosa.train.backend_check --config gpu_small --out backend_check.json
 """
 
 from __future__ import annotations

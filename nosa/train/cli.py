@@ -10,7 +10,7 @@ import json
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a NOSA model (scratch, NOSA checkpoint or dense Llama)",
                               description=__doc__)
-    p.add_argument("--config", help="YAML or JSON file of training options (see configs/)")
+    p.add_argument("--config", help="YAML or JSON file of training options (a path, or a packaged config name: tiny_cpu, gpu_small, llama_continue)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one option, e.g. --set lr=1e-3 --set model.hidden_size=128 (repeatable)")
     p.add_argument("--out-dir")
@@ -60,21 +60,30 @@ def run(args) -> int:
 
     import os
 
+    if args.device:
+        from nosa.command import resolve_device
+
+        resolve_device(args.device)  # refused here with what to do, not as an AssertionError inside torch
     summary = train(cfg, resume=args.resume, device=args.device, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))
+    if summary.get("stopped_by_signal"):
+        import signal
+        import sys
+
+        name = summary["stopped_by_signal"]
+        print(f"nosa train: stopped by {name} after step {summary['step']}; saved {summary['final_checkpoint']}; "
+              f"continue with the same command and --resume", file=sys.stderr)
+        number = getattr(signal, name, None) if isinstance(name, str) and name.startswith("SIG") else None
+        return 128 + int(number) if number is not None else 1
     return 0
 
 
 def main(argv=None) -> int:
     """`python -m nosa.train.cli ...` runs `nosa train ...` without loading the other subcommands."""
-    import argparse
-    import sys
+    from nosa.command import main_for
 
-    parser = argparse.ArgumentParser(prog="nosa")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    return main_for(register, "train", argv)
 
 
 if __name__ == "__main__":

@@ -187,11 +187,36 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+# The example configurations ship inside the package (a non-editable install has them too).
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def packaged_configs() -> list[str]:
+    return sorted(os.path.splitext(n)[0] for n in os.listdir(PACKAGED_CONFIGS) if n.endswith((".yaml", ".json")))
+
+
+def resolve_config_path(path: str) -> str:
+    """A file path, or the name of a packaged config (`tiny_cpu`, `tiny_cpu.yaml`, `configs/tiny_cpu.yaml`)
+    when no such file exists here."""
+    if os.path.exists(path):
+        return path
+    name = os.path.basename(path)
+    for candidate in (name, name + ".yaml", name + ".json"):
+        packaged = os.path.join(PACKAGED_CONFIGS, candidate)
+        if os.path.dirname(path) in ("", "configs", os.path.join("nosa", "configs")) and os.path.isfile(packaged):
+            return packaged
+    raise FileNotFoundError(f"config file {path!r} does not exist (and is not a packaged config: "
+                            f"{', '.join(packaged_configs())})")
+
+
 def read_config_file(path: str) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+    path = resolve_config_path(path)
     with open(path) as f:
-        data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        text = f.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -204,7 +229,10 @@ def apply_override(values: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ValueError(f"--set takes key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {assignment!r}: the value is not valid YAML ({err})") from None
     parts = key.strip().split(".")
     if parts[0] not in FIELDS:
         raise ValueError(f"unknown training option {parts[0]!r}; known: {sorted(FIELDS)}")

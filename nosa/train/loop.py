@@ -26,6 +26,7 @@ from nosa.models import NosaForCausalLM
 from nosa.train.checkpoint import checkpoint_root, find_checkpoint, load_optimizer, read_state, save_checkpoint
 from nosa.train.config import TrainConfig
 from nosa.data.corpus import TokenCorpus, build_corpus, source_path
+from nosa.train.interrupt import StopRequest, stop_on_signals
 from nosa.train.distributed import (DistInfo, all_reduce_sum, barrier, cleanup, init_distributed,
                                     skip_gradient_sync, unwrap, wrap_model)
 from nosa.data.packing import CorpusRows, MixtureStream, step_row_indices
@@ -258,12 +259,15 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
     or 'latest'. `overwrite`: a fresh run may delete the checkpoints already in out_dir."""
     info = init_distributed(device)
     try:
-        return _train(cfg, resume, info, overwrite)
+        with stop_on_signals() as stop:
+            return _train(cfg, resume, info, overwrite, stop)
     finally:
         cleanup(info)
 
 
-def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool = False) -> dict:
+def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool = False,
+           stop_request: StopRequest | None = None) -> dict:
+    stop_request = stop_request or StopRequest()
     torch.manual_seed(cfg.seed)
     tok = resolve_tokenizer(cfg)
     check_tasks(cfg, tok)
@@ -384,24 +388,25 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / elapsed:,.0f}")
         out_of_time = cfg.time_limit_s > 0 and time.time() - began >= cfg.time_limit_s
-        if out_of_time:
-            # Every process must agree to stop at the same step (rank 0's clock decides).
-            flag = torch.tensor(1.0, device=info.device)
-        else:
-            flag = torch.tensor(0.0, device=info.device)
-        if info.enabled:
-            torch.distributed.broadcast(flag, src=0)
-        stop = bool(flag.item())
+        # Every process must agree to stop at the same step: rank 0's clock decides the time limit, a
+        # signal to any process stops all (ones for time, tens for a signal).
+        flag = torch.tensor(float(info.is_main and out_of_time) + 10.0 * stop_request.requested, device=info.device)
+        flag = float(all_reduce_sum(flag, info))
+        stop = flag > 0
         if step < cfg.max_steps and not stop and cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(cfg.out_dir, wrapped, optimizer, tok, step, rows_consumed, cfg.to_dict(), info)
         if stop:
-            last["stopped_by_time_limit"] = True
+            if flag % 10:
+                last["stopped_by_time_limit"] = True
+            if flag >= 10:
+                last["stopped_by_signal"] = stop_request.signal_name or "signal on another process"
             break
     if progress is not None:
         progress.close()
     final = save_checkpoint(cfg.out_dir, wrapped, optimizer, tok, step, rows_consumed, cfg.to_dict(), info)
     summary = {"event": "end", "step": step, "final_checkpoint": final, "loss": last.get("loss"),
-               "stopped_by_time_limit": bool(last.get("stopped_by_time_limit")), "wall_s": time.time() - began}
+               "stopped_by_time_limit": bool(last.get("stopped_by_time_limit")),
+               "stopped_by_signal": last.get("stopped_by_signal"), "wall_s": time.time() - began}
     if info.is_main:
         metrics.write(json.dumps(summary) + "\n")
         metrics.close()

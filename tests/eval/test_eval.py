@@ -3,6 +3,7 @@ command end to end on a tiny saved model."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from nosa.data.corpus import TokenCorpus, build_corpus
 from nosa.data.packing import CorpusRows
 from nosa.data.tasks import generate_task
 from nosa.data.tokenization import load_tokenizer
+from tests.helpers import cli_error
 
 TOK = load_tokenizer("byte")
 
@@ -147,10 +149,9 @@ def saved_models(tmp_path_factory):
     return root
 
 
-def test_a_missing_model_directory_fails_without_the_hub(tmp_path):
+def test_a_missing_model_directory_fails_without_the_hub(tmp_path, capsys):
     for missing in (tmp_path / "nope", tmp_path):  # no such folder; a folder without config.json
-        with pytest.raises(FileNotFoundError, match="--model"):
-            main(["eval", "--model", str(missing), "--out", str(tmp_path / "r.json"), "--device", "cpu"])
+        assert "--model" in cli_error(["eval", "--model", str(missing), "--out", str(tmp_path / "r.json"), "--device", "cpu"], capsys)
     assert not (tmp_path / "r.json").exists()
 
 
@@ -169,13 +170,13 @@ def test_a_missing_model_directory_fails_without_the_hub(tmp_path):
     (["--tasks", "", "--locality-prompt", "10", "--locality-steps", "2"], r"--locality-prompt \+ --locality-steps = 12 tokens"),
     (["--tasks", "", "--locality-prompt", "0", "--ppl-len", "100000", "CORPUS"], "--ppl-len 100000"),
     (["--tasks", "", "--ppl-len", "64", "--locality-prompt", "100000", "CORPUS"], r"--locality-prompt \+ --locality-steps"),
+    (["--tasks", "passkey", "--lengths", "1000,100000"], "--lengths 100000 exceeds the model's max_position_embeddings=65536"),
 ])
-def test_eval_flags_are_checked_before_any_part_runs(saved_models, corpus, tmp_path, flags, message):
+def test_eval_flags_are_checked_before_any_part_runs(saved_models, corpus, tmp_path, flags, message, capsys):
     if "CORPUS" in flags:
         flags = [f for f in flags if f != "CORPUS"] + ["--corpus-dir", corpus]
     out = tmp_path / "r.json"
-    with pytest.raises(ValueError, match=message):
-        main(["eval", "--model", str(saved_models / "nosa"), "--out", str(out), "--device", "cpu", *flags])
+    assert re.search(message, cli_error(["eval", "--model", str(saved_models / "nosa"), "--out", str(out), "--device", "cpu", *flags], capsys))
     assert not out.exists()
 
 

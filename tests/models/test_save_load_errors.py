@@ -94,3 +94,24 @@ def test_byte_tokenizer_round_trip(tmp_path):
         tok.decode([300])
     with pytest.raises(ValueError, match="must be integers"):
         tok.decode([1.7])
+
+
+def test_unknown_config_fields_are_refused_with_a_suggestion():
+    with pytest.raises(ValueError, match="'topk_block' \\(did you mean 'topk_blocks'\\?\\)"):
+        NosaConfig(topk_block=8)
+    with pytest.raises(ValueError, match="'zzz'"):
+        tiny_config(zzz=1)
+
+
+def test_transformers_own_kwargs_still_pass(tmp_path):
+    # What transformers hands a config's __init__ when loading or converting: accepted, not refused.
+    config = tiny_config(torch_dtype="float32", architectures=["NosaForCausalLM"], name_or_path="x",
+                         output_attentions=False, auto_map={}, _commit_hash=None, num_labels=2, return_dict=True)
+    assert config.topk_blocks == 6
+    config.save_pretrained(tmp_path)
+    for loaded in (AutoConfig.from_pretrained(tmp_path), NosaConfig.from_pretrained(tmp_path)):
+        assert loaded.to_diff_dict() | {"_name_or_path": None} == config.to_diff_dict() | {"_name_or_path": None}
+    assert NosaConfig.from_dict(config.to_dict()).topk_blocks == 6
+    import copy
+
+    assert copy.deepcopy(config).block_size == config.block_size

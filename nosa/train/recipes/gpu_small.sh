@@ -4,14 +4,14 @@
 # 1. checks the Triton kernels against the reference for the run's shape (falls back to the reference)
 # 2. builds the stdlib corpus
 # 3. DDP equivalence: 2 processes x batch 2 vs 1 process x batch 4, same rows, fp32 -> ddp_equivalence.json
-# 4. trains configs/gpu_small.yaml on 2 GPUs for about TB seconds (steps sized from the measured step time)
+# 4. trains nosa/configs/gpu_small.yaml on 2 GPUs for about TB seconds (steps sized from the measured step time)
 # 5. nosa eval on the final checkpoint -> eval/results.json + .png
 # Every stage logs to $L and later stages run even when an earlier one failed (partial results).
 # A device call brings back at most 8 files, so $OUT gets 7: the results flat, the logs as one archive
 # (refreshed after every stage).
 # Overridable for a CPU rehearsal: C (config), DL (DDP check length), TB (train seconds), EV (eval flags).
 export PYTHONPATH=$PWD
-C=${C:-configs/gpu_small.yaml}; DL=${DL:-2048}; TB=${TB:-100}
+C=${C:-nosa/configs/gpu_small.yaml}; DL=${DL:-2048}; TB=${TB:-100}
 EV=${EV:---ppl-len 4096 --ppl-rows 16 --lengths 2048,4096,8192 --depths 0,0.5,1 --samples 3 --locality-prompt 4096 --locality-steps 96}
 : "${OUT:?set OUT to the results directory}"
 L=/tmp/nosa_logs; mkdir -p "$L" "$OUT"

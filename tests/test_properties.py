@@ -1,0 +1,135 @@
+"""Property-based tests over random valid geometries and attention modes (hypothesis):
+  - selection equals a brute-force rule written here from spec sec. 4, independent of nosa.ops;
+  - the engine's tokens and logits equal the model's own forward, and offload on equals offload off
+    (the engine only through its public API: LLM(...).generate).
+CI runs the derandomized `ci` profile (190 cases, about 15 s on 2 cores); NOSA_HYPOTHESIS_PROFILE=nightly
+runs 10x as many fresh random cases (NOSA_HYPOTHESIS_SCALE=N: N x), the engine on the GPU when there is one."""
+
+import math
+import os
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from nosa import NosaConfig, NosaForCausalLM  # noqa: E402
+from nosa.config import SparseAttentionConfig  # noqa: E402
+from nosa.engine import LLM, SamplingParams  # noqa: E402
+from nosa.ops import reference as ref  # noqa: E402
+
+PROFILE = os.environ.get("NOSA_HYPOTHESIS_PROFILE", "ci")  # tests/conftest.py loads the profile
+# Examples per CI run times SCALE (NOSA_HYPOTHESIS_SCALE overrides the nightly default of 10).
+SCALE = 1 if PROFILE == "ci" else int(os.environ.get("NOSA_HYPOTHESIS_SCALE", "10"))
+DEVICE = "cuda" if PROFILE == "nightly" and torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.filterwarnings("ignore:this .* geometry has no locality bound")
+
+
+@st.composite
+def geometries(draw, modes=("nosa", "dma", "infllmv2")):
+    """Any valid SparseAttentionConfig of small sizes (with or without the locality bound)."""
+    mode = draw(st.sampled_from(modes))
+    sink, window = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    forced = sink + window + 1
+    topk = draw(st.integers(forced, forced + 4))
+    query = draw(st.integers(0, topk - forced)) if mode == "nosa" else draw(st.integers(0, 3))
+    kernel = draw(st.integers(1, 8))
+    return SparseAttentionConfig(block_size=draw(st.integers(1, 6)), topk_blocks=topk, sink_blocks=sink,
+                                 window_blocks=window, query_blocks=query, compress_kernel=kernel,
+                                 compress_stride=draw(st.integers(1, kernel)), attn_mode=mode)
+
+
+def brute_force(q, k, c, cfg):
+    """Spec sec. 4 step by step for one sequence: {(t, h): selected block ids}. q [T, Hq, D], k [T, H, D],
+    c [T, H] or None. Plain loops; nothing shared with the implementation."""
+    T, Hq, D = q.shape
+    H = k.shape[1]
+    group = Hq // H
+    B, kern, stride = cfg.block_size, cfg.compress_kernel, cfg.compress_stride
+    starts = [i * stride for i in range(T) if i * stride + kern <= T]  # full windows only
+    selected = {}
+    for t in range(T):
+        done = [s for s in starts if s + kern - 1 <= t]  # windows complete at t
+        own = t // B
+        for h in range(H):
+            aware = {s: 0.0 for s in done}
+            for g in range(group):  # softmax per query head, summed over the group
+                logit = {s: float(q[t, h * group + g].double() @ k[s:s + kern, h].double().mean(0)) / math.sqrt(D) for s in done}
+                if logit:
+                    top = max(logit.values())
+                    total = sum(math.exp(v - top) for v in logit.values())
+                    for s in done:
+                        aware[s] += math.exp(logit[s] - top) / total
+            agnostic = {s: float(c[s:s + kern, h].double().mean()) if c is not None else 0.0 for s in done}
+
+            def score(j, window_scores):  # max over the complete windows overlapping block j
+                return max((window_scores[s] for s in done if s < (j + 1) * B and s + kern > j * B), default=-math.inf)
+
+            visible = range(own + 1)
+            forced = {j for j in visible if j < cfg.sink_blocks or own - cfg.window_blocks <= j}
+            rest = [j for j in visible if j not in forced]
+            quota = {"nosa": cfg.query_blocks, "dma": 0, "infllmv2": cfg.topk_blocks - len(forced)}[cfg.attn_mode]
+            picks = sorted(rest, key=lambda j: (-score(j, aware), j))[:quota]  # lower index wins ties
+            rest = [j for j in rest if j not in picks]
+            fill = sorted(rest, key=lambda j: (-score(j, agnostic), j))[:max(0, cfg.topk_blocks - len(forced) - len(picks))]
+            selected[t, h] = forced | set(picks) | set(fill)
+    return selected
+
+
+@settings(max_examples=150 * SCALE)
+@given(cfg=geometries(), length=st.integers(1, 40), kv_heads=st.integers(1, 2), group=st.integers(1, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_selection_equals_the_brute_force_rule(cfg, length, kv_heads, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    D = 4
+    q = torch.randn(1, length, kv_heads * group, D, generator=g)
+    k = torch.randn(1, length, kv_heads, D, generator=g)
+    c = torch.randn(1, length, kv_heads, generator=g) if cfg.uses_eviction_head else None
+    compressed = ref.compress_keys(k, cfg.compress_kernel, cfg.compress_stride)
+    agnostic = None if c is None else ref.agnostic_chunk_scores(c, cfg.compress_kernel, cfg.compress_stride)
+    got = ref.select_for_queries(q, compressed, agnostic, torch.arange(length), -(-length // cfg.block_size), cfg)[0]
+    for (t, h), expected in brute_force(q[0], k[0], None if c is None else c[0], cfg).items():
+        row = got[t, h]
+        assert set(row[row >= 0].tolist()) == expected, (t, h)
+
+
+def _model(cfg: SparseAttentionConfig, kv_heads: int, group: int, seed: int) -> NosaForCausalLM:
+    torch.manual_seed(seed)
+    config = NosaConfig(vocab_size=64, hidden_size=8 * kv_heads * group, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=kv_heads * group, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                        initializer_range=0.2, eviction_init_std=0.5, **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+    model = NosaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.self_attn.eviction is not None:  # A = 0 would leave every agnostic score 0
+                layer.self_attn.eviction.A.normal_(0.0, 2.0)
+    return model.to(DEVICE)
+
+
+@settings(max_examples=40 * SCALE)
+@given(cfg=geometries(("nosa", "dma", "infllmv2", "dense")), kv_heads=st.integers(1, 2), group=st.integers(1, 3),
+       lengths=st.lists(st.integers(1, 30), min_size=1, max_size=3), steps=st.integers(1, 12),
+       max_num_seqs=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_engine_equals_the_models_forward_and_offload_changes_nothing(cfg, kv_heads, group, lengths, steps, max_num_seqs, seed):
+    model = _model(cfg, kv_heads, group, seed % 1000)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in lengths]
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    outputs = {}
+    for offload in (True, False):
+        llm = LLM(model, device=DEVICE, offload=offload, max_model_len=48, max_num_seqs=max_num_seqs, prefill_chunk=7)
+        outputs[offload] = llm.generate(prompts, params, use_tqdm=False, return_logits=True)
+    for prompt, on, off in zip(prompts, outputs[True], outputs[False]):
+        assert on.token_ids == off.token_ids and torch.equal(on.logits, off.logits)  # offloading moves bytes only
+        assert len(on.token_ids) == steps and on.finish_reason == "length"
+        ids = torch.tensor(prompt + on.token_ids[:-1], device=model.device)[None]
+        with torch.no_grad():
+            expected = model(ids).logits[0, len(prompt) - 1:].float().cpu()
+        torch.testing.assert_close(on.logits, expected, atol=1e-4, rtol=1e-4)
+        # Greedy: each token is the argmax of the engine's logits, and (up to the tolerance) of the forward's.
+        chosen = torch.tensor(on.token_ids)
+        assert torch.equal(on.logits.argmax(-1), chosen)
+        assert bool((expected.max(-1).values - expected.gather(-1, chosen[:, None])[:, 0] <= 2e-4).all())
