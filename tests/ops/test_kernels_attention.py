@@ -157,3 +157,52 @@ def test_errors_are_clear():
         ka.sparse_attention(q, k, k, None, idx, torch.arange(8), 4)
     with pytest.raises(ValueError, match="tile_tokens"):
         ka.sparse_attention(torch.randn(1, 8, 4, 64), k, k, None, idx, torch.arange(8), 4, tile_tokens=17)
+
+
+@pytest.mark.parametrize("batch,tq,tk,hq,h,d,block,topk,dtype", [
+    (1, 37, 53, 16, 1, 64, 8, 4, torch.float32),   # GQA 16, Tq < Tk
+    (2, 29, 29, 8, 2, 128, 4, 5, torch.float16),   # GQA 4, head_dim 128
+    (1, 23, 23, 3, 3, 64, 4, 3, torch.float32),    # GQA 1
+])
+def test_deterministic_backward_matches_reference_and_repeats_bit_identically(batch, tq, tk, hq, h, d, block, topk, dtype):
+    cfg = SparseAttentionConfig(block_size=block, topk_blocks=topk, sink_blocks=1, window_blocks=1,
+                                query_blocks=min(1, topk - 3), compress_kernel=4, compress_stride=2)
+    q, k, v = torch.randn(batch, tq, hq, d).to(dtype), torch.randn(batch, tk, h, d).to(dtype), torch.randn(batch, tk, h, d).to(dtype)
+    bias = torch.randn(batch, tk, h)
+    positions = torch.arange(tk - tq, tk)
+    indices = _selection(q.float(), k.float(), bias, cfg, positions)
+    grad_out = torch.randn(batch, tq, hq, d)
+    # Short segments: the sink block's inverted list spans several partial slots, so the reduction runs.
+    with ka.tuning(dkv_segment=4):
+        first = _run(ka.sparse_attention, q, k, v, bias, indices, positions, block, grad_out, deterministic=True)
+        second = _run(ka.sparse_attention, q, k, v, bias, indices, positions, block, grad_out, deterministic=True)
+    for a, b in zip(first[2], second[2]):
+        assert torch.equal(a, b)
+    _, _, grads_ref = _run(ref.sparse_attention, q.float(), k.float(), v.float(), bias, indices, positions, block, grad_out)
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    for name, g, g_ref in zip("q k v bias".split(), first[2], grads_ref):
+        err = (g.float() - g_ref).abs().max().item()
+        assert err <= 10 * tol * max(1.0, g_ref.abs().max().item()), f"d{name}: max error {err:.3g}"
+
+
+def test_deterministic_mode_of_torch_selects_the_fixed_order_path(monkeypatch):
+    """deterministic=None follows torch.use_deterministic_algorithms."""
+    seen = []
+    real = ka.backward_dkv
+    monkeypatch.setattr(ka, "backward_dkv", lambda *a: seen.append(a[-1]) or real(*a))
+    q, k, v = torch.randn(1, 9, 2, 64), torch.randn(1, 9, 1, 64), torch.randn(1, 9, 1, 64)
+    indices = torch.zeros(1, 9, 1, 1, dtype=torch.int32)
+    for mode in (False, True):
+        torch.use_deterministic_algorithms(mode)
+        try:
+            leaf = q.clone().requires_grad_()
+            ka.sparse_attention(leaf, k, v, None, indices, torch.arange(9), 4).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert seen == [False, True]
+
+
+def test_tuning_rejects_unknown_knobs():
+    with pytest.raises(ValueError, match="unknown tuning knobs"):
+        with ka.tuning(fwd_wraps=8):
+            pass

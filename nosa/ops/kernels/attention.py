@@ -20,6 +20,7 @@ List entries pack (block << 16) | token_bits, so a tile holds at most 16 tokens 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -114,7 +115,9 @@ def invert_selection(block_indices: torch.Tensor, num_blocks: int, segment: int 
     # Stable: the flattened order is (b, t, h, k), so each key's tokens stay ascending.
     order = torch.argsort(key, stable=True)
     tokens, key = tokens[order].contiguous(), key[order]
-    per_key = torch.bincount(key, minlength=batch * num_kv_heads * num_blocks)
+    # Counts per key from the sorted keys (bincount would use atomics; this stays deterministic).
+    all_keys = torch.arange(batch * num_kv_heads * num_blocks + 1, device=device)
+    per_key = torch.diff(torch.searchsorted(key, all_keys))
     ends = torch.cumsum(per_key, 0)
     starts = ends - per_key
     nseg = torch.div(per_key + segment - 1, segment, rounding_mode="floor")
@@ -252,8 +255,10 @@ def _bwd_dkv_kernel(
     Tq, Tk, H, num_blocks, block_size, qk_scale, sm_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
-    # DK and DV are float32 with the same strides (sdk*); DBias float32 (sdb*).
+    # DK and DV are float32 with the same strides (sdk*); DBias float32 (sdb*). DETERMINISTIC: they are
+    # instead per-segment partial buffers [segments, BLOCK_N, BLOCK_D] / [segments, BLOCK_N].
     seg = tl.program_id(0)
     key_id = tl.load(SegKey + seg)
     start = tl.load(SegStart + seg)
@@ -302,11 +307,55 @@ def _bwd_dkv_kernel(
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
         if HAS_BIAS:
             dbias += tl.sum(ds, 1)
+    if DETERMINISTIC:
+        # This segment's partial sums go to its own slot; `_dkv_reduce_kernel` adds the slots of each key
+        # block in segment order, so the result does not depend on which program finished first.
+        part = seg.to(tl.int64) * (BLOCK_N * BLOCK_D) + n[:, None] * BLOCK_D + d[None, :]
+        tl.store(DK + part, dk * sm_scale)
+        tl.store(DV + part, dv)
+        if HAS_BIAS:
+            tl.store(DBias + seg.to(tl.int64) * BLOCK_N + n, dbias)
+    else:
+        out_off = b * sdkb + keys[:, None] * sdkt + h * sdkh + d[None, :]
+        tl.atomic_add(DK + out_off, dk * sm_scale, mask=kv_mask)
+        tl.atomic_add(DV + out_off, dv, mask=kv_mask)
+        if HAS_BIAS:
+            tl.atomic_add(DBias + b * sdbb + keys * sdbt + h * sdbh, dbias, mask=key_ok)
+
+
+@triton.jit
+def _dkv_reduce_kernel(
+    PartK, PartV, PartB, KeySegStart, KeySegEnd, DK, DV, DBias,
+    sdkb, sdkt, sdkh, sdbb, sdbt, sdbh, Tk, H, num_blocks, block_size,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Deterministic dk/dv/dbias: per key block, the sum of its segments' partials in segment order."""
+    key_id = tl.program_id(0)
+    blk = key_id % num_blocks
+    bh = key_id // num_blocks
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    first = tl.load(KeySegStart + key_id).to(tl.int64)
+    last = tl.load(KeySegEnd + key_id).to(tl.int64)
+    n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    keys = blk * block_size + n
+    key_ok = (n < block_size) & (keys < Tk)
+    tile = n[:, None] * BLOCK_D + d[None, :]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dbias = tl.zeros([BLOCK_N], tl.float32)
+    for seg in range(first, last):
+        dk += tl.load(PartK + seg * (BLOCK_N * BLOCK_D) + tile)
+        dv += tl.load(PartV + seg * (BLOCK_N * BLOCK_D) + tile)
+        if HAS_BIAS:
+            dbias += tl.load(PartB + seg * BLOCK_N + n)
     out_off = b * sdkb + keys[:, None] * sdkt + h * sdkh + d[None, :]
-    tl.atomic_add(DK + out_off, dk * sm_scale, mask=kv_mask)
-    tl.atomic_add(DV + out_off, dv, mask=kv_mask)
+    mask = key_ok[:, None] & (d[None, :] < D)
+    tl.store(DK + out_off, dk, mask=mask)
+    tl.store(DV + out_off, dv, mask=mask)
     if HAS_BIAS:
-        tl.atomic_add(DBias + b * sdbb + keys * sdbt + h * sdbh, dbias, mask=key_ok)
+        tl.store(DBias + b * sdbb + keys * sdbt + h * sdbh, dbias, mask=key_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,10 +402,36 @@ def _meta(q, k, block_size, tile_tokens):
 _STAGES = {"fwd": 3, "dq": 2, "dkv": 1}
 
 
+# Process-wide, not thread-local: autograd runs CUDA backward passes on its own thread.
+_tuning_values: dict = {}
+
+
+@contextlib.contextmanager
+def tuning(**overrides):
+    """Override launch choices inside a `with` block, so one benchmark run can time variants side by side:
+    `{fwd,dq,dkv}_warps`, `{fwd,dq,dkv}_stages`, `dkv_tokens` (query tokens per dk/dv step, default the
+    tile's), `dkv_segment` (tokens per dk/dv program). Unknown names are an error."""
+    known = {f"{k}_{w}" for k in ("fwd", "dq", "dkv") for w in ("warps", "stages")} | {"dkv_tokens", "dkv_segment"}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown tuning knobs {sorted(unknown)}; known: {sorted(known)}")
+    previous = dict(_tuning_values)
+    _tuning_values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        yield
+    finally:
+        _tuning_values.clear()
+        _tuning_values.update(previous)
+
+
+def _tuned(name: str, default):
+    return _tuning_values.get(name, default)
+
+
 def _launch_opts(kernel: str, rows: int, head_dim: int) -> dict:
     """num_warps / num_stages of one kernel ('fwd', 'dq', 'dkv') for a tile of `rows` rows."""
     warps = 4 if rows * head_dim <= 64 * 128 else 8
-    return dict(num_warps=warps, num_stages=_STAGES[kernel])
+    return dict(num_warps=_tuned(f"{kernel}_warps", warps), num_stages=_tuned(f"{kernel}_stages", _STAGES[kernel]))
 
 
 def _last_dim_contiguous(x):
@@ -411,41 +486,70 @@ def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_s
     return dq
 
 
-def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens):
-    """(dk, dv [B, Tk, H, D], dbias [B, Tk, H]) float32 from the inverted selection (`invert_selection`)."""
+def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens, deterministic=False):
+    """(dk, dv [B, Tk, H, D], dbias [B, Tk, H]) float32 from the inverted selection (`invert_selection`).
+
+    deterministic=False: segments add into the outputs with float32 atomics (fastest; the summation order,
+    hence the last bits, vary run to run). deterministic=True: each segment writes its partial sums to its
+    own slot (4 * segments * BLOCK_N * (2 * BLOCK_D + 1) bytes of scratch, about 1.2 GB at 64K tokens of
+    the 8B shape) and `_dkv_reduce_kernel` adds them per key block in segment order: bit-reproducible.
+    """
     batch, num_queries, _, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
-    meta, _ = _meta(q, k, block_size, tile_tokens)
+    meta, _ = _meta(q, k, block_size, _tuned("dkv_tokens", tile_tokens))
     tokens, seg_key, seg_start, seg_end = inverted
+    num_blocks = -(-num_keys // block_size)
     dk = torch.zeros((batch, num_keys, num_kv_heads, head_dim), device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
     dbias = torch.zeros((batch, num_keys, num_kv_heads), device=q.device, dtype=torch.float32)
-    if seg_key.numel():
-        scale = 1.0 / math.sqrt(head_dim)
-        _bwd_dkv_kernel[(seg_key.numel(),)](
-            q, k, v, bias if bias is not None else q, tokens, seg_key, seg_start, seg_end, positions,
-            do, lse, delta, dk, dv, dbias,
-            *_strides(q, k, v, bias, do, lse), dk.stride(0), dk.stride(1), dk.stride(2),
-            dbias.stride(0), dbias.stride(1), dbias.stride(2),
-            num_queries, num_keys, num_kv_heads, -(-num_keys // block_size), block_size, LOG2E * scale, scale,
-            HAS_BIAS=bias is not None, **meta, **_launch_opts("dkv", meta["ROWS"], head_dim),
+    if not seg_key.numel():
+        return dk, dv, dbias
+    scale = 1.0 / math.sqrt(head_dim)
+    if deterministic:
+        nseg, block_n, block_d = seg_key.numel(), meta["BLOCK_N"], meta["BLOCK_D"]
+        targets = (torch.empty((nseg, block_n, block_d), device=q.device, dtype=torch.float32),
+                   torch.empty((nseg, block_n, block_d), device=q.device, dtype=torch.float32),
+                   torch.empty((nseg, block_n), device=q.device, dtype=torch.float32))
+    else:
+        targets = (dk, dv, dbias)
+    _bwd_dkv_kernel[(seg_key.numel(),)](
+        q, k, v, bias if bias is not None else q, tokens, seg_key, seg_start, seg_end, positions,
+        do, lse, delta, *targets,
+        *_strides(q, k, v, bias, do, lse), dk.stride(0), dk.stride(1), dk.stride(2),
+        dbias.stride(0), dbias.stride(1), dbias.stride(2),
+        num_queries, num_keys, num_kv_heads, num_blocks, block_size, LOG2E * scale, scale,
+        HAS_BIAS=bias is not None, DETERMINISTIC=deterministic, **meta,
+        **_launch_opts("dkv", meta["ROWS"], head_dim),
+    )
+    if deterministic:
+        # Segments are sorted by key, so each key's segments are one contiguous run.
+        key_ids = torch.arange(batch * num_kv_heads * num_blocks, device=q.device, dtype=torch.int32)
+        first = torch.searchsorted(seg_key, key_ids).to(torch.int32)
+        last = torch.searchsorted(seg_key, key_ids, right=True).to(torch.int32)
+        _dkv_reduce_kernel[(key_ids.numel(),)](
+            *targets, first, last, dk, dv, dbias,
+            dk.stride(0), dk.stride(1), dk.stride(2), dbias.stride(0), dbias.stride(1), dbias.stride(2),
+            num_keys, num_kv_heads, num_blocks, block_size,
+            BLOCK_N=meta["BLOCK_N"], D=head_dim, BLOCK_D=meta["BLOCK_D"], HAS_BIAS=bias is not None, num_warps=4,
         )
     return dk, dv, dbias
 
 
-def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, block_size, tile_tokens):
-    """(dq, dk, dv, dbias) for the forward above, in the inputs' dtypes. dbias is None without a bias."""
+def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, block_size, tile_tokens,
+                              deterministic=False):
+    """(dq, dk, dv, dbias) for the forward above, in the inputs' dtypes. dbias is None without a bias.
+    deterministic: dk, dv and dbias without atomics (bit-reproducible; see `backward_dkv`)."""
     do = _last_dim_contiguous(do)
     delta = (do.float() * o.float()).sum(-1)  # [B, Tq, Hq] contiguous, like lse
     dq = backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens)
-    inverted = invert_selection(block_indices, -(-k.shape[1] // block_size))
-    dk, dv, dbias = backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens)
+    inverted = invert_selection(block_indices, -(-k.shape[1] // block_size), _tuned("dkv_segment", DKV_SEGMENT))
+    dk, dv, dbias = backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens, deterministic)
     return dq, dk.to(k.dtype), dv.to(v.dtype), (dbias.to(bias.dtype) if bias is not None else None)
 
 
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, block_indices, positions, block_size, tile_tokens):
+    def forward(ctx, q, k, v, bias, block_indices, positions, block_size, tile_tokens, deterministic):
         # Mixed input dtypes (under autocast RoPE can leave q, k in float32 while v is bf16) run in the
         # promoted dtype, as the reference computes in float32; o comes back in q's dtype like the reference.
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
@@ -457,6 +561,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, bias, o, lse, lists, counts, block_indices, positions)
         ctx.block_size = block_size
         ctx.tile_tokens = tile_tokens
+        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return o.to(ctx.dtypes[0]), lse
 
@@ -464,18 +569,23 @@ class SparseAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, bias, o, lse, lists, counts, block_indices, positions = ctx.saved_tensors
         dq, dk, dv, dbias = sparse_attention_backward(
-            do.to(q.dtype), q, k, v, bias, o, lse, lists, counts, block_indices, positions, ctx.block_size, ctx.tile_tokens
+            do.to(q.dtype), q, k, v, bias, o, lse, lists, counts, block_indices, positions, ctx.block_size, ctx.tile_tokens,
+            ctx.deterministic,
         )
         q_dtype, k_dtype, v_dtype = ctx.dtypes
-        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), dbias, None, None, None, None
+        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), dbias, None, None, None, None, None
 
 
-def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return_lse=False, tile_tokens=None):
+def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return_lse=False, tile_tokens=None,
+                     deterministic=None):
     """Triton version of `nosa.ops.reference.sparse_attention` (same shapes and semantics).
 
     q: [B, Tq, Hq, D]; k, v: [B, Tk, H, D]; bias: [B, Tk, H] or None; block_indices: [B, Tq, H, K] int32;
     positions: [Tq] -> o [B, Tq, Hq, D] (and lse [B, Tq, Hq] float32 with return_lse). Differentiable in
     q, k, v and bias. `tile_tokens` (queries sharing one program) defaults to `default_tile_tokens(G)`.
+    `deterministic`: the backward sums dk, dv and dbias in a fixed order instead of with atomics, so the
+    gradients are bit-identical run to run (slower). None (default) follows
+    `torch.use_deterministic_algorithms`, so the fastest path runs unless determinism was asked for.
     """
     _check_inputs(q, k, v, bias, block_indices, positions, block_size)
     group = q.shape[2] // k.shape[2]
@@ -483,9 +593,12 @@ def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return
         tile_tokens = default_tile_tokens(group)
     if not 1 <= tile_tokens <= MAX_TILE_TOKENS:
         raise ValueError(f"tile_tokens must be in 1..{MAX_TILE_TOKENS}, got {tile_tokens}")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     if q.shape[0] == 0 or q.shape[1] == 0:
         o = q * 0  # keeps the autograd graph for empty batches
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
         return (o, lse) if return_lse else o
-    o, lse = SparseAttentionFunction.apply(q, k, v, bias, block_indices, positions, block_size, tile_tokens)
+    o, lse = SparseAttentionFunction.apply(q, k, v, bias, block_indices, positions, block_size, tile_tokens,
+                                           bool(deterministic))
     return (o, lse) if return_lse else o

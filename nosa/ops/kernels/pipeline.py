@@ -41,11 +41,12 @@ def select_all(q, k, eviction, positions, cfg: SparseAttentionConfig, max_chunk_
 
 
 def nosa_attention(q, k, v, eviction, cfg: SparseAttentionConfig, max_chunk_elements: int = reference.DEFAULT_CHUNK_ELEMENTS,
-                   return_indices: bool = False, tile_tokens: int | None = None):
+                   return_indices: bool = False, tile_tokens: int | None = None, deterministic: bool | None = None):
     """q: [B, Tq, Hq, D]; k, v: [B, Tk, H, D]; eviction: [B, Tk, H] (dma, nosa) or None -> [B, Tq, Hq, D]
     (and the selected blocks [B, Tq, H, K] int32 with return_indices; None in dense mode).
     Differentiable in q, k, v and eviction (through the attention bias only). `tile_tokens`: queries per
-    attention program (default by GQA group, see `attention.default_tile_tokens`)."""
+    attention program (default by GQA group, see `attention.default_tile_tokens`). `deterministic`:
+    bit-reproducible gradients (see `attention.sparse_attention`; None follows torch's deterministic mode)."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
     num_queries, num_keys = q.shape[1], k.shape[1]
@@ -62,7 +63,8 @@ def nosa_attention(q, k, v, eviction, cfg: SparseAttentionConfig, max_chunk_elem
         raise ValueError(f"eviction must be [B, Tk, H] = [{k.shape[0]}, {num_keys}, {k.shape[2]}]; got {tuple(eviction.shape)}")
     indices = select_all(q, k, eviction if cfg.uses_eviction_head else None, positions, cfg, max_chunk_elements)
     bias = eviction if cfg.uses_eviction_head else None
-    out = sparse_attention(q, k, v, bias, indices, positions, cfg.block_size, tile_tokens=tile_tokens)
+    out = sparse_attention(q, k, v, bias, indices, positions, cfg.block_size, tile_tokens=tile_tokens,
+                           deterministic=deterministic)
     return (out, indices) if return_indices else out
 
 
