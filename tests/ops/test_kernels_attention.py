@@ -127,25 +127,43 @@ def test_dispatch_override_runs_triton_on_cpu():
     assert ops.resolve("sparse_attention", q) is ref.sparse_attention  # auto on CPU tensors
 
 
-def test_varlen_equals_each_sequence_alone():
+@pytest.mark.parametrize("mode,lengths,hq,h,d,dtype", [
+    ("nosa", [13, 30, 1, 21], 4, 2, 64, torch.float32),    # GQA 2, a 1-token sequence, odd lengths
+    ("nosa", [37, 9], 16, 1, 64, torch.float16),           # GQA 16
+    ("infllmv2", [19, 26], 4, 4, 128, torch.float32),      # GQA 1 (score tiles of 128 tokens), no eviction head
+])
+def test_varlen_one_launch_set_equals_each_sequence_alone(mode, lengths, hq, h, d, dtype):
     from nosa.ops.kernels import pipeline as kp
 
     cfg = SparseAttentionConfig(block_size=8, topk_blocks=4, sink_blocks=1, window_blocks=1, query_blocks=1,
-                                compress_kernel=4, compress_stride=2)
-    lengths = [13, 30]
+                                compress_kernel=4, compress_stride=2, attn_mode=mode)
     total = sum(lengths)
-    q, k, v = torch.randn(1, total, 4, 64), torch.randn(1, total, 2, 64), torch.randn(1, total, 2, 64)
-    ev = torch.randn(1, total, 2, requires_grad=True)
-    out, selections = kp.nosa_attention_varlen(q, k, v, ev, torch.tensor([0, 13, total]), cfg, return_indices=True)
-    out.sum().backward()
-    start = 0
-    for length, indices in zip(lengths, selections):
-        sl = slice(start, start + length)
-        want, want_idx = ref.nosa_attention(q[:, sl], k[:, sl], v[:, sl], ev.detach()[:, sl], cfg, return_indices=True)
-        torch.testing.assert_close(out[:, sl].detach(), want, atol=2e-5, rtol=2e-5)
-        assert torch.equal(indices, want_idx)
-        start += length
-    assert torch.isfinite(ev.grad).all()
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    q, k, v = (torch.randn(1, total, n, d).to(dtype) for n in (hq, h, h))
+    ev = torch.randn(1, total, h)
+    grad_out = torch.randn(1, total, hq, d)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, ev)]
+    calls = []
+    real = kp.sparse_attention
+    kp.sparse_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        out, selections = kp.nosa_attention_varlen(*leaves, cu, cfg, return_indices=True)
+    finally:
+        kp.sparse_attention = real
+    assert len(calls) == 1  # one attention launch set for the whole pack
+    (out.float() * grad_out).sum().backward()
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    for s, length in enumerate(lengths):
+        sl = slice(int(cu[s]), int(cu[s + 1]))
+        alone = [x[:, sl].float().detach().requires_grad_() for x in (q, k, v, ev)]
+        want, want_idx = ref.nosa_attention(*alone, cfg, return_indices=True)
+        (want * grad_out[:, sl]).sum().backward()
+        assert torch.equal(selections[s], want_idx), f"sequence {s}: selection differs"
+        torch.testing.assert_close(out[:, sl].detach().float(), want.detach(), atol=tol, rtol=tol)
+        names = "q k v eviction".split() if mode == "nosa" else "q k v".split()
+        for name, leaf, a in zip(names, leaves, alone):
+            err = (leaf.grad[:, sl].float() - a.grad).abs().max().item()
+            assert err <= 10 * tol * max(1.0, a.grad.abs().max().item()), f"sequence {s} d{name}: {err:.3g}"
     with pytest.raises(ValueError, match="cu_seqlens"):
         kp.nosa_attention_varlen(q, k, v, ev, torch.tensor([0, 50, 40]), cfg)
 
