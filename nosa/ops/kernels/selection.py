@@ -17,6 +17,7 @@ Each public function has the contract of its namesake in `nosa.ops.reference`:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -30,6 +31,11 @@ FLOAT32_LOWEST = -3.4028234663852886e38
 # Rows (query tokens x padded GQA group) per program of the pooled score kernel. At 64K tokens (8B shape)
 # 32 rows took 17.7 ms, 64 rows 8.9 ms, 128 rows 8.3 ms on the H200: each compressed key loaded serves more rows.
 SCORE_ROWS = 128
+# Composition by a counting threshold (32 rounds) instead of repeated arg-max (2 reductions per pick, 46
+# picks at the spec defaults); both give identical indices (tests/ops/test_kernels_selection.py runs both).
+# Module-level so a benchmark can time both. Under the CPU interpreter each round costs interpreted ops
+# whatever the block count, so at test sizes the arg-max path is the cheaper default there.
+SELECT_BY_THRESHOLD = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,11 +333,34 @@ def _take_best(key, selected, blocks, count, NB_PAD: tl.constexpr):
 
 
 @triton.jit
+def _take_best_threshold(key, selected, blocks, count):
+    """Same result as `_take_best` in 32 counting rounds instead of 2 x `count` arg-max rounds: find the
+    count-th largest key by building it bit by bit in an order-preserving integer encoding, take every key
+    above it and the lowest-index keys equal to it."""
+    key = tl.where(key == 0.0, 0.0, key)  # -0.0 and +0.0 compare equal as floats: give them one encoding
+    bits = key.to(tl.int32, bitcast=True)
+    # Signed-int order equal to float order (no NaN here): negative floats have their magnitude bits flipped.
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648  # 0 .. 2^32 - 1
+    threshold = tl.zeros([], tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        trial = threshold | (1 << bit)
+        if tl.sum((ordered >= trial).to(tl.int32), 0) >= count:
+            threshold = trial
+    above = ordered > threshold
+    ties = ordered == threshold
+    room = count - tl.sum(above.to(tl.int32), 0)
+    take = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= room))
+    # (A block-shaped comparison: a scalar bool broadcast into a mask trips the interpreter.)
+    return selected | (take & (blocks * 0 + count > 0))
+
+
+@triton.jit
 def _select_kernel(
     QA, AG, Prefix, First, Last, Pos, BlockOff, Out,
     sqab, sqat, sqah, sagb, sagt, sagh, spb, sph, spn, sob, sot, soh,
     H, NB, Nc, block_size, kernel, stride, sink, window, quota, topk,
     AG_MODE: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+    THRESHOLD: tl.constexpr,
 ):
     # HAS_OFFSETS (packed sequences): positions count from each sequence's start and the prefix table's
     # rows of query t's sequence start at BlockOff[t]; everything else is in the sequence's own blocks.
@@ -349,7 +378,10 @@ def _select_kernel(
     qa = tl.load(QA + b * sqab + t * sqat + h * sqah + blocks, mask=exists, other=float("-inf"))
     key = tl.where(candidate, tl.maximum(qa, -3.4028234663852886e38), float("-inf"))
     n_pick = tl.minimum(quota, tl.sum(candidate.to(tl.int32), 0))
-    selected = _take_best(key, forced, blocks, n_pick, NB_PAD)
+    if THRESHOLD:
+        selected = _take_best_threshold(key, forced, blocks, n_pick)
+    else:
+        selected = _take_best(key, forced, blocks, n_pick, NB_PAD)
     remaining = candidate & (selected == 0)
     free = topk - tl.sum(forced.to(tl.int32), 0) - n_pick
     n_fill = tl.minimum(free, tl.sum(remaining.to(tl.int32), 0))
@@ -370,7 +402,10 @@ def _select_kernel(
                 prefix_rows = blocks + tl.load(BlockOff + t)
             ag = tl.load(Prefix + b * spb + h * sph + prefix_rows * spn + (last - first), mask=usable, other=float("-inf"))
         key = tl.where(remaining, tl.maximum(ag, -3.4028234663852886e38), float("-inf"))
-        selected = _take_best(key, selected, blocks, n_fill, NB_PAD)
+        if THRESHOLD:
+            selected = _take_best_threshold(key, selected, blocks, n_fill)
+        else:
+            selected = _take_best(key, selected, blocks, n_fill, NB_PAD)
     sel = selected.to(tl.int32)
     rank = tl.cumsum(sel, 0) - 1
     out_base = Out + b * sob + t * sot + h * soh
@@ -406,7 +441,7 @@ def _launch_select(qa, ag_mode, ag, prefix, first, last, num_windows, positions,
         num_kv_heads, num_blocks, num_windows, cfg.block_size, cfg.compress_kernel, cfg.compress_stride,
         cfg.sink_blocks, cfg.window_blocks, cfg.query_aware_quota, cfg.topk_blocks,
         AG_MODE=ag_mode, NB_PAD=max(16, _next_pow2(num_blocks)), K_PAD=max(16, _next_pow2(cfg.topk_blocks)),
-        HAS_OFFSETS=block_offsets is not None,
+        HAS_OFFSETS=block_offsets is not None, THRESHOLD=SELECT_BY_THRESHOLD,
         num_warps=4 if num_blocks <= 1024 else 8,
     )
     return out
