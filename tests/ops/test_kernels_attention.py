@@ -224,3 +224,21 @@ def test_tuning_rejects_unknown_knobs():
     with pytest.raises(ValueError, match="unknown tuning knobs"):
         with ka.tuning(fwd_wraps=8):
             pass
+
+
+@pytest.mark.parametrize("knobs", [dict(fused_delta=False), dict(dkv_tokens=8), dict(dkv_tokens=1, dkv_segment=3)])
+def test_benchmarked_variants_match_reference(knobs):
+    """The variants a benchmark run times side by side (attention.tuning) compute the same gradients."""
+    batch, tq, tk, hq, h, d, block = 1, 27, 31, 8, 2, 64, 4
+    cfg = SparseAttentionConfig(block_size=block, topk_blocks=4, sink_blocks=1, window_blocks=1, query_blocks=1,
+                                compress_kernel=4, compress_stride=2)
+    q, k, v = torch.randn(batch, tq, hq, d), torch.randn(batch, tk, h, d), torch.randn(batch, tk, h, d)
+    bias = torch.randn(batch, tk, h)
+    positions = torch.arange(tk - tq, tk)
+    indices = _selection(q, k, bias, cfg, positions)
+    grad_out = torch.randn(batch, tq, hq, d)
+    with ka.tuning(**knobs):
+        _, _, grads = _run(ka.sparse_attention, q, k, v, bias, indices, positions, block, grad_out)
+    _, _, grads_ref = _run(ref.sparse_attention, q, k, v, bias, indices, positions, block, grad_out)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)

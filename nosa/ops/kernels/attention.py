@@ -109,14 +109,17 @@ def invert_selection(block_indices: torch.Tensor, num_blocks: int, segment: int 
     valid = block_indices >= 0
     bh = (torch.arange(batch, device=device).view(batch, 1, 1, 1) * num_kv_heads
           + torch.arange(num_kv_heads, device=device).view(1, 1, num_kv_heads, 1))
+    # int32 keys (B * H * NB < 2^31 here): the radix sort makes half the passes of an int64 one.
     key = (bh * num_blocks + block_indices.long()).masked_select(valid)
+    if batch * num_kv_heads * num_blocks < 2**31 - 1:
+        key = key.to(torch.int32)
     token = torch.arange(num_queries, device=device, dtype=torch.int32).view(1, num_queries, 1, 1)
     tokens = token.expand_as(block_indices).masked_select(valid)
     # Stable: the flattened order is (b, t, h, k), so each key's tokens stay ascending.
     order = torch.argsort(key, stable=True)
     tokens, key = tokens[order].contiguous(), key[order]
     # Counts per key from the sorted keys (bincount would use atomics; this stays deterministic).
-    all_keys = torch.arange(batch * num_kv_heads * num_blocks + 1, device=device)
+    all_keys = torch.arange(batch * num_kv_heads * num_blocks + 1, device=device, dtype=key.dtype)
     per_key = torch.diff(torch.searchsorted(key, all_keys))
     ends = torch.cumsum(per_key, 0)
     starts = ends - per_key
@@ -200,14 +203,17 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, Bias, Lists, Counts, Pos, DO, Lse, Delta, DQ,
+    Q, K, V, Bias, Lists, Counts, Pos, DO, Lse, Delta, DQ, O,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
-    sLb, sLh, sLn, scb, sch,
+    sLb, sLh, sLn, scb, sch, s_ob, s_ot, s_oh,
     Tq, Tk, H, block_size, qk_scale, sm_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    FUSED_DELTA: tl.constexpr,
 ):
-    # DO and DQ share q's strides (sq*); Lse and Delta share sl*.
+    # DQ shares q's strides (sq*), DO has so*, O s_o*; Lse and Delta share sl*. FUSED_DELTA: this kernel
+    # computes delta = rowsum(dO * O) from its own tiles and writes it for the dk/dv kernel, instead of a
+    # separate PyTorch pass (which reads both in float32 copies).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -221,7 +227,12 @@ def _bwd_dq_kernel(
     do = tl.load(DO + b * sob + t[:, None] * sot + head[:, None] * soh + d[None, :], mask=qmask, other=0.0)
     lse = tl.load(Lse + b * slb + t * slt + head * slh, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(Delta + b * slb + t * slt + head * slh, mask=row_ok, other=0.0)
+    if FUSED_DELTA:
+        o = tl.load(O + b * s_ob + t[:, None] * s_ot + head[:, None] * s_oh + d[None, :], mask=qmask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(Delta + b * slb + t * slt + head * slh, delta, mask=row_ok)
+    else:
+        delta = tl.load(Delta + b * slb + t * slt + head * slh, mask=row_ok, other=0.0)
     dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
     n = tl.arange(0, BLOCK_N)
     count = tl.load(Counts + b * scb + h * sch + tile)
@@ -410,8 +421,9 @@ _tuning_values: dict = {}
 def tuning(**overrides):
     """Override launch choices inside a `with` block, so one benchmark run can time variants side by side:
     `{fwd,dq,dkv}_warps`, `{fwd,dq,dkv}_stages`, `dkv_tokens` (query tokens per dk/dv step, default the
-    tile's), `dkv_segment` (tokens per dk/dv program). Unknown names are an error."""
-    known = {f"{k}_{w}" for k in ("fwd", "dq", "dkv") for w in ("warps", "stages")} | {"dkv_tokens", "dkv_segment"}
+    tile's), `dkv_segment` (tokens per dk/dv program), `fused_delta` (False: delta = rowsum(dO o) by
+    PyTorch before the dq kernel, the first version). Unknown names are an error."""
+    known = {f"{k}_{w}" for k in ("fwd", "dq", "dkv") for w in ("warps", "stages")} | {"dkv_tokens", "dkv_segment", "fused_delta"}
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown tuning knobs {sorted(unknown)}; known: {sorted(known)}")
@@ -469,19 +481,21 @@ def _strides(q, k, v, bias, do, lse):
     )
 
 
-def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens):
-    """dq [B, Tq, Hq, D] (q's dtype); delta = rowsum(do * o) [B, Tq, Hq] float32 (lse's strides)."""
+def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens, o=None):
+    """dq [B, Tq, Hq, D] (q's dtype); delta = rowsum(do * o) [B, Tq, Hq] float32 (lse's strides).
+    With `o` given, delta is an output: the kernel computes it and writes it there."""
     batch, num_queries, _, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
     meta, _ = _meta(q, k, block_size, tile_tokens)
     dq = torch.empty_like(q)
     scale = 1.0 / math.sqrt(head_dim)
+    o_arg = o if o is not None else q
     _bwd_dq_kernel[(lists.shape[2], batch * num_kv_heads)](
-        q, k, v, bias if bias is not None else q, lists, counts, positions, do, lse, delta, dq,
+        q, k, v, bias if bias is not None else q, lists, counts, positions, do, lse, delta, dq, o_arg,
         *_strides(q, k, v, bias, do, lse), lists.stride(0), lists.stride(1), lists.stride(2),
-        counts.stride(0), counts.stride(1),
+        counts.stride(0), counts.stride(1), o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
         num_queries, num_keys, num_kv_heads, block_size, LOG2E * scale, scale,
-        HAS_BIAS=bias is not None, **meta, **_launch_opts("dq", meta["ROWS"], head_dim),
+        HAS_BIAS=bias is not None, FUSED_DELTA=o is not None, **meta, **_launch_opts("dq", meta["ROWS"], head_dim),
     )
     return dq
 
@@ -540,8 +554,13 @@ def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, block_in
     """(dq, dk, dv, dbias) for the forward above, in the inputs' dtypes. dbias is None without a bias.
     deterministic: dk, dv and dbias without atomics (bit-reproducible; see `backward_dkv`)."""
     do = _last_dim_contiguous(do)
-    delta = (do.float() * o.float()).sum(-1)  # [B, Tq, Hq] contiguous, like lse
-    dq = backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens)
+    if _tuned("fused_delta", True):
+        # Written by the dq kernel. Rows of a padded tile beyond Tq are never read.
+        delta = torch.empty(lse.shape, device=lse.device, dtype=torch.float32)
+        dq = backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens, o=o)
+    else:
+        delta = (do.float() * o.float()).sum(-1)  # [B, Tq, Hq] contiguous, like lse
+        dq = backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens)
     inverted = invert_selection(block_indices, -(-k.shape[1] // block_size), _tuned("dkv_segment", DKV_SEGMENT))
     dk, dv, dbias = backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens, deterministic)
     return dq, dk.to(k.dtype), dv.to(v.dtype), (dbias.to(bias.dtype) if bias is not None else None)
