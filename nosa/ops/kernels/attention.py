@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 import triton
@@ -258,8 +259,19 @@ def _bwd_dq_kernel(
     tl.store(DQ + b * sqb + t[:, None] * sqt + head[:, None] * sqh + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
+def _dkv_configs():
+    """(tokens per step as a multiple of the 64-row tile, warps, stages) tried by the dk/dv autotuner.
+    The inverted walk wastes no rows, so unlike the forward a taller step costs no extra work; pipelining
+    its gathered Q/dO loads was never measured for this walk (the 4 warps / 1 stage default was tuned on
+    the earlier tile-union dk/dv kernel)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"STEP": 1}, num_warps=4, num_stages=1)]  # the interpreter runs every config
+    return [triton.Config({"STEP": step}, num_warps=w, num_stages=st)
+            for step, w, st in ((1, 4, 1), (1, 4, 2), (1, 4, 3), (2, 8, 1), (2, 8, 2), (2, 4, 2))]
+
+
 @triton.jit
-def _bwd_dkv_kernel(
+def _bwd_dkv_body(
     Q, K, V, Bias, Tokens, SegKey, SegStart, SegEnd, Pos, DO, Lse, Delta, DK, DV, DBias,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
     sdkb, sdkt, sdkh, sdbb, sdbt, sdbh,
@@ -332,6 +344,32 @@ def _bwd_dkv_kernel(
         tl.atomic_add(DV + out_off, dv, mask=kv_mask)
         if HAS_BIAS:
             tl.atomic_add(DBias + b * sdbb + keys * sdbt + h * sdbh, dbias, mask=key_ok)
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, K, V, Bias, Tokens, SegKey, SegStart, SegEnd, Pos, DO, Lse, Delta, DK, DV, DBias,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
+    sdkb, sdkt, sdkh, sdbb, sdbt, sdbh,
+    Tq, Tk, H, num_blocks, block_size, qk_scale, sm_scale, size_class,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, STEP: tl.constexpr,
+):
+    # STEP multiplies the rows per step (ROWS is the base 64-row tile). size_class only keys the autotuner.
+    _bwd_dkv_body(
+        Q, K, V, Bias, Tokens, SegKey, SegStart, SegEnd, Pos, DO, Lse, Delta, DK, DV, DBias,
+        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
+        sdkb, sdkt, sdkh, sdbb, sdbt, sdbh, Tq, Tk, H, num_blocks, block_size, qk_scale, sm_scale,
+        G, G_PAD, ROWS * STEP, BLOCK_N, D, BLOCK_D, HAS_BIAS, PRECISION, DETERMINISTIC,
+    )
+
+
+# Atomic runs add into DK/DV/DBias, so every benchmark run of the tuner starts from zeros.
+_bwd_dkv_tuned = triton.autotune(
+    configs=_dkv_configs(), key=["G_PAD", "D", "HAS_BIAS", "DETERMINISTIC", "size_class"],
+    reset_to_zero=["DK", "DV", "DBias"],
+)(_bwd_dkv_kernel)
 
 
 @triton.jit
@@ -422,8 +460,11 @@ def tuning(**overrides):
     """Override launch choices inside a `with` block, so one benchmark run can time variants side by side:
     `{fwd,dq,dkv}_warps`, `{fwd,dq,dkv}_stages`, `dkv_tokens` (query tokens per dk/dv step, default the
     tile's), `dkv_segment` (tokens per dk/dv program), `fused_delta` (False: delta = rowsum(dO o) by
-    PyTorch before the dq kernel, the first version). Unknown names are an error."""
-    known = {f"{k}_{w}" for k in ("fwd", "dq", "dkv") for w in ("warps", "stages")} | {"dkv_tokens", "dkv_segment", "fused_delta"}
+    PyTorch before the dq kernel, the first version), `dkv_autotune` (False: the fixed 4 warps / 1 stage
+    launch of the first version; any dkv_tokens/warps/stages pins the launch too). Unknown names are an
+    error."""
+    known = ({f"{k}_{w}" for k in ("fwd", "dq", "dkv") for w in ("warps", "stages")}
+             | {"dkv_tokens", "dkv_segment", "fused_delta", "dkv_autotune"})
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown tuning knobs {sorted(unknown)}; known: {sorted(known)}")
@@ -526,15 +567,29 @@ def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size,
                    torch.empty((nseg, block_n), device=q.device, dtype=torch.float32))
     else:
         targets = (dk, dv, dbias)
-    _bwd_dkv_kernel[(seg_key.numel(),)](
+    args = (
         q, k, v, bias if bias is not None else q, tokens, seg_key, seg_start, seg_end, positions,
         do, lse, delta, *targets,
         *_strides(q, k, v, bias, do, lse), dk.stride(0), dk.stride(1), dk.stride(2),
         dbias.stride(0), dbias.stride(1), dbias.stride(2),
         num_queries, num_keys, num_kv_heads, num_blocks, block_size, LOG2E * scale, scale,
-        HAS_BIAS=bias is not None, DETERMINISTIC=deterministic, **meta,
-        **_launch_opts("dkv", meta["ROWS"], head_dim),
+        int(seg_key.numel()).bit_length(),
     )
+    grid = (seg_key.numel(),)
+    fixed = {name: _tuned(f"dkv_{name}", None) for name in ("tokens", "warps", "stages")}
+    if any(value is not None for value in fixed.values()) or not _tuned("dkv_autotune", True):
+        # A benchmark pinned the launch: run the plain kernel with the tile's rows (or dkv_tokens).
+        _bwd_dkv_kernel[grid](*args, HAS_BIAS=bias is not None, DETERMINISTIC=deterministic, STEP=1, **meta,
+                              **_launch_opts("dkv", meta["ROWS"], head_dim))
+    else:
+        tuned_before = len(_bwd_dkv_tuned.cache)
+        _bwd_dkv_tuned[grid](*args, HAS_BIAS=bias is not None, DETERMINISTIC=deterministic, **meta)
+        if len(_bwd_dkv_tuned.cache) != tuned_before:
+            # This call ran the tuner's benchmark launches: whatever a Triton version leaves in the atomic
+            # outputs afterwards, start again from zeros with the chosen (now cached) config.
+            for target in targets:
+                target.zero_()
+            _bwd_dkv_tuned[grid](*args, HAS_BIAS=bias is not None, DETERMINISTIC=deterministic, **meta)
     if deterministic:
         # Segments are sorted by key, so each key's segments are one contiguous run.
         key_ids = torch.arange(batch * num_kv_heads * num_blocks, device=q.device, dtype=torch.int32)
