@@ -39,7 +39,7 @@ def kernels_table(path: str) -> str:
             continue
         rows.append(
             f"| {r['tokens']:,} | {r['nosa_selection_ms']:.2f} | {r['nosa_fwd_bwd_ms']:.2f} | {_cell(r, 'dense_fwd_bwd_ms', '.2f')} "
-            f"| {_cell(r, 'speedup_fwd_bwd', '.2f')}x | {_cell(r, 'fla_fwd_bwd_ms', '.2f')} | {_cell(r, "speedup_vs_fla_fwd_bwd", ".2f")}{"x" if "speedup_vs_fla_fwd_bwd" in r else ""} "
+            f"| {_cell(r, 'speedup_fwd_bwd', '.2f')}x | {_cell(r, 'fla_fwd_bwd_ms', '.2f')} | {_cell(r, 'speedup_vs_fla_fwd_bwd', '.2f')}{'x' if 'speedup_vs_fla_fwd_bwd' in r else ''} "
             f"| {_cell(r, 'nosa_fwd_bwd_deterministic_ms', '.2f')} | {_cell(r, 'nosa_fwd_bwd_tc_fraction', '.0f', 100)}% "
             f"| {_cell(r, 'dense_fwd_bwd_tc_fraction', '.0f', 100)}% | {_cell(r, 'nosa_decode_ms', '.0f', 1000)} "
             f"| {_cell(r, 'dense_decode_ms', '.0f', 1000)} | {_cell(r, 'speedup_decode', '.2f')}x "
