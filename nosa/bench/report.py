@@ -20,20 +20,35 @@ def _machine_line(machine: dict, path: str, parameters: dict | None = None) -> s
             f"Triton {machine.get('triton')}, CUDA {machine.get('cuda')}, commit {commit}, {machine.get('date')}_")
 
 
+def _cell(r, key, fmt, scale=1.0):
+    value = r.get(key)
+    return "-" if value is None else format(scale * value, fmt)
+
+
 def kernels_table(path: str) -> str:
     data = json.load(open(path))
     rows = [
-        "| tokens | selection ms | NOSA fwd+bwd ms | SDPA fwd+bwd ms | fwd+bwd speed-up | NOSA tensor-core share "
-        "| NOSA decode µs | SDPA decode µs | decode speed-up | decode HBM share |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens | selection ms | NOSA fwd+bwd ms | SDPA fwd+bwd ms | fwd+bwd speed-up | fla NSA fwd+bwd ms | vs fla "
+        "| deterministic ms | NOSA tensor-core share | SDPA tensor-core share | NOSA decode µs | SDPA decode µs "
+        "| decode speed-up | decode HBM share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
+        if "error" in r:
+            rows.append(f"| {r['tokens']:,} | {r['error'][:80]} |" + " |" * 12)
+            continue
         rows.append(
-            f"| {r['tokens']:,} | {r['nosa_selection_ms']:.2f} | {r['nosa_fwd_bwd_ms']:.2f} | {r['dense_fwd_bwd_ms']:.2f} "
-            f"| {r['speedup_fwd_bwd']:.2f}x | {100 * r['nosa_fwd_bwd_tc_fraction']:.0f}% | {1000 * r['nosa_decode_ms']:.0f} "
-            f"| {1000 * r['dense_decode_ms']:.0f} | {r['speedup_decode']:.2f}x | {100 * r['nosa_decode_hbm_fraction']:.0f}% |"
+            f"| {r['tokens']:,} | {r['nosa_selection_ms']:.2f} | {r['nosa_fwd_bwd_ms']:.2f} | {_cell(r, 'dense_fwd_bwd_ms', '.2f')} "
+            f"| {_cell(r, 'speedup_fwd_bwd', '.2f')}x | {_cell(r, 'fla_fwd_bwd_ms', '.2f')} | {_cell(r, 'speedup_vs_fla_fwd_bwd', '.2f')}{'x' if 'speedup_vs_fla_fwd_bwd' in r else ''} "
+            f"| {_cell(r, 'nosa_fwd_bwd_deterministic_ms', '.2f')} | {_cell(r, 'nosa_fwd_bwd_tc_fraction', '.0f', 100)}% "
+            f"| {_cell(r, 'dense_fwd_bwd_tc_fraction', '.0f', 100)}% | {_cell(r, 'nosa_decode_ms', '.0f', 1000)} "
+            f"| {_cell(r, 'dense_decode_ms', '.0f', 1000)} | {_cell(r, 'speedup_decode', '.2f')}x "
+            f"| {_cell(r, 'nosa_decode_hbm_fraction', '.0f', 100)}% |"
         )
-    return "\n".join(rows + ["", _machine_line(data["machine"], path)])
+    fla = data.get("parameters", {}).get("fla", {})
+    note = (f"fla-core {fla['version']} NSA selected attention on the same block indices, no bias, selection excluded."
+            if "version" in fla else f"fla column absent: {fla.get('absent', 'not measured in this run')}.")
+    return "\n".join(rows + ["", note, "", _machine_line(data["machine"], path)])
 
 
 def decode_table(path: str) -> str:

@@ -127,25 +127,43 @@ def test_dispatch_override_runs_triton_on_cpu():
     assert ops.resolve("sparse_attention", q) is ref.sparse_attention  # auto on CPU tensors
 
 
-def test_varlen_equals_each_sequence_alone():
+@pytest.mark.parametrize("mode,lengths,hq,h,d,dtype", [
+    ("nosa", [13, 30, 1, 21], 4, 2, 64, torch.float32),    # GQA 2, a 1-token sequence, odd lengths
+    ("nosa", [37, 9], 16, 1, 64, torch.float16),           # GQA 16
+    ("infllmv2", [19, 26], 4, 4, 128, torch.float32),      # GQA 1 (score tiles of 128 tokens), no eviction head
+])
+def test_varlen_one_launch_set_equals_each_sequence_alone(mode, lengths, hq, h, d, dtype):
     from nosa.ops.kernels import pipeline as kp
 
     cfg = SparseAttentionConfig(block_size=8, topk_blocks=4, sink_blocks=1, window_blocks=1, query_blocks=1,
-                                compress_kernel=4, compress_stride=2)
-    lengths = [13, 30]
+                                compress_kernel=4, compress_stride=2, attn_mode=mode)
     total = sum(lengths)
-    q, k, v = torch.randn(1, total, 4, 64), torch.randn(1, total, 2, 64), torch.randn(1, total, 2, 64)
-    ev = torch.randn(1, total, 2, requires_grad=True)
-    out, selections = kp.nosa_attention_varlen(q, k, v, ev, torch.tensor([0, 13, total]), cfg, return_indices=True)
-    out.sum().backward()
-    start = 0
-    for length, indices in zip(lengths, selections):
-        sl = slice(start, start + length)
-        want, want_idx = ref.nosa_attention(q[:, sl], k[:, sl], v[:, sl], ev.detach()[:, sl], cfg, return_indices=True)
-        torch.testing.assert_close(out[:, sl].detach(), want, atol=2e-5, rtol=2e-5)
-        assert torch.equal(indices, want_idx)
-        start += length
-    assert torch.isfinite(ev.grad).all()
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    q, k, v = (torch.randn(1, total, n, d).to(dtype) for n in (hq, h, h))
+    ev = torch.randn(1, total, h)
+    grad_out = torch.randn(1, total, hq, d)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, ev)]
+    calls = []
+    real = kp.sparse_attention
+    kp.sparse_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        out, selections = kp.nosa_attention_varlen(*leaves, cu, cfg, return_indices=True)
+    finally:
+        kp.sparse_attention = real
+    assert len(calls) == 1  # one attention launch set for the whole pack
+    (out.float() * grad_out).sum().backward()
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    for s, length in enumerate(lengths):
+        sl = slice(int(cu[s]), int(cu[s + 1]))
+        alone = [x[:, sl].float().detach().requires_grad_() for x in (q, k, v, ev)]
+        want, want_idx = ref.nosa_attention(*alone, cfg, return_indices=True)
+        (want * grad_out[:, sl]).sum().backward()
+        assert torch.equal(selections[s], want_idx), f"sequence {s}: selection differs"
+        torch.testing.assert_close(out[:, sl].detach().float(), want.detach(), atol=tol, rtol=tol)
+        names = "q k v eviction".split() if mode == "nosa" else "q k v".split()
+        for name, leaf, a in zip(names, leaves, alone):
+            err = (leaf.grad[:, sl].float() - a.grad).abs().max().item()
+            assert err <= 10 * tol * max(1.0, a.grad.abs().max().item()), f"sequence {s} d{name}: {err:.3g}"
     with pytest.raises(ValueError, match="cu_seqlens"):
         kp.nosa_attention_varlen(q, k, v, ev, torch.tensor([0, 50, 40]), cfg)
 
@@ -157,3 +175,70 @@ def test_errors_are_clear():
         ka.sparse_attention(q, k, k, None, idx, torch.arange(8), 4)
     with pytest.raises(ValueError, match="tile_tokens"):
         ka.sparse_attention(torch.randn(1, 8, 4, 64), k, k, None, idx, torch.arange(8), 4, tile_tokens=17)
+
+
+@pytest.mark.parametrize("batch,tq,tk,hq,h,d,block,topk,dtype", [
+    (1, 37, 53, 16, 1, 64, 8, 4, torch.float32),   # GQA 16, Tq < Tk
+    (2, 29, 29, 8, 2, 128, 4, 5, torch.float16),   # GQA 4, head_dim 128
+    (1, 23, 23, 3, 3, 64, 4, 3, torch.float32),    # GQA 1
+])
+def test_deterministic_backward_matches_reference_and_repeats_bit_identically(batch, tq, tk, hq, h, d, block, topk, dtype):
+    cfg = SparseAttentionConfig(block_size=block, topk_blocks=topk, sink_blocks=1, window_blocks=1,
+                                query_blocks=min(1, topk - 3), compress_kernel=4, compress_stride=2)
+    q, k, v = torch.randn(batch, tq, hq, d).to(dtype), torch.randn(batch, tk, h, d).to(dtype), torch.randn(batch, tk, h, d).to(dtype)
+    bias = torch.randn(batch, tk, h)
+    positions = torch.arange(tk - tq, tk)
+    indices = _selection(q.float(), k.float(), bias, cfg, positions)
+    grad_out = torch.randn(batch, tq, hq, d)
+    # Short segments: the sink block's inverted list spans several partial slots, so the reduction runs.
+    with ka.tuning(dkv_segment=4):
+        first = _run(ka.sparse_attention, q, k, v, bias, indices, positions, block, grad_out, deterministic=True)
+        second = _run(ka.sparse_attention, q, k, v, bias, indices, positions, block, grad_out, deterministic=True)
+    for a, b in zip(first[2], second[2]):
+        assert torch.equal(a, b)
+    _, _, grads_ref = _run(ref.sparse_attention, q.float(), k.float(), v.float(), bias, indices, positions, block, grad_out)
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    for name, g, g_ref in zip("q k v bias".split(), first[2], grads_ref):
+        err = (g.float() - g_ref).abs().max().item()
+        assert err <= 10 * tol * max(1.0, g_ref.abs().max().item()), f"d{name}: max error {err:.3g}"
+
+
+def test_deterministic_mode_of_torch_selects_the_fixed_order_path(monkeypatch):
+    """deterministic=None follows torch.use_deterministic_algorithms."""
+    seen = []
+    real = ka.backward_dkv
+    monkeypatch.setattr(ka, "backward_dkv", lambda *a: seen.append(a[-1]) or real(*a))
+    q, k, v = torch.randn(1, 9, 2, 64), torch.randn(1, 9, 1, 64), torch.randn(1, 9, 1, 64)
+    indices = torch.zeros(1, 9, 1, 1, dtype=torch.int32)
+    for mode in (False, True):
+        torch.use_deterministic_algorithms(mode)
+        try:
+            leaf = q.clone().requires_grad_()
+            ka.sparse_attention(leaf, k, v, None, indices, torch.arange(9), 4).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert seen == [False, True]
+
+
+def test_tuning_rejects_unknown_knobs():
+    with pytest.raises(ValueError, match="unknown tuning knobs"):
+        with ka.tuning(fwd_wraps=8):
+            pass
+
+
+@pytest.mark.parametrize("knobs", [dict(fused_delta=False), dict(dkv_tokens=8), dict(dkv_tokens=1, dkv_segment=3)])
+def test_benchmarked_variants_match_reference(knobs):
+    """The variants a benchmark run times side by side (attention.tuning) compute the same gradients."""
+    batch, tq, tk, hq, h, d, block = 1, 27, 31, 8, 2, 64, 4
+    cfg = SparseAttentionConfig(block_size=block, topk_blocks=4, sink_blocks=1, window_blocks=1, query_blocks=1,
+                                compress_kernel=4, compress_stride=2)
+    q, k, v = torch.randn(batch, tq, hq, d), torch.randn(batch, tk, h, d), torch.randn(batch, tk, h, d)
+    bias = torch.randn(batch, tk, h)
+    positions = torch.arange(tk - tq, tk)
+    indices = _selection(q, k, bias, cfg, positions)
+    grad_out = torch.randn(batch, tq, hq, d)
+    with ka.tuning(**knobs):
+        _, _, grads = _run(ka.sparse_attention, q, k, v, bias, indices, positions, block, grad_out)
+    _, _, grads_ref = _run(ref.sparse_attention, q, k, v, bias, indices, positions, block, grad_out)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)

@@ -151,3 +151,43 @@ def test_mixed_dtypes_under_autocast_compile_and_match():
     torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_deterministic_backward_bf16_is_bit_identical_and_within_rule():
+    torch.manual_seed(0)
+    cfg = SparseAttentionConfig(block_size=64, topk_blocks=8, sink_blocks=1, window_blocks=2, query_blocks=2)
+    t, hq, h, d = 1500, 32, 2, 128
+    q = torch.randn(1, t, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, t, h, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, t, h, d, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(1, t, h, device="cuda")
+    positions = torch.arange(t, device="cuda")
+    indices = kp.select_all(q, k, bias, positions, cfg)
+    grad_out = torch.randn(1, t, hq, d, device="cuda")
+    run = lambda: _grads(lambda *x: ka.sparse_attention(*x, indices, positions, 64, deterministic=True), (q, k, v, bias), grad_out)
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    exact = _grads(lambda q, k, v, b: ref.sparse_attention(q.float(), k.float(), v.float(), b, indices, positions, 64), (q, k, v, bias), grad_out)
+    torch_bf16 = _grads(lambda *x: _torch_bf16_attention(*x, indices, positions, 64), (q, k, v, bias), grad_out)
+    for name, a, b, c in zip(["o", "dq", "dk", "dv", "dbias"], first, exact, torch_bf16):
+        err = (a.float() - b.float()).abs().max().item()
+        base = (c.float() - b.float()).abs().max().item()
+        assert err <= 2 * base + 1e-5, f"{name}: kernel error {err:.3g} > 2 x PyTorch bf16 error {base:.3g}"
+
+
+def test_varlen_bf16_equals_each_sequence_alone():
+    torch.manual_seed(0)
+    cfg = SparseAttentionConfig()
+    lengths = [1300, 77, 2101]
+    total = sum(lengths)
+    q = torch.randn(1, total, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, total, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, total, 2, 128, device="cuda", dtype=torch.bfloat16)
+    ev = 0.5 * torch.rand(1, total, 2, device="cuda")
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    out = kp.nosa_attention_varlen(q, k, v, ev, cu, cfg)
+    for s in range(len(lengths)):
+        sl = slice(int(cu[s]), int(cu[s + 1]))
+        alone = kp.nosa_attention(q[:, sl], k[:, sl], v[:, sl], ev[:, sl], cfg)
+        torch.testing.assert_close(out[:, sl].float(), alone.float(), atol=2e-2, rtol=2e-2)

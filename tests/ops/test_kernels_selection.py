@@ -52,14 +52,18 @@ def test_query_aware_scores_and_pooling(hq, h, d, kernel, stride, block):
     torch.testing.assert_close(pooled[finite], pooled_ref[finite], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threshold", [True, False], ids=["threshold", "argmax"])
 @pytest.mark.parametrize("mode", ["nosa", "infllmv2", "dma"])
 @pytest.mark.parametrize("agnostic", ["none", "per_query", "shared"])
-def test_select_blocks_exact_with_ties(mode, agnostic):
+def test_select_blocks_exact_with_ties(mode, agnostic, threshold, monkeypatch):
+    monkeypatch.setattr(ks, "SELECT_BY_THRESHOLD", threshold)
     cfg = _cfg(mode, topk_blocks=7, window_blocks=2)
     batch, tq, h, nb = 2, 30, 2, 12
     positions = torch.arange(96 - tq, 96)
-    # Scores on a coarse grid force many exact ties; some -inf scores (blocks with no complete window).
-    qa = torch.randint(0, 4, (batch, tq, h, nb)).float()
+    # Scores on a coarse grid force many exact ties, negative ones and -0.0 (equal to +0.0); some -inf
+    # scores (blocks with no complete window).
+    qa = torch.randint(-2, 3, (batch, tq, h, nb)).float()
+    qa[..., 3] = -0.0
     qa[..., 5] = float("-inf")
     ag = None
     if agnostic == "per_query":

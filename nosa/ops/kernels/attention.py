@@ -20,7 +20,9 @@ List entries pack (block << 16) | token_bits, so a tile holds at most 16 tokens 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 import triton
@@ -108,13 +110,18 @@ def invert_selection(block_indices: torch.Tensor, num_blocks: int, segment: int 
     valid = block_indices >= 0
     bh = (torch.arange(batch, device=device).view(batch, 1, 1, 1) * num_kv_heads
           + torch.arange(num_kv_heads, device=device).view(1, 1, num_kv_heads, 1))
+    # int32 keys (B * H * NB < 2^31 here): the radix sort makes half the passes of an int64 one.
     key = (bh * num_blocks + block_indices.long()).masked_select(valid)
+    if batch * num_kv_heads * num_blocks < 2**31 - 1:
+        key = key.to(torch.int32)
     token = torch.arange(num_queries, device=device, dtype=torch.int32).view(1, num_queries, 1, 1)
     tokens = token.expand_as(block_indices).masked_select(valid)
     # Stable: the flattened order is (b, t, h, k), so each key's tokens stay ascending.
     order = torch.argsort(key, stable=True)
     tokens, key = tokens[order].contiguous(), key[order]
-    per_key = torch.bincount(key, minlength=batch * num_kv_heads * num_blocks)
+    # Counts per key from the sorted keys (bincount would use atomics; this stays deterministic).
+    all_keys = torch.arange(batch * num_kv_heads * num_blocks + 1, device=device, dtype=key.dtype)
+    per_key = torch.diff(torch.searchsorted(key, all_keys))
     ends = torch.cumsum(per_key, 0)
     starts = ends - per_key
     nseg = torch.div(per_key + segment - 1, segment, rounding_mode="floor")
@@ -197,14 +204,17 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, Bias, Lists, Counts, Pos, DO, Lse, Delta, DQ,
+    Q, K, V, Bias, Lists, Counts, Pos, DO, Lse, Delta, DQ, O,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
-    sLb, sLh, sLn, scb, sch,
+    sLb, sLh, sLn, scb, sch, s_ob, s_ot, s_oh,
     Tq, Tk, H, block_size, qk_scale, sm_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    FUSED_DELTA: tl.constexpr,
 ):
-    # DO and DQ share q's strides (sq*); Lse and Delta share sl*.
+    # DQ shares q's strides (sq*), DO has so*, O s_o*; Lse and Delta share sl*. FUSED_DELTA: this kernel
+    # computes delta = rowsum(dO * O) from its own tiles and writes it for the dk/dv kernel, instead of a
+    # separate PyTorch pass (which reads both in float32 copies).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -218,7 +228,12 @@ def _bwd_dq_kernel(
     do = tl.load(DO + b * sob + t[:, None] * sot + head[:, None] * soh + d[None, :], mask=qmask, other=0.0)
     lse = tl.load(Lse + b * slb + t * slt + head * slh, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(Delta + b * slb + t * slt + head * slh, mask=row_ok, other=0.0)
+    if FUSED_DELTA:
+        o = tl.load(O + b * s_ob + t[:, None] * s_ot + head[:, None] * s_oh + d[None, :], mask=qmask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(Delta + b * slb + t * slt + head * slh, delta, mask=row_ok)
+    else:
+        delta = tl.load(Delta + b * slb + t * slt + head * slh, mask=row_ok, other=0.0)
     dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
     n = tl.arange(0, BLOCK_N)
     count = tl.load(Counts + b * scb + h * sch + tile)
@@ -244,16 +259,29 @@ def _bwd_dq_kernel(
     tl.store(DQ + b * sqb + t[:, None] * sqt + head[:, None] * sqh + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
+def _dkv_configs():
+    """(tokens per step as a multiple of the 64-row tile, warps, stages) tried by the dk/dv autotuner.
+    The inverted walk wastes no rows, so unlike the forward a taller step costs no extra work; pipelining
+    its gathered Q/dO loads was never measured for this walk (the 4 warps / 1 stage default was tuned on
+    the earlier tile-union dk/dv kernel)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"STEP": 1}, num_warps=4, num_stages=1)]  # the interpreter runs every config
+    return [triton.Config({"STEP": step}, num_warps=w, num_stages=st)
+            for step, w, st in ((1, 4, 1), (1, 4, 2), (1, 4, 3), (2, 8, 1), (2, 8, 2), (2, 4, 2))]
+
+
 @triton.jit
-def _bwd_dkv_kernel(
+def _bwd_dkv_body(
     Q, K, V, Bias, Tokens, SegKey, SegStart, SegEnd, Pos, DO, Lse, Delta, DK, DV, DBias,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
     sdkb, sdkt, sdkh, sdbb, sdbt, sdbh,
     Tq, Tk, H, num_blocks, block_size, qk_scale, sm_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
-    # DK and DV are float32 with the same strides (sdk*); DBias float32 (sdb*).
+    # DK and DV are float32 with the same strides (sdk*); DBias float32 (sdb*). DETERMINISTIC: they are
+    # instead per-segment partial buffers [segments, BLOCK_N, BLOCK_D] / [segments, BLOCK_N].
     seg = tl.program_id(0)
     key_id = tl.load(SegKey + seg)
     start = tl.load(SegStart + seg)
@@ -302,11 +330,81 @@ def _bwd_dkv_kernel(
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
         if HAS_BIAS:
             dbias += tl.sum(ds, 1)
+    if DETERMINISTIC:
+        # This segment's partial sums go to its own slot; `_dkv_reduce_kernel` adds the slots of each key
+        # block in segment order, so the result does not depend on which program finished first.
+        part = seg.to(tl.int64) * (BLOCK_N * BLOCK_D) + n[:, None] * BLOCK_D + d[None, :]
+        tl.store(DK + part, dk * sm_scale)
+        tl.store(DV + part, dv)
+        if HAS_BIAS:
+            tl.store(DBias + seg.to(tl.int64) * BLOCK_N + n, dbias)
+    else:
+        out_off = b * sdkb + keys[:, None] * sdkt + h * sdkh + d[None, :]
+        tl.atomic_add(DK + out_off, dk * sm_scale, mask=kv_mask)
+        tl.atomic_add(DV + out_off, dv, mask=kv_mask)
+        if HAS_BIAS:
+            tl.atomic_add(DBias + b * sdbb + keys * sdbt + h * sdbh, dbias, mask=key_ok)
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, K, V, Bias, Tokens, SegKey, SegStart, SegEnd, Pos, DO, Lse, Delta, DK, DV, DBias,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
+    sdkb, sdkt, sdkh, sdbb, sdbt, sdbh,
+    Tq, Tk, H, num_blocks, block_size, qk_scale, sm_scale, size_class,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, STEP: tl.constexpr,
+):
+    # STEP multiplies the rows per step (ROWS is the base 64-row tile). size_class only keys the autotuner.
+    _bwd_dkv_body(
+        Q, K, V, Bias, Tokens, SegKey, SegStart, SegEnd, Pos, DO, Lse, Delta, DK, DV, DBias,
+        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
+        sdkb, sdkt, sdkh, sdbb, sdbt, sdbh, Tq, Tk, H, num_blocks, block_size, qk_scale, sm_scale,
+        G, G_PAD, ROWS * STEP, BLOCK_N, D, BLOCK_D, HAS_BIAS, PRECISION, DETERMINISTIC,
+    )
+
+
+# Atomic runs add into DK/DV/DBias, so every benchmark run of the tuner starts from zeros.
+_bwd_dkv_tuned = triton.autotune(
+    configs=_dkv_configs(), key=["G_PAD", "D", "HAS_BIAS", "DETERMINISTIC", "size_class"],
+    reset_to_zero=["DK", "DV", "DBias"],
+)(_bwd_dkv_kernel)
+
+
+@triton.jit
+def _dkv_reduce_kernel(
+    PartK, PartV, PartB, KeySegStart, KeySegEnd, DK, DV, DBias,
+    sdkb, sdkt, sdkh, sdbb, sdbt, sdbh, Tk, H, num_blocks, block_size,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Deterministic dk/dv/dbias: per key block, the sum of its segments' partials in segment order."""
+    key_id = tl.program_id(0)
+    blk = key_id % num_blocks
+    bh = key_id // num_blocks
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    first = tl.load(KeySegStart + key_id).to(tl.int64)
+    last = tl.load(KeySegEnd + key_id).to(tl.int64)
+    n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    keys = blk * block_size + n
+    key_ok = (n < block_size) & (keys < Tk)
+    tile = n[:, None] * BLOCK_D + d[None, :]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dbias = tl.zeros([BLOCK_N], tl.float32)
+    for seg in range(first, last):
+        dk += tl.load(PartK + seg * (BLOCK_N * BLOCK_D) + tile)
+        dv += tl.load(PartV + seg * (BLOCK_N * BLOCK_D) + tile)
+        if HAS_BIAS:
+            dbias += tl.load(PartB + seg * BLOCK_N + n)
     out_off = b * sdkb + keys[:, None] * sdkt + h * sdkh + d[None, :]
-    tl.atomic_add(DK + out_off, dk * sm_scale, mask=kv_mask)
-    tl.atomic_add(DV + out_off, dv, mask=kv_mask)
+    mask = key_ok[:, None] & (d[None, :] < D)
+    tl.store(DK + out_off, dk, mask=mask)
+    tl.store(DV + out_off, dv, mask=mask)
     if HAS_BIAS:
-        tl.atomic_add(DBias + b * sdbb + keys * sdbt + h * sdbh, dbias, mask=key_ok)
+        tl.store(DBias + b * sdbb + keys * sdbt + h * sdbh, dbias, mask=key_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,10 +451,40 @@ def _meta(q, k, block_size, tile_tokens):
 _STAGES = {"fwd": 3, "dq": 2, "dkv": 1}
 
 
+# Process-wide, not thread-local: autograd runs CUDA backward passes on its own thread.
+_tuning_values: dict = {}
+
+
+@contextlib.contextmanager
+def tuning(**overrides):
+    """Override launch choices inside a `with` block, so one benchmark run can time variants side by side:
+    `{fwd,dq,dkv}_warps`, `{fwd,dq,dkv}_stages`, `dkv_tokens` (query tokens per dk/dv step, default the
+    tile's), `dkv_segment` (tokens per dk/dv program), `fused_delta` (False: delta = rowsum(dO o) by
+    PyTorch before the dq kernel, the first version), `dkv_autotune` (False: the fixed 4 warps / 1 stage
+    launch of the first version; any dkv_tokens/warps/stages pins the launch too). Unknown names are an
+    error."""
+    known = ({f"{k}_{w}" for k in ("fwd", "dq", "dkv") for w in ("warps", "stages")}
+             | {"dkv_tokens", "dkv_segment", "fused_delta", "dkv_autotune"})
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown tuning knobs {sorted(unknown)}; known: {sorted(known)}")
+    previous = dict(_tuning_values)
+    _tuning_values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        yield
+    finally:
+        _tuning_values.clear()
+        _tuning_values.update(previous)
+
+
+def _tuned(name: str, default):
+    return _tuning_values.get(name, default)
+
+
 def _launch_opts(kernel: str, rows: int, head_dim: int) -> dict:
     """num_warps / num_stages of one kernel ('fwd', 'dq', 'dkv') for a tile of `rows` rows."""
     warps = 4 if rows * head_dim <= 64 * 128 else 8
-    return dict(num_warps=warps, num_stages=_STAGES[kernel])
+    return dict(num_warps=_tuned(f"{kernel}_warps", warps), num_stages=_tuned(f"{kernel}_stages", _STAGES[kernel]))
 
 
 def _last_dim_contiguous(x):
@@ -394,58 +522,108 @@ def _strides(q, k, v, bias, do, lse):
     )
 
 
-def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens):
-    """dq [B, Tq, Hq, D] (q's dtype); delta = rowsum(do * o) [B, Tq, Hq] float32 (lse's strides)."""
+def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens, o=None):
+    """dq [B, Tq, Hq, D] (q's dtype); delta = rowsum(do * o) [B, Tq, Hq] float32 (lse's strides).
+    With `o` given, delta is an output: the kernel computes it and writes it there."""
     batch, num_queries, _, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
     meta, _ = _meta(q, k, block_size, tile_tokens)
     dq = torch.empty_like(q)
     scale = 1.0 / math.sqrt(head_dim)
+    o_arg = o if o is not None else q
     _bwd_dq_kernel[(lists.shape[2], batch * num_kv_heads)](
-        q, k, v, bias if bias is not None else q, lists, counts, positions, do, lse, delta, dq,
+        q, k, v, bias if bias is not None else q, lists, counts, positions, do, lse, delta, dq, o_arg,
         *_strides(q, k, v, bias, do, lse), lists.stride(0), lists.stride(1), lists.stride(2),
-        counts.stride(0), counts.stride(1),
+        counts.stride(0), counts.stride(1), o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
         num_queries, num_keys, num_kv_heads, block_size, LOG2E * scale, scale,
-        HAS_BIAS=bias is not None, **meta, **_launch_opts("dq", meta["ROWS"], head_dim),
+        HAS_BIAS=bias is not None, FUSED_DELTA=o is not None, **meta, **_launch_opts("dq", meta["ROWS"], head_dim),
     )
     return dq
 
 
-def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens):
-    """(dk, dv [B, Tk, H, D], dbias [B, Tk, H]) float32 from the inverted selection (`invert_selection`)."""
+def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens, deterministic=False):
+    """(dk, dv [B, Tk, H, D], dbias [B, Tk, H]) float32 from the inverted selection (`invert_selection`).
+
+    deterministic=False: segments add into the outputs with float32 atomics (fastest; the summation order,
+    hence the last bits, vary run to run). deterministic=True: each segment writes its partial sums to its
+    own slot (4 * segments * BLOCK_N * (2 * BLOCK_D + 1) bytes of scratch, about 1.2 GB at 64K tokens of
+    the 8B shape) and `_dkv_reduce_kernel` adds them per key block in segment order: bit-reproducible.
+    """
     batch, num_queries, _, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
-    meta, _ = _meta(q, k, block_size, tile_tokens)
+    meta, _ = _meta(q, k, block_size, _tuned("dkv_tokens", tile_tokens))
     tokens, seg_key, seg_start, seg_end = inverted
+    num_blocks = -(-num_keys // block_size)
     dk = torch.zeros((batch, num_keys, num_kv_heads, head_dim), device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
     dbias = torch.zeros((batch, num_keys, num_kv_heads), device=q.device, dtype=torch.float32)
-    if seg_key.numel():
-        scale = 1.0 / math.sqrt(head_dim)
-        _bwd_dkv_kernel[(seg_key.numel(),)](
-            q, k, v, bias if bias is not None else q, tokens, seg_key, seg_start, seg_end, positions,
-            do, lse, delta, dk, dv, dbias,
-            *_strides(q, k, v, bias, do, lse), dk.stride(0), dk.stride(1), dk.stride(2),
-            dbias.stride(0), dbias.stride(1), dbias.stride(2),
-            num_queries, num_keys, num_kv_heads, -(-num_keys // block_size), block_size, LOG2E * scale, scale,
-            HAS_BIAS=bias is not None, **meta, **_launch_opts("dkv", meta["ROWS"], head_dim),
+    if not seg_key.numel():
+        return dk, dv, dbias
+    scale = 1.0 / math.sqrt(head_dim)
+    if deterministic:
+        nseg, block_n, block_d = seg_key.numel(), meta["BLOCK_N"], meta["BLOCK_D"]
+        targets = (torch.empty((nseg, block_n, block_d), device=q.device, dtype=torch.float32),
+                   torch.empty((nseg, block_n, block_d), device=q.device, dtype=torch.float32),
+                   torch.empty((nseg, block_n), device=q.device, dtype=torch.float32))
+    else:
+        targets = (dk, dv, dbias)
+    args = (
+        q, k, v, bias if bias is not None else q, tokens, seg_key, seg_start, seg_end, positions,
+        do, lse, delta, *targets,
+        *_strides(q, k, v, bias, do, lse), dk.stride(0), dk.stride(1), dk.stride(2),
+        dbias.stride(0), dbias.stride(1), dbias.stride(2),
+        num_queries, num_keys, num_kv_heads, num_blocks, block_size, LOG2E * scale, scale,
+        int(seg_key.numel()).bit_length(),
+    )
+    grid = (seg_key.numel(),)
+    fixed = {name: _tuned(f"dkv_{name}", None) for name in ("tokens", "warps", "stages")}
+    if any(value is not None for value in fixed.values()) or not _tuned("dkv_autotune", True):
+        # A benchmark pinned the launch: run the plain kernel with the tile's rows (or dkv_tokens).
+        _bwd_dkv_kernel[grid](*args, HAS_BIAS=bias is not None, DETERMINISTIC=deterministic, STEP=1, **meta,
+                              **_launch_opts("dkv", meta["ROWS"], head_dim))
+    else:
+        tuned_before = len(_bwd_dkv_tuned.cache)
+        _bwd_dkv_tuned[grid](*args, HAS_BIAS=bias is not None, DETERMINISTIC=deterministic, **meta)
+        if len(_bwd_dkv_tuned.cache) != tuned_before:
+            # This call ran the tuner's benchmark launches: whatever a Triton version leaves in the atomic
+            # outputs afterwards, start again from zeros with the chosen (now cached) config.
+            for target in targets:
+                target.zero_()
+            _bwd_dkv_tuned[grid](*args, HAS_BIAS=bias is not None, DETERMINISTIC=deterministic, **meta)
+    if deterministic:
+        # Segments are sorted by key, so each key's segments are one contiguous run.
+        key_ids = torch.arange(batch * num_kv_heads * num_blocks, device=q.device, dtype=torch.int32)
+        first = torch.searchsorted(seg_key, key_ids).to(torch.int32)
+        last = torch.searchsorted(seg_key, key_ids, right=True).to(torch.int32)
+        _dkv_reduce_kernel[(key_ids.numel(),)](
+            *targets, first, last, dk, dv, dbias,
+            dk.stride(0), dk.stride(1), dk.stride(2), dbias.stride(0), dbias.stride(1), dbias.stride(2),
+            num_keys, num_kv_heads, num_blocks, block_size,
+            BLOCK_N=meta["BLOCK_N"], D=head_dim, BLOCK_D=meta["BLOCK_D"], HAS_BIAS=bias is not None, num_warps=4,
         )
     return dk, dv, dbias
 
 
-def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, block_size, tile_tokens):
-    """(dq, dk, dv, dbias) for the forward above, in the inputs' dtypes. dbias is None without a bias."""
+def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, block_size, tile_tokens,
+                              deterministic=False):
+    """(dq, dk, dv, dbias) for the forward above, in the inputs' dtypes. dbias is None without a bias.
+    deterministic: dk, dv and dbias without atomics (bit-reproducible; see `backward_dkv`)."""
     do = _last_dim_contiguous(do)
-    delta = (do.float() * o.float()).sum(-1)  # [B, Tq, Hq] contiguous, like lse
-    dq = backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens)
-    inverted = invert_selection(block_indices, -(-k.shape[1] // block_size))
-    dk, dv, dbias = backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens)
+    if _tuned("fused_delta", True):
+        # Written by the dq kernel. Rows of a padded tile beyond Tq are never read.
+        delta = torch.empty(lse.shape, device=lse.device, dtype=torch.float32)
+        dq = backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens, o=o)
+    else:
+        delta = (do.float() * o.float()).sum(-1)  # [B, Tq, Hq] contiguous, like lse
+        dq = backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_size, tile_tokens)
+    inverted = invert_selection(block_indices, -(-k.shape[1] // block_size), _tuned("dkv_segment", DKV_SEGMENT))
+    dk, dv, dbias = backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens, deterministic)
     return dq, dk.to(k.dtype), dv.to(v.dtype), (dbias.to(bias.dtype) if bias is not None else None)
 
 
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, block_indices, positions, block_size, tile_tokens):
+    def forward(ctx, q, k, v, bias, block_indices, positions, block_size, tile_tokens, deterministic):
         # Mixed input dtypes (under autocast RoPE can leave q, k in float32 while v is bf16) run in the
         # promoted dtype, as the reference computes in float32; o comes back in q's dtype like the reference.
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
@@ -457,6 +635,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, bias, o, lse, lists, counts, block_indices, positions)
         ctx.block_size = block_size
         ctx.tile_tokens = tile_tokens
+        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return o.to(ctx.dtypes[0]), lse
 
@@ -464,18 +643,23 @@ class SparseAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, bias, o, lse, lists, counts, block_indices, positions = ctx.saved_tensors
         dq, dk, dv, dbias = sparse_attention_backward(
-            do.to(q.dtype), q, k, v, bias, o, lse, lists, counts, block_indices, positions, ctx.block_size, ctx.tile_tokens
+            do.to(q.dtype), q, k, v, bias, o, lse, lists, counts, block_indices, positions, ctx.block_size, ctx.tile_tokens,
+            ctx.deterministic,
         )
         q_dtype, k_dtype, v_dtype = ctx.dtypes
-        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), dbias, None, None, None, None
+        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), dbias, None, None, None, None, None
 
 
-def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return_lse=False, tile_tokens=None):
+def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return_lse=False, tile_tokens=None,
+                     deterministic=None):
     """Triton version of `nosa.ops.reference.sparse_attention` (same shapes and semantics).
 
     q: [B, Tq, Hq, D]; k, v: [B, Tk, H, D]; bias: [B, Tk, H] or None; block_indices: [B, Tq, H, K] int32;
     positions: [Tq] -> o [B, Tq, Hq, D] (and lse [B, Tq, Hq] float32 with return_lse). Differentiable in
     q, k, v and bias. `tile_tokens` (queries sharing one program) defaults to `default_tile_tokens(G)`.
+    `deterministic`: the backward sums dk, dv and dbias in a fixed order instead of with atomics, so the
+    gradients are bit-identical run to run (slower). None (default) follows
+    `torch.use_deterministic_algorithms`, so the fastest path runs unless determinism was asked for.
     """
     _check_inputs(q, k, v, bias, block_indices, positions, block_size)
     group = q.shape[2] // k.shape[2]
@@ -483,9 +667,12 @@ def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return
         tile_tokens = default_tile_tokens(group)
     if not 1 <= tile_tokens <= MAX_TILE_TOKENS:
         raise ValueError(f"tile_tokens must be in 1..{MAX_TILE_TOKENS}, got {tile_tokens}")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     if q.shape[0] == 0 or q.shape[1] == 0:
         o = q * 0  # keeps the autograd graph for empty batches
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
         return (o, lse) if return_lse else o
-    o, lse = SparseAttentionFunction.apply(q, k, v, bias, block_indices, positions, block_size, tile_tokens)
+    o, lse = SparseAttentionFunction.apply(q, k, v, bias, block_indices, positions, block_size, tile_tokens,
+                                           bool(deterministic))
     return (o, lse) if return_lse else o

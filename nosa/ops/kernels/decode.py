@@ -22,25 +22,31 @@ def _partial_configs():
     # The interpreter (CPU tests) runs every config of an autotuner: give it one.
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_S": 64}, num_warps=4, num_stages=2)]
+    # Small tiles with deep pipelines keep more bytes in flight per SM when each program's chunk is short.
     return [
         triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
         for bs in (64, 128) for w in (4, 8) for st in (2, 3, 4)
-    ]
+    ] + [triton.Config({"BLOCK_S": 32}, num_warps=w, num_stages=st) for w in (2, 4) for st in (4, 6)]
 
 
 # Slot chunks are multiples of the largest BLOCK_S so every config sees whole tiles.
 CHUNK_ALIGN = 128
 
 
-@triton.autotune(configs=_partial_configs(), key=["S", "chunk", "G", "D"])
+# restore_value: autotuning runs the kernel several times; each run must start from the caller's zeroed
+# arrival counts (reset_to_zero would leave the last benchmark run's counts for the real call).
+@triton.autotune(configs=_partial_configs(), key=["S", "chunk", "G", "D", "FUSED_MERGE"],
+                 restore_value=["Arrivals"])
 @triton.jit
 def _decode_partial_kernel(
-    Q, K, V, Bias, Valid, PartO, PartM, PartL,
-    sqb, sqh, skb, sks, skh, svb, svs, svh, sbb, sbs, sbh, svlb, svls, svlh,
+    Q, K, V, Bias, Valid, PartO, PartM, PartL, Arrivals, Out,
+    sqb, sqh, skb, sks, skh, svb, svs, svh, sbb, sbs, sbh, svlb, svls, svlh, sob, soh,
     S, H, chunk, qk_scale,
     G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr, SPLIT_PAD: tl.constexpr,
 ):
+    # FUSED_MERGE: the last program of a (row, head) to finish (counted in Arrivals, zeroed by the caller)
+    # merges the partials itself, instead of a second kernel launch.
     bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -79,6 +85,39 @@ def _decode_partial_kernel(
     tl.store(PartM + part, m_i)
     tl.store(PartL + part, l_i)
     tl.store(PartO + part[:, None] * BLOCK_D + d[None, :], acc)
+    if FUSED_MERGE:
+        # acq_rel: this program's partial stores are visible before its arrival counts, and the last
+        # arriving program sees every other program's partials.
+        arrived = tl.atomic_add(Arrivals + bh, 1, sem="acq_rel")
+        if arrived == nsplit - 1:
+            _merge_partials(PartO, PartM, PartL, Out, b, h, bh, nsplit, sob, soh, G, ROWS, D, BLOCK_D, SPLIT_PAD)
+
+
+@triton.jit
+def _merge_partials(PartO, PartM, PartL, Out, b, h, bh, NSPLIT, sob, soh,
+                    G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    SPLIT_PAD: tl.constexpr):
+    g = tl.arange(0, ROWS)
+    sp = tl.arange(0, SPLIT_PAD)
+    d = tl.arange(0, BLOCK_D)
+    sp_ok = sp < NSPLIT
+    idx = (bh * NSPLIT + sp[:, None]) * ROWS + g[None, :]  # [SPLIT_PAD, ROWS]
+    # .cg: read at L2, never from a possibly stale L1 line of an earlier call's partials.
+    m = tl.load(PartM + idx, mask=sp_ok[:, None], other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(PartL + idx, mask=sp_ok[:, None], other=0.0, cache_modifier=".cg")
+    m_all = tl.max(m, 0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp2(m - m_safe[None, :])  # [SPLIT_PAD, ROWS]
+    l_all = tl.sum(l * w, 0)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for i in range(NSPLIT):
+        o_i = tl.load(PartO + ((bh * NSPLIT + i) * ROWS + g)[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+        w_i = tl.sum(tl.where(sp[:, None] == i, w, 0.0), 0)
+        acc += o_i * w_i[:, None]
+    out = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
+    row_ok = g < G
+    tl.store(Out + b * sob + (h * G + g)[:, None] * soh + d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (d[None, :] < D))
 
 
 @triton.jit
@@ -87,28 +126,8 @@ def _decode_merge_kernel(
     G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    g = tl.arange(0, ROWS)
-    sp = tl.arange(0, SPLIT_PAD)
-    d = tl.arange(0, BLOCK_D)
-    sp_ok = sp < NSPLIT
-    idx = (bh * NSPLIT + sp[:, None]) * ROWS + g[None, :]  # [SPLIT_PAD, ROWS]
-    m = tl.load(PartM + idx, mask=sp_ok[:, None], other=float("-inf"))
-    l = tl.load(PartL + idx, mask=sp_ok[:, None], other=0.0)
-    m_all = tl.max(m, 0)
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-    w = tl.exp2(m - m_safe[None, :])  # [SPLIT_PAD, ROWS]
-    l_all = tl.sum(l * w, 0)
-    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    for i in range(NSPLIT):
-        o_i = tl.load(PartO + ((bh * NSPLIT + i) * ROWS + g)[:, None] * BLOCK_D + d[None, :])
-        w_i = tl.sum(tl.where(sp[:, None] == i, w, 0.0), 0)
-        acc += o_i * w_i[:, None]
-    out = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
-    row_ok = g < G
-    tl.store(Out + b * sob + (h * G + g)[:, None] * soh + d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (d[None, :] < D))
+    _merge_partials(PartO, PartM, PartL, Out, (bh // H).to(tl.int64), bh % H, bh, NSPLIT, sob, soh,
+                    G, ROWS, D, BLOCK_D, SPLIT_PAD)
 
 
 def _num_splits(batch_heads: int, num_slots: int, sm_count: int) -> int:
@@ -124,11 +143,18 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None = None):
+# Merge in the last partial program (one launch) rather than in a second kernel; module-level so a
+# benchmark can time both (`fused_merge=` per call overrides it).
+FUSED_MERGE = True
+
+
+def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None = None, fused_merge: bool | None = None):
     """Triton version of `nosa.ops.reference.decode_attention`.
 
     q: [B, Hq, D]; k_slots, v_slots: [B, S, H, D]; bias_slots: [B, S, H] or None; valid: [B, S, H] bool
     -> [B, Hq, D] in q's dtype. `splits`: chunks of the slot axis (default: sized for occupancy).
+    `fused_merge`: merge the chunks in the last program of each (row, head) (default FUSED_MERGE) or in a
+    second kernel.
     """
     if q.dim() != 3 or k_slots.dim() != 4 or k_slots.shape != v_slots.shape:
         raise ValueError(f"q must be [B, Hq, D] and k_slots, v_slots [B, S, H, D]; got {tuple(q.shape)}, {tuple(k_slots.shape)}, {tuple(v_slots.shape)}")
@@ -166,15 +192,22 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None 
     bias_arg = bias_slots if bias_slots is not None else valid_u8
     bias_strides = bias_slots.stride() if bias_slots is not None else (0, 0, 0)
     precision = _dot_precision(q.dtype)
+    fused = FUSED_MERGE if fused_merge is None else bool(fused_merge)
+    # Zeroed every call (a 4-byte-per-(row, head) memset, one graph node) rather than cached and reset by
+    # the kernel, so an interrupted call or a second stream can never leave a stale count.
+    arrivals = torch.zeros(batch * num_kv_heads if fused else 1, device=q.device, dtype=torch.int32)
+    split_pad = max(2, _next_pow2(splits))
     _decode_partial_kernel[(batch * num_kv_heads, splits)](
-        q, k_slots, v_slots, bias_arg, valid_u8, part_o, part_m, part_l,
+        q, k_slots, v_slots, bias_arg, valid_u8, part_o, part_m, part_l, arrivals, out,
         q.stride(0), q.stride(1), k_slots.stride(0), k_slots.stride(1), k_slots.stride(2),
         v_slots.stride(0), v_slots.stride(1), v_slots.stride(2), *bias_strides, *valid_u8.stride(),
-        num_slots, num_kv_heads, chunk, LOG2E / math.sqrt(head_dim),
+        out.stride(0), out.stride(1), num_slots, num_kv_heads, chunk, LOG2E / math.sqrt(head_dim),
         G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, HAS_BIAS=bias_slots is not None, PRECISION=precision,
+        FUSED_MERGE=fused, SPLIT_PAD=split_pad,
     )
-    _decode_merge_kernel[(batch * num_kv_heads,)](
-        part_o, part_m, part_l, out, out.stride(0), out.stride(1), num_kv_heads, splits,
-        G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, SPLIT_PAD=max(2, _next_pow2(splits)), num_warps=4,
-    )
+    if not fused:
+        _decode_merge_kernel[(batch * num_kv_heads,)](
+            part_o, part_m, part_l, out, out.stride(0), out.stride(1), num_kv_heads, splits,
+            G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, SPLIT_PAD=split_pad, num_warps=4,
+        )
     return out.to(out_dtype)

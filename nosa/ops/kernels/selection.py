@@ -17,6 +17,7 @@ Each public function has the contract of its namesake in `nosa.ops.reference`:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -30,6 +31,11 @@ FLOAT32_LOWEST = -3.4028234663852886e38
 # Rows (query tokens x padded GQA group) per program of the pooled score kernel. At 64K tokens (8B shape)
 # 32 rows took 17.7 ms, 64 rows 8.9 ms, 128 rows 8.3 ms on the H200: each compressed key loaded serves more rows.
 SCORE_ROWS = 128
+# Composition by a counting threshold (32 rounds) instead of repeated arg-max (2 reductions per pick, 46
+# picks at the spec defaults); both give identical indices (tests/ops/test_kernels_selection.py runs both).
+# Module-level so a benchmark can time both. Under the CPU interpreter each round costs interpreted ops
+# whatever the block count, so at test sizes the arg-max path is the cheaper default there.
+SELECT_BY_THRESHOLD = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,11 +118,14 @@ def _load_query_group(Q, b, t, h, sqb, sqt, sqh, G: tl.constexpr, ROWS: tl.const
 
 @triton.jit
 def _qa_block_scores_kernel(
-    Q, CK, Pos, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
+    Q, CK, Pos, WinOff, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
     Tq, Nc, H, NB, block_size, kernel, stride, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr, BJ: tl.constexpr, BJ_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
 ):
+    # HAS_OFFSETS (packed sequences): positions count from each sequence's start and WinOff[t] is the
+    # index of its sequence's first compressed key; the TQ tokens of a program share one sequence.
     # Rows are (token, query head) for TQ consecutive queries: every compressed key loaded serves TQ x G
     # rows, which is what makes this kernel cheap at long context (it is L2-bandwidth bound otherwise).
     ROWS: tl.constexpr = TQ * G_PAD
@@ -137,6 +146,8 @@ def _qa_block_scores_kernel(
     q = tl.load(Q + b * sqb + t_row[:, None] * sqt + (h * G + g)[:, None] * sqh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     ck_base = b * scb + h * sch
+    if HAS_OFFSETS:
+        ck_base += tl.load(WinOff + tile * TQ).to(tl.int64) * scn
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     for w0 in range(0, nc_max, BLOCK_W):
@@ -266,11 +277,19 @@ def _pool_tiling(cfg: SparseAttentionConfig, tq: int):
     return block_w, bj
 
 
-def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: SparseAttentionConfig):
+def score_tile_tokens(group: int) -> int:
+    """Query tokens per program of the pooled score kernel (packed sequences align to a multiple)."""
+    return max(SCORE_ROWS // _next_pow2(group), 1)
+
+
+def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: SparseAttentionConfig, window_offsets=None):
     """Pooled query-aware block scores, never materialising window scores.
 
     q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, NB] float32 equal to
     `reference.pool_to_blocks(reference.query_aware_chunk_scores(...), positions, NB, cfg)`.
+    window_offsets: [Tq] int or None. Packed sequences: query t belongs to the sequence whose compressed keys
+    start at index window_offsets[t], positions count from that sequence's start, and every run of
+    `score_tile_tokens(G)` queries starting at a multiple of it lies in one sequence.
     """
     _check_scores(q, compressed_keys, positions)
     batch, num_queries, _, head_dim = q.shape
@@ -282,16 +301,18 @@ def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: Spa
     positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
     group = q.shape[2] // num_kv_heads
     g_pad = _next_pow2(group)
-    tq = max(SCORE_ROWS // g_pad, 1)
+    tq = score_tile_tokens(group)
     block_w, bj = _pool_tiling(cfg, tq)
     rows = tq * g_pad
+    if window_offsets is not None:
+        window_offsets = window_offsets.to(device=q.device, dtype=torch.int32).contiguous()
     _qa_block_scores_kernel[(triton.cdiv(num_queries, tq), batch * num_kv_heads)](
-        q, ck, positions, out, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        q, ck, positions, window_offsets if window_offsets is not None else positions, out, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         out.stride(0), out.stride(1), out.stride(2), num_queries, num_windows, num_kv_heads, num_blocks,
         cfg.block_size, cfg.compress_kernel, cfg.compress_stride, LOG2E / math.sqrt(head_dim),
         G=group, G_PAD=g_pad, TQ=tq, D=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)),
         BLOCK_W=block_w, BJ=bj, BJ_PAD=_next_pow2(bj), PRECISION=_dot_precision(q.dtype),
-        num_warps=4 if rows * block_w <= 4096 else 8,
+        HAS_OFFSETS=window_offsets is not None, num_warps=4 if rows * block_w <= 4096 else 8,
     )
     return out
 
@@ -312,12 +333,37 @@ def _take_best(key, selected, blocks, count, NB_PAD: tl.constexpr):
 
 
 @triton.jit
+def _take_best_threshold(key, selected, blocks, count):
+    """Same result as `_take_best` in 32 counting rounds instead of 2 x `count` arg-max rounds: find the
+    count-th largest key by building it bit by bit in an order-preserving integer encoding, take every key
+    above it and the lowest-index keys equal to it."""
+    key = tl.where(key == 0.0, 0.0, key)  # -0.0 and +0.0 compare equal as floats: give them one encoding
+    bits = key.to(tl.int32, bitcast=True)
+    # Signed-int order equal to float order (no NaN here): negative floats have their magnitude bits flipped.
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648  # 0 .. 2^32 - 1
+    threshold = tl.zeros([], tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        trial = threshold | (1 << bit)
+        if tl.sum((ordered >= trial).to(tl.int32), 0) >= count:
+            threshold = trial
+    above = ordered > threshold
+    ties = ordered == threshold
+    room = count - tl.sum(above.to(tl.int32), 0)
+    take = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= room))
+    # (A block-shaped comparison: a scalar bool broadcast into a mask trips the interpreter.)
+    return selected | (take & (blocks * 0 + count > 0))
+
+
+@triton.jit
 def _select_kernel(
-    QA, AG, Prefix, First, Last, Pos, Out,
+    QA, AG, Prefix, First, Last, Pos, BlockOff, Out,
     sqab, sqat, sqah, sagb, sagt, sagh, spb, sph, spn, sob, sot, soh,
     H, NB, Nc, block_size, kernel, stride, sink, window, quota, topk,
-    AG_MODE: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    AG_MODE: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+    THRESHOLD: tl.constexpr,
 ):
+    # HAS_OFFSETS (packed sequences): positions count from each sequence's start and the prefix table's
+    # rows of query t's sequence start at BlockOff[t]; everything else is in the sequence's own blocks.
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -332,7 +378,10 @@ def _select_kernel(
     qa = tl.load(QA + b * sqab + t * sqat + h * sqah + blocks, mask=exists, other=float("-inf"))
     key = tl.where(candidate, tl.maximum(qa, -3.4028234663852886e38), float("-inf"))
     n_pick = tl.minimum(quota, tl.sum(candidate.to(tl.int32), 0))
-    selected = _take_best(key, forced, blocks, n_pick, NB_PAD)
+    if THRESHOLD:
+        selected = _take_best_threshold(key, forced, blocks, n_pick)
+    else:
+        selected = _take_best(key, forced, blocks, n_pick, NB_PAD)
     remaining = candidate & (selected == 0)
     free = topk - tl.sum(forced.to(tl.int32), 0) - n_pick
     n_fill = tl.minimum(free, tl.sum(remaining.to(tl.int32), 0))
@@ -348,9 +397,15 @@ def _select_kernel(
             first = tl.load(First + blocks, mask=exists, other=0)
             last = tl.minimum(tl.load(Last + blocks, mask=exists, other=0), nc - 1)
             usable = exists & (last >= first)
-            ag = tl.load(Prefix + b * spb + h * sph + blocks * spn + (last - first), mask=usable, other=float("-inf"))
+            prefix_rows = blocks
+            if HAS_OFFSETS:
+                prefix_rows = blocks + tl.load(BlockOff + t)
+            ag = tl.load(Prefix + b * spb + h * sph + prefix_rows * spn + (last - first), mask=usable, other=float("-inf"))
         key = tl.where(remaining, tl.maximum(ag, -3.4028234663852886e38), float("-inf"))
-        selected = _take_best(key, selected, blocks, n_fill, NB_PAD)
+        if THRESHOLD:
+            selected = _take_best_threshold(key, selected, blocks, n_fill)
+        else:
+            selected = _take_best(key, selected, blocks, n_fill, NB_PAD)
     sel = selected.to(tl.int32)
     rank = tl.cumsum(sel, 0) - 1
     out_base = Out + b * sob + t * sot + h * soh
@@ -359,7 +414,7 @@ def _select_kernel(
     tl.store(out_base + slots, tl.full([K_PAD], -1, tl.int32), mask=(slots >= tl.sum(sel, 0)) & (slots < topk))
 
 
-def _launch_select(qa, ag_mode, ag, prefix, first, last, num_windows, positions, cfg):
+def _launch_select(qa, ag_mode, ag, prefix, first, last, num_windows, positions, cfg, block_offsets=None):
     batch, num_queries, num_kv_heads, num_blocks = qa.shape
     out = torch.empty((batch, num_queries, num_kv_heads, cfg.topk_blocks), device=qa.device, dtype=torch.int32)
     if num_queries == 0:
@@ -375,14 +430,18 @@ def _launch_select(qa, ag_mode, ag, prefix, first, last, num_windows, positions,
     prefix_strides = prefix.stride()[:3] if ag_mode == 2 else (0, 0, 0)
     dummy = qa
     positions = positions.to(device=qa.device, dtype=torch.int64).contiguous()
+    if block_offsets is not None:
+        block_offsets = block_offsets.to(device=qa.device, dtype=torch.int32).contiguous()
     _select_kernel[(num_queries, batch * num_kv_heads)](
         qa, ag if ag_mode == 1 else dummy, prefix if ag_mode == 2 else dummy,
-        first if ag_mode == 2 else positions, last if ag_mode == 2 else positions, positions, out,
+        first if ag_mode == 2 else positions, last if ag_mode == 2 else positions, positions,
+        block_offsets if block_offsets is not None else positions, out,
         qa.stride(0), qa.stride(1), qa.stride(2), *ag_strides, *prefix_strides,
         out.stride(0), out.stride(1), out.stride(2),
         num_kv_heads, num_blocks, num_windows, cfg.block_size, cfg.compress_kernel, cfg.compress_stride,
         cfg.sink_blocks, cfg.window_blocks, cfg.query_aware_quota, cfg.topk_blocks,
         AG_MODE=ag_mode, NB_PAD=max(16, _next_pow2(num_blocks)), K_PAD=max(16, _next_pow2(cfg.topk_blocks)),
+        HAS_OFFSETS=block_offsets is not None, THRESHOLD=SELECT_BY_THRESHOLD,
         num_warps=4 if num_blocks <= 1024 else 8,
     )
     return out
@@ -429,3 +488,35 @@ def select_for_queries(q, compressed_keys, agnostic_scores, positions, num_block
         return _launch_select(qa, 0, None, None, None, None, 0, positions, cfg)
     prefix, first, last = agnostic_prefix_table(agnostic_scores, num_blocks, cfg)
     return _launch_select(qa, 2, None, prefix, first, last, agnostic_scores.shape[1], positions, cfg)
+
+
+def agnostic_prefix_table_packed(agnostic_scores, seq_block_offsets, seq_window_offsets, seq_lengths, num_blocks,
+                                 cfg: SparseAttentionConfig):
+    """`agnostic_prefix_table` for packed sequences, each in its own block coordinates.
+
+    agnostic_scores: [1, Nc, H] float32 over the packed (block-aligned) tokens; per sequence s (int64 [S]):
+    its first block, first compressed key and length; num_blocks: blocks of the longest sequence ->
+    (prefix [1, H, total blocks, W], first [num_blocks], last [num_blocks]); sequence s's local block j is
+    row seq_block_offsets[s] + j, built from its own windows only (as if the sequence were alone).
+    """
+    _, num_windows, num_kv_heads = agnostic_scores.shape
+    device = agnostic_scores.device
+    index, valid = reference.block_window_ranges(num_blocks, cfg, device)
+    first = index[:, 0].to(torch.int32).contiguous()
+    last = (index[:, 0] + valid.sum(1) - 1).to(torch.int32).contiguous()
+    seq_blocks = -(-seq_lengths // cfg.block_size)
+    total_blocks = int((seq_block_offsets + seq_blocks).max()) if seq_lengths.numel() else 0
+    width = index.shape[1]
+    prefix = torch.full((1, num_kv_heads, total_blocks, width), float("-inf"), device=device)
+    if num_windows == 0 or total_blocks == 0:
+        return prefix, first, last
+    # Every (sequence, local block) row: its global row, its windows (global indices) and which exist.
+    seq = torch.repeat_interleave(torch.arange(seq_lengths.numel(), device=device), seq_blocks)
+    local = torch.arange(seq.numel(), device=device) - torch.repeat_interleave(torch.cumsum(seq_blocks, 0) - seq_blocks, seq_blocks)
+    own_windows = reference.num_complete_windows(seq_lengths, cfg.compress_kernel, cfg.compress_stride)[seq]
+    usable = valid[local] & (index[local] < own_windows[:, None])
+    windows = (seq_window_offsets[seq][:, None] + index[local]).clamp(max=num_windows - 1)
+    values = agnostic_scores[0].float()[windows]  # [rows, W, H]
+    values = values.masked_fill(~usable[:, :, None], float("-inf")).cummax(dim=1).values
+    prefix[0, :, seq_block_offsets[seq] + local] = values.permute(2, 0, 1)
+    return prefix, first, last
