@@ -2,6 +2,6 @@
 
 from nosa.engine.llm import LLM, EngineStats
 from nosa.engine.sampling import SamplingParams
-from nosa.engine.sequence import RequestOutput
+from nosa.engine.sequence import RequestOutput, StepOutput
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineStats"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineStats", "StepOutput"]

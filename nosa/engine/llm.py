@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from nosa.engine.host_store import HostStore
 from nosa.engine.model_runner import ModelRunner
 from nosa.engine.sampling import SamplingParams, sample
 from nosa.engine.scheduler import Scheduler
-from nosa.engine.sequence import RequestOutput, Sequence
+from nosa.engine.sequence import RequestOutput, Sequence, StepOutput
 
 
 @dataclass
@@ -121,6 +122,10 @@ class LLM:
         self.runner = ModelRunner(self.model, self.cache, self.store, prefill_chunk)
         self.graphed = GraphedDecode(self.runner) if (cuda_graphs and device.type == "cuda") else None
         self.scheduler = Scheduler(rows, self.store, cfg.block_size, max_model_len)
+        self._requests: dict[int, Sequence] = {}  # unfinished (waiting or running), by request id
+        self._finished: dict[int, Sequence] = {}  # finished, until `output` collects them
+        self._next_id = 0
+        self.last_step_tokens_per_s = 0.0
         self._steps = self._decode_tokens = self._prefill_tokens = 0
         self._decode_s = self._prefill_s = 0.0
 
@@ -144,106 +149,173 @@ class LLM:
     def max_num_seqs(self) -> int:
         return self.cache.rows
 
+    # ----------------------------------------------------------------------------------- accounting
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def free_rows(self) -> int:
+        """Device rows not held by a running request (max_num_seqs when idle)."""
+        return len(self.scheduler.free_rows)
+
+    @property
+    def free_pages(self) -> int:
+        """Host-store pages not reserved by a running request (num_pages when idle)."""
+        return self.store.free_pages
+
+    @property
+    def num_pages(self) -> int:
+        return self.store.num_pages
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # ----------------------------------------------------------------------------------- requests
     def _eos_ids(self) -> set[int]:
         ids = {self.config.eos_token_id} if isinstance(self.config.eos_token_id, int) else set(self.config.eos_token_id or [])
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    def _make_sequence(self, index: int, prompt, params: SamplingParams, keep_logits: bool) -> Sequence:
+    def _make_sequence(self, label, request_id: int, prompt, params: SamplingParams, keep_logits: bool,
+                       record_selections: bool) -> Sequence:
+        """Validate one request (messages name it by `label`) and build its Sequence."""
         text = None
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(f"request {index}: text prompts need a tokenizer (pass tokenizer= or token ids)")
+                raise ValueError(f"request {label}: text prompts need a tokenizer (pass tokenizer= or token ids)")
             text, prompt = prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ValueError(f"request {index}: a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+            raise ValueError(f"request {label}: a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if len(prompt) == 0:
-            raise ValueError(f"request {index}: the prompt is empty; give at least one token")
+            raise ValueError(f"request {label}: the prompt is empty; give at least one token")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise ValueError(f"request {index}: token ids {bad[:5]} lie outside [0, vocab_size={self.config.vocab_size})")
+            raise ValueError(f"request {label}: token ids {bad[:5]} lie outside [0, vocab_size={self.config.vocab_size})")
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"request {index}: sampling params must be a SamplingParams, got {type(params).__name__}")
-        seq = Sequence(index, text, list(prompt), params, self.device, keep_logits)
-        self.scheduler.check(seq)
+            raise ValueError(f"request {label}: sampling params must be a SamplingParams, got {type(params).__name__}")
+        shape = None
+        if record_selections and self.config.sparse.is_sparse:
+            shape = (self.config.num_hidden_layers, self.config.num_key_value_heads, self.cache.slots)
+        seq = Sequence(request_id, text, list(prompt), params, self.device, keep_logits, shape)
+        self.scheduler.check(seq, label)
         return seq
 
-    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True, return_logits: bool = False,
-                 raise_on_error: bool = True) -> list[RequestOutput]:
-        """prompts: a str, a list of token ids, or a list of either; sampling_params: one SamplingParams or
-        one per prompt. Returns one RequestOutput per prompt, in order. A request that is invalid or can never
-        fit raises ValueError before anything runs (raise_on_error=True) or comes back with `error` set while
-        the others run unchanged (False). return_logits: keep each step's logits [V] (tests)."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("generate needs at least one prompt")
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        outputs: list[RequestOutput | None] = [None] * len(prompts)
-        sequences = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
+    def _new_request_id(self, request_id: int | None) -> int:
+        if request_id is None:
+            while self._next_id in self._requests or self._next_id in self._finished:
+                self._next_id += 1
+            request_id = self._next_id
+            self._next_id += 1
+            return request_id
+        if isinstance(request_id, bool) or not isinstance(request_id, int):
+            raise ValueError(f"request_id must be an integer or None, got {request_id!r}")
+        if request_id in self._requests or request_id in self._finished:
+            raise ValueError(f"request_id {request_id} is already in use in this engine")
+        return request_id
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: int | None = None, *,
+                    return_logits: bool = False, record_selections: bool = False) -> int:
+        """Queue one request (prompt: str with a tokenizer, or a list of token ids) and return its id.
+        Raises ValueError naming the reason if it is malformed or can never fit this engine's limits.
+        `step()` runs it; `output(id)` returns it once finished."""
+        request_id = self._new_request_id(request_id)
+        seq = self._make_sequence(request_id, request_id, prompt, params if params is not None else SamplingParams(),
+                                  return_logits, record_selections)
+        self._queue(seq)
+        return request_id
+
+    def _queue(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+        self._requests[seq.request_id] = seq
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a waiting or running request now, giving back its row and pages; it is then forgotten.
+        False if the id is unknown or the request already finished."""
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self._release(seq)
+        return True
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back whatever the request holds (a running one: its row and pages; a waiting one: its place)."""
+        if seq.row is not None and self.scheduler.running.get(seq.row) is seq:
+            self.cache.release_row(seq.row)
+        self.scheduler.abort(seq)
+
+    def output(self, request_id: int) -> RequestOutput:
+        """The result of a finished request; the engine forgets it afterwards."""
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id} is not finished yet")
+        seq = self._finished.pop(request_id, None)
+        if seq is None:
+            raise KeyError(f"no finished request with id {request_id} (unknown, aborted, or already collected)")
+        return seq.output()
+
+    # ----------------------------------------------------------------------------------- stepping
+    def step(self) -> list[StepOutput]:
+        """One scheduler iteration: admit the waiting requests that fit now and prefill them (each yields its
+        first token), then one batched decode step for the running ones. Returns one StepOutput per request
+        that produced a token. On an exception, the requests of the failing prefill or decode step are
+        dropped (finished with reason 'error', their rows and pages given back) and the exception re-raised;
+        the engine stays usable."""
+        eos = self._eos_ids()
+        outputs: list[StepOutput] = []
+        # Admitted one at a time, so a failing prefill leaves the requests behind it waiting, untouched.
+        while (seq := self.scheduler.admit_next()) is not None:
             try:
-                sequences.append(self._make_sequence(i, prompt, p, return_logits))
-            except ValueError as err:
-                if raise_on_error:
-                    raise
-                ids = prompt if isinstance(prompt, list) else []
-                outputs[i] = RequestOutput(i, prompt if isinstance(prompt, str) else None, ids, finish_reason="error", error=str(err))
-        for seq in sequences:
-            self.scheduler.add(seq)
-        self._run(sequences, use_tqdm)
-        for seq in sequences:
-            outputs[seq.request_id] = seq.output()
+                start = time.perf_counter()
+                logits = self.runner.prefill(seq.row, seq.prompt_token_ids, seq.pages)
+                token = sample(logits[None], [seq.params], [seq.generator])[0]
+                self._prefill_s += time.perf_counter() - start
+                self._prefill_tokens += len(seq.prompt_token_ids)
+            except BaseException as err:
+                self._fail([seq], err)
+                raise
+            outputs.append(seq.append(token, logits, eos, self.tokenizer))
+            self._retire_if_done(seq)
+        running = list(self.scheduler.running.values())
+        if not running:
+            return outputs
+        try:
+            start = time.perf_counter()
+            logits = self._decode(running, self.cache.rows)
+            tokens = sample(logits[[s.row for s in running]], [s.params for s in running], [s.generator for s in running])
+            elapsed = time.perf_counter() - start
+        except BaseException as err:
+            # A step that failed part-way has left some layers' state updated: none of these rows can go on.
+            self._fail(running, err)
+            raise
+        self._decode_s += elapsed
+        self._steps += 1
+        self._decode_tokens += len(running)
+        self.last_step_tokens_per_s = len(running) / elapsed if elapsed > 0 else 0.0
+        selections = self.runner.step_selections.to("cpu", torch.int16) if self._recording(running) else None
+        for seq, token in zip(running, tokens):
+            if selections is not None and seq.selections is not None:
+                seq.selections.append(selections[:, seq.row].clone())
+            outputs.append(seq.append(token, logits[seq.row], eos, self.tokenizer))
+            self._retire_if_done(seq)
         return outputs
 
-    def _run(self, sequences: list[Sequence], use_tqdm: bool) -> None:
-        from tqdm.auto import tqdm
+    def _recording(self, sequences: list[Sequence]) -> bool:
+        return any(s.selections is not None for s in sequences)
 
-        bar = tqdm(total=len(sequences), desc="generate", unit="req", disable=not use_tqdm)
-        eos = self._eos_ids()
-        rows = self.cache.rows
-        try:
-            while self.scheduler.has_work:
-                for seq in self.scheduler.admit():
-                    start = time.perf_counter()
-                    logits = self.runner.prefill(seq.row, seq.prompt_token_ids, seq.pages)
-                    token = sample(logits[None], [seq.params], [seq.generator])[0]
-                    self._prefill_s += time.perf_counter() - start
-                    self._prefill_tokens += len(seq.prompt_token_ids)
-                    seq.append(token, logits, eos, self.tokenizer)
-                    self._retire_if_done(seq, bar)
-                running = list(self.scheduler.running.values())
-                if not running:
-                    continue
-                start = time.perf_counter()
-                logits = self._decode(running, rows)
-                tokens = sample(logits[[s.row for s in running]], [s.params for s in running], [s.generator for s in running])
-                elapsed = time.perf_counter() - start
-                self._decode_s += elapsed
-                self._steps += 1
-                self._decode_tokens += len(running)
-                bar.set_postfix(tok_s=f"{len(running) / elapsed:.1f}", running=len(running))
-                for seq, token in zip(running, tokens):
-                    seq.append(token, logits[seq.row], eos, self.tokenizer)
-                    self._retire_if_done(seq, bar)
-        except BaseException:
-            # An error (or Ctrl-C) mid-call must not leave this call's requests holding rows and pages:
-            # the next generate would otherwise decode them again. Give everything back, then re-raise.
-            for seq in sequences:
-                if seq.finish_reason is None and seq.row is not None and self.scheduler.running.get(seq.row) is seq:
-                    self.cache.release_row(seq.row)
-                self.scheduler.abort(seq)
-            raise
-        finally:
-            bar.close()
+    def _fail(self, sequences: list[Sequence], err: BaseException) -> None:
+        for seq in sequences:
+            if self._requests.get(seq.request_id) is seq:
+                self._release(seq)
+                seq.fail(f"{type(err).__name__}: {err}")
+                del self._requests[seq.request_id]
+                self._finished[seq.request_id] = seq
 
     def _decode(self, running: list[Sequence], rows: int) -> torch.Tensor:
         # Built as Python lists and moved in one copy: per-element tensor writes cost microseconds each,
@@ -260,15 +332,75 @@ class LLM:
             positions = [running[0].cached_tokens] * rows
         packed = torch.tensor([tokens, positions, active], dtype=torch.long).to(self.device)
         tokens, positions, active = packed[0], packed[1], packed[2].bool()
-        if self.graphed is not None and self.runner.load_log is None:
+        record = self._recording(running)
+        self.runner.record_selections = record
+        if self.graphed is not None and self.runner.load_log is None and not record:
             return self.graphed(tokens, positions, active, uniform)
         return self.runner.decode_step(tokens, positions, active, uniform)
 
-    def _retire_if_done(self, seq: Sequence, bar) -> None:
+    def _retire_if_done(self, seq: Sequence) -> None:
         if seq.finish_reason is not None:
             self.cache.release_row(seq.row)
             self.scheduler.finish(seq)
-            bar.update(1)
+            del self._requests[seq.request_id]
+            self._finished[seq.request_id] = seq
+
+    # ----------------------------------------------------------------------------------- generate
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True, return_logits: bool = False,
+                 raise_on_error: bool = True, record_selections: bool = False) -> list[RequestOutput]:
+        """prompts: a str, a list of token ids, or a list of either; sampling_params: one SamplingParams or
+        one per prompt. Returns one RequestOutput per prompt, in order (request_id = index in this call). A
+        request that is invalid or can never fit raises ValueError before anything runs (raise_on_error=True)
+        or comes back with `error` set while the others run unchanged (False). return_logits: keep each
+        step's logits [V] (tests). record_selections: each output carries its decode steps' selections.
+        Built on `add_request` / `step`: requests queued before this call by `add_request` run too (their
+        results stay for `output`)."""
+        from tqdm.auto import tqdm
+
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        outputs: list[RequestOutput | None] = [None] * len(prompts)
+        mine: dict[int, int] = {}  # engine request id -> index in this call
+        sequences = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                request_id = self._new_request_id(None)
+                sequences.append(self._make_sequence(i, request_id, prompt, p, return_logits, record_selections))
+                mine[request_id] = i
+            except ValueError as err:
+                if raise_on_error:
+                    raise
+                ids = prompt if isinstance(prompt, list) else []
+                outputs[i] = RequestOutput(i, prompt if isinstance(prompt, str) else None, ids, finish_reason="error", error=str(err))
+        for seq in sequences:
+            self._queue(seq)
+        bar = tqdm(total=len(sequences), desc="generate", unit="req", disable=not use_tqdm)
+        try:
+            while any(rid in self._requests for rid in mine):
+                for out in self.step():
+                    if out.finished and out.request_id in mine:
+                        bar.update(1)
+                bar.set_postfix(tok_s=f"{self.last_step_tokens_per_s:.1f}", running=self.num_running)
+        except BaseException:
+            # An error (or Ctrl-C) mid-call must not leave this call's requests holding rows and pages (the
+            # failing step gave back its own; the others of this call are dropped too), then re-raise.
+            for rid in mine:
+                if self.abort(rid) is False:
+                    self._finished.pop(rid, None)
+            raise
+        finally:
+            bar.close()
+        for rid, i in mine.items():
+            outputs[i] = dataclasses.replace(self.output(rid), request_id=i)
+        return outputs
 
     def stats(self) -> EngineStats:
         loaded = self.runner.loaded.cpu()

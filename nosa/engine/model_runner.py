@@ -51,6 +51,10 @@ class ModelRunner:
                 self.window_c = torch.zeros((R, kernel, H), dtype=torch.float32, device=self.device)
         # When a list (tests), every decode step appends (positions [R], loads [L, R, H]); forces eager mode.
         self.load_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # When True (sparse modes), every decode step leaves each layer's selection [R, H, K] in
+        # `step_selections` (the selection traces of `record_selections`); forces eager mode.
+        self.record_selections = False
+        self.step_selections = torch.full((L, R, H, K), -1, dtype=torch.int32, device=self.device) if self.cfg.is_sparse else None
 
     @property
     def loaded(self) -> torch.Tensor:
@@ -161,6 +165,8 @@ class ModelRunner:
                        cache.agnostic_blocks[l] if cache.agnostic_blocks is not None else None,
                        cfg.compress_kernel, cfg.compress_stride, cache.block_size)
                 selection = self._select(l, q, positions, uniform)
+                if self.record_selections:
+                    self.step_selections[l].copy_(selection)
             plan(cache.table[l], selection, cache.page_table, positions, active, k[:, 0], v[:, 0],
                  cache.slot_k[l], cache.slot_v[l], self.store.k[l], self.store.v[l],
                  self.src_page, self.dst_page, self.step_loads[l], self.loaded_rh[l], self.selected_rh[l])
@@ -174,7 +180,8 @@ class ModelRunner:
             hidden = hidden + attn.o_proj(out.reshape(out.shape[0], 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         if self.load_log is not None:
-            self.load_log.append((positions.cpu(), self.step_loads.cpu()))
+            # A snapshot: on CPU `.cpu()` would return the live buffer, which the next step overwrites.
+            self.load_log.append((positions.cpu().clone(), self.step_loads.cpu().clone()))
         return self.model.lm_head(model.norm(hidden))[:, 0].float()
 
     def _select(self, l, q, positions, uniform: bool) -> torch.Tensor:

@@ -16,7 +16,8 @@ class SamplingParams:
     reaches top_p (1.0: all). seed: a per-request generator, so a request's samples do not depend on the
     other requests of the batch. max_tokens: tokens to generate at most. stop: strings that end the
     generation (the returned text stops before the string). stop_token_ids: extra stop tokens.
-    ignore_eos: keep going past the end-of-sequence token.
+    ignore_eos: keep going past the end-of-sequence token. logprobs: None, or k >= 0 to report each new
+    token's log-probability and the k most likely tokens (log_softmax of the raw logits, before temperature).
     """
 
     temperature: float = 1.0
@@ -27,6 +28,7 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -48,6 +50,9 @@ class SamplingParams:
         for t in self.stop_token_ids or []:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise ValueError(f"SamplingParams.stop_token_ids must hold token ids >= 0, got {t!r}")
+
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ValueError(f"SamplingParams.logprobs must be None or an integer >= 0, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -82,3 +87,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list)
         if not p.greedy:
             tokens[row] = sample_row(logits[row], p, generators[row])
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
+    """logits: [V] raw -> {"token_id", "logprob", "top": [(token_id, logprob)] * top} (log_softmax, no
+    temperature: the distribution the model gives, whatever the sampler then does)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, min(top, logprobs.numel())) if top > 0 else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return {"token_id": token, "logprob": float(logprobs[token]), "top": pairs}

@@ -23,34 +23,41 @@ class Scheduler:
         # Pages are reserved for the whole request up front, so a running request never waits for memory.
         return -(-seq.max_cached_tokens // self.block_size)
 
-    def check(self, seq: Sequence) -> None:
-        """Raise ValueError if this request can never run under this engine's limits."""
+    def check(self, seq: Sequence, label=None) -> None:
+        """Raise ValueError if this request can never run under this engine's limits (messages name the
+        request by `label`, its id by default)."""
+        label = seq.request_id if label is None else label
         if seq.max_cached_tokens > self.max_model_len:
             raise ValueError(
-                f"request {seq.request_id}: prompt of {len(seq.prompt_token_ids)} tokens + max_tokens="
+                f"request {label}: prompt of {len(seq.prompt_token_ids)} tokens + max_tokens="
                 f"{seq.params.max_tokens} needs {seq.max_cached_tokens} cached tokens, more than max_model_len="
                 f"{self.max_model_len}; shorten the prompt, lower max_tokens or raise max_model_len"
             )
         needed = self.pages_needed(seq)
         if needed > self.store.num_pages:
             raise ValueError(
-                f"request {seq.request_id} needs {needed} host pages ({seq.max_cached_tokens} tokens) but the "
+                f"request {label} needs {needed} host pages ({seq.max_cached_tokens} tokens) but the "
                 f"host memory budget holds {self.store.num_pages}; raise host_memory_budget or lower max_tokens"
             )
 
     def add(self, seq: Sequence) -> None:
-        self.check(seq)
         self.waiting.append(seq)
 
+    def admit_next(self) -> Sequence | None:
+        """Move the first waiting request (first come, first served) to a free row if its pages fit now."""
+        if not (self.waiting and self.free_rows and self.pages_needed(self.waiting[0]) <= self.store.free_pages):
+            return None
+        seq = self.waiting.popleft()
+        seq.row = self.free_rows.pop()
+        seq.pages = self.store.allocate(self.pages_needed(seq))
+        seq.admitted_at = time.perf_counter()
+        self.running[seq.row] = seq
+        return seq
+
     def admit(self) -> list[Sequence]:
-        """Move waiting requests (first come, first served) to free rows while their pages fit."""
+        """Admit waiting requests while rows and pages allow."""
         admitted = []
-        while self.waiting and self.free_rows and self.pages_needed(self.waiting[0]) <= self.store.free_pages:
-            seq = self.waiting.popleft()
-            seq.row = self.free_rows.pop()
-            seq.pages = self.store.allocate(self.pages_needed(seq))
-            seq.admitted_at = time.perf_counter()
-            self.running[seq.row] = seq
+        while (seq := self.admit_next()) is not None:
             admitted.append(seq)
         return admitted
 

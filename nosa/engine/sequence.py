@@ -1,4 +1,5 @@
-"""One request's life in the engine, and what `LLM.generate` returns for it."""
+"""One request's life in the engine, and what the engine returns for it: a `StepOutput` per step that
+produced tokens (`LLM.step`), a `RequestOutput` when it is finished (`LLM.generate`, `LLM.output`)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nosa.engine.sampling import SamplingParams
+from nosa.engine.sampling import SamplingParams, token_logprobs
 
 
 @dataclass
 class RequestOutput:
-    """request_id: index in the `generate` call; token_ids: generated tokens; text: their decoding (None
-    without a tokenizer), cut before a stop string; finish_reason: 'length', 'eos', 'stop' or 'error';
-    error: the message when the request was rejected (the other requests still ran); stats: prompt_tokens,
-    generated_tokens, prefill_s, decode_s, tokens_per_s; logits: [generated_tokens, V] float32 when asked."""
+    """request_id: index in the `generate` call (the engine's id for `LLM.output`); token_ids: generated
+    tokens; text: their decoding (None without a tokenizer), cut before a stop string; finish_reason:
+    'length', 'eos', 'stop' or 'error'; error: the message when the request was rejected or failed (the other
+    requests still ran); stats: prompt_tokens, generated_tokens, prefill_s, decode_s, tokens_per_s; logits:
+    [generated_tokens, V] float32 when asked; logprobs: one dict per token when `SamplingParams.logprobs`
+    is set (see `StepOutput`); selections: with `record_selections`, the blocks each decode step's query
+    selected, int16 [num_layers, decode_steps, H_kv, topk_blocks] (-1 unused; None in dense mode), entry s
+    being the query at position selection_first_position + s = len(prompt_token_ids) + s."""
 
     request_id: int
     prompt: str | None
@@ -26,11 +31,27 @@ class RequestOutput:
     error: str | None = None
     stats: dict = field(default_factory=dict)
     logits: torch.Tensor | None = None
+    logprobs: list[dict] | None = None
+    selections: torch.Tensor | None = None
+    selection_first_position: int | None = None
+
+
+@dataclass
+class StepOutput:
+    """What one `LLM.step` produced for one request. token_ids: the tokens new in this step; finished /
+    finish_reason: "stop" (end-of-sequence token, stop token or stop string), "length", or "error";
+    logprobs: per new token {"token_id", "logprob", "top": [(token_id, logprob), ...]} when asked."""
+
+    request_id: int
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[dict] | None = None
 
 
 class Sequence:
     def __init__(self, request_id: int, prompt: str | None, token_ids: list[int], params: SamplingParams,
-                 device: torch.device, keep_logits: bool):
+                 device: torch.device, keep_logits: bool, selection_shape: tuple[int, int, int] | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = token_ids
@@ -40,7 +61,12 @@ class Sequence:
         self.pages: list[int] = []
         self.finish_reason: str | None = None
         self.text: str | None = None
+        self.error: str | None = None
         self.logits: list[torch.Tensor] | None = [] if keep_logits else None
+        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        # Recording selections (sparse modes): one [L, H, K] int16 selection per decode step.
+        self.selection_shape = selection_shape
+        self.selections: list[torch.Tensor] | None = [] if selection_shape is not None else None
         self.generator = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -56,14 +82,22 @@ class Sequence:
     def max_cached_tokens(self) -> int:
         return len(self.prompt_token_ids) + self.params.max_tokens - 1
 
-    def append(self, token: int, logits: torch.Tensor, eos_ids: set[int], tokenizer) -> None:
-        """Record a generated token and decide whether the request is finished."""
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int, logits: torch.Tensor, eos_ids: set[int], tokenizer) -> StepOutput:
+        """Record a generated token, decide whether the request is finished, and say so."""
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
         self.output_token_ids.append(token)
         if self.logits is not None:
             self.logits.append(logits.detach().float().cpu())
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = [token_logprobs(logits, token, self.params.logprobs)]
+            self.logprobs.extend(logprobs)
         p = self.params
         if tokenizer is not None:
             self.text = tokenizer.decode(self.output_token_ids)
@@ -81,6 +115,14 @@ class Sequence:
                 self.finish_reason = "length"
         if self.finish_reason is not None:
             self.finished_at = now
+        # The step API speaks OpenAI's vocabulary: an end-of-sequence token is a "stop".
+        reason = "stop" if self.finish_reason == "eos" else self.finish_reason
+        return StepOutput(self.request_id, [token], self.finished, reason, logprobs)
+
+    def fail(self, message: str) -> None:
+        """The request was dropped by an error of the engine (its row and pages are given back)."""
+        self.finish_reason, self.error = "error", message
+        self.finished_at = time.perf_counter()
 
     def output(self) -> RequestOutput:
         prefill_s = (self.first_token_at - self.admitted_at) if self.first_token_at else 0.0
@@ -95,4 +137,16 @@ class Sequence:
                 "tokens_per_s": decoded / decode_s if decode_s > 0 else None,
             },
             logits=torch.stack(self.logits) if self.logits else None,
+            error=self.error,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            selections=self._stacked_selections(),
+            selection_first_position=len(self.prompt_token_ids) if self.selections is not None else None,
         )
+
+    def _stacked_selections(self) -> torch.Tensor | None:
+        if self.selections is None:  # not recorded, or dense mode
+            return None
+        if not self.selections:
+            layers, heads, slots = self.selection_shape
+            return torch.empty((layers, 0, heads, slots), dtype=torch.int16)
+        return torch.stack(self.selections, dim=1)  # [L, steps, H, K]

@@ -27,6 +27,9 @@ def test_nosa_loads_at_most_query_blocks_per_step(topk, window, query):
         assert bool((loads <= bound).all()), f"loads {loads.tolist()} exceed query_blocks={query} (+1 at a boundary)"
         worst = max(worst, int(loads.max()))
     assert worst >= 1  # blocks really were evicted and reloaded: the bound was exercised
+    # Each entry is that step's own snapshot, not one live buffer seen many times.
+    assert len({tuple(loads.flatten().tolist()) for _, loads in llm.runner.load_log}) > 1
+    assert len({tuple(positions.tolist()) for positions, _ in llm.runner.load_log}) == len(llm.runner.load_log)
 
 
 def test_infllmv2_is_not_bounded_the_same_way():
