@@ -40,7 +40,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: StrictInt | None = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[str, list[str], None] = Field(None, validate_default=True)  # always a list after validation
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
