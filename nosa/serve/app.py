@@ -33,10 +33,6 @@ from nosa.serve.text import chat_prompt_ids, encode
 
 log = logging.getLogger("nosa.serve")
 
-# How often a non-streaming request checks whether its client is still connected.
-DISCONNECT_POLL_S = 0.2
-
-
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
@@ -114,7 +110,7 @@ def create_app(service: EngineService, tokenizer, model_name: str) -> FastAPI:
         if service.alive:
             with contextlib.suppress(asyncio.TimeoutError):
                 engine = await service.engine_snapshot()
-        return PlainTextResponse(metrics.render(engine, service._queued), media_type=CONTENT_TYPE)
+        return PlainTextResponse(metrics.render(engine, service.queued, service.queue_full_waits), media_type=CONTENT_TYPE)
 
     def check_model(req) -> None:
         if req.model is not None and req.model != model_name:
@@ -126,7 +122,7 @@ def create_app(service: EngineService, tokenizer, model_name: str) -> FastAPI:
         try:
             return [SamplingParams(temperature=req.temperature, top_p=req.top_p,
                                    seed=None if req.seed is None else req.seed + i, max_tokens=max_tokens,
-                                   stop=req.stop or None, **extra) for i in range(req.n)]
+                                   stop=req.stop or None, ignore_eos=req.ignore_eos, **extra) for i in range(req.n)]
         except ValueError as err:
             raise ApiError(400, str(err)) from None
 
@@ -211,18 +207,30 @@ def create_app(service: EngineService, tokenizer, model_name: str) -> FastAPI:
         return state, delta, entries, finished
 
     async def collect(request: Request, choices, states, events) -> bool:
-        """Wait for every choice to finish; False (and the choices aborted) if the client disconnects."""
-        remaining = len(choices)
-        while remaining:
-            try:
-                choice, event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
+        """Wait for every choice to finish; False (and the choices aborted) if the client disconnects.
+
+        The disconnect is noticed by a task that waits on the ASGI receive channel: once the body has been
+        read, the next message there is `http.disconnect` (polling `request.is_disconnected()` misses it
+        under uvicorn while the connection is not being read)."""
+        gone = object()
+
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            events.put_nowait((gone, None))
+
+        watcher = asyncio.create_task(watch())
+        try:
+            remaining = len(choices)
+            while remaining:
+                choice, event = await events.get()
+                if choice is gone:
                     service.abort(choices)
                     return False
-                continue
-            remaining -= apply(choice, event, states)[3]
-        return True
+                remaining -= apply(choice, event, states)[3]
+            return True
+        finally:
+            watcher.cancel()
 
     async def sse(choices, states, events, chat, response_id, created, prompt_tokens, include_usage, endpoint):
         def line(obj) -> str:

@@ -90,6 +90,7 @@ class EngineService:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[int, _Tracked] = {}  # engine thread only: request id -> record, in submission order
         self._queued = 0  # event loop only: choices without a first token
+        self.queue_full_waits = 0  # requests that found the queue full and waited (policy 'wait')
         self._room: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -146,6 +147,7 @@ class EngineService:
             return
         if self.queue_full == "reject":
             raise QueueFull(f"the request queue is full ({self._queued} waiting, max_queue={self.max_queue}); retry later")
+        self.queue_full_waits += 1
         async with self._room:
             await self._room.wait_for(lambda: self._queued + n <= self.max_queue)
 
@@ -153,6 +155,11 @@ class EngineService:
         if self._room is not None:
             async with self._room:
                 self._room.notify_all()
+
+    @property
+    def queued(self) -> int:
+        """Choices accepted that have no first token yet (what max_queue bounds)."""
+        return self._queued
 
     def abort(self, choices: list[Choice]) -> None:
         """Cancel these choices (a client went away): the engine gives back their rows and pages at once."""

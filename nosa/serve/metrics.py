@@ -71,7 +71,7 @@ class ServerMetrics:
         with self._lock:
             self.itl.observe(seconds / max(1, tokens), max(1, tokens))
 
-    def render(self, engine: dict | None, queued: int) -> str:
+    def render(self, engine: dict | None, queued: int, queue_full_waits: int) -> str:
         lines: list[str] = []
 
         def metric(name, kind, help_text, samples):
@@ -84,6 +84,8 @@ class ServerMetrics:
                    [f'nosa_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())])
             metric("nosa_requests_in_progress", "gauge", "Requests being served now.", [f"nosa_requests_in_progress {self.in_progress}"])
             metric("nosa_queued_choices", "gauge", "Choices accepted that have no first token yet.", [f"nosa_queued_choices {queued}"])
+            metric("nosa_queue_full_waits_total", "counter", "Requests that found the queue full and waited for room.",
+                   [f"nosa_queue_full_waits_total {queue_full_waits}"])
             metric("nosa_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", [f"nosa_prompt_tokens_total {self.prompt_tokens}"])
             metric("nosa_generation_tokens_total", "counter", "Tokens generated and handed to clients.",
                    [f"nosa_generation_tokens_total {self.generation_tokens}"])

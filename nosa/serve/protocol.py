@@ -47,6 +47,9 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # Not OpenAI's; vLLM's extension of the same name: keep generating past the end-of-sequence token
+    # (benchmarks use it for fixed output lengths).
+    ignore_eos: StrictBool = False
 
     @field_validator("stop")
     @classmethod
