@@ -100,6 +100,11 @@ class NosaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: SequenceSpans, cache=None) -> torch.Tensor:
         """hidden: [B, Tq, hidden]; cos, sin: [B, Tq, D]; spans over the Tk = past + Tq key slots."""
         q, k, v = self.project_qkv(hidden, cos, sin)
+        if getattr(cache, "keeps_nosa_state", False):
+            # NosaCache (nosa/models/cache.py) keeps compressed keys and pooled scores as windows complete, so
+            # a decode step costs one token's work; it runs this layer's attention from that state.
+            out = cache.attend(self, q, k, v, spans)
+            return self.o_proj(out.reshape(out.shape[0], out.shape[1], -1))
         if cache is not None:
             # transformers' caches store [B, H, T, D]; ours is [B, T, H, D].
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
