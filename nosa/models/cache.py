@@ -37,6 +37,11 @@ def _grown(buffer: torch.Tensor | None, needed: int, shape_tail: tuple, dtype, d
     return grown
 
 
+def _take(tensor: torch.Tensor, rows) -> torch.Tensor:
+    """tensor[rows] along dim 0, a view when `rows` is a slice (every row: no copy)."""
+    return tensor[rows] if isinstance(rows, slice) else tensor.index_select(0, rows)
+
+
 class _LayerState:
     def __init__(self):
         self.keys = self.values = self.eviction = None  # [B, cap, H, D], [B, cap, H, D], [B, cap, H] (c's dtype)
@@ -68,6 +73,14 @@ class NosaCache(Cache):
         super().__init__(layers=[])
         self.config = config
         self._states: dict[int, _LayerState] = {}
+        self._arange: torch.Tensor | None = None
+
+    def _counting(self, n: int, device) -> torch.Tensor:
+        """arange(>= n) on `device`, kept: slicing it gives positions and offsets without a host->device
+        copy each step (a copy would make the CPU wait for the GPU and stop it queueing work ahead)."""
+        if self._arange is None or self._arange.numel() < n or self._arange.device != torch.device(device):
+            self._arange = torch.arange(max(n, 2 * (0 if self._arange is None else self._arange.numel()), 1024), device=device)
+        return self._arange[:n]
 
     # ------------------------------------------------------------------------------ Cache interface
     def __len__(self) -> int:
@@ -146,24 +159,29 @@ class NosaCache(Cache):
                 )
             new_ranges.append((lo - first_new, max(lo, hi) - first_new))
         self._append(state, k, v, c, new_ranges)
-        out = torch.zeros_like(q)
+        out = None
         # Rows with the same (cached length, new queries) take one batched call.
         groups: dict[tuple[int, int, int], list[int]] = {}
         for b, (lo, hi) in enumerate(new_ranges):
             if hi > lo:
                 groups.setdefault((state.lengths[b], lo, hi), []).append(b)
         for (length, lo, hi), rows in groups.items():
-            index = torch.tensor(rows, device=q.device)
-            queries = q.index_select(0, index)[:, lo:hi]
+            # Every row in one group (no padding): views, not copies.
+            sel = slice(None) if len(rows) == batch else torch.tensor(rows, device=q.device)
+            queries = _take(q, sel)[:, lo:hi]
             if hi - lo == 1 and cfg.is_sparse:
-                result, selection = self._decode(state, cfg, index, queries, length)
+                result, selection = self._decode(state, cfg, rows, sel, queries, length)
             else:
-                result, selection = self._prefill(state, cfg, index, queries, length)
+                result, selection = self._prefill(state, cfg, rows, sel, queries, length)
             if attn.selection_log is not None and selection is not None:
                 attn.selection_log.append(selection)
-            out[index, lo:hi] = result
+            if isinstance(sel, slice) and lo == 0 and hi == num_queries:
+                out = result
+            else:
+                out = torch.zeros_like(q) if out is None else out
+                out[sel, lo:hi] = result
         state.slots += num_queries
-        return out
+        return torch.zeros_like(q) if out is None else out
 
     def _append(self, state: _LayerState, k, v, c, new_ranges) -> None:
         batch, _, heads, dim = k.shape
@@ -175,6 +193,15 @@ class NosaCache(Cache):
             # c's own dtype (float32, float64 for a float64 model): the attention bias is then bit-equal to
             # the full forward's.
             state.eviction = _grown(state.eviction, needed, (batch, heads), c.dtype, device)
+        if len(set(new_ranges)) == 1 and len(set(state.lengths)) == 1:  # no padding: one copy per tensor
+            (lo, hi), at = new_ranges[0], state.lengths[0]
+            if hi > lo:
+                state.keys[:, at : at + hi - lo] = k[:, lo:hi]
+                state.values[:, at : at + hi - lo] = v[:, lo:hi]
+                if c is not None:
+                    state.eviction[:, at : at + hi - lo] = c[:, lo:hi]
+                state.lengths = [at + hi - lo] * batch
+            return
         for b, (lo, hi) in enumerate(new_ranges):
             if hi <= lo:
                 continue
@@ -185,7 +212,7 @@ class NosaCache(Cache):
                 state.eviction[b, at : at + hi - lo] = c[b, lo:hi]
             state.lengths[b] = at + hi - lo
 
-    def _update_windows(self, state: _LayerState, cfg, rows: list[int], length: int) -> None:
+    def _update_windows(self, state: _LayerState, cfg, rows: list[int], sel, length: int) -> None:
         """Compress (and score and pool) the windows that the rows' new tokens completed. The rows share
         `length` and so their window count."""
         kernel, stride, bs = cfg.compress_kernel, cfg.compress_stride, cfg.block_size
@@ -193,50 +220,49 @@ class NosaCache(Cache):
         total = num_complete_windows(length, kernel, stride)
         if total <= have:
             return
-        index = torch.tensor(rows, device=state.keys.device)
         batch, heads, dim = len(state.lengths), state.keys.shape[2], state.keys.shape[3]
         device = state.keys.device
         span = slice(stride * have, stride * (total - 1) + kernel)
         # The same op and token-order sums as the full forward's compression: identical rounding.
-        compressed = ops.compress_keys(state.keys.index_select(0, index)[:, span], kernel, stride)  # [n, new, H, D]
+        compressed = ops.compress_keys(_take(state.keys, sel)[:, span], kernel, stride)  # [n, new, H, D]
         state.compressed = _grown(state.compressed, total, (batch, heads, dim), state.keys.dtype, device)
-        state.compressed[index, have:total] = compressed
+        state.compressed[sel, have:total] = compressed
         if state.eviction is not None:
-            agnostic = ops.agnostic_chunk_scores(state.eviction.index_select(0, index)[:, span], kernel, stride)  # [n, new, H]
+            agnostic = ops.agnostic_chunk_scores(_take(state.eviction, sel)[:, span], kernel, stride)  # [n, new, H]
             state.agnostic = _grown(state.agnostic, total, (batch, heads), torch.float32, device)
-            state.agnostic[index, have:total] = agnostic
+            state.agnostic[sel, have:total] = agnostic
             num_blocks = -(-length // bs)
             state.agnostic_blocks = _grown(state.agnostic_blocks, num_blocks, (batch, heads), torch.float32, device, float("-inf"))
             for i in range(have, total):
                 # Window i covers tokens [stride*i, stride*i + kernel): it raises every block it overlaps.
                 first, last = stride * i // bs, (stride * i + kernel - 1) // bs
-                block_rows = state.agnostic_blocks[index, first : last + 1]
-                state.agnostic_blocks[index, first : last + 1] = torch.maximum(block_rows, agnostic[:, i - have, None])
+                block_rows = state.agnostic_blocks[sel, first : last + 1]
+                state.agnostic_blocks[sel, first : last + 1] = torch.maximum(block_rows, agnostic[:, i - have, None])
         for r in rows:
             state.windows[r] = total
 
-    def _prefill(self, state: _LayerState, cfg, index: torch.Tensor, queries: torch.Tensor, length: int):
+    def _prefill(self, state: _LayerState, cfg, rows: list[int], sel, queries: torch.Tensor, length: int):
         """Several queries (a prompt or a chunk of one), or dense mode: the full forward's op over the rows'
         keys, then the window state brought up to date."""
-        keys = state.keys.index_select(0, index)[:, :length]
-        values = state.values.index_select(0, index)[:, :length]
-        eviction = None if state.eviction is None else state.eviction.index_select(0, index)[:, :length]
+        keys = _take(state.keys, sel)[:, :length]
+        values = _take(state.values, sel)[:, :length]
+        eviction = None if state.eviction is None else _take(state.eviction, sel)[:, :length]
         out, selection = ops.nosa_attention(queries, keys, values, eviction, cfg, return_indices=True)
         if cfg.is_sparse:
-            self._update_windows(state, cfg, index.tolist(), length)
+            self._update_windows(state, cfg, rows, sel, length)
         return out, selection
 
-    def _decode(self, state: _LayerState, cfg, index: torch.Tensor, queries: torch.Tensor, length: int):
+    def _decode(self, state: _LayerState, cfg, rows: list[int], sel, queries: torch.Tensor, length: int):
         """One query per row at position length - 1: select from the kept state, attend to the selection."""
-        rows = index.tolist()
-        self._update_windows(state, cfg, rows, length)
+        self._update_windows(state, cfg, rows, sel, length)
         bs = cfg.block_size
         num_blocks = -(-length // bs)
         windows = state.windows[rows[0]]
         device = queries.device
-        position = torch.tensor([length - 1], device=device)
+        counting = self._counting(max(length, bs, state.keys.shape[2], len(rows)), device)
+        position = counting[length - 1 : length]
         if windows > 0:
-            compressed = state.compressed.index_select(0, index)[:, :windows]
+            compressed = _take(state.compressed, sel)[:, :windows]
         else:
             compressed = queries.new_zeros((len(rows), 0, state.keys.shape[2], state.keys.shape[3]))
         query_scores = ops.query_aware_block_scores(queries, compressed, position, num_blocks, cfg)  # [n, 1, H, NB]
@@ -246,16 +272,19 @@ class NosaCache(Cache):
                 heads = state.keys.shape[2]
                 state.agnostic_blocks = _grown(state.agnostic_blocks, num_blocks, (len(state.lengths), heads),
                                                torch.float32, device, float("-inf"))
-            agnostic = state.agnostic_blocks.index_select(0, index)[:, None, :num_blocks].transpose(2, 3)  # [n, 1, H, NB]
+            agnostic = _take(state.agnostic_blocks, sel)[:, None, :num_blocks].transpose(2, 3)  # [n, 1, H, NB]
         selection = ops.select_blocks(query_scores, agnostic, position, cfg)  # [n, 1, H, K]
         # The selected blocks' token slots, per KV head: [n, K * bs, H].
         picked = selection[:, 0].transpose(1, 2).long()  # [n, K, H]
-        offsets = torch.arange(bs, device=device)
+        offsets = counting[:bs]
         tokens = (picked[:, :, None, :] * bs + offsets[None, None, :, None]).reshape(len(rows), -1, picked.shape[-1])
         valid = (picked[:, :, None, :] >= 0).expand(-1, -1, bs, -1).reshape(tokens.shape) & (tokens <= length - 1)
         tokens = tokens.clamp(0, length - 1)
-        heads = torch.arange(tokens.shape[-1], device=device)
-        row_index = index[:, None, None]
+        heads = counting[: tokens.shape[-1]]
+        if isinstance(sel, slice):
+            row_index = counting[: len(rows)][:, None, None]
+        else:
+            row_index = sel[:, None, None]
         k_slots = state.keys[row_index, tokens, heads]  # [n, S, H, D]
         v_slots = state.values[row_index, tokens, heads]
         bias = None if state.eviction is None else state.eviction[row_index, tokens, heads]
