@@ -62,21 +62,18 @@ FIXED_BATCH_CONFIGS = "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager"
 EQUAL_MEMORY_CONFIGS = "dense:off,infllmv2:off,nosa:on,nosa:off,infllmv2:on"
 
 
-def synthetic_install(llm, prompt_len: int, batch: int, generator: torch.Generator):
-    """Admit `batch` requests and give each a random prompt cache through the engine's install path."""
+def synthetic_install(llm, prompt_len: int, batch: int, generator: torch.Generator) -> list[int]:
+    """Admit `batch` requests, each with a random prompt cache installed through the engine's own install
+    path (`LLM.add_prefilled_request`). Returns their request ids."""
     from nosa import ops
     from nosa.engine import SamplingParams
-    from nosa.engine.sequence import Sequence
 
-    runner, cfg, model = llm.runner, llm.config.sparse, llm.model
+    cfg, model = llm.config.sparse, llm.model
     L, H, D, Hq = llm.config.num_hidden_layers, llm.config.num_key_value_heads, llm.config.head_dim, llm.config.num_attention_heads
-    params = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
-    running = []
-    for i in range(batch):
-        seq = Sequence(i, None, [0] * prompt_len, params, llm.device, keep_logits=False)
-        seq.params = SamplingParams(temperature=0, max_tokens=llm.max_model_len - prompt_len + 1, ignore_eos=True)
-        llm.scheduler.add(seq)
-    for seq in llm.scheduler.admit():
+    # Never finishes inside the run: every timed, warm-up and profiled step fits in max_model_len.
+    params = SamplingParams(temperature=0, max_tokens=llm.max_model_len - prompt_len + 1, ignore_eos=True)
+    request_ids = []
+    for _ in range(batch):
         shape = (L, 1, prompt_len, H, D)
         keys = torch.randn(shape, generator=generator, device=llm.device).to(model.dtype)
         values = torch.randn(shape, generator=generator, device=llm.device).to(model.dtype)
@@ -89,44 +86,38 @@ def synthetic_install(llm, prompt_len: int, batch: int, generator: torch.Generat
             for l in range(L):
                 compressed = ops.compress_keys(keys[l], cfg.compress_kernel, cfg.compress_stride)
                 agnostic = None if evictions is None else ops.agnostic_chunk_scores(evictions[l], cfg.compress_kernel, cfg.compress_stride)
-                last[l] = ops.select_for_queries(q, compressed, agnostic, position, -(-prompt_len // cfg.block_size), cfg)[0, 0]
-        runner._install(seq.row, prompt_len, seq.pages, keys, values, evictions, last)
-        seq.output_token_ids.append(int(torch.randint(0, 256, (1,), generator=generator, device=llm.device)))
-        running.append(seq)
-    return running
+                last[l] = ops.select_for_queries(q, compressed, agnostic, position, ops.num_blocks(prompt_len, cfg.block_size), cfg)[0, 0]
+        first = int(torch.randint(0, 256, (1,), generator=generator, device=llm.device))
+        request_ids.append(llm.add_prefilled_request([0] * prompt_len, params, keys, values, evictions, last, first))
+    return request_ids
 
 
 def time_decode(llm, running, warmup: int, steps: int) -> dict:
-    from nosa.engine.sampling import sample
-
-    def step():
-        logits = llm._decode(running, llm.cache.rows)
-        tokens = sample(logits[[s.row for s in running]], [s.params for s in running], [None] * len(running))
-        for seq, token in zip(running, tokens):
-            seq.output_token_ids.append(token)
-
+    """Time `steps` engine steps (one batched decode step each; nothing waits to be admitted) after
+    `warmup` untimed ones."""
+    batch = llm.num_running
     for _ in range(warmup):
-        step()
+        llm.step()
     torch.cuda.synchronize()
-    loaded0, selected0 = llm.runner.loaded.clone(), llm.runner.selected.clone()
+    before = llm.decode_counters()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        step()  # ends in a device sync (sampling reads the tokens)
+        llm.step()  # ends in a device sync (sampling reads the tokens)
         times.append(time.perf_counter() - start)
-    loaded = (llm.runner.loaded - loaded0).cpu()
-    selected = (llm.runner.selected - selected0).cpu()
+    after = llm.decode_counters()
+    loaded, selected = after["loaded"] - before["loaded"], after["selected"] - before["selected"]
     cfg = llm.config
     block_bytes = 2 * cfg.sparse.block_size * cfg.head_dim * torch.empty((), dtype=llm.model.dtype).element_size()
     total = sum(times)
     times.sort()
     return {
-        "tokens_per_s": len(running) * steps / total,
+        "tokens_per_s": batch * steps / total,
         "step_ms_mean": 1e3 * total / steps,
         "step_ms_median": 1e3 * times[len(times) // 2],
         "hit_rate_per_layer": [round(1 - float(a) / float(b), 4) for a, b in zip(loaded, selected)],
         "blocks_loaded_per_step": float(loaded.sum()) / steps,
-        "blocks_loaded_per_step_per_layer_seq_head": float(loaded.sum()) / steps / (cfg.num_hidden_layers * len(running) * cfg.num_key_value_heads),
+        "blocks_loaded_per_step_per_layer_seq_head": float(loaded.sum()) / steps / (cfg.num_hidden_layers * batch * cfg.num_key_value_heads),
         "host_to_device_bytes_per_step": float(loaded.sum()) * block_bytes / steps,
     }
 
@@ -193,7 +184,7 @@ def profile_steps(llm, running, path: str, steps: int = 3) -> None:
     """Kernel time of a few eager decode steps, by kernel, to say where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    graphed, llm.graphed = llm.graphed, None
+    llm.use_cuda_graphs(False)
     try:
         time_decode(llm, running, 1, 1)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -202,7 +193,7 @@ def profile_steps(llm, running, path: str, steps: int = 3) -> None:
         with open(path, "w") as f:
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     finally:
-        llm.graphed = graphed
+        llm.use_cuda_graphs(True)
 
 
 def make_config(mode: str, layers: int, max_len: int):
@@ -279,7 +270,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         batch = llm.max_num_seqs
         row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len)
         running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
-        run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.graphed is not None, "batch": batch,
+        run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
                "batch_from": "fixed" if not equal_memory else ("single-copy dense (not engine-admitted)" if forced else "engine budget"),
                **time_decode(llm, running, args.warmup, args.steps),
                "device_kv_bytes_per_seq": llm.cache.allocated_bytes()["kv_slots"] // batch,

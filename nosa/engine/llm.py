@@ -121,6 +121,7 @@ class LLM:
         self.cache = BlockCache(L, rows, H, D, dtype, device, cfg, max_model_len)
         self.runner = ModelRunner(self.model, self.cache, self.store, prefill_chunk)
         self.graphed = GraphedDecode(self.runner) if (cuda_graphs and device.type == "cuda") else None
+        self._graphs_enabled = True
         self.scheduler = Scheduler(rows, self.store, cfg.block_size, max_model_len)
         self._requests: dict[int, Sequence] = {}  # unfinished (waiting or running), by request id
         self._finished: dict[int, Sequence] = {}  # finished, until `output` collects them
@@ -232,6 +233,57 @@ class LLM:
         self._queue(seq)
         return request_id
 
+    def add_prefilled_request(self, prompt_token_ids: list[int], params: SamplingParams, keys: torch.Tensor,
+                              values: torch.Tensor, evictions: torch.Tensor | None, last_selection,
+                              first_token: int) -> int:
+        """Admit a request now with its prompt's cache already computed, skipping the prefill's compute
+        (benchmarks install a synthetic prompt cache this way): keys, values [L, 1, T, H, D] with T =
+        len(prompt_token_ids), evictions [L, 1, T, H] float32 (dma, nosa; else None), last_selection[l]
+        the last prompt token's selection [H, K] (sparse modes; else None), first_token the token its
+        prefill would have produced. It goes through the engine's own install path (host pages, row state,
+        the selected blocks loaded). Raises ValueError if it is invalid or no row and pages are free now."""
+        request_id = self._new_request_id(None)
+        seq = self._make_sequence(request_id, request_id, prompt_token_ids, params, False, False)
+        cfg = self.config
+        want = (cfg.num_hidden_layers, 1, len(seq.prompt_token_ids), cfg.num_key_value_heads, cfg.head_dim)
+        if tuple(keys.shape) != want or tuple(values.shape) != want:
+            raise ValueError(f"keys and values must be {want} [layers, 1, prompt tokens, kv heads, head_dim], got "
+                             f"{tuple(keys.shape)} and {tuple(values.shape)}")
+        if params.logprobs is not None:
+            raise ValueError("a prefilled request has no prefill logits to report logprobs of its first token from")
+        if self.scheduler.waiting:
+            raise ValueError("requests are waiting: a prefilled request would jump the queue")
+        self.scheduler.add(seq)
+        if self.scheduler.admit_next() is not seq:
+            self.scheduler.abort(seq)
+            raise ValueError("no free row or host pages for a prefilled request now")
+        self._requests[request_id] = seq
+        try:
+            self.runner.install(seq.row, seq.pages, keys, values, evictions, last_selection)
+        except BaseException as err:
+            self._fail([seq], err)
+            raise
+        seq.append(first_token, None, self._eos_ids(), self.tokenizer)
+        self._retire_if_done(seq)
+        return request_id
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether decode steps replay captured CUDA graphs (CUDA device, cuda_graphs=True, not disabled
+        with `use_cuda_graphs(False)`, and no tracing asked)."""
+        return self.graphed is not None and self._graphs_enabled
+
+    def use_cuda_graphs(self, enabled: bool) -> None:
+        """Switch graph replay off (eager steps, e.g. to profile kernels) or back on; graphs already
+        captured are kept."""
+        self._graphs_enabled = bool(enabled)
+
+    def decode_counters(self) -> dict[str, torch.Tensor]:
+        """Blocks loaded host->device and blocks selected at decode since the engine was built, per layer
+        ([L] int64 CPU tensors, active rows; one device sync). Differences of two readings count the steps
+        in between."""
+        return {"loaded": self.runner.loaded.cpu(), "selected": self.runner.selected.cpu()}
+
     def _queue(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
         self._requests[seq.request_id] = seq
@@ -334,7 +386,7 @@ class LLM:
         tokens, positions, active = packed[0], packed[1], packed[2].bool()
         record = self._recording(running)
         self.runner.record_selections = record
-        if self.graphed is not None and self.runner.load_log is None and not record:
+        if self.graphed is not None and self._graphs_enabled and self.runner.load_log is None and not record:
             return self.graphed(tokens, positions, active, uniform)
         return self.runner.decode_step(tokens, positions, active, uniform)
 

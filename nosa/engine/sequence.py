@@ -67,6 +67,7 @@ class Sequence:
         # Recording selections (sparse modes): one [L, H, K] int16 selection per decode step.
         self.selection_shape = selection_shape
         self.selections: list[torch.Tensor] | None = [] if selection_shape is not None else None
+        self.stop_token_ids = frozenset(params.stop_token_ids or ())
         self.generator = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -107,7 +108,7 @@ class Sequence:
                     self.text = self.text[:cut]
                     self.finish_reason = "stop"
         if self.finish_reason is None:
-            if token in set(p.stop_token_ids or ()):
+            if token in self.stop_token_ids:
                 self.finish_reason = "stop"
             elif not p.ignore_eos and token in eos_ids:
                 self.finish_reason = "eos"

@@ -1,4 +1,5 @@
-"""The NOSA attention layer: Llama projections + RoPE, the eviction head, and the sparse attention op."""
+"""The NOSA attention layer: Llama projections + RoPE, the eviction head, and the sparse attention op; and
+the `AttentionBackend` hook through which an inference engine that owns the KV cache runs the layer."""
 
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ class SequenceSpans:
         return (absolute - starts).clamp(min=0)
 
 
+class AttentionBackend:
+    """Where the attention of the model's layers happens when an engine owns the KV cache (the way serving
+    engines plug paged attention into a model). Passed as the `cache` argument of the layers: each
+    `NosaAttention` projects q, k, v and the eviction score c of its new tokens as always, and hands them
+    to `attend` instead of reading a transformers cache; embedding, norms, residuals, MLP and lm_head stay
+    the model's own. Subclasses keep whatever state they need (the offloading engine: its block cache)."""
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               eviction: torch.Tensor | None) -> torch.Tensor:
+        """q: [B, Tq, Hq, D], k, v: [B, Tq, H, D] (post-RoPE), eviction: [B, Tq, H] float32 or None, all
+        of the new tokens -> the attention output [B, Tq, Hq, D] in q's dtype."""
+        raise NotImplementedError
+
+
 class NosaAttention(nn.Module):
     def __init__(self, config: NosaConfig, layer_idx: int):
         super().__init__()
@@ -98,12 +113,16 @@ class NosaAttention(nn.Module):
         return None if self.eviction is None else self.eviction(v)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: SequenceSpans, cache=None) -> torch.Tensor:
-        """hidden: [B, Tq, hidden]; cos, sin: [B, Tq, D]; spans over the Tk = past + Tq key slots."""
+        """hidden: [B, Tq, hidden]; cos, sin: [B, Tq, D]; spans over the Tk = past + Tq key slots. cache: a
+        transformers cache, None, or an `AttentionBackend` (then spans is unused)."""
         q, k, v = self.project_qkv(hidden, cos, sin)
+        if isinstance(cache, AttentionBackend):
+            out = cache.attend(self.layer_idx, q, k, v, self.eviction_scores(v))
+            return self.o_proj(out.reshape(out.shape[0], out.shape[1], -1))
         if getattr(cache, "keeps_nosa_state", False):
-            # NosaCache (nosa/models/cache.py) keeps compressed keys and pooled scores as windows complete, so
-            # a decode step costs one token's work; it runs this layer's attention from that state.
-            out = cache.attend(self, q, k, v, spans)
+            # NosaCache (nosa/models/cache.py, generate's default) keeps compressed keys and pooled scores as
+            # windows complete, so a decode step costs one token's work; it runs this layer from that state.
+            out = cache.attend_layer(self, q, k, v, spans)
             return self.o_proj(out.reshape(out.shape[0], out.shape[1], -1))
         if cache is not None:
             # transformers' caches store [B, H, T, D]; ours is [B, T, H, D].

@@ -7,7 +7,8 @@ every complete window and, for the eviction-head modes, each window's query-agno
 agnostic block scores pooled from them (spec 4.3-4.4). When a token completes a window, that one window is
 compressed, scored and max-pooled into the blocks it overlaps (the max is exact, so the pooled scores equal
 `pool_to_blocks` over all windows). A decode query then scores the compressed keys (the query-aware part,
-which is O(windows) by definition), goes through `ops.select_blocks` (the one selection rule), and attends
+which is O(windows) by definition), goes through `ops.select_rows` (the engine's entry point to the one
+selection rule), and attends
 only to its selected blocks with `ops.decode_attention`, the engine's decode op. Prompts (several queries)
 go through `ops.nosa_attention` over the row's keys, exactly as the full forward does.
 
@@ -66,7 +67,7 @@ class NosaCache(Cache):
     attn_mode; dense mode keeps keys and values only. Beam search reorders it; `crop` (assisted decoding)
     is not supported."""
 
-    # NosaAttention looks for this flag and hands its step to `attend` instead of calling `update`.
+    # NosaAttention looks for this flag and hands its step to `attend_layer` instead of calling `update`.
     keeps_nosa_state = True
 
     def __init__(self, config=None, *args, **kwargs):
@@ -102,7 +103,7 @@ class NosaCache(Cache):
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         raise NotImplementedError(
-            "NosaCache is driven by NosaAttention (attend), not by update(); use DynamicCache for other models"
+            "NosaCache is driven by NosaAttention (attend_layer), not by update(); use DynamicCache for other models"
         )
 
     def reset(self) -> None:
@@ -132,7 +133,7 @@ class NosaCache(Cache):
         return [] if state is None else list(state.lengths)
 
     @torch.no_grad()
-    def attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans) -> torch.Tensor:
+    def attend_layer(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans) -> torch.Tensor:
         """One layer's attention for the new tokens, updating this layer's state.
 
         attn: the NosaAttention (its eviction head, sparse config, layer index, selection log); q: [B, Tq,
@@ -265,15 +266,17 @@ class NosaCache(Cache):
             compressed = _take(state.compressed, sel)[:, :windows]
         else:
             compressed = queries.new_zeros((len(rows), 0, state.keys.shape[2], state.keys.shape[3]))
-        query_scores = ops.query_aware_block_scores(queries, compressed, position, num_blocks, cfg)  # [n, 1, H, NB]
         agnostic = None
         if state.eviction is not None:
             if state.agnostic_blocks is None or state.agnostic_blocks.shape[1] < num_blocks:
                 heads = state.keys.shape[2]
                 state.agnostic_blocks = _grown(state.agnostic_blocks, num_blocks, (len(state.lengths), heads),
                                                torch.float32, device, float("-inf"))
-            agnostic = _take(state.agnostic_blocks, sel)[:, None, :num_blocks].transpose(2, 3)  # [n, 1, H, NB]
-        selection = ops.select_blocks(query_scores, agnostic, position, cfg)  # [n, 1, H, K]
+            agnostic = _take(state.agnostic_blocks, sel)[:, :num_blocks].transpose(1, 2)  # [n, H, NB]
+        # The engine's selection entry point (one rule with training and prefill); the group's rows share
+        # their position, hence uniform.
+        positions = position.expand(len(rows))
+        selection = ops.select_rows(queries[:, 0], compressed, agnostic, positions, num_blocks, cfg, uniform=True)[:, None]  # [n, 1, H, K]
         # The selected blocks' token slots, per KV head: [n, K * bs, H].
         picked = selection[:, 0].transpose(1, 2).long()  # [n, K, H]
         offsets = counting[:bs]

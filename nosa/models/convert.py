@@ -1,4 +1,5 @@
-"""Conversion of dense transformers LlamaForCausalLM checkpoints into NosaForCausalLM."""
+"""Conversion of dense transformers LlamaForCausalLM checkpoints into NosaForCausalLM: the config mapping and
+the weight copy (`NosaForCausalLM.from_llama` puts them together; this module needs no model class)."""
 
 from __future__ import annotations
 
@@ -52,28 +53,23 @@ def nosa_config_from_llama(llama_config, **overrides) -> NosaConfig:
     return NosaConfig(**fields)
 
 
-def convert_llama(llama_model_or_path, **overrides):
-    """A NosaForCausalLM holding the Llama weights (copied), with A = 0 and a small random `delta`.
-
-    `llama_model_or_path`: a transformers LlamaForCausalLM, or a path/name that
-    `LlamaForCausalLM.from_pretrained` loads. With A = 0 the converted model computes the dense model's
-    function in attn_mode='dense', and in the sparse modes whenever a query sees <= topk_blocks blocks.
-    """
+def load_llama(llama_model_or_path):
+    """A transformers LlamaForCausalLM, or a path/name that `LlamaForCausalLM.from_pretrained` loads -> the model."""
     from transformers import LlamaForCausalLM
 
-    from nosa.models.modeling_nosa import NosaForCausalLM
-
     if isinstance(llama_model_or_path, (str, os.PathLike)):
-        llama = LlamaForCausalLM.from_pretrained(llama_model_or_path)
-    elif isinstance(llama_model_or_path, LlamaForCausalLM):
-        llama = llama_model_or_path
-    else:
-        raise ValueError(
-            f"from_llama takes a LlamaForCausalLM or a path to one, got {type(llama_model_or_path).__name__}"
-        )
-    config = nosa_config_from_llama(llama.config, **overrides)
-    dtype = next(llama.parameters()).dtype
-    model = NosaForCausalLM(config).to(dtype)
+        return LlamaForCausalLM.from_pretrained(llama_model_or_path)
+    if isinstance(llama_model_or_path, LlamaForCausalLM):
+        return llama_model_or_path
+    raise ValueError(
+        f"from_llama takes a LlamaForCausalLM or a path to one, got {type(llama_model_or_path).__name__}"
+    )
+
+
+def copy_llama_weights(model, llama) -> None:
+    """Load the Llama weights into a NOSA model of the converted config (everything but the eviction
+    heads, which keep their init: A = 0, small random `delta`)."""
+    config = model.config
     state = {k: v for k, v in llama.state_dict().items() if "rotary_emb" not in k}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if ".eviction." not in k and not (config.tie_word_embeddings and k == "lm_head.weight")]
@@ -83,4 +79,3 @@ def convert_llama(llama_model_or_path, **overrides):
         )
     if config.tie_word_embeddings:
         model.tie_weights()
-    return model.to(next(llama.parameters()).device)

@@ -16,7 +16,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from nosa.config import NosaConfig
-from nosa.layers import EvictionHead, NosaAttention, RMSNorm, RotaryEmbedding, SequenceSpans, SwiGLU
+from nosa.models.convert import copy_llama_weights, load_llama, nosa_config_from_llama
+from nosa.layers import AttentionBackend, EvictionHead, NosaAttention, RMSNorm, RotaryEmbedding, SequenceSpans, SwiGLU
 from nosa.models.cache import NosaCache
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x;
@@ -137,6 +138,16 @@ class NosaModel(NosaPreTrainedModel):
             hidden = layer(hidden, cos, sin, spans, cache)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{_CACHE_FIELD: cache})
 
+    def forward_with_attention(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        """The decoder layers with their attention in `attention` (an engine's): input_ids, position_ids
+        [B, T] -> the last layer's hidden states [B, T, hidden], before the final norm. No input checks and
+        no host syncs (the engine validates requests up front and graph-captures its decode step)."""
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, None, attention)
+        return hidden
+
 
 class NosaForCausalLM(NosaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -194,11 +205,23 @@ class NosaForCausalLM(NosaPreTrainedModel, GenerationMixin):
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
 
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head of `NosaModel.forward_with_attention`'s hidden states -> float32 logits."""
+        return self.lm_head(self.model.norm(hidden)).float()
+
     @classmethod
     def from_llama(cls, llama_model_or_path, **overrides) -> "NosaForCausalLM":
-        from nosa.models.convert import convert_llama
+        """A NosaForCausalLM holding the Llama weights (copied), with A = 0 and a small random `delta`.
 
-        return convert_llama(llama_model_or_path, **overrides)
+        `llama_model_or_path`: a transformers LlamaForCausalLM, or a path/name that
+        `LlamaForCausalLM.from_pretrained` loads. With A = 0 the converted model computes the dense model's
+        function in attn_mode='dense', and in the sparse modes whenever a query sees <= topk_blocks blocks.
+        """
+        llama = load_llama(llama_model_or_path)
+        parameter = next(llama.parameters())
+        model = cls(nosa_config_from_llama(llama.config, **overrides)).to(parameter.dtype)
+        copy_llama_weights(model, llama)
+        return model.to(parameter.device)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

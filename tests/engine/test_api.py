@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
+from tests.helpers import engine_model as tiny_model
 from nosa import LLM, SamplingParams
 from nosa.tokenizer import ByteTokenizer
 

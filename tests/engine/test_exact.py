@@ -5,7 +5,7 @@ block (4 tokens) and window (stride 2) boundaries; offload on == offload off; ch
 import pytest
 import torch
 
-from conftest import reference_logits, tiny_model
+from tests.helpers import engine_model as tiny_model, reference_logits
 from nosa.engine import LLM, SamplingParams
 
 MODES = ["nosa", "dense", "infllmv2", "dma"]

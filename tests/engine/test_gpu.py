@@ -4,9 +4,10 @@ exactness against the model with the gather/diff kernels on, CUDA graphs == eage
 import pytest
 import torch
 
-from conftest import reference_logits, tiny_model
+from tests.helpers import engine_model as tiny_model, reference_logits
 from nosa import ops
-from nosa.engine import LLM, SamplingParams, block_ops
+from nosa.engine import LLM, SamplingParams
+from nosa.ops import block_ops
 
 pytestmark = pytest.mark.gpu
 
@@ -20,9 +21,8 @@ def prompts(lengths=(9, 14, 3, 21)):
 
 @pytest.fixture
 def triton_block_ops():
-    block_ops.BACKEND = "triton"
-    yield
-    block_ops.BACKEND = None
+    with ops.use_backend("triton", only=ops.BLOCK_OPS):
+        yield
 
 
 def test_gather_reads_pinned_host_memory(triton_block_ops):
@@ -110,10 +110,11 @@ def test_decode_selection_with_cached_agnostic_pooling_equals_select_for_queries
         # Each row pooled at its own position, as the engine keeps it.
         pooled = torch.cat([reference.pool_to_blocks(agnostic[r : r + 1].transpose(1, 2)[:, None], positions[r : r + 1], NB, cfg)
                             for r in range(R)])
-    queries, pos = (q, positions[:1]) if uniform else (q[:, 0][None].expand(R, R, -1, -1).contiguous(), positions)
-    got = llm.runner._select_rows(queries, compressed, pooled, pos)
-    want = ops.select_for_queries(queries, compressed, agnostic, pos, NB, cfg)
-    if not uniform:
+    got = ops.select_rows(q[:, 0], compressed, None if pooled is None else pooled[:, 0], positions, NB, cfg, uniform)
+    if uniform:
+        want = ops.select_for_queries(q, compressed, agnostic, positions[:1], NB, cfg)[:, 0]
+    else:
+        every = ops.select_for_queries(q[:, 0][None].expand(R, R, -1, -1).contiguous(), compressed, agnostic, positions, NB, cfg)
         diagonal = torch.arange(R, device="cuda")
-        got, want = got[diagonal, diagonal], want[diagonal, diagonal]
+        want = every[diagonal, diagonal]
     assert torch.equal(got, want)

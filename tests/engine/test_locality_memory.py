@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from tests.helpers import engine_model as tiny_model
 from nosa.engine import LLM, SamplingParams
 
 

@@ -5,7 +5,7 @@ selections are the model's own."""
 import pytest
 import torch
 
-from conftest import tiny_model
+from tests.helpers import engine_model as tiny_model
 from nosa.engine import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)

@@ -1,5 +1,5 @@
 """Triton kernels of the NOSI decode step's data movement (spec sec. 6), beside their references in
-`nosa.engine.block_ops`:
+`nosa.ops.block_ops`:
 
 - `gather_blocks`: one launch copies every missed (block, KV head) of a layer for the whole batch. The
   source may be a pinned host tensor: the kernel reads it directly through unified virtual addressing, so
@@ -7,11 +7,15 @@
   the host store (device -> host).
 - `diff_slot_tables`: the slot-table diff on the device, one program per (row, KV head).
 - `stage_window`, `commit_window`, `plan_step`, `attention_inputs`: the decode step's per-layer bookkeeping
-  (contracts in `nosa.engine.block_ops`), one launch each. Unfused, this bookkeeping was ~80 small PyTorch
+  (contracts in `nosa.ops.block_ops`), one launch each. Unfused, this bookkeeping was ~80 small PyTorch
   kernels per layer (index builds, gathers, wheres, index_puts), more time per step than the PCIe gather.
   They move no data the PyTorch version did not, and compute nothing in floating point (the window means
   stay in `nosa.ops.compress_keys` / `agnostic_chunk_scores`, so decode rounds exactly like prefill and
   the full forward); the outputs are equal bit for bit.
+
+The kernels index their integer inputs as dense arrays (`ptr + i`), so every wrapper makes its index
+inputs contiguous int32/int64 and checks its in-place index outputs (`_index`, `_index_out`): a stride-0
+view such as `arange(1).expand(n)` would otherwise be read past its one element.
 """
 
 from __future__ import annotations
@@ -20,8 +24,29 @@ import torch
 import triton
 import triton.language as tl
 
+from nosa.ops import block_ops
+from nosa.ops.block_ops import HostPages, LayerSlots, LoadPlan, StepTokens
+
 # The diff holds a K x K comparison per program; wider tables fall back to the (on-device) reference.
 MAX_DIFF_SLOTS = 128
+
+
+def _index(op: str, name: str, t: torch.Tensor, numel: int, dtype=torch.int32) -> torch.Tensor:
+    """An index input as the kernels read it: dense, `dtype`, `numel` elements (copied only if it is not)."""
+    if t.numel() != numel:
+        raise ValueError(f"{op}: {name} must have {numel} elements, got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+    return t if (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous()
+
+
+def _index_out(op: str, name: str, t: torch.Tensor, numel: int, dtype=torch.int32) -> None:
+    """An index tensor the kernel writes in place: it must already be dense `dtype` of `numel` elements."""
+    if t.numel() != numel or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(
+            f"{op}: {name} must be a contiguous {dtype} tensor of {numel} elements (written in place), got "
+            f"shape {tuple(t.shape)}, {t.dtype}, strides {t.stride()}"
+        )
 
 
 @triton.jit
@@ -52,7 +77,7 @@ def _gather_blocks_kernel(
 
 
 def gather_blocks(src_k, src_v, dst_k, dst_v, src_page, dst_page, head) -> None:
-    """Same contract as `nosa.engine.block_ops.gather_blocks` (shapes [P, H, bs, D], any strides; entries
+    """Same contract as `nosa.ops.block_ops.gather_blocks` (shapes [P, H, bs, D], any strides; entries
     with a negative page skipped), in one launch of M programs."""
     if src_k.shape[1:] != dst_k.shape[1:] or src_k.dtype != dst_k.dtype:
         raise ValueError(
@@ -64,6 +89,9 @@ def gather_blocks(src_k, src_v, dst_k, dst_v, src_page, dst_page, head) -> None:
     num_entries = src_page.numel()
     if num_entries == 0:
         return
+    src_page = _index("gather_blocks", "src_page", src_page, num_entries)
+    dst_page = _index("gather_blocks", "dst_page", dst_page, num_entries)
+    head = _index("gather_blocks", "head", head, num_entries)
     block_tokens, head_dim = src_k.shape[2], src_k.shape[3]
     tile_dim = triton.next_power_of_2(head_dim)
     # About 8K elements per tile keeps registers bounded while each load covers whole cache lines.
@@ -109,13 +137,16 @@ def _diff_kernel(table_ptr, sel_ptr, out_table_ptr, miss_block_ptr, miss_slot_pt
 
 
 def diff_slot_tables(table: torch.Tensor, selected: torch.Tensor):
-    """Same contract as `nosa.engine.block_ops.diff_slot_tables`: table, selected [N, K] int32 ->
-    (new_table, miss_block, miss_slot), each [N, K] int32."""
+    """Same contract as `nosa.ops.block_ops.diff_slot_tables`: table, selected [N, K] int32 ->
+    (new_table, miss_block, miss_slot), each [N, K] int32. Tables wider than MAX_DIFF_SLOTS (dense mode at
+    long context) take the reference, which runs on the device as well."""
     num_rows, num_slots = table.shape
     if num_slots > MAX_DIFF_SLOTS:
-        raise ValueError(f"diff_slot_tables kernel handles at most {MAX_DIFF_SLOTS} slots, got {num_slots}")
-    table = table.to(torch.int32).contiguous()
-    selected = selected.to(torch.int32).contiguous()
+        return block_ops.diff_slot_tables(table, selected)
+    if selected.shape != table.shape:
+        raise ValueError(f"diff_slot_tables: selected {tuple(selected.shape)} must have the table's shape {tuple(table.shape)}")
+    table = _index("diff_slot_tables", "table", table, num_rows * num_slots)
+    selected = _index("diff_slot_tables", "selected", selected, num_rows * num_slots)
     new_table = torch.empty_like(table)
     miss_block = torch.empty_like(table)
     miss_slot = torch.empty_like(table)
@@ -167,10 +198,11 @@ def _stage_window_kernel(
 
 
 def stage_window(k, c, positions, ring, eviction, window_k, window_c) -> None:
-    """Same contract as `nosa.engine.block_ops.stage_window`, one program per (row, KV head)."""
+    """Same contract as `nosa.ops.block_ops.stage_window`, one program per (row, KV head)."""
     rows, kernel, heads, head_dim = ring.shape
     if rows == 0:
         return
+    positions = _index("stage_window", "positions", positions, rows, torch.int64)
     k = _last_dim_contiguous(k)
     for name, t in (("ring", ring), ("window_k", window_k)):
         if t.stride(-1) != 1:
@@ -219,10 +251,11 @@ def _commit_window_kernel(
 
 def commit_window(positions, compressed_new, agnostic_new, compressed, agnostic, agnostic_blocks,
                   kernel: int, stride: int, block_size: int) -> None:
-    """Same contract as `nosa.engine.block_ops.commit_window`, one program per (row, KV head)."""
+    """Same contract as `nosa.ops.block_ops.commit_window`, one program per (row, KV head)."""
     rows, num_windows, heads, head_dim = compressed.shape
     if rows == 0:
         return
+    positions = _index("commit_window", "positions", positions, rows, torch.int64)
     cn = _last_dim_contiguous(compressed_new[:, 0])
     if compressed.stride(-1) != 1:
         raise ValueError("commit_window: compressed must have a contiguous last dimension")
@@ -311,36 +344,42 @@ def _plan_step_kernel(
             tl.store(StoreV + dst_off, tl.where(newest, v[None, :], tl.load(SlotV + src_off, mask=m)), mask=m)
 
 
-def plan_step(table, selection, page_table, positions, active, k, v, slot_k, slot_v, store_k, store_v,
-              src_page, dst_page, loads, loaded, selected) -> None:
-    """Same contract as `nosa.engine.block_ops.plan_step`, one program per (row, KV head)."""
-    from nosa.engine import block_ops
-
-    rows, heads, slots = table.shape
-    if selection is not None and slots > MAX_DIFF_SLOTS:
-        return block_ops.plan_step(table, selection, page_table, positions, active, k, v, slot_k, slot_v,
-                                   store_k, store_v, src_page, dst_page, loads, loaded, selected)
+def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, plan: LoadPlan) -> None:
+    """Same contract as `nosa.ops.block_ops.plan_step`, one program per (row, KV head)."""
+    table, page_table = slots.table, slots.page_table
+    rows, heads, num_slots = table.shape
+    if selection is not None and num_slots > MAX_DIFF_SLOTS:
+        return block_ops.plan_step(slots, selection, token, host, plan, gather=gather_blocks)
     if rows == 0:
         return
-    for name, t in (("table", table), ("page_table", page_table), ("src_page", src_page), ("dst_page", dst_page),
-                    ("loads", loads), ("loaded", loaded), ("selected", selected)):
-        if not t.is_contiguous():
-            raise ValueError(f"plan_step: {name} must be contiguous")
+    entries = rows * heads * num_slots
+    for name, t, numel, dtype in (("slots.table", table, entries, torch.int32),
+                                  ("slots.page_table", page_table, page_table.numel(), torch.int32),
+                                  ("plan.src_page", plan.src_page, entries, torch.int32),
+                                  ("plan.dst_page", plan.dst_page, entries, torch.int32),
+                                  ("plan.loads", plan.loads, rows * heads, torch.int32),
+                                  ("plan.loaded", plan.loaded, rows * heads, torch.int64),
+                                  ("plan.selected", plan.selected, rows * heads, torch.int64)):
+        _index_out("plan_step", name, t, numel, dtype)
+    positions = _index("plan_step", "token.positions", token.positions, rows, torch.int64)
+    if token.active.dtype != torch.bool or token.active.numel() != rows or not token.active.is_contiguous():
+        raise ValueError(f"plan_step: token.active must be a contiguous bool tensor of {rows} elements")
+    slot_k, slot_v, store_k, store_v = slots.k, slots.v, host.k, host.v
     if slot_k.stride() != slot_v.stride() or store_k.stride() != store_v.stride():
         raise ValueError("plan_step: K and V must share strides on each side")
     block_tokens, head_dim = slot_k.shape[1], slot_k.shape[3]
-    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    k, v = _last_dim_contiguous(token.k), _last_dim_contiguous(token.v)
     dense = selection is None
     sel = table if dense else _last_dim_contiguous(selection.to(torch.int32))
     block_d = triton.next_power_of_2(head_dim)
     _plan_step_kernel[(rows * heads,)](
-        table, sel, sel.stride(0), sel.stride(1), page_table, positions, active.view(torch.uint8),
-        src_page, dst_page, loads, loaded, selected,
+        table, sel, sel.stride(0), sel.stride(1), page_table, positions, token.active.view(torch.uint8),
+        plan.src_page, plan.dst_page, plan.loads, plan.loaded, plan.selected,
         k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
         slot_k, slot_v, slot_k.stride(0), slot_k.stride(1), slot_k.stride(2), slot_k.stride(3),
         store_k, store_v, store_k.stride(0), store_k.stride(1), store_k.stride(2), store_k.stride(3),
-        heads, slots, page_table.shape[1],
-        DENSE=dense, BLOCK_K=triton.next_power_of_2(slots), BLOCK_TOKENS=block_tokens, HEAD_DIM=head_dim,
+        heads, num_slots, page_table.shape[1],
+        DENSE=dense, BLOCK_K=triton.next_power_of_2(num_slots), BLOCK_TOKENS=block_tokens, HEAD_DIM=head_dim,
         BLOCK_D=block_d, TILE_TOKENS=max(1, min(triton.next_power_of_2(block_tokens), 8192 // block_d)),
     )
 
@@ -367,12 +406,14 @@ def _attention_inputs_kernel(
 
 
 def attention_inputs(table, positions, eviction, valid, bias, block_size: int) -> None:
-    """Same contract as `nosa.engine.block_ops.attention_inputs`, programs over (row, KV head) x slot tokens."""
+    """Same contract as `nosa.ops.block_ops.attention_inputs`, programs over (row, KV head) x slot tokens."""
     rows, heads, slots = table.shape
     if rows == 0:
         return
-    if not table.is_contiguous() or valid.stride() != (bias.stride() if bias is not None else valid.stride()):
-        raise ValueError("attention_inputs: table must be contiguous and valid, bias share strides")
+    table = _index("attention_inputs", "table", table, rows * heads * slots)
+    positions = _index("attention_inputs", "positions", positions, rows, torch.int64)
+    if valid.stride() != (bias.stride() if bias is not None else valid.stride()):
+        raise ValueError("attention_inputs: valid and bias must share strides")
     has_bias = bias is not None
     ev = eviction if has_bias else valid.view(torch.uint8)  # unused without bias
     tile = 1024

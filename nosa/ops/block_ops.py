@@ -1,4 +1,5 @@
-"""Reference (PyTorch) versions of the bookkeeping and data-movement ops of the NOSI decode step.
+"""Reference (PyTorch) versions of the block-cache ops of the NOSI decode step (spec sec. 6), beside their
+Triton kernels in `nosa.ops.kernels.gather` and dispatched like every op (`nosa.ops.<name>`).
 
 `diff_slot_tables` turns the newly selected blocks into slot assignments (resident blocks never move, each
 miss takes a freed slot); `gather_blocks` copies KV blocks between the host store and the device slot cache
@@ -11,13 +12,72 @@ The decode step's per-layer bookkeeping is four ops, each one Triton launch on t
   `plan_step`         diff the selection against the slot table, list the host->device copies, append the
                       token to its tail block, write a full tail block back to the host, count loads
   `attention_inputs`  the valid mask and eviction bias of every slot token, for `decode_attention`
-The Triton kernels in `nosa.ops.kernels.gather` are tested equal to these (same outputs, bit for bit);
-`resolve_block_op` picks one per call.
+The Triton kernels in `nosa.ops.kernels.gather` are tested equal to these (same outputs, bit for bit).
+`plan_step`'s tensors travel in four named groups (`LayerSlots`, `StepTokens`, `HostPages`, `LoadPlan`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+DISPATCHED = ("diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "attention_inputs")
+
+
+@dataclass(frozen=True)
+class LayerSlots:
+    """One layer's device slot cache of every row. table: [R, H, K] int32 (block per slot, -1 empty);
+    k, v: [R*K, bs, H, D] (slot page r*K + j of row r); page_table: [R, NB] int32 host page per block."""
+
+    table: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    page_table: torch.Tensor
+
+
+@dataclass(frozen=True)
+class HostPages:
+    """One layer's host store: k, v [P, H, bs, D] (pinned host memory, or the device with offload off)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """The decode step's token of every row at one layer. positions: [R] int64 (tokens already cached);
+    active: [R] bool (counted in statistics); k, v: [R, H, D], the token's key and value."""
+
+    positions: torch.Tensor
+    active: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What `plan_step` decides, in static buffers. src_page, dst_page: [R*H*K] int32, the gather's
+    entries; head: [R*H*K] int32, the KV head of each entry (fixed); loads: [R, H] int32, blocks to load
+    this step; loaded, selected: [R, H] int64 running counters over active rows."""
+
+    src_page: torch.Tensor
+    dst_page: torch.Tensor
+    head: torch.Tensor
+    loads: torch.Tensor
+    loaded: torch.Tensor
+    selected: torch.Tensor
+
+    @classmethod
+    def allocate(cls, rows: int, heads: int, slots: int, device) -> "LoadPlan":
+        entries = rows * heads * slots
+        head = torch.arange(heads, dtype=torch.int32, device=device)[None, :, None].expand(rows, heads, slots)
+        return cls(torch.full((entries,), -1, dtype=torch.int32, device=device),
+                   torch.full((entries,), -1, dtype=torch.int32, device=device),
+                   head.reshape(-1).contiguous(),  # contiguous: an expanded view has stride 0 at one head
+                   torch.zeros((rows, heads), dtype=torch.int32, device=device),
+                   torch.zeros((rows, heads), dtype=torch.int64, device=device),
+                   torch.zeros((rows, heads), dtype=torch.int64, device=device))
 
 
 def diff_slot_tables(table: torch.Tensor, selected: torch.Tensor):
@@ -130,25 +190,25 @@ def all_visible(positions, slots: int, heads: int, block_size: int) -> torch.Ten
     return chosen[:, None].expand(-1, heads, -1).contiguous()
 
 
-def plan_step(table, selection, page_table, positions, active, k, v, slot_k, slot_v, store_k, store_v,
-              src_page, dst_page, loads, loaded, selected) -> None:
+def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, plan: LoadPlan, gather=None) -> None:
     """The decode step's slot bookkeeping for one layer, all rows.
 
-    table: [R, H, K] int32 slot tables, updated in place (resident blocks never move, each miss takes a
-    freed slot: `diff_slot_tables`); selection: [R, H, K] int32 (-1 padded), or None for dense mode (every
-    visible block, `all_visible`); page_table: [R, NB] int32; positions: [R] int64; active: [R] bool;
-    k, v: [R, H, D], the token's key and value; slot_k, slot_v: [R*K, bs, H, D], the layer's slot cache;
-    store_k, store_v: [P, H, bs, D], the layer's host pages.
-    Outputs: src_page, dst_page: [R*H*K] int32, entry (r, h, i) names the host page and the slot page
+    slots.table is updated in place (resident blocks never move, each miss takes a freed slot:
+    `diff_slot_tables`); selection: [R, H, K] int32 (-1 padded), or None for dense mode (every visible
+    block, `all_visible`).
+    Outputs in `plan`: entry (r, h, i) of src_page / dst_page names the host page and the slot page
     (r*K + slot) of the i-th selected block of (r, h) when it must be loaded, -1 otherwise (the gather's
-    input, head h); loads: [R, H] int32, blocks to load; loaded, selected: [R, H] int64 counters, += loads
-    and the number of selected blocks where active.
+    input, head h); loads: blocks to load per (row, head); loaded, selected += loads and the number of
+    selected blocks where token.active.
     A new tail block (position at a block start) has nothing on the host yet: it gets a slot, no load. The
     token is appended to its (resident) tail block; a tail block that it fills is written back to its host
-    page and stays resident.
+    page and stays resident. gather: the `gather_blocks` implementation of that write-back (default this
+    module's; the kernel wrapper, falling back here for very wide tables, passes its own so a CUDA step
+    stays free of host syncs).
     """
+    table, page_table, positions, active = slots.table, slots.page_table, token.positions, token.active
     R, H, K = table.shape
-    bs = slot_k.shape[1]
+    bs = slots.k.shape[1]
     if selection is None:
         selection = all_visible(positions, K, H, bs)
     flat = selection.reshape(R * H, K).to(torch.int32)
@@ -163,26 +223,26 @@ def plan_step(table, selection, page_table, positions, active, k, v, slot_k, slo
     page = torch.gather(page_table, 1, miss_block.clamp(0, page_table.shape[1] - 1).view(R, H * K).long()).view(R, H, K)
     src = torch.where(want, page, -1)
     dst = torch.where(src >= 0, rows[:, None, None] * K + miss_slot, -1)
-    src_page.copy_(src.reshape(-1))
-    dst_page.copy_(dst.reshape(-1))
+    plan.src_page.copy_(src.reshape(-1))
+    plan.dst_page.copy_(dst.reshape(-1))
     count = (src >= 0).sum(-1)
-    loads.copy_(count)
-    loaded += count * active[:, None]
-    selected += (selection >= 0).sum(-1) * active[:, None]
+    plan.loads.copy_(count)
+    plan.loaded.add_(count * active[:, None])
+    plan.selected.add_((selection >= 0).sum(-1) * active[:, None])
     # Append to the tail block (the block of the token's own position, always selected, so resident).
     own_slot = torch.argmax((table == own[:, None, None].to(torch.int32)).to(torch.int32), dim=-1)  # [R, H]
     heads = torch.arange(H, device=table.device)[None].expand(R, H)
     page_of_slot = rows[:, None] * K + own_slot
     at = offset[:, None].expand(R, H)
-    slot_k[page_of_slot, at, heads] = k
-    slot_v[page_of_slot, at, heads] = v
+    slots.k[page_of_slot, at, heads] = token.k
+    slots.v[page_of_slot, at, heads] = token.v
     own_page = page_table[rows, own.clamp(max=page_table.shape[1] - 1)]  # [R]
     full = ((offset == bs - 1) & (own_page >= 0))[:, None].expand(R, H)
     # Write-back as masked gather entries (no host sync, so a CUDA caller can still be graph-captured).
     src = torch.where(full, page_of_slot, -1).reshape(-1).to(torch.int32)
     dst = torch.where(full, own_page[:, None].expand(R, H), -1).reshape(-1).to(torch.int32)
-    gather = resolve_block_op("gather_blocks", slot_k, store_k)
-    gather(slot_k.transpose(1, 2), slot_v.transpose(1, 2), store_k, store_v, src, dst, heads.reshape(-1).to(torch.int32))
+    gather = gather_blocks if gather is None else gather
+    gather(slots.k.transpose(1, 2), slots.v.transpose(1, 2), host.k, host.v, src, dst, heads.reshape(-1).to(torch.int32).contiguous())
 
 
 def attention_inputs(table, positions, eviction, valid, bias, block_size: int) -> None:
@@ -197,29 +257,3 @@ def attention_inputs(table, positions, eviction, valid, bias, block_size: int) -
     if bias is not None:
         index = token.clamp(0, eviction.shape[1] - 1).reshape(R, H, K * block_size).transpose(1, 2)
         bias.copy_(torch.where(valid, torch.gather(eviction, 1, index), 0.0))
-
-
-# None: follow `nosa.ops.use_backend`. Tests set "reference" or "triton" to pin these two ops alone (e.g.
-# the Triton gather under the reference attention ops).
-BACKEND: str | None = None
-
-
-def resolve_block_op(name: str, *tensors):
-    """The implementation of `name` (a public op of this module) for these tensors.
-
-    'reference' forces this module, 'triton' the kernel, 'auto' the kernel when any tensor is on CUDA (a
-    pinned host tensor counts as host: the kernel reads it through UVA).
-    """
-    from nosa import ops
-
-    backend = BACKEND or ops.current_backend()
-    on_cuda = any(getattr(t, "is_cuda", False) for t in tensors)
-    if backend == "reference" or (backend == "auto" and not on_cuda):
-        return globals()[name]
-    from nosa.ops.kernels import gather as kernels
-
-    if name == "diff_slot_tables" and tensors and tensors[0].shape[-1] > kernels.MAX_DIFF_SLOTS:
-        # The kernel holds a K x K comparison in registers; very wide tables (dense mode at long context)
-        # use the reference, which runs on the device as well.
-        return diff_slot_tables
-    return getattr(kernels, name)

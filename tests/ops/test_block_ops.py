@@ -4,7 +4,8 @@ CPU) equal to the reference."""
 import pytest
 import torch
 
-from nosa.engine import block_ops
+from nosa import ops
+from nosa.ops import block_ops
 from nosa.ops.kernels import gather as kernels
 
 
@@ -184,8 +185,10 @@ def test_plan_step_kernel_equals_reference(dense):
         src, dst = torch.full((R * H * K,), -7, dtype=torch.int32), torch.full((R * H * K,), -7, dtype=torch.int32)
         loads = torch.full((R, H), -7, dtype=torch.int32)
         loaded, selected = torch.full((R, H), 5, dtype=torch.int64), torch.full((R, H), 3, dtype=torch.int64)
-        impl.plan_step(x["table"], x["selection"], x["page_table"], x["positions"], x["active"], x["k"], x["v"],
-                       x["slot_k"], x["slot_v"], x["store_k"], x["store_v"], src, dst, loads, loaded, selected)
+        head = torch.arange(H, dtype=torch.int32)[None, :, None].expand(R, H, K).reshape(-1).contiguous()
+        impl.plan_step(ops.LayerSlots(x["table"], x["slot_k"], x["slot_v"], x["page_table"]), x["selection"],
+                       ops.StepTokens(x["positions"], x["active"], x["k"], x["v"]), ops.HostPages(x["store_k"], x["store_v"]),
+                       ops.LoadPlan(src, dst, head, loads, loaded, selected))
         outs.append((x["table"], src, dst, loads, loaded, selected, x["slot_k"], x["slot_v"], x["store_k"], x["store_v"]))
     for got, want in zip(outs[1], outs[0]):
         assert torch.equal(got, want)
@@ -219,7 +222,7 @@ def test_engine_with_the_triton_bookkeeping_equals_the_reference_engine(mode):
     engine's tokens and logits bit for bit: the kernels change where bookkeeping runs, never a result."""
     from nosa.engine import LLM, SamplingParams
 
-    from conftest import tiny_model
+    from tests.helpers import engine_model as tiny_model
 
     model = tiny_model(mode, seed=5)
     g = torch.Generator().manual_seed(5)
@@ -227,12 +230,9 @@ def test_engine_with_the_triton_bookkeeping_equals_the_reference_engine(mode):
     params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
     results = []
     for backend in ("reference", "triton"):
-        block_ops.BACKEND = backend
-        try:
+        with ops.use_backend(backend, only=ops.BLOCK_OPS):
             llm = LLM(model, device="cpu", max_model_len=48, max_num_seqs=2)
             results.append((llm.generate(prompts, params, use_tqdm=False, return_logits=True), llm.stats()))
-        finally:
-            block_ops.BACKEND = None
     (ref, ref_stats), (tri, tri_stats) = results
     for a, b in zip(ref, tri):
         assert a.token_ids == b.token_ids

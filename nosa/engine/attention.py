@@ -1,0 +1,98 @@
+"""The engine's attention backends: what the model's own `NosaAttention` layers call (through
+`nosa.layers.AttentionBackend`) when the engine runs them, so only the offloading-specific part lives here.
+
+`PrefillAttention`: one sequence's prompt, chunk by chunk; the chunk's queries attend to every key so far
+(`ops.nosa_attention`), keys and eviction scores are kept for the install into the host store and the row.
+`DecodeAttention`: one new token for every row over the block cache (spec sec. 6). Per layer:
+  1. `stage_window`: c is stored, the key goes into the ring, the window ending at the token is copied out;
+     `compress_keys` / `agnostic_chunk_scores` average it (the same op as prefill, so it rounds the same),
+     `commit_window` stores it where a window completes, so this very token can select it;
+  2. `ops.select_rows`: the selection of every row, from the cached compressed keys and pooled scores;
+  3. `plan_step`: the slot-table diff, the host->device copies to make, the token appended to its block;
+  4. `gather_blocks`: one launch for every miss of the batch (Triton reading pinned host memory on CUDA);
+  5. `attention_inputs` and `decode_attention` over the row's slots.
+Every tensor it touches is a static buffer of the runner or the cache, and nothing syncs with the host,
+so `cuda_graph.py` can capture the whole step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nosa import ops
+from nosa.layers import AttentionBackend
+
+
+class PrefillAttention(AttentionBackend):
+    """Attention of one prompt chunk [start, end) of a `length`-token prompt. keys, values: [L, 1, length,
+    H, D] and evictions [L, 1, length, H] (or None) are filled as the layers run; `last_selection[l]` gets
+    the prompt's last token's selection [H, K] (sparse modes), which the install loads."""
+
+    def __init__(self, cfg, keys, values, evictions, length: int):
+        self.cfg, self.keys, self.values, self.evictions, self.length = cfg, keys, values, evictions, length
+        self.last_selection: list[torch.Tensor | None] = [None] * keys.shape[0]
+        self.start = self.end = 0
+
+    def attend(self, layer_idx, q, k, v, eviction):
+        l, start, end = layer_idx, self.start, self.end
+        self.keys[l, :, start:end], self.values[l, :, start:end] = k, v
+        c = None
+        if self.evictions is not None:
+            self.evictions[l, :, start:end] = eviction
+            c = self.evictions[l, :, :end]
+        # Queries are this chunk, keys everything so far: scores are chunk x end, never T x T.
+        out, indices = ops.nosa_attention(q, self.keys[l, :, :end], self.values[l, :, :end], c, self.cfg, return_indices=True)
+        if end == self.length and indices is not None:
+            self.last_selection[l] = indices[0, -1]
+        return out
+
+
+class DecodeAttention(AttentionBackend):
+    """The decode step's attention over the runner's block cache; `begin` sets the step's rows."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.positions = self.active = None
+        self.uniform = True
+
+    def begin(self, positions: torch.Tensor, active: torch.Tensor, uniform: bool) -> None:
+        """positions: [R] int64 (tokens already cached); active: [R] bool; uniform: every row at
+        positions[0] (one selection call instead of the R x R diagonal one). The implementations are
+        resolved once per step, not per layer."""
+        runner = self.runner
+        self.positions, self.active, self.uniform = positions, active, uniform
+        slots, host, plan = runner.layer_slots[0], runner.layer_hosts[0], runner.load_plans[0]
+        self.stage = ops.resolve("stage_window", slots.k)
+        self.commit = ops.resolve("commit_window", slots.k)
+        self.plan = ops.resolve("plan_step", slots, host, plan)
+        self.gather = ops.resolve("gather_blocks", slots.k, host.k)
+        self.inputs = ops.resolve("attention_inputs", slots.k)
+
+    def attend(self, layer_idx, q, k, v, eviction):
+        runner, l, positions = self.runner, layer_idx, self.positions
+        cache, cfg = runner.cache, runner.cfg
+        state = cache.eviction[l] if cache.eviction is not None else None
+        selection = None  # dense mode: the plan selects every visible block
+        if cfg.is_sparse:
+            self.stage(k[:, 0], None if eviction is None else eviction[:, 0], positions, cache.recent_keys[l], state,
+                       runner.window_k, runner.window_c)
+            compressed = ops.compress_keys(runner.window_k, cfg.compress_kernel, cfg.compress_stride)
+            agnostic = None
+            if state is not None:
+                agnostic = ops.agnostic_chunk_scores(runner.window_c, cfg.compress_kernel, cfg.compress_stride)
+            self.commit(positions, compressed, agnostic, cache.compressed[l],
+                        cache.agnostic[l] if cache.agnostic is not None else None,
+                        cache.agnostic_blocks[l] if cache.agnostic_blocks is not None else None,
+                        cfg.compress_kernel, cfg.compress_stride, cache.block_size)
+            agnostic_blocks = cache.agnostic_blocks[l] if cache.agnostic_blocks is not None else None
+            selection = ops.select_rows(q[:, 0], cache.compressed[l], agnostic_blocks, positions, cache.max_blocks, cfg, self.uniform)
+            if runner.record_selections:
+                runner.step_selections[l].copy_(selection)
+        slots, host, plan = runner.layer_slots[l], runner.layer_hosts[l], runner.load_plans[l]
+        self.plan(slots, selection, ops.StepTokens(positions, self.active, k[:, 0], v[:, 0]), host, plan)
+        # One launch for every miss of the batch. It cannot overlap this layer's compute: what it loads is
+        # known only once this layer's query has selected, and the attention right after reads it.
+        self.gather(host.k, host.v, cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), plan.src_page, plan.dst_page, plan.head)
+        self.inputs(slots.table, positions, state, runner.valid, runner.bias, cache.block_size)
+        out = ops.decode_attention(q[:, 0], cache.row_view(l, "k"), cache.row_view(l, "v"), runner.bias, runner.valid)
+        return out[:, None]
