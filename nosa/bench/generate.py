@@ -114,7 +114,7 @@ def main(args) -> int:
         summary["speedup_nosa_cache_over_dynamic_cache"] = (results["generate_nosa_cache"]["decode_tokens_per_s"]
                                                             / results["generate_dynamic_cache"]["decode_tokens_per_s"])
     parameters = {k: v for k, v in vars(args).items() if k != "func"} | {"device_used": str(device),
-                                                                        "engine_cuda_graphs": llm.uses_cuda_graphs()}
+                                                                        "engine_cuda_graphs": llm.uses_cuda_graphs}
     path = write_result(args.name, parameters, {"runs": results, "summary": summary}, **({"directory": args.out_dir} if args.out_dir else {}))
     print(f"wrote {path}")
     print(f"{'path':<24} {'decode tok/s':>13} {'step ms':>9} {'first token s':>14}")
