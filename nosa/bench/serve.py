@@ -221,6 +221,8 @@ def main(args) -> int:
     warmup = draw_requests(args.warmup, (prompt_range[0], prompt_range[0]), (8, 8), vocab, args.seed + 1)
     max_model_len = args.max_model_len or max(len(r["prompt"]) + r["max_tokens"] for r in requests)
     out_dir = args.out_dir or None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
     runs = []
     for config in configs:
         log_path = os.path.join(out_dir or workdir, f"{args.name}_server_offload_{config}.log")
