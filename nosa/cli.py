@@ -15,6 +15,7 @@ SUBCOMMANDS = (
     "nosa.engine.cli",    # nosa generate
     "nosa.bench.cli",     # nosa bench ...
     "nosa.eval.cli",      # nosa eval
+    "nosa.serve.cli",     # nosa serve
 )
 
 

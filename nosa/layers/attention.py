@@ -119,6 +119,11 @@ class NosaAttention(nn.Module):
         if isinstance(cache, AttentionBackend):
             out = cache.attend(self.layer_idx, q, k, v, self.eviction_scores(v))
             return self.o_proj(out.reshape(out.shape[0], out.shape[1], -1))
+        if getattr(cache, "keeps_nosa_state", False):
+            # NosaCache (nosa/models/cache.py, generate's default) keeps compressed keys and pooled scores as
+            # windows complete, so a decode step costs one token's work; it runs this layer from that state.
+            out = cache.attend_layer(self, q, k, v, spans)
+            return self.o_proj(out.reshape(out.shape[0], out.shape[1], -1))
         if cache is not None:
             # transformers' caches store [B, H, T, D]; ours is [B, T, H, D].
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)

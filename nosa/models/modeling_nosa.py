@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from nosa.config import NosaConfig
 from nosa.models.convert import copy_llama_weights, load_llama, nosa_config_from_llama
 from nosa.layers import AttentionBackend, EvictionHead, NosaAttention, RMSNorm, RotaryEmbedding, SequenceSpans, SwiGLU
+from nosa.models.cache import NosaCache
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x;
 # accept and return whichever this installed version uses.
@@ -170,6 +171,18 @@ class NosaForCausalLM(NosaPreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() decodes with a NosaCache (incremental NOSA state, one token's work per step) unless the
+        caller passed a cache or asked for a cache_implementation; transformers would build a DynamicCache,
+        whose every step re-runs compression and selection over the whole cache."""
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation in (None, "dynamic"):
+            for key in ("cache", "past_key_values"):
+                cache = model_kwargs.get(key)
+                if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False) and cache.get_seq_length() == 0:
+                    model_kwargs[key] = NosaCache(self.config)
+        return result
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
