@@ -13,6 +13,7 @@ SUBCOMMANDS = (
     "nosa.engine.cli",    # nosa generate
     "nosa.bench.cli",     # nosa bench ...
     "nosa.eval.cli",      # nosa eval
+    "nosa.study.cli",     # nosa study ...
 )
 
 
