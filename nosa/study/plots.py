@@ -94,7 +94,7 @@ def plot_locality(rows: list[dict], path: str) -> str:
     for mode, length, layers in series:
         ls = styles.setdefault(length, ["-", "--", ":", "-."][len(styles) % 4])
         x = [rec["layer"] for rec in layers]
-        label = f"{mode} {length // 1024}K"
+        label = f"{mode} {length // 1024}K" if length >= 1024 else f"{mode} {length}"
         ax_o.plot(x, [rec["overlap_mean"] for rec in layers], "o" + ls, color=COLORS.get(mode), label=label)
         ax_o.plot(x, [rec["overlap_p5"] for rec in layers], ls, color=COLORS.get(mode), alpha=0.35)
         ax_n.plot(x, [rec["new_blocks_mean"] for rec in layers], "o" + ls, color=COLORS.get(mode), label=label)

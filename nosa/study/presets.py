@@ -7,7 +7,9 @@ changes. Fields:
   model        NosaConfig fields shared by every mode (attn_mode is set per mode)
   data         corpus, mixture, task_params, task_loss, seed: TrainConfig fields shared by every phase
   phases       a curriculum: list of {seq_len, micro_batch_size, max_steps, time_limit_s, lr, warmup_steps};
-               phase k > 0 starts from phase k - 1's final weights (a fresh optimizer and schedule)
+               phase k > 0 starts from phase k - 1's final weights (a fresh optimizer and schedule). A phase
+               with `shared: true` is trained once, in its `attn_mode` (default dense), and every mode
+               starts the next phase from a copy of its weights (nosa.study.quality.derive_mode_init)
   concurrent   train (and evaluate) the modes as concurrent processes instead of back to back
   eval         what nosa.study.evaluate measures (lengths, depths, samples, locality lengths and steps)
   budget_s     wall time of the whole study; training phases stop by their time_limit_s, evaluation
@@ -45,12 +47,16 @@ DATA = {
 PRESETS = {
     "h200": {
         "modes": MODES,
-        "model": {**GEOMETRY, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
+        "model": {**GEOMETRY, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
                   "max_position_embeddings": 65536, "rope_theta": 500000.0},
         "data": DATA,
+        # 1. shared: one dense model at 2K on the whole GPU (rows of 2K <= topk x block = 4K tokens, where
+        #    every sparse mode computes dense attention anyway); 2. each mode from those weights at 16K,
+        #    the four side by side: the paper's short-dense-then-long-sparse protocol, equal budgets.
         "phases": [
-            {"seq_len": 2048, "micro_batch_size": 16, "max_steps": 700, "time_limit_s": 120, "lr": 2e-3, "warmup_steps": 50},
-            {"seq_len": 16384, "micro_batch_size": 2, "max_steps": 400, "time_limit_s": 200, "lr": 1e-3, "warmup_steps": 20},
+            {"shared": True, "attn_mode": "dense", "seq_len": 2048, "micro_batch_size": 64, "max_steps": 800,
+             "time_limit_s": 130, "lr": 2e-3, "warmup_steps": 40},
+            {"seq_len": 16384, "micro_batch_size": 2, "max_steps": 300, "time_limit_s": 190, "lr": 1e-3, "warmup_steps": 20},
         ],
         "train": {"weight_decay": 0.1, "grad_clip": 1.0, "min_lr_ratio": 0.1, "val_batches": 2, "log_every": 5},
         "concurrent": True,
@@ -69,7 +75,8 @@ PRESETS = {
                   "compress_kernel": 8, "compress_stride": 4},
         "data": {**DATA, "corpus_max_tokens": 200_000},
         "phases": [
-            {"seq_len": 768, "micro_batch_size": 2, "max_steps": 3, "time_limit_s": 60, "lr": 1e-3, "warmup_steps": 1},
+            {"shared": True, "attn_mode": "dense", "seq_len": 768, "micro_batch_size": 2, "max_steps": 3,
+             "time_limit_s": 60, "lr": 1e-3, "warmup_steps": 1},
             {"seq_len": 1024, "micro_batch_size": 1, "max_steps": 2, "time_limit_s": 60, "lr": 1e-3, "warmup_steps": 1},
         ],
         "train": {"weight_decay": 0.1, "grad_clip": 1.0, "min_lr_ratio": 0.1, "val_batches": 1, "log_every": 1},

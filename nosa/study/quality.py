@@ -42,13 +42,29 @@ def _log(msg: str, logf=None) -> None:
         logf.flush()
 
 
+def phase_dir(work: str, mode: str, phase_index: int, study: dict) -> str:
+    """Where a phase's run lives: a shared phase (trained once, see derive_mode_init) under 'shared'."""
+    owner = "shared" if study["phases"][phase_index].get("shared") else mode
+    return os.path.join(work, owner, f"phase{phase_index}")
+
+
+def start_weights(study: dict, mode: str, phase_index: int, work: str) -> str | None:
+    """The weights a mode's phase starts from: its previous phase's final checkpoint, or, after a shared
+    phase, the mode's copy of the shared weights (derive_mode_init)."""
+    if study["phases"][phase_index - 1].get("shared"):
+        init = os.path.join(work, mode, "init")
+        return init if os.path.exists(os.path.join(init, "config.json")) else None
+    return final_checkpoint(phase_dir(work, mode, phase_index - 1, study))
+
+
 def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
     """The TrainConfig mapping of one mode's phase: shared model, data and optimisation; only attn_mode,
-    out_dir and the warm start differ between modes."""
+    out_dir and the warm start differ between modes. A shared phase trains attn_mode `phase.attn_mode`
+    (default dense) once for all modes."""
     phase = study["phases"][phase_index]
     data = study["data"]
     cfg = {
-        "model": {**study["model"], "attn_mode": mode},
+        "model": {**study["model"], "attn_mode": phase.get("attn_mode", "dense") if phase.get("shared") else mode},
         "corpus_dir": os.path.join(work, "corpus"),
         "corpus_source": data["corpus_source"],
         "corpus_max_tokens": data["corpus_max_tokens"],
@@ -63,15 +79,39 @@ def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
         "lr": phase["lr"],
         "warmup_steps": phase["warmup_steps"],
         "val_every": phase.get("val_every", max(1, phase["max_steps"] // 4)),
-        "out_dir": os.path.join(work, mode, f"phase{phase_index}"),
+        "out_dir": phase_dir(work, mode, phase_index, study),
         "progress": False,
         **study.get("train", {}),
     }
     if phase_index > 0:
         cfg["init_from"] = "nosa"
-        cfg["init_path"] = final_checkpoint(os.path.join(work, mode, f"phase{phase_index - 1}"))
+        cfg["init_path"] = start_weights(study, mode, phase_index, work)
         del cfg["model"]  # init_from=nosa continues the checkpoint's model as it is
     return cfg
+
+
+def derive_mode_init(shared_checkpoint: str, mode: str, dst: str) -> dict:
+    """The shared weights as a model of attn_mode `mode`: every weight copied; the eviction head, which
+    dma and nosa add, starts as a fresh model's (A = 0: no bias, so the sparse model starts from the
+    shared model's attention scores). Saved with the tokenizer as a loadable model directory."""
+    import torch
+
+    from nosa.config import NosaConfig
+    from nosa.data.tokenization import load_tokenizer
+    from nosa.models import NosaForCausalLM
+
+    src = NosaForCausalLM.from_pretrained(shared_checkpoint, dtype=torch.float32, local_files_only=True)
+    fields = {k: v for k, v in src.config.to_dict().items() if k in NosaConfig().to_dict() and not k.startswith("_")}
+    fields.update(attn_mode=mode)
+    torch.manual_seed(0)
+    model = NosaForCausalLM(NosaConfig(**fields)).float()
+    result = model.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in result.missing_keys if ".eviction." not in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"shared weights do not fit attn_mode {mode!r}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    model.save_pretrained(dst)
+    load_tokenizer(shared_checkpoint).inner.save_pretrained(dst)
+    return {"from": shared_checkpoint, "fresh": sorted(set(result.missing_keys))[:8], "fresh_count": len(result.missing_keys)}
 
 
 def final_checkpoint(run_dir: str) -> str | None:
@@ -146,16 +186,17 @@ def mode_row(study: dict, mode: str, work: str, train_status: dict, eval_status:
     curve = []
     tokens_before = 0
     for k, phase in enumerate(study["phases"]):
-        records = read_jsonl(os.path.join(work, mode, f"phase{k}", "metrics.jsonl"))
+        run = phase_dir(work, mode, k, study)
+        records = read_jsonl(os.path.join(run, "metrics.jsonl"))
         steps = [r for r in records if "event" not in r and "loss" in r]
         start = next((r for r in records if r.get("event") == "start"), {})
         end = next((r for r in records if r.get("event") == "end"), None)
-        st = train_status.get(f"{mode}/phase{k}", {})
+        st = train_status.get(f"{'shared' if phase.get('shared') else mode}/phase{k}", {})
         if "parameters" in start:
             row["parameters"] = start["parameters"]
         done_steps = steps[-1]["step"] if steps else 0
         tokens = done_steps * phase["seq_len"] * phase["micro_batch_size"] * study.get("train", {}).get("grad_accum", 1)
-        info = {"seq_len": phase["seq_len"], "steps_planned": phase["max_steps"], "steps_done": done_steps,
+        info = {"shared": bool(phase.get("shared")), "seq_len": phase["seq_len"], "steps_planned": phase["max_steps"], "steps_done": done_steps,
                 "tokens": tokens, "stopped_by_time_limit": bool(end and end.get("stopped_by_time_limit")),
                 "wall_s": end.get("wall_s") if end else None, "process": st}
         vals = [r for r in steps if "val_loss" in r]
@@ -244,12 +285,14 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
 
     # 2. training, phase by phase (a mode whose previous phase left no checkpoint stops there)
     alive = list(study["modes"])
+    status["derive"] = {}
     for k, phase in enumerate(study["phases"]):
         jobs = []
-        for mode in alive:
+        owners = ["shared"] if phase.get("shared") else alive
+        for mode in owners:
             cfg = train_config(study, mode, k, work)
             if k > 0 and cfg["init_path"] is None:
-                status["train"][f"{mode}/phase{k}"] = {"skipped": f"phase{k - 1} left no checkpoint"}
+                status["train"][f"{mode}/phase{k}"] = {"skipped": f"phase{k - 1} left no weights to start from"}
                 continue
             path = os.path.join(work, mode, f"phase{k}.yaml")
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -260,13 +303,25 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
         per_job = phase["time_limit_s"] + KILL_GRACE_S
         phase_deadline = time.time() + (per_job if study["concurrent"] else per_job * len(jobs))
         status["train"].update(run_processes(jobs, study["concurrent"], min(phase_deadline, deadline), logf))
-        alive = [m for m in alive if final_checkpoint(os.path.join(work, m, f"phase{k}"))]
+        if phase.get("shared"):
+            shared = final_checkpoint(phase_dir(work, "shared", k, study))
+            for mode in alive:
+                try:
+                    if shared is None:
+                        raise RuntimeError(f"the shared phase{k} left no checkpoint")
+                    status["derive"][mode] = derive_mode_init(shared, mode, os.path.join(work, mode, "init"))
+                except Exception as err:
+                    status["derive"][mode] = {"error": f"{type(err).__name__}: {err}"}
+                    _log(f"derive {mode} failed: {err}", logf)
+            alive = [m for m in alive if os.path.exists(os.path.join(work, m, "init", "config.json"))]
+        else:
+            alive = [m for m in alive if final_checkpoint(phase_dir(work, m, k, study))]
 
     # 3. evaluation of every mode that has weights, until the evaluation deadline
     eval_deadline = deadline - study["reserve_s"]
     jobs = []
     for mode in study["modes"]:
-        ckpt = final_checkpoint(os.path.join(work, mode, f"phase{len(study['phases']) - 1}"))
+        ckpt = final_checkpoint(phase_dir(work, mode, len(study["phases"]) - 1, study))
         if ckpt is None:
             status["eval"][mode] = {"skipped": "no final checkpoint"}
             continue
@@ -308,18 +363,21 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     summary_path = write_json_result(os.path.join(out_dir, "summary.json"), parameters, results)
     _log(f"summary: {summary_path} ({results['study_wall_s']} s)", logf)
     logf.close()
+    for extra in filter(None, os.environ.get("NOSA_STUDY_ATTACH", "").split(",")):
+        if os.path.isfile(extra):  # e.g. a GPU utilisation log the launcher kept
+            shutil.copy(extra, logs)
     with tarfile.open(os.path.join(out_dir, "logs.tar.gz"), "w:gz") as tar:
         tar.add(logs, arcname="logs")
-        for mode in study["modes"]:
+        for owner in ["shared", *study["modes"]]:
             for name in ["eval.json"] + [f"phase{k}.yaml" for k in range(len(study["phases"]))]:
-                p = os.path.join(work, mode, name)
+                p = os.path.join(work, owner, name)
                 if os.path.exists(p):
-                    tar.add(p, arcname=f"{mode}/{name}")
+                    tar.add(p, arcname=f"{owner}/{name}")
             for k in range(len(study["phases"])):
                 for name in ("metrics.jsonl", "train_config.json"):
-                    p = os.path.join(work, mode, f"phase{k}", name)
+                    p = os.path.join(work, owner, f"phase{k}", name)
                     if os.path.exists(p):
-                        tar.add(p, arcname=f"{mode}/phase{k}/{name}")
+                        tar.add(p, arcname=f"{owner}/phase{k}/{name}")
     print_table(rows, study)
     return {"summary": summary_path, "rows": rows}
 
