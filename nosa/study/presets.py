@@ -60,7 +60,7 @@ PRESETS = {
         ],
         "train": {"weight_decay": 0.1, "grad_clip": 1.0, "min_lr_ratio": 0.1, "val_batches": 2, "log_every": 5},
         "concurrent": True,
-        "budget_s": 560,
+        "budget_s": 550,
         "reserve_s": 25,
         "eval": {"tasks": TASKS, "lengths": [4096, 8192, 16384, 32768], "primary_length": 16384,
                  "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "samples": 5, "ppl_len": 16384, "ppl_rows": 8,
