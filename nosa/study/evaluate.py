@@ -16,6 +16,7 @@ The raw selections of those decodes are saved as a trace file (nosa.results.trac
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -31,7 +32,12 @@ def _selections_through_engine(model, prompts: list[list[int]], steps: int, devi
     from nosa.engine.sampling import SamplingParams
 
     longest = max(len(p) for p in prompts) + steps + 1
-    llm = LLM(model, device=device, offload=False, max_model_len=longest, max_num_seqs=len(prompts), cuda_graphs=False)
+    # A copy: LLM casts the model it is given in place, and the task evaluation keeps the fp32 weights
+    # (bf16 autocast) so every part of every mode computes alike.
+    engine_model = copy.deepcopy(model)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    llm = LLM(engine_model, device=device, offload=False, max_model_len=longest, max_num_seqs=len(prompts),
+              dtype=dtype, cuda_graphs=False)
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False, record_selections=True)
     traces = []

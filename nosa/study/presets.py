@@ -54,7 +54,7 @@ PRESETS = {
         #    every sparse mode computes dense attention anyway); 2. each mode from those weights at 16K,
         #    the four side by side: the paper's short-dense-then-long-sparse protocol, equal budgets.
         "phases": [
-            {"shared": True, "attn_mode": "dense", "seq_len": 2048, "micro_batch_size": 64, "max_steps": 800,
+            {"shared": True, "attn_mode": "dense", "seq_len": 2048, "micro_batch_size": 64, "max_steps": 450,
              "time_limit_s": 130, "lr": 2e-3, "warmup_steps": 40},
             {"seq_len": 16384, "micro_batch_size": 2, "max_steps": 300, "time_limit_s": 190, "lr": 1e-3, "warmup_steps": 20},
         ],
