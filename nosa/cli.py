@@ -16,6 +16,7 @@ SUBCOMMANDS = (
     "nosa.bench.cli",     # nosa bench ...
     "nosa.eval.cli",      # nosa eval
     "nosa.serve.cli",     # nosa serve
+    "nosa.study.cli",     # nosa study ...
 )
 
 

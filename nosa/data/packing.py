@@ -87,14 +87,16 @@ class MixtureStream:
     rows [k*SOURCE_BLOCK, (k+1)*SOURCE_BLOCK) come from one generator seeded by (seed, 2, k)); corpus rows
     follow a seeded permutation per epoch, indexed by the number of corpus draws before row n, so every
     epoch reads each corpus row exactly once whatever the mixture; task rows are generated at seq_len
-    from a generator seeded by (seed, 0, n) with a uniform random needle depth.
+    from a generator seeded by (seed, 0, n) with a uniform random needle depth, labelled on their answers
+    only or (full_task_loss) on every token.
 
     The count of corpus draws before row n is a prefix sum over blocks (cached), so any row, the first
     one after a resume included, is computed from n alone in O(n / SOURCE_BLOCK) block draws."""
 
     def __init__(self, tok: TextTokenizer, seq_len: int, mixture: dict, corpus_rows: CorpusRows | None = None,
-                 task_params: dict | None = None, seed: int = 0):
+                 task_params: dict | None = None, seed: int = 0, full_task_loss: bool = False):
         self.tok, self.seq_len, self.seed = tok, seq_len, seed
+        self.full_task_loss = full_task_loss  # task rows labelled on every token (TaskSample.labels(full=True))
         self.sources = [s for s, w in mixture.items() if w > 0]
         for source in self.sources:
             if source != "corpus" and source not in TASKS:
@@ -151,7 +153,7 @@ class MixtureStream:
             return ids, labels, source
         rng = np.random.default_rng([self.seed, 0, n])
         sample = generate_task(source, self.tok, rng, self.seq_len, float(rng.random()), **self.task_params.get(source, {}))
-        return np.asarray(sample.input_ids, dtype=np.int64), np.asarray(sample.labels(), dtype=np.int64), source
+        return np.asarray(sample.input_ids, dtype=np.int64), np.asarray(sample.labels(full=self.full_task_loss), dtype=np.int64), source
 
     def batch(self, indices) -> dict:
         """{'input_ids': [B, L] int64, 'labels': [B, L] int64, 'sources': [str]} for global row indices."""

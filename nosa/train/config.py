@@ -18,6 +18,7 @@ from nosa.data.tasks import TASKS
 INIT_FROM = ("scratch", "nosa", "llama")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
+TASK_LOSSES = ("answer", "full")
 # field -> smallest allowed value
 INT_FIELDS = {"seq_len": 2, "max_steps": 1, "micro_batch_size": 1, "grad_accum": 1, "log_every": 1, "val_batches": 1,
               "warmup_steps": 0, "save_every": 0, "val_every": 0, "seed": 0}
@@ -85,6 +86,7 @@ class TrainConfig:
     isolate_documents: bool = False     # True: one document (piece) per row, no attention across documents
     mixture: dict = field(default_factory=lambda: {"corpus": 1.0})  # source -> weight (corpus and TASKS)
     task_params: dict = field(default_factory=dict)  # task -> generator keyword arguments
+    task_loss: str = "answer"           # answer: loss on task answers only; full: on every token of task rows
     # optimisation
     max_steps: int = 1000
     micro_batch_size: int = 8           # rows per process per micro-step
@@ -117,7 +119,7 @@ class TrainConfig:
         """Type- and range-check every field, converting numbers written as text (PyYAML reads `1e-3`
         as a string: YAML 1.1 wants a dot in a float) so a value is either usable or refused here,
         never at the first step."""
-        for name in ("init_from", "corpus_dir", "corpus_source", "out_dir", "precision", "parallel"):
+        for name in ("init_from", "corpus_dir", "corpus_source", "out_dir", "precision", "parallel", "task_loss"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
@@ -129,6 +131,8 @@ class TrainConfig:
             raise ValueError(f"init_from must be one of {INIT_FROM}, got {self.init_from!r}")
         if self.init_from != "scratch" and not self.init_path:
             raise ValueError(f"init_from={self.init_from!r} needs init_path (a local checkpoint directory)")
+        if self.task_loss not in TASK_LOSSES:
+            raise ValueError(f"task_loss must be one of {TASK_LOSSES}, got {self.task_loss!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.parallel not in PARALLEL:

@@ -182,7 +182,7 @@ def validation_loss(model, rows: CorpusRows, cfg: TrainConfig, info: DistInfo) -
 # them would make the resumed run differ from the uninterrupted one. Every other field (time limit,
 # logging, checkpoint cadence, validation, precision, out_dir, where the corpus lives) may change.
 RESUME_FIXED = ("model", "tokenizer", "corpus_source", "corpus_max_tokens", "seq_len", "isolate_documents", "mixture",
-                "task_params", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
+                "task_params", "task_loss", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
                 "grad_clip", "seed")
 
 
@@ -306,7 +306,8 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
             val_rows = CorpusRows(val_corpus, cfg.seq_len, cfg.isolate_documents, tok.pad_id)
         except ValueError as err:
             raise ValueError(f"val_every={cfg.val_every} needs validation rows: {err}; or set val_every=0") from None
-    stream = MixtureStream(tok, cfg.seq_len, cfg.mixture, corpus_rows, cfg.task_params, cfg.seed)
+    stream = MixtureStream(tok, cfg.seq_len, cfg.mixture, corpus_rows, cfg.task_params, cfg.seed,
+                           full_task_loss=cfg.task_loss == "full")
 
     if info.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)

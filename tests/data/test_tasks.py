@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from nosa.data.tasks import TASKS, generate_task
+from nosa.data.tasks import TASKS, TRAINING_ONLY, generate_task
 from nosa.data.tokenization import load_tokenizer
 
 TOK = load_tokenizer("byte")
@@ -16,7 +16,7 @@ def _sample(task, length=600, depth=0.5, seed=0, **params):
     return generate_task(task, TOK, np.random.default_rng(seed), length, depth, **params)
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", sorted(set(TASKS) - set(TRAINING_ONLY)))
 @pytest.mark.parametrize("length", [400, 1000])
 @pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
 def test_length_answers_and_uniqueness(task, length, depth):
@@ -69,3 +69,29 @@ def test_task_params_and_errors():
         _sample("passkey", 500, 1.5)
     with pytest.raises(ValueError, match="num_queries"):
         _sample("mqar", 800, 0.5, num_pairs=2, num_queries=3)
+
+
+def test_kv_recall_asks_every_fact_after_it_and_the_pass_key_last():
+    for seed in range(3):
+        sample = _sample("kv_recall", 3000, 0.4, seed)
+        text = TOK.decode(sample.input_ids)
+        assert len(sample.input_ids) == 3000 and len(sample.answer_spans) == 15 + 1  # 5 facts per 1K, the pass key
+        assert sample.labels(full=True) == sample.input_ids
+        for (start, end), answer in zip(sample.answer_spans, sample.answers):
+            assert TOK.decode(sample.input_ids[start:end]) == answer
+        for key, value in re.findall(r"What is the magic number for ([A-Z]+)\? The magic number for \1 is (\d+)\. ", text):
+            fact = text.index(f"The magic number for {key} is {value}. ")
+            assert fact < text.index(f"What is the magic number for {key}?")
+            assert text.count(f"for {key} is") == 2
+        pass_key = sample.answers[-1]
+        assert text.endswith(f"The pass key is {pass_key}") and text.count(f"The pass key is {pass_key}") == 2
+
+
+def test_multikey_niah_more_queries_keeps_the_first_and_asks_distinct_keys():
+    one, four = _sample("multikey_niah", 1200, 0.5, 2), _sample("multikey_niah", 1200, 0.5, 2, num_queries=4)
+    assert len(four.answers) == 4 and len(set(four.answers)) == 4
+    keys = re.findall(r"What is the magic number for ([A-Z]+)\?", TOK.decode(four.input_ids))
+    assert len(set(keys)) == 4
+    assert TOK.decode(one.input_ids).count("What is the magic number") == 1
+    with pytest.raises(ValueError, match="num_queries"):
+        _sample("multikey_niah", 1200, 0.5, 2, num_queries=5)

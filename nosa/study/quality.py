@@ -1,0 +1,404 @@
+"""`nosa study quality`: train dense, InfLLM-v2, DMA and NOSA with the same model, data, token budget,
+schedule and seed, evaluate each, and write one summary (with the machine header), the plots, the
+selection traces of the sparse modes and one log archive.
+
+Every mode runs `nosa train` (nosa.train.loop) once per curriculum phase, then `nosa.study.evaluate`; the
+modes run as concurrent processes (one GPU is shared; a small model leaves most of an H200 idle, and
+running side by side gives every mode the same wall-clock window) or back to back. The whole study is
+time-boxed: each phase stops at its `time_limit_s` (the loop saves and exits), a process still alive
+past its limit plus a grace period is killed, evaluation stops starting new parts at the evaluation
+deadline, and the summary, plots and archive are written from whatever finished (failures are recorded
+in the summary, never hidden).
+
+Files written to --out-dir (flat, at most 8, so a GPU run can bring them all back):
+  summary.json  loss.png  accuracy.png  locality.png  traces_nosa.npz  traces_infllmv2.npz  logs.tar.gz
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import yaml
+
+from nosa.study.presets import resolve
+
+TRACE_MODES = ("nosa", "infllmv2")
+WORK_MARKER = ".nosa_study_work"
+KILL_GRACE_S = 45  # a phase past time_limit_s still saves its checkpoint; startup also takes a while
+
+
+def _log(msg: str, logf=None) -> None:
+    line = f"[study {time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if logf is not None:
+        logf.write(line + "\n")
+        logf.flush()
+
+
+def phase_dir(work: str, mode: str, phase_index: int, study: dict) -> str:
+    """Where a phase's run lives: a shared phase (trained once, see derive_mode_init) under 'shared'."""
+    owner = "shared" if study["phases"][phase_index].get("shared") else mode
+    return os.path.join(work, owner, f"phase{phase_index}")
+
+
+def start_weights(study: dict, mode: str, phase_index: int, work: str) -> str | None:
+    """The weights a mode's phase starts from: its previous phase's final checkpoint, or, after a shared
+    phase, the mode's copy of the shared weights (derive_mode_init)."""
+    if study["phases"][phase_index - 1].get("shared"):
+        init = os.path.join(work, mode, "init")
+        return init if os.path.exists(os.path.join(init, "config.json")) else None
+    return final_checkpoint(phase_dir(work, mode, phase_index - 1, study))
+
+
+def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
+    """The TrainConfig mapping of one mode's phase: shared model, data and optimisation; only attn_mode,
+    out_dir and the warm start differ between modes. A shared phase trains attn_mode `phase.attn_mode`
+    (default dense) once for all modes."""
+    phase = study["phases"][phase_index]
+    data = study["data"]
+    cfg = {
+        "model": {**study["model"], "attn_mode": phase.get("attn_mode", "dense") if phase.get("shared") else mode},
+        "corpus_dir": os.path.join(work, "corpus"),
+        "corpus_source": data["corpus_source"],
+        "corpus_max_tokens": data["corpus_max_tokens"],
+        "mixture": data["mixture"],
+        "task_params": data.get("task_params", {}),
+        "task_loss": data.get("task_loss", "answer"),
+        "seed": data.get("seed", 0),
+        "seq_len": phase["seq_len"],
+        "micro_batch_size": phase["micro_batch_size"],
+        "max_steps": phase["max_steps"],
+        "time_limit_s": phase["time_limit_s"],
+        "lr": phase["lr"],
+        "warmup_steps": phase["warmup_steps"],
+        "val_every": phase.get("val_every", max(1, phase["max_steps"] // 4)),
+        "out_dir": phase_dir(work, mode, phase_index, study),
+        "progress": False,
+        **study.get("train", {}),
+    }
+    if phase_index > 0:
+        cfg["init_from"] = "nosa"
+        cfg["init_path"] = start_weights(study, mode, phase_index, work)
+        del cfg["model"]  # init_from=nosa continues the checkpoint's model as it is
+    return cfg
+
+
+def derive_mode_init(shared_checkpoint: str, mode: str, dst: str) -> dict:
+    """The shared weights as a model of attn_mode `mode`: every weight copied; the eviction head, which
+    dma and nosa add, starts as a fresh model's (A = 0: no bias, so the sparse model starts from the
+    shared model's attention scores). Saved with the tokenizer as a loadable model directory."""
+    import torch
+
+    from nosa.config import NosaConfig
+    from nosa.data.tokenization import load_tokenizer
+    from nosa.models import NosaForCausalLM
+
+    src = NosaForCausalLM.from_pretrained(shared_checkpoint, dtype=torch.float32, local_files_only=True)
+    fields = {k: v for k, v in src.config.to_dict().items() if k in NosaConfig().to_dict() and not k.startswith("_")}
+    fields.update(attn_mode=mode)
+    torch.manual_seed(0)
+    model = NosaForCausalLM(NosaConfig(**fields)).float()
+    result = model.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in result.missing_keys if ".eviction." not in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"shared weights do not fit attn_mode {mode!r}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    model.save_pretrained(dst)
+    load_tokenizer(shared_checkpoint).inner.save_pretrained(dst)
+    return {"from": shared_checkpoint, "fresh": sorted(set(result.missing_keys))[:8], "fresh_count": len(result.missing_keys)}
+
+
+def final_checkpoint(run_dir: str) -> str | None:
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        return os.path.join(run_dir, "checkpoints", f.read().strip())
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def run_processes(jobs: list[tuple[str, list[str], str]], concurrent: bool, deadline: float, logf) -> dict:
+    """jobs: (name, argv, log path). Runs them together or one after another; kills what is still alive at
+    `deadline`. Returns name -> {'rc', 'wall_s', 'killed'}."""
+    status = {}
+
+    def launch(name, argv, log_path):
+        out = open(log_path, "w")
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        _log(f"started {name} (pid {proc.pid}): {' '.join(argv[2:])}", logf)
+        return proc, out, time.time()
+
+    def wait(items):
+        while True:
+            alive = [n for n, (p, _, _) in items.items() if p.poll() is None]
+            for n, (p, out, t0) in list(items.items()):
+                if p.poll() is not None and n not in status:
+                    out.close()
+                    status[n] = {"rc": p.returncode, "wall_s": round(time.time() - t0, 1), "killed": False}
+                    _log(f"{n} finished rc={p.returncode} after {status[n]['wall_s']} s", logf)
+            if not alive:
+                return
+            if time.time() > deadline:
+                for n in alive:
+                    p, out, t0 = items[n]
+                    os.killpg(p.pid, signal.SIGKILL)  # its own session: the process and its children only
+                    p.wait()
+                    out.close()
+                    status[n] = {"rc": p.returncode, "wall_s": round(time.time() - t0, 1), "killed": True}
+                    _log(f"{n} killed at the deadline after {status[n]['wall_s']} s", logf)
+                return
+            time.sleep(1.0)
+
+    if concurrent:
+        wait({name: launch(name, argv, log) for name, argv, log in jobs})
+    else:
+        for name, argv, log in jobs:
+            if time.time() > deadline:
+                status[name] = {"rc": None, "wall_s": 0.0, "killed": False, "skipped": "deadline passed before it started"}
+                continue
+            wait({name: launch(name, argv, log)})
+    return status
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mode_row(study: dict, mode: str, work: str, train_status: dict, eval_status: dict) -> dict:
+    """One summary row: parameters, tokens, wall time, losses, perplexity buckets, accuracy, locality."""
+    row = {"attn_mode": mode, "phases": [], "tokens_trained": 0, "train_wall_s": 0.0, "errors": {}}
+    curve = []
+    tokens_before = 0
+    for k, phase in enumerate(study["phases"]):
+        run = phase_dir(work, mode, k, study)
+        records = read_jsonl(os.path.join(run, "metrics.jsonl"))
+        steps = [r for r in records if "event" not in r and "loss" in r]
+        start = next((r for r in records if r.get("event") == "start"), {})
+        end = next((r for r in records if r.get("event") == "end"), None)
+        st = train_status.get(f"{'shared' if phase.get('shared') else mode}/phase{k}", {})
+        if "parameters" in start:
+            row["parameters"] = start["parameters"]
+        done_steps = steps[-1]["step"] if steps else 0
+        tokens = done_steps * phase["seq_len"] * phase["micro_batch_size"] * study.get("train", {}).get("grad_accum", 1)
+        info = {"shared": bool(phase.get("shared")), "seq_len": phase["seq_len"], "steps_planned": phase["max_steps"], "steps_done": done_steps,
+                "tokens": tokens, "stopped_by_time_limit": bool(end and end.get("stopped_by_time_limit")),
+                "wall_s": end.get("wall_s") if end else None, "process": st}
+        vals = [r for r in steps if "val_loss" in r]
+        if vals:
+            info["val_loss"] = vals[-1]["val_loss"]
+        if steps:
+            info["final_train_loss"] = steps[-1]["loss"]
+            info["final_loss_by_source"] = steps[-1].get("loss_by_source")
+        if end is None:
+            row["errors"][f"phase{k}"] = f"no end record (process {st})"
+        row["phases"].append(info)
+        for r in steps:
+            curve.append({"tokens": tokens_before + r["step"] * phase["seq_len"] * phase["micro_batch_size"],
+                          "phase": k, "loss": r["loss"], "corpus_loss": (r.get("loss_by_source") or {}).get("corpus"),
+                          "val_loss": r.get("val_loss")})
+        tokens_before += tokens
+        row["tokens_trained"] += tokens
+        row["train_wall_s"] += info["wall_s"] or 0.0
+    row["loss_curve"] = curve
+    last = row["phases"][-1] if row["phases"] else {}
+    row["final_train_loss"] = last.get("final_train_loss")
+    row["final_train_corpus_loss"] = (last.get("final_loss_by_source") or {}).get("corpus")
+    row["final_val_loss"] = last.get("val_loss")
+    ev_path = os.path.join(work, mode, "eval.json")
+    if os.path.exists(ev_path):
+        with open(ev_path) as f:
+            ev = json.load(f)
+        row["eval_wall_s"] = ev.get("wall_s")
+        row["eval_parts_done"] = ev.get("parts_done")
+        row["eval_parts_skipped"] = ev.get("parts_skipped")
+        if ev.get("errors"):
+            row["errors"]["eval"] = ev["errors"]
+        if "perplexity" in ev:
+            ppl = ev["perplexity"]
+            row["heldout_loss"] = ppl["nll"]
+            row["perplexity"] = {"seq_len": ppl["seq_len"], "tokens": ppl["tokens"], "nll": ppl["nll"], "ppl": ppl["ppl"],
+                                 "buckets": [{k: b[k] for k in ("start", "end", "nll", "ppl")} for b in ppl["buckets"]]}
+        row["accuracy"] = {task: {n: cell["accuracy"] for n, cell in by_len.items()} for task, by_len in ev.get("tasks", {}).items()}
+        row["accuracy_detail"] = ev.get("tasks", {})
+        row["locality"] = ev.get("locality", {})
+    else:
+        row["errors"]["eval"] = f"no eval result (process {eval_status.get(mode)})"
+    return row
+
+
+def run_study(config: str | None, out_dir: str, work_dir: str | None = None, modes: list[str] | None = None) -> dict:
+    from nosa.results.header import write_json_result
+
+    began = time.time()
+    study = resolve(config)
+    if modes:
+        study["modes"] = modes
+    deadline = began + study["budget_s"]
+    os.makedirs(out_dir, exist_ok=True)
+    work = os.path.abspath(work_dir or os.path.join(out_dir, "..", "study_work"))
+    if os.path.exists(work) and os.listdir(work):
+        # Only a folder an earlier study made is deleted: a mistyped --work-dir must not wipe anything else.
+        if not os.path.exists(os.path.join(work, WORK_MARKER)):
+            raise ValueError(f"work dir {work!r} is not empty and was not made by `nosa study`; choose another --work-dir")
+        shutil.rmtree(work)
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs)
+    open(os.path.join(work, WORK_MARKER), "w").close()
+    logf = open(os.path.join(logs, "study.log"), "w")
+    with open(os.path.join(logs, "study_config.yaml"), "w") as f:
+        yaml.safe_dump(study, f, sort_keys=False)
+    _log(f"study: modes {study['modes']}, budget {study['budget_s']} s, concurrent={study['concurrent']}", logf)
+    status = {"train": {}, "eval": {}, "corpus": None}
+    py = sys.executable
+
+    # 1. the corpus, once (every mode reads the same files)
+    try:
+        from nosa.data.corpus import build_corpus
+        from nosa.data.tokenization import load_tokenizer
+
+        t0 = time.time()
+        data = study["data"]
+        metas = build_corpus(os.path.join(work, "corpus"), data["corpus_source"], load_tokenizer("byte"),
+                             max_tokens=data["corpus_max_tokens"], seed=data.get("seed", 0))
+        status["corpus"] = {s: {k: m[k] for k in ("num_documents", "num_tokens")} for s, m in metas.items()}
+        status["corpus"]["wall_s"] = round(time.time() - t0, 1)
+        _log(f"corpus: {status['corpus']}", logf)
+    except Exception as err:
+        status["corpus"] = {"error": f"{type(err).__name__}: {err}"}
+        _log(f"corpus failed: {err}", logf)
+
+    # 2. training, phase by phase (a mode whose previous phase left no checkpoint stops there)
+    alive = list(study["modes"])
+    status["derive"] = {}
+    for k, phase in enumerate(study["phases"]):
+        jobs = []
+        owners = ["shared"] if phase.get("shared") else alive
+        for mode in owners:
+            cfg = train_config(study, mode, k, work)
+            if k > 0 and cfg["init_path"] is None:
+                status["train"][f"{mode}/phase{k}"] = {"skipped": f"phase{k - 1} left no weights to start from"}
+                continue
+            path = os.path.join(work, mode, f"phase{k}.yaml")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                yaml.safe_dump(cfg, f, sort_keys=False)
+            jobs.append((f"{mode}/phase{k}", [py, "-m", "nosa.train.cli", "--config", path],
+                         os.path.join(logs, f"train_{mode}_phase{k}.log")))
+        per_job = phase["time_limit_s"] + KILL_GRACE_S
+        phase_deadline = time.time() + (per_job if study["concurrent"] else per_job * len(jobs))
+        status["train"].update(run_processes(jobs, study["concurrent"], min(phase_deadline, deadline), logf))
+        if phase.get("shared"):
+            shared = final_checkpoint(phase_dir(work, "shared", k, study))
+            for mode in alive:
+                try:
+                    if shared is None:
+                        raise RuntimeError(f"the shared phase{k} left no checkpoint")
+                    status["derive"][mode] = derive_mode_init(shared, mode, os.path.join(work, mode, "init"))
+                except Exception as err:
+                    status["derive"][mode] = {"error": f"{type(err).__name__}: {err}"}
+                    _log(f"derive {mode} failed: {err}", logf)
+            alive = [m for m in alive if os.path.exists(os.path.join(work, m, "init", "config.json"))]
+        else:
+            alive = [m for m in alive if final_checkpoint(phase_dir(work, m, k, study))]
+
+    # 3. evaluation of every mode that has weights, until the evaluation deadline
+    eval_deadline = deadline - study["reserve_s"]
+    jobs = []
+    for mode in study["modes"]:
+        ckpt = final_checkpoint(phase_dir(work, mode, len(study["phases"]) - 1, study))
+        if ckpt is None:
+            status["eval"][mode] = {"skipped": "no final checkpoint"}
+            continue
+        argv = [py, "-m", "nosa.study.evaluate", "--model", ckpt, "--corpus-dir", os.path.join(work, "corpus"),
+                "--spec", json.dumps(study["eval"]), "--out", os.path.join(work, mode, "eval.json"),
+                "--deadline", str(eval_deadline - 5)]
+        if mode in TRACE_MODES:
+            argv += ["--traces", os.path.join(out_dir, f"traces_{mode}.npz")]
+        jobs.append((mode, argv, os.path.join(logs, f"eval_{mode}.log")))
+    if jobs and not study["concurrent"]:
+        # back to back: each evaluation gets an equal share of what is left
+        share = (eval_deadline - time.time()) / len(jobs)
+        for name, argv, log in jobs:
+            i = argv.index("--deadline")
+            argv[i + 1] = str(time.time() + share - 5)
+            status["eval"].update(run_processes([(name, argv, log)], False, time.time() + share, logf))
+    else:
+        status["eval"].update(run_processes(jobs, True, eval_deadline, logf))
+
+    # 4. summary, plots, archive: from whatever finished
+    rows = [mode_row(study, mode, work, status["train"], status["eval"]) for mode in study["modes"]]
+    results = {"rows": rows, "status": status, "study_wall_s": None, "files": {}}
+    plots = {}
+    try:
+        from nosa.study.plots import plot_accuracy, plot_locality, plot_loss
+
+        for name, fn in (("loss.png", plot_loss), ("accuracy.png", plot_accuracy), ("locality.png", plot_locality)):
+            try:
+                plots[name] = fn(rows, os.path.join(out_dir, name))
+            except Exception as err:
+                plots[name] = f"error: {type(err).__name__}: {err}"
+    except ImportError as err:
+        plots["error"] = str(err)
+    results["files"]["plots"] = plots
+    results["files"]["traces"] = {m: os.path.basename(p) for m in TRACE_MODES
+                                  if os.path.exists(p := os.path.join(out_dir, f"traces_{m}.npz"))}
+    results["study_wall_s"] = round(time.time() - began, 1)
+    parameters = {"config": config, "study": study, "work_dir": work}
+    summary_path = write_json_result(os.path.join(out_dir, "summary.json"), parameters, results)
+    _log(f"summary: {summary_path} ({results['study_wall_s']} s)", logf)
+    logf.close()
+    for extra in filter(None, os.environ.get("NOSA_STUDY_ATTACH", "").split(",")):
+        if os.path.isfile(extra):  # e.g. a GPU utilisation log the launcher kept
+            shutil.copy(extra, logs)
+    with tarfile.open(os.path.join(out_dir, "logs.tar.gz"), "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+        for owner in ["shared", *study["modes"]]:
+            for name in ["eval.json"] + [f"phase{k}.yaml" for k in range(len(study["phases"]))]:
+                p = os.path.join(work, owner, name)
+                if os.path.exists(p):
+                    tar.add(p, arcname=f"{owner}/{name}")
+            for k in range(len(study["phases"])):
+                for name in ("metrics.jsonl", "train_config.json"):
+                    p = os.path.join(work, owner, f"phase{k}", name)
+                    if os.path.exists(p):
+                        tar.add(p, arcname=f"{owner}/phase{k}/{name}")
+    print_table(rows, study)
+    return {"summary": summary_path, "rows": rows}
+
+
+def print_table(rows: list[dict], study: dict) -> None:
+    tasks = study["eval"]["tasks"]
+    primary = str(study["eval"].get("primary_length", study["eval"]["lengths"][0]))
+    head = ["mode", "params", "tokens", "train_s", "val_loss", "heldout"] + [f"{t[:8]}@{primary}" for t in tasks] + ["gamma", "new/step"]
+    print(" | ".join(head))
+    for r in rows:
+        loc = (r.get("locality") or {}).get(str(study["eval"]["locality_lengths"][0]) if study["eval"].get("locality_lengths") else "", {})
+        allp = loc.get("all_prompts", {})
+
+        def f(x, fmt="{:.3f}"):
+            return fmt.format(x) if isinstance(x, (int, float)) else "-"
+
+        cells = [r["attn_mode"], f(r.get("parameters"), "{:,}"), f(r.get("tokens_trained"), "{:,}"), f(r.get("train_wall_s"), "{:.0f}"),
+                 f(r.get("final_val_loss")), f(r.get("heldout_loss"))]
+        cells += [f((r.get("accuracy") or {}).get(t, {}).get(primary), "{:.2f}") for t in tasks]
+        cells += [f(allp.get("overlap_mean")), f(allp.get("new_blocks_mean"), "{:.2f}")]
+        print(" | ".join(cells))
+    errors = {r["attn_mode"]: r["errors"] for r in rows if r["errors"]}
+    if errors:
+        print("errors:", json.dumps(errors)[:2000])

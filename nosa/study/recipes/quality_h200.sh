@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The quality study (issue 9) on one H200, from the repository root, in at most ~9.5 minutes wall time:
+#   OUT=<results dir> bash nosa/study/recipes/quality_h200.sh
+# Runs `nosa study quality --config h200` (nosa/study/presets.py): builds the stdlib corpus; trains one
+# dense model at 2K on the whole GPU (shared phase, ~130 s); continues dense, InfLLM-v2, DMA and NOSA from
+# those weights at 16K as four concurrent processes (same data, steps, schedule, seed; ~190 s); evaluates
+# the four concurrently (perplexity by position, task accuracy at 4K-32K, locality of 256 decode steps
+# through the engine at 16K and 32K) until the study's budget (550 s) minus 25 s; then writes into $OUT:
+#   summary.json loss.png accuracy.png locality.png traces_nosa.npz traces_infllmv2.npz logs.tar.gz
+# Overridable: P (preset or YAML, default h200), W (work dir for checkpoints, default /tmp/nosa_study_work).
+# The outer `timeout` is only a last resort (the study stops itself); if the study dies before packing,
+# the logs are packed here so something still comes back.
+export PYTHONPATH=$PWD
+: "${OUT:?set OUT to the results directory}"
+P=${P:-h200}; W=${W:-/tmp/nosa_study_work}
+mkdir -p "$OUT"
+G=/tmp/nosa_study_gpu.csv
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$G" 2>&1 &
+MON=$!
+export NOSA_STUDY_ATTACH=$G
+export NOSA_COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+timeout -s KILL 565 python3 -m nosa.study.cli quality --config "$P" --out-dir "$OUT" --work-dir "$W" > /tmp/nosa_study.log 2>&1
+RC=$?
+kill $MON 2>/dev/null
+if [ ! -f "$OUT/logs.tar.gz" ]; then
+  cp /tmp/nosa_study.log "$G" "$W/logs/" 2>/dev/null
+  tar -czf "$OUT/logs.tar.gz" -C "$W" logs 2>/dev/null || tar -czf "$OUT/logs.tar.gz" -C /tmp nosa_study.log
+fi
+echo "study exit status $RC"
+tail -n 8 /tmp/nosa_study.log
+ls -la "$OUT"

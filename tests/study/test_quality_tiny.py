@@ -1,0 +1,101 @@
+"""`nosa study quality` end to end on the tiny preset (all four modes, a few steps each): the summary,
+plots, traces and log archive are produced and carry the fields the study promises."""
+
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from nosa.results.traces import layer_map, load_traces, replay, save_traces
+from nosa.study.presets import PRESETS, merge, resolve
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    from nosa.study.quality import run_study
+
+    root = tmp_path_factory.mktemp("study")
+    out = root / "out"
+    run_study("tiny", str(out), str(root / "work"))
+    with open(out / "summary.json") as f:
+        return out, json.load(f)
+
+
+def test_tiny_study_writes_every_file_and_field(tiny_study):
+    out, summary = tiny_study
+    assert sorted(os.listdir(out)) == ["accuracy.png", "locality.png", "logs.tar.gz", "loss.png", "summary.json",
+                                       "traces_infllmv2.npz", "traces_nosa.npz"]
+    assert summary["machine"]["torch"] and summary["parameters"]["study"]["modes"] == ["dense", "infllmv2", "dma", "nosa"]
+    rows = {r["attn_mode"]: r for r in summary["results"]["rows"]}
+    assert list(rows) == ["dense", "infllmv2", "dma", "nosa"]
+    study = PRESETS["tiny"]
+    budget = sum(p["max_steps"] * p["seq_len"] * p["micro_batch_size"] for p in study["phases"])
+    for mode, row in rows.items():
+        assert row["errors"] == {}, (mode, row["errors"])
+        assert row["tokens_trained"] == budget  # same token budget for every mode
+        assert row["parameters"] > 0 and row["final_train_loss"] > 0 and row["final_val_loss"] > 0
+        assert row["heldout_loss"] > 0 and len(row["perplexity"]["buckets"]) == study["eval"]["ppl_buckets"]
+        assert set(row["accuracy"]) == set(study["eval"]["tasks"])
+        for task in study["eval"]["tasks"]:
+            assert set(row["accuracy"][task]) == {str(n) for n in study["eval"]["lengths"]}
+            assert all(0.0 <= a <= 1.0 for a in row["accuracy"][task].values())
+        if mode == "dense":
+            assert row["locality"] == {}
+        else:
+            assert set(row["locality"]) == {str(n) for n in study["eval"]["locality_lengths"]}
+            loc = row["locality"][str(study["eval"]["locality_lengths"][0])]["all_prompts"]
+            assert 0.0 <= loc["overlap_mean"] <= 1.0 and loc["new_blocks_max"] >= 0
+            assert len(loc["per_layer"]) == study["model"]["num_hidden_layers"]
+            if mode in ("nosa", "dma"):
+                assert "violations" in loc
+    # the shared phase is the same run for every mode: identical loss curve at its start
+    first = [p["loss"] for p in rows["dense"]["loss_curve"] if p["phase"] == 0]
+    assert first and all([p["loss"] for p in r["loss_curve"] if p["phase"] == 0] == first for r in rows.values())
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "logs/study.log" in names and any(n.endswith("eval.json") for n in names)
+
+
+def test_tiny_study_traces_load_with_geometry(tiny_study):
+    out, _ = tiny_study
+    model = PRESETS["tiny"]["model"]
+    for mode in ("nosa", "infllmv2"):
+        t = load_traces(str(out / f"traces_{mode}.npz"))
+        assert t["meta"]["attn_mode"] == mode and t["meta"]["geometry"]["block_size"] == model["block_size"]
+        assert len(t["traces"]) == 2 * len(PRESETS["tiny"]["eval"]["locality_lengths"])  # held-out text + task input
+        for trace, first in zip(t["traces"], t["first_position"]):
+            L, S, H, K = trace.shape
+            assert trace.dtype == np.int16 and (L, H, K) == (model["num_hidden_layers"], 2, model["topk_blocks"])
+            assert S >= 2 and trace.max() <= (first + S) // model["block_size"]
+
+
+def test_trace_round_trip_and_layer_mapping(tmp_path):
+    rng = np.random.default_rng(0)
+    trace = rng.integers(-1, 50, size=(3, 5, 2, 8)).astype(np.int16)
+    path = save_traces(str(tmp_path / "t.npz"), [trace], [640], {"attn_mode": "nosa"}, ["text"])
+    back = load_traces(path)
+    assert np.array_equal(back["traces"][0], trace) and back["first_position"] == [640] and back["labels"] == ["text"]
+    assert layer_map(7, 3) == [0, 1, 2, 0, 1, 2, 0]
+    big = replay(trace, 7, target_kv_heads=4)
+    assert big.shape == (7, 5, 4, 8) and np.array_equal(big[4, :, 3], trace[1, :, 1])
+    with pytest.raises(ValueError, match="int16"):
+        save_traces(str(tmp_path / "u.npz"), [np.full((1, 2, 1, 1), 40000)], [0], {}, ["x"])
+    with pytest.raises(ValueError, match="one first_position and one label"):
+        save_traces(str(tmp_path / "v.npz"), [trace], [0, 1], {}, ["x"])
+
+
+def test_config_files_merge_over_a_preset_and_refuse_unknown_options(tmp_path):
+    good = tmp_path / "s.yaml"
+    good.write_text("preset: tiny\nmodes: [dense, nosa]\neval: {samples: 3}\n")
+    study = resolve(str(good))
+    assert study["modes"] == ["dense", "nosa"] and study["eval"]["samples"] == 3
+    assert study["eval"]["lengths"] == PRESETS["tiny"]["eval"]["lengths"]
+    bad = tmp_path / "b.yaml"
+    bad.write_text("preset: tiny\nmode: [dense]\n")
+    with pytest.raises(ValueError, match="unknown study options"):
+        resolve(str(bad))
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        resolve(str(tmp_path / "missing.yaml"))
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
