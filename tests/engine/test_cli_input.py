@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from conftest import tiny_model
+from helpers import tiny_model
 from nosa.cli import main
 from nosa.command import read_prompts
 from nosa.tokenizer import ByteTokenizer
@@ -16,7 +16,7 @@ from tests.helpers import cli_error
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
-    tiny_model().save_pretrained(path)
+    tiny_model(vocab_size=ByteTokenizer().vocab_size).save_pretrained(path)
     ByteTokenizer().save_pretrained(path)
     return str(path)
 
