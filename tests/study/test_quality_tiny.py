@@ -99,3 +99,29 @@ def test_config_files_merge_over_a_preset_and_refuse_unknown_options(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         resolve(str(tmp_path / "missing.yaml"))
     assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_report_tables_come_from_the_summary(tiny_study, tmp_path):
+    from nosa.study.report import README_SECTION, token_label, render
+    from nosa.results.readme import replace_section, section_markers
+
+    out, summary = tiny_study
+    body = render(str(out / "summary.json"))
+    rows = summary["results"]["rows"]
+    for row in rows:  # one training row per mode, with its held-out loss as written in the summary
+        assert f"| {row['attn_mode']} | {row['parameters']:,} | {row['tokens_trained']:,} |" in body
+        assert f"{row['heldout_loss']:.3f}" in body
+    study = summary["parameters"]["study"]
+    for task in study["eval"]["tasks"]:
+        assert body.count(f"| {task} |") == len(rows)
+    nosa_row = next(r for r in rows if r["attn_mode"] == "nosa")
+    for length, loc in nosa_row["locality"].items():
+        assert f"| nosa | {token_label(int(length))} | {loc['all_prompts']['decode_steps']} | {loc['all_prompts']['overlap_mean']:.3f} |" in body
+    start, end = section_markers(README_SECTION)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{start}\nold\n{end}\nb\n")
+    replace_section(str(readme), README_SECTION, body)
+    assert readme.read_text() == f"a\n{start}\n{body}\n{end}\nb\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="quality-report:start"):
+        replace_section(str(readme), README_SECTION, body)
