@@ -38,6 +38,11 @@ def test_tiny_study_writes_every_file_and_field(tiny_study):
         assert row["parameters"] > 0 and row["final_train_loss"] > 0 and row["final_val_loss"] > 0
         assert row["heldout_loss"] > 0 and len(row["perplexity"]["buckets"]) == study["eval"]["ppl_buckets"]
         assert set(row["accuracy"]) == set(study["eval"]["tasks"])
+        answers = {}  # the answers' own loss, apart from the full-row loss, per task source seen in training
+        for phase in row["phases"]:
+            answers.update(phase["final_answer_nll_by_source"])
+            assert set(phase["final_answer_token_acc_by_source"]) == set(phase["final_answer_nll_by_source"])
+        assert answers and "corpus" not in answers and all(v > 0 for v in answers.values())
         for task in study["eval"]["tasks"]:
             assert set(row["accuracy"][task]) == {str(n) for n in study["eval"]["lengths"]}
             assert all(0.0 <= a <= 1.0 for a in row["accuracy"][task].values())
