@@ -11,9 +11,9 @@ File format (`save_traces` / `load_traces`, one .npz per attn_mode):
 Block ids fit int16 up to 32767 blocks (2M tokens at block 64); save_traces refuses larger ids.
 
 Replaying on a model with more layers (`layer_map`): layer l of a model with N layers replays trace layer
-l mod L, where L is the traced model's layer count. Selection statistics differ between layers (the first
-layers of a trained model select more locally than the last ones, see results/quality), so cycling the
-traced layers keeps that mix in the same proportion, where e.g. stretching (l * L // N) would also keep
+l mod L, where L is the traced model's layer count. Selection statistics differ between layers (in the
+study's trained models the first and last layers select less locally than the middle ones, see
+results/quality/locality.png), so cycling the traced layers keeps that mix in the same proportion, where e.g. stretching (l * L // N) would also keep
 it; cycling is the one documented mapping so benchmarks stay comparable. KV heads map the same way
 (h mod H_kv) when the target has more KV heads.
 """
