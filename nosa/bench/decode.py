@@ -7,6 +7,14 @@ model's own eviction head, the last prompt token's selection from `ops.select_fo
 engine's own install path; only the prefill's attention and MLP compute is skipped, which decode
 throughput does not depend on. Weights are random. Results go to bench/results/<name>.json.
 
+Trace-driven (`--traces FILE[,FILE]`): the sparse configurations replay the selection traces of trained
+models (`nosa.results.traces`, written by the quality study) instead of the random weights' choice, which is
+a worst case for locality. Each trace file serves the configs of its attn_mode (dense configs select
+nothing and run as usual). The engine's `ReplaySelections` source supplies each step's blocks after the
+model's own selection was computed (so the step still pays for it); the diff, the host->device loads, the
+gather and the attention run exactly as in normal decoding, so loads/step and step time are real. How
+layers, heads, sequences and positions are mapped is recorded in the result's parameters.
+
 Two modes:
 - fixed batch (default): every configuration decodes `--batch` sequences, whatever device memory it needs.
 - equal device memory (`--equal-memory-dense-batch N`, spec sec. 7, the paper's claim): every configuration
@@ -52,6 +60,9 @@ def register(subparsers) -> None:
                    help="run the equal-memory comparison (--equal-name) and then the fixed-batch one (--name) in one "
                         "process (Triton compiles and the gather/HBM rates are shared)")
     p.add_argument("--equal-name", default="decode_8b_equal_memory")
+    p.add_argument("--traces", default=None, metavar="FILE[,FILE]",
+                   help="trace-driven: sparse configs replay these selection traces (.npz, nosa.results.traces), "
+                        "each file serving the configs of its attn_mode")
     p.add_argument("--single-copy-dense", action="store_true",
                    help="equal-memory mode: also run dense on the GPU at the batch one copy of its KV would fit "
                         "in the budget (the engine keeps dense KV twice on the device: store + slots)")
@@ -90,6 +101,40 @@ def synthetic_install(llm, prompt_len: int, batch: int, generator: torch.Generat
         first = int(torch.randint(0, 256, (1,), generator=generator, device=llm.device))
         request_ids.append(llm.add_prefilled_request([0] * prompt_len, params, keys, values, evictions, last, first))
     return request_ids
+
+
+def load_benchmark_traces(paths: str, modes: set[str], prompt_len: int, layers: int, steps: int) -> dict:
+    """{attn_mode: (mapped traces, description)} for the sparse modes in `modes`, from the comma-separated
+    trace files; ValueError when a sparse mode has no trace or two files share a mode."""
+    from nosa.results.traces import benchmark_traces
+
+    config = make_config("nosa", layers, prompt_len + steps)
+    cfg = config.sparse
+    found = {}
+    for path in paths.split(","):
+        mapped, description = benchmark_traces(path, prompt_len, layers, config.num_key_value_heads, steps,
+                                               cfg.block_size, cfg.topk_blocks)
+        mode = description["attn_mode"]
+        if mode in found:
+            raise ValueError(f"--traces: {path} and {found[mode][1]['trace_file']} are both attn_mode {mode!r}")
+        found[mode] = (mapped, description)
+    missing = sorted(m for m in modes if m != "dense" and m not in found)
+    if missing:
+        raise ValueError(f"--traces: no trace file for attn_mode {', '.join(missing)} (files cover "
+                         f"{', '.join(sorted(found)) or 'nothing'}); add one or drop those configs")
+    return found
+
+
+def attach_traces(llm, request_ids: list[int], mapped: list, prompt_len: int) -> None:
+    """Give the engine a `ReplaySelections` source in which request i (installed, not yet decoded) replays
+    mapped[i mod n] from its first decode step, at position prompt_len."""
+    from nosa.engine.selection_source import ReplaySelections
+
+    cfg = llm.config.sparse
+    source = ReplaySelections(cfg.block_size, cfg.topk_blocks)
+    for i, request_id in enumerate(request_ids):
+        source.add(request_id, torch.from_numpy(mapped[i % len(mapped)]), prompt_len)
+    llm.set_selection_source(source)
 
 
 def time_decode(llm, running, warmup: int, steps: int) -> dict:
@@ -226,6 +271,11 @@ def equal_memory_budget(args, max_len: int) -> int:
     return workspace + args.equal_memory_dense_batch * row
 
 
+def decode_steps(args) -> int:
+    """Decode steps a run may take: warm-up, timed, and a margin for the profiled ones."""
+    return args.warmup + args.steps + 8
+
+
 def parse_configs(spec: str):
     configs = []
     for item in spec.split(","):
@@ -236,13 +286,13 @@ def parse_configs(spec: str):
     return configs
 
 
-def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, models: dict) -> None:
+def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, models: dict, traces: dict) -> None:
     """One comparison (fixed batch, or equal device memory), written to bench/results/<name>.json."""
     from nosa.engine import LLM
     from nosa.engine.block_cache import BlockCache
 
     configs = parse_configs(spec)
-    max_len = args.prompt + args.warmup + args.steps + 8  # + the profiled steps
+    max_len = args.prompt + decode_steps(args)
     budget = equal_memory_budget(args, max_len) if equal_memory else None
     if equal_memory:
         print(f"equal device memory: {budget / 2**20:.1f} MiB for every config (dense on GPU, batch {args.equal_memory_dense_batch})")
@@ -270,7 +320,12 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         batch = llm.max_num_seqs
         row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len)
         running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
+        selection = "every block (dense)" if mode == "dense" else "model scores (random weights)"
+        if traces and mode != "dense":
+            attach_traces(llm, running, traces[mode][0], args.prompt)
+            selection = f"trace-driven: {traces[mode][1]['trace_file']}"
         run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
+               "selection": selection,
                "batch_from": "fixed" if not equal_memory else ("single-copy dense (not engine-admitted)" if forced else "engine budget"),
                **time_decode(llm, running, args.warmup, args.steps),
                "device_kv_bytes_per_seq": llm.cache.allocated_bytes()["kv_slots"] // batch,
@@ -297,6 +352,12 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
                   "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
                   "sparse": "spec defaults (block 64, topk 64, sink 1, window 16, query 16, kernel 32, stride 16)",
                   "cuda_graphs": not args.no_cuda_graphs, "configs": spec, "source_commit": args.commit}
+    if traces:
+        parameters.update({"selection": "trace-driven (sparse configs replay trained models' selections; dense "
+                                        "configs select every block)",
+                           "traces": {mode: description for mode, (_, description) in traces.items()}})
+    else:
+        parameters["selection"] = "model scores (random weights: a worst case for locality)"
     if equal_memory:
         parameters.update({"mode": "equal device memory", "gpu_memory_budget": budget,
                            "budget_from": f"dense, all KV on the device, batch {args.equal_memory_dense_batch} (LLM.device_bytes)",
@@ -322,9 +383,17 @@ def main(args) -> int:
     except ValueError as err:
         print(err)
         return 2
+    traces = {}
+    if args.traces:
+        modes = {mode for _, spec, _ in suites for mode, *_ in parse_configs(spec)}
+        try:
+            traces = load_benchmark_traces(args.traces, modes, args.prompt, args.layers, decode_steps(args))
+        except (OSError, ValueError, KeyError) as err:
+            print(f"--traces: {err}")
+            return 2
     shared = {"gather": gather_bandwidth(), "hbm_copy_gb_s": hbm_copy_rate()}
     print(f"gather: {shared['gather']['gather_gb_s']:.1f} GB/s vs pinned memcpy {shared['gather']['pinned_memcpy_gb_s']:.1f} GB/s", flush=True)
     models: dict = {}
     for equal_memory, spec, name in suites:
-        run_suite(args, equal_memory, spec, name, shared, models)
+        run_suite(args, equal_memory, spec, name, shared, models, traces)
     return 0

@@ -7,7 +7,8 @@
   1. `stage_window`: c is stored, the key goes into the ring, the window ending at the token is copied out;
      `compress_keys` / `agnostic_chunk_scores` average it (the same op as prefill, so it rounds the same),
      `commit_window` stores it where a window completes, so this very token can select it;
-  2. `ops.select_rows`: the selection of every row, from the cached compressed keys and pooled scores;
+  2. `ops.select_rows`: the selection of every row, from the cached compressed keys and pooled scores
+     (replaced, for the rows it names, by a selection source's blocks: `engine/selection_source.py`);
   3. `plan_step`: the slot-table diff, the host->device copies to make, the token appended to its block;
   4. `gather_blocks`: one launch for every miss of the batch (Triton reading pinned host memory on CUDA);
   5. `attention_inputs` and `decode_attention` over the row's slots.
@@ -86,6 +87,10 @@ class DecodeAttention(AttentionBackend):
                         cfg.compress_kernel, cfg.compress_stride, cache.block_size)
             agnostic_blocks = cache.agnostic_blocks[l] if cache.agnostic_blocks is not None else None
             selection = ops.select_rows(q[:, 0], cache.compressed[l], agnostic_blocks, positions, cache.max_blocks, cfg, self.uniform)
+            if runner.source_selection is not None:
+                # A selection source (trace replay) overrides the scores' choice after they were computed,
+                # so the step still pays for the selection; everything below runs as usual.
+                selection = torch.where(runner.replace_selection[:, None, None], runner.source_selection[l], selection)
             if runner.record_selections:
                 runner.step_selections[l].copy_(selection)
         slots, host, plan = runner.layer_slots[l], runner.layer_hosts[l], runner.load_plans[l]

@@ -59,6 +59,19 @@ class ModelRunner:
         # `step_selections` (the selection traces of `record_selections`); forces eager mode.
         self.record_selections = False
         self.step_selections = torch.full((L, R, H, K), -1, dtype=torch.int32, device=self.device) if self.cfg.is_sparse else None
+        # A selection source's blocks for the step (`EngineCore.set_selection_source`; None: no source):
+        # source_selection [L, R, H, topk] replaces the scores' choice where replace_selection [R] is set.
+        # Static buffers filled before the step, so a captured graph reads this step's values.
+        self.source_selection = self.replace_selection = None
+
+    def use_selection_source(self, enabled: bool) -> None:
+        """Allocate (or drop) the static buffers a selection source fills before each decode step."""
+        if not enabled:
+            self.source_selection = self.replace_selection = None
+            return
+        L, R, H = self.step_loads.shape
+        self.source_selection = torch.full((L, R, H, self.cfg.topk_blocks), -1, dtype=torch.int32, device=self.device)
+        self.replace_selection = torch.zeros(R, dtype=torch.bool, device=self.device)
 
     @property
     def layer_hosts(self) -> list[ops.HostPages]:
