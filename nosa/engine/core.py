@@ -31,7 +31,7 @@ class EngineCore:
 
     def __init__(self, model, tokenizer, device: torch.device, offload: bool, gpu_memory_budget: int | None,
                  host_memory_budget: int | None, max_model_len: int | None, max_num_seqs: int, prefill_chunk: int,
-                 cuda_graphs: bool):
+                 cuda_graphs: bool, device_cache_blocks: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         self.config, self.device, self.offload = config, device, offload
@@ -43,9 +43,10 @@ class EngineCore:
         self.max_model_len = max_model_len
         cfg, L = config.sparse, config.num_hidden_layers
         H, D, dtype = config.num_key_value_heads, config.head_dim, model.dtype
-        self.memory = plan_memory(config, dtype, offload, max_model_len, max_num_seqs, gpu_memory_budget, host_memory_budget)
+        self.memory = plan_memory(config, dtype, offload, max_model_len, max_num_seqs, gpu_memory_budget, host_memory_budget,
+                                  device_cache_blocks)
         self.store = HostStore(L, self.memory.host_pages, H, cfg.block_size, D, dtype, device, offload)
-        self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len)
+        self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len, device_cache_blocks)
         self.runner = ModelRunner(model, self.cache, self.store, prefill_chunk)
         self.graphed = GraphedDecode(self.runner) if (cuda_graphs and device.type == "cuda") else None
         self._graphs_enabled = True
@@ -57,9 +58,10 @@ class EngineCore:
         self.selection_source: SelectionSource | None = None
 
     @staticmethod
-    def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int) -> tuple[int, int]:
+    def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
+                     device_cache_blocks: int | None = None) -> tuple[int, int]:
         """(bytes per row, fixed workspace bytes) that `gpu_memory_budget` is charged (`budget.device_bytes`)."""
-        return device_bytes(config, dtype, offload, max_model_len)
+        return device_bytes(config, dtype, offload, max_model_len, device_cache_blocks)
 
     @property
     def max_num_seqs(self) -> int:
@@ -214,10 +216,12 @@ class EngineCore:
         runner.replace_selection.copy_(torch.tensor(replace))
 
     def decode_counters(self) -> dict[str, torch.Tensor]:
-        """Blocks loaded host->device and blocks selected at decode since the engine was built, per layer
-        ([L] int64 CPU tensors, active rows; one device sync). Differences of two readings count the steps
-        in between."""
-        return {"loaded": self.runner.loaded.cpu(), "selected": self.runner.selected.cpu()}
+        """Blocks loaded host->device, blocks selected, and blocks served from the device cache beyond the
+        selection ('spill_hits', copied on the device instead of loaded) at decode since the engine was built,
+        per layer ([L] int64 CPU tensors, active rows; one device sync). Differences of two readings count
+        the steps in between."""
+        runner = self.runner
+        return {"loaded": runner.loaded.cpu(), "selected": runner.selected.cpu(), "spill_hits": runner.spill_hits.cpu()}
 
     def _queue(self, seq: Sequence) -> None:
         self.scheduler.add(seq)

@@ -42,6 +42,9 @@ class ModelRunner:
         self.load_plans = [ops.LoadPlan(shared.src_page, shared.dst_page, shared.head, self.step_loads[l],
                                         self.loaded_rh[l], self.selected_rh[l]) for l in range(L)]
         self.layer_slots = [ops.LayerSlots(cache.table[l], cache.slot_k[l], cache.slot_v[l], cache.page_table) for l in range(L)]
+        # Blocks served from the device cache beyond the selection, per (layer, row, head) (active rows).
+        self.spill_hits_rh = torch.zeros((L, R, H), dtype=torch.int64, device=self.device)
+        self.layer_spills = [cache.layer_spill(l, self.spill_hits_rh[l]) for l in range(L)]
         self._hosts_version, self._hosts = None, None
         self.install_loaded = torch.zeros(L, dtype=torch.int64, device=self.device)  # blocks loaded by prefill installs
         self.valid = torch.zeros((R, K * bs, H), dtype=torch.bool, device=self.device)
@@ -85,6 +88,11 @@ class ModelRunner:
     def loaded(self) -> torch.Tensor:
         """Blocks loaded host->device at decode, per layer [L] (active rows)."""
         return self.loaded_rh.sum(dim=(1, 2))
+
+    @property
+    def spill_hits(self) -> torch.Tensor:
+        """Blocks served from the spill slots (device cache beyond the selection) at decode, per layer [L]."""
+        return self.spill_hits_rh.sum(dim=(1, 2))
 
     @property
     def selected(self) -> torch.Tensor:
