@@ -164,6 +164,7 @@ def time_decode(llm, running, warmup: int, steps: int) -> dict:
         "blocks_loaded_per_step": float(loaded.sum()) / steps,
         "blocks_loaded_per_step_per_layer_seq_head": float(loaded.sum()) / steps / (cfg.num_hidden_layers * batch * cfg.num_key_value_heads),
         "host_to_device_bytes_per_step": float(loaded.sum()) * block_bytes / steps,
+        "spill_hits_per_step": float((after["spill_hits"] - before["spill_hits"]).sum()) / steps,
     }
 
 
@@ -277,12 +278,19 @@ def decode_steps(args) -> int:
 
 
 def parse_configs(spec: str):
+    """'attn_mode:on|off[:eager][:cacheN]' entries -> (mode, offload, eager, device_cache_blocks or None)."""
     configs = []
     for item in spec.split(","):
         fields = item.split(":")
-        if len(fields) not in (2, 3) or fields[1] not in ("on", "off") or fields[2:] not in ([], ["eager"]):
-            raise ValueError(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager]")
-        configs.append((fields[0], fields[1] == "on", fields[2:] == ["eager"]))
+        extra = fields[2:]
+        cache = [f for f in extra if f.startswith("cache")]
+        ok = (len(fields) >= 2 and fields[1] in ("on", "off") and len(cache) <= 1
+              and all(f == "eager" or f in cache for f in extra) and extra.count("eager") <= 1
+              and all(f[5:].isdigit() for f in cache))
+        if not ok or (cache and fields[0] == "dense"):
+            raise ValueError(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager][:cacheN] (cacheN: N device "
+                             f"cache blocks per (layer, sequence, KV head), sparse modes only)")
+        configs.append((fields[0], fields[1] == "on", "eager" in extra, int(cache[0][5:]) if cache else None))
     return configs
 
 
@@ -302,51 +310,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
             row, workspace = LLM.device_bytes(model_config, torch.bfloat16, False, max_len)
             kv = row - BlockCache.row_bytes(args.layers, model_config.num_key_value_heads, model_config.head_dim,
                                             torch.bfloat16, model_config.sparse, max_len)["kv_slots"]
-            configs.append(("dense", False, False, min(args.max_batch, (budget - workspace) // kv)))
-    runs = []
-    for mode, offload, eager, *forced in configs:
-        if mode not in models:
-            models[mode] = make_model(mode, args.layers, max_len)  # weights are read-only: shared by the suites
-        model = models[mode]
-        graphs = not (args.no_cuda_graphs or eager)
-        if forced:
-            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=forced[0], cuda_graphs=graphs)
-        elif equal_memory:
-            # The engine decides the batch: the largest number of rows its accounting fits in the budget.
-            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.max_batch,
-                      gpu_memory_budget=budget, cuda_graphs=graphs)
-        else:
-            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch, cuda_graphs=graphs)
-        batch = llm.max_num_seqs
-        row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len)
-        running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
-        selection = "every block (dense)" if mode == "dense" else "model scores (random weights)"
-        if traces and mode != "dense":
-            attach_traces(llm, running, traces[mode][0], args.prompt)
-            selection = f"trace-driven: {traces[mode][1]['trace_file']}"
-        run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
-               "selection": selection,
-               "batch_from": "fixed" if not equal_memory else ("single-copy dense (not engine-admitted)" if forced else "engine budget"),
-               **time_decode(llm, running, args.warmup, args.steps),
-               "device_kv_bytes_per_seq": llm.cache.allocated_bytes()["kv_slots"] // batch,
-               "device_bytes_per_row_charged": row_bytes, "device_workspace_bytes_charged": workspace,
-               "device_bytes_charged": workspace + batch * row_bytes,
-               "host_store_bytes": llm.store.allocated_bytes if offload else 0,
-               "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-        run.update(floor(run, llm, args, shared["hbm_copy_gb_s"], shared["gather"]["pinned_memcpy_gb_s"]))
-        runs.append(run)
-        if args.profile and not equal_memory and mode == "nosa" and offload and not eager:
-            profile_steps(llm, running, args.profile)
-        print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''} batch {batch:3d} "
-              f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (floor {run['floor_ms']:.2f})  "
-              f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
-        del llm, running
-        torch.cuda.empty_cache()
-    base = runs[0]["tokens_per_s"]  # the first config (engine-admitted batch in equal-memory mode)
-    for run in runs:
-        run["ratio_vs_baseline"] = run["tokens_per_s"] / base
-    results = {"gather": shared["gather"], "baseline": {"attn_mode": configs[0][0], "offload": configs[0][1], "batch": runs[0]["batch"]},
-               "hbm_copy_gb_s": shared["hbm_copy_gb_s"], "decode": runs}
+            configs.append(("dense", False, False, None, min(args.max_batch, (budget - workspace) // kv)))
     parameters = {"shape": "8B layer shape (spec sec. 8)", **SHAPE_8B, "layers": args.layers, "layers_of_8b": 32,
                   "prompt_tokens": args.prompt, "timed_steps": args.steps, "warmup_steps": args.warmup,
                   "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
@@ -364,8 +328,59 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
                            "max_batch": args.max_batch})
     else:
         parameters.update({"mode": "fixed batch", "batch": args.batch})
-    path = write_result(name, parameters, results)
-    print(f"wrote {path}", flush=True)
+
+    def save(runs: list, configs: list, complete: bool) -> None:
+        """Write the runs measured so far (after each one, so a run cut short keeps what it measured)."""
+        base = runs[0]["tokens_per_s"]  # the first config (engine-admitted batch in equal-memory mode)
+        for run in runs:
+            run["ratio_vs_baseline"] = run["tokens_per_s"] / base
+        results = {"gather": shared["gather"], "baseline": {"attn_mode": configs[0][0], "offload": configs[0][1], "batch": runs[0]["batch"]},
+                   "hbm_copy_gb_s": shared["hbm_copy_gb_s"], "complete": complete, "decode": runs}
+        path = write_result(name, parameters, results)
+        print(f"wrote {path}{'' if complete else ' (partial)'}", flush=True)
+
+    runs = []
+    for mode, offload, eager, cache_blocks, *forced in configs:
+        if mode not in models:
+            models[mode] = make_model(mode, args.layers, max_len)  # weights are read-only: shared by the suites
+        model = models[mode]
+        graphs = not (args.no_cuda_graphs or eager)
+        if forced:
+            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=forced[0], cuda_graphs=graphs)
+        elif equal_memory:
+            # The engine decides the batch: the largest number of rows its accounting fits in the budget.
+            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.max_batch,
+                      gpu_memory_budget=budget, cuda_graphs=graphs, device_cache_blocks=cache_blocks)
+        else:
+            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch,
+                      cuda_graphs=graphs, device_cache_blocks=cache_blocks)
+        batch = llm.max_num_seqs
+        row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len, cache_blocks)
+        running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
+        selection = "every block (dense)" if mode == "dense" else "model scores (random weights)"
+        if traces and mode != "dense":
+            attach_traces(llm, running, traces[mode][0], args.prompt)
+            selection = f"trace-driven: {traces[mode][1]['trace_file']}"
+        run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
+               "selection": selection, "device_cache_blocks": llm.cache.slots + llm.cache.spill_blocks if mode != "dense" else None,
+               "batch_from": "fixed" if not equal_memory else ("single-copy dense (not engine-admitted)" if forced else "engine budget"),
+               **time_decode(llm, running, args.warmup, args.steps),
+               "device_kv_bytes_per_seq": llm.cache.allocated_bytes()["kv_slots"] // batch,
+               "device_bytes_per_row_charged": row_bytes, "device_workspace_bytes_charged": workspace,
+               "device_bytes_charged": workspace + batch * row_bytes,
+               "host_store_bytes": llm.store.allocated_bytes if offload else 0,
+               "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+        run.update(floor(run, llm, args, shared["hbm_copy_gb_s"], shared["gather"]["pinned_memcpy_gb_s"]))
+        runs.append(run)
+        if args.profile and not equal_memory and mode == "nosa" and offload and not eager:
+            profile_steps(llm, running, args.profile)
+        print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''} batch {batch:3d} "
+              f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (floor {run['floor_ms']:.2f})  "
+              f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
+        del llm, running
+        torch.cuda.empty_cache()
+        save(runs, configs, complete=False)
+    save(runs, configs, complete=True)
 
 
 def main(args) -> int:

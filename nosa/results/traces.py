@@ -120,21 +120,29 @@ def benchmark_traces(path: str, prompt_len: int, layers: int, kv_heads: int, ste
                      topk_blocks: int) -> tuple[list[np.ndarray], dict]:
     """The traces of `path` laid onto a benchmark model: layers l -> l mod L, heads h -> h mod H
     (`replay`), positions by MAPPING_RULE onto a `prompt_len`-token prompt; at least `steps` decode steps
-    each. Returns (one int32 `[layers, steps, kv_heads, topk]` per trace, a description for the result
-    file)."""
+    each. Traces recorded at a longer prompt than prompt_len are left out (and listed). Returns (one int32
+    `[layers, steps, kv_heads, topk]` per trace used, a description for the result file)."""
     data = load_traces(path)
     meta = data["meta"]
     check_geometry(meta, path, block_size=block_size, topk_blocks=topk_blocks)
     geometry = meta["geometry"]
-    mapped = []
+    mapped, used = [], []
     for i, (trace, first) in enumerate(zip(data["traces"], data["first_position"])):
+        if first > prompt_len:
+            continue  # recorded at a longer prompt than the benchmark's: its history does not fit
+        used.append(i)
         if trace.shape[1] < steps:
             raise ValueError(f"{path}: trace {i} has {trace.shape[1]} decode steps, the benchmark runs {steps}")
         laid = replay(trace[:, :steps], layers, kv_heads)
         mapped.append(map_to_prompt(laid, first, prompt_len, block_size, geometry["sink_blocks"], geometry["window_blocks"]))
+    if not used:
+        raise ValueError(f"{path}: every trace was recorded at a longer prompt ({min(data['first_position'])}+ tokens) "
+                         f"than the benchmark's {prompt_len}; a trace replays only on a prompt at least as long")
     description = {
-        "trace_file": path, "attn_mode": meta.get("attn_mode"), "labels": data["labels"],
-        "trace_prompt_tokens": data["first_position"], "trace_steps": [int(t.shape[1]) for t in data["traces"]],
+        "trace_file": path, "attn_mode": meta.get("attn_mode"), "labels": [data["labels"][i] for i in used],
+        "trace_prompt_tokens": [data["first_position"][i] for i in used],
+        "trace_steps": [int(data["traces"][i].shape[1]) for i in used],
+        "skipped_longer_than_prompt": [data["labels"][i] for i in range(len(data["traces"])) if i not in used],
         "traced_layers": geometry.get("num_layers"), "traced_kv_heads": geometry.get("num_kv_heads"),
         "layer_map": f"benchmark layer l replays trace layer l mod {geometry.get('num_layers')}: {layer_map(layers, trace.shape[0])}",
         "head_map": f"kv head h replays trace head h mod {trace.shape[2]}",

@@ -21,12 +21,10 @@ STEPS = 80
 def test_mapped_traces_keep_locality_and_stay_valid(mode, prompt):
     data = load_traces(TRACES[mode])
     mapped, description = benchmark_traces(TRACES[mode], prompt, 4, 2, STEPS, 64, 64)
-    assert description["attn_mode"] == mode and len(mapped) == len(data["traces"])
-    used = 0
-    for original, first, new in zip(data["traces"], data["first_position"], mapped):
-        if first > prompt:
-            continue
-        used += 1
+    kept = [(t, p) for t, p in zip(data["traces"], data["first_position"]) if p <= prompt]
+    assert description["attn_mode"] == mode and len(mapped) == len(kept) >= 2
+    assert len(description["skipped_longer_than_prompt"]) == len(data["traces"]) - len(kept)
+    for (original, first), new in zip(kept, mapped):
         assert new.shape == (4, STEPS, 2, 64) and new.dtype == np.int32
         check_selection(torch.from_numpy(new), torch.arange(prompt, prompt + STEPS), 64, 64)
         # Same blocks changed per step, layer by layer (layers 0..3 replay trace layers 0..3).
@@ -36,7 +34,6 @@ def test_mapped_traces_keep_locality_and_stay_valid(mode, prompt):
         assert (new >= 0).sum() == (original[:4, :STEPS] >= 0).sum()
         if first < prompt:
             assert int(new.max()) > int(original.max())  # the history really was stretched/shifted
-    assert used >= 2
 
 
 def test_mapping_rule_on_a_small_example():
@@ -54,6 +51,8 @@ def test_bad_replays_are_refused(tmp_path):
         map_to_prompt(np.zeros((1, 1, 1, 1)), 128, 160, 64, 1, 16)
     with pytest.raises(ValueError, match="topk_blocks: trace 64, benchmark 32"):
         benchmark_traces(TRACES["nosa"], 65536, 4, 2, STEPS, 64, 32)
+    with pytest.raises(ValueError, match="longer prompt"):
+        benchmark_traces(TRACES["nosa"], 8192, 4, 2, STEPS, 64, 64)
     with pytest.raises(ValueError, match="decode steps"):
         benchmark_traces(TRACES["nosa"], 65536, 4, 2, 300, 64, 64)
     bad = save_traces(str(tmp_path / "bad.npz"), [np.zeros((1, 2, 1, 4))], [8], {"attn_mode": "nosa"}, ["x"])
