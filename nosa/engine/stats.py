@@ -13,7 +13,9 @@ class EngineStats:
     load at decode (1 - loads / selected; a tail block that starts at the step has nothing to load and so
     counts as a hit);
     blocks_loaded_per_step: host->device block loads (per KV head) per decode step, all layers and rows;
-    bytes_host_to_device: KV bytes gathered at decode and prefill install."""
+    bytes_host_to_device: KV bytes gathered at decode and prefill install;
+    spill_hits_per_step: selected blocks per decode step that were served from the device cache beyond the
+    selection (`device_cache_blocks`) by a device copy (counted as hits in hit_rate_per_layer)."""
 
     decode_steps: int
     decode_tokens: int
@@ -23,6 +25,7 @@ class EngineStats:
     hit_rate_per_layer: list[float]
     blocks_loaded_per_step: float
     bytes_host_to_device: int
+    spill_hits_per_step: float = 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -59,4 +62,5 @@ class StepClock:
             hit_rate_per_layer=[1.0 - float(l) / float(s) if s > 0 else 1.0 for l, s in zip(loaded, selected)],
             blocks_loaded_per_step=float(loaded.sum()) / steps if steps else 0.0,
             bytes_host_to_device=total_loaded * block_bytes,
+            spill_hits_per_step=float(runner.spill_hits.sum()) / steps if steps else 0.0,
         )
