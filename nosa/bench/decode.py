@@ -7,6 +7,14 @@ model's own eviction head, the last prompt token's selection from `ops.select_fo
 engine's own install path; only the prefill's attention and MLP compute is skipped, which decode
 throughput does not depend on. Weights are random. Results go to bench/results/<name>.json.
 
+Trace-driven (`--traces FILE[,FILE]`): the sparse configurations replay the selection traces of trained
+models (`nosa.results.traces`, written by the quality study) instead of the random weights' choice, which is
+a worst case for locality. Each trace file serves the configs of its attn_mode (dense configs select
+nothing and run as usual). The engine's `ReplaySelections` source supplies each step's blocks after the
+model's own selection was computed (so the step still pays for it); the diff, the host->device loads, the
+gather and the attention run exactly as in normal decoding, so loads/step and step time are real. How
+layers, heads, sequences and positions are mapped is recorded in the result's parameters.
+
 Two modes:
 - fixed batch (default): every configuration decodes `--batch` sequences, whatever device memory it needs.
 - equal device memory (`--equal-memory-dense-batch N`, spec sec. 7, the paper's claim): every configuration
@@ -52,6 +60,9 @@ def register(subparsers) -> None:
                    help="run the equal-memory comparison (--equal-name) and then the fixed-batch one (--name) in one "
                         "process (Triton compiles and the gather/HBM rates are shared)")
     p.add_argument("--equal-name", default="decode_8b_equal_memory")
+    p.add_argument("--traces", default=None, metavar="FILE[,FILE]",
+                   help="trace-driven: sparse configs replay these selection traces (.npz, nosa.results.traces), "
+                        "each file serving the configs of its attn_mode")
     p.add_argument("--single-copy-dense", action="store_true",
                    help="equal-memory mode: also run dense on the GPU at the batch one copy of its KV would fit "
                         "in the budget (the engine keeps dense KV twice on the device: store + slots)")
@@ -92,6 +103,40 @@ def synthetic_install(llm, prompt_len: int, batch: int, generator: torch.Generat
     return request_ids
 
 
+def load_benchmark_traces(paths: str, modes: set[str], prompt_len: int, layers: int, steps: int) -> dict:
+    """{attn_mode: (mapped traces, description)} for the sparse modes in `modes`, from the comma-separated
+    trace files; ValueError when a sparse mode has no trace or two files share a mode."""
+    from nosa.results.traces import benchmark_traces
+
+    config = make_config("nosa", layers, prompt_len + steps)
+    cfg = config.sparse
+    found = {}
+    for path in paths.split(","):
+        mapped, description = benchmark_traces(path, prompt_len, layers, config.num_key_value_heads, steps,
+                                               cfg.block_size, cfg.topk_blocks)
+        mode = description["attn_mode"]
+        if mode in found:
+            raise ValueError(f"--traces: {path} and {found[mode][1]['trace_file']} are both attn_mode {mode!r}")
+        found[mode] = (mapped, description)
+    missing = sorted(m for m in modes if m != "dense" and m not in found)
+    if missing:
+        raise ValueError(f"--traces: no trace file for attn_mode {', '.join(missing)} (files cover "
+                         f"{', '.join(sorted(found)) or 'nothing'}); add one or drop those configs")
+    return found
+
+
+def attach_traces(llm, request_ids: list[int], mapped: list, prompt_len: int) -> None:
+    """Give the engine a `ReplaySelections` source in which request i (installed, not yet decoded) replays
+    mapped[i mod n] from its first decode step, at position prompt_len."""
+    from nosa.engine.selection_source import ReplaySelections
+
+    cfg = llm.config.sparse
+    source = ReplaySelections(cfg.block_size, cfg.topk_blocks)
+    for i, request_id in enumerate(request_ids):
+        source.add(request_id, torch.from_numpy(mapped[i % len(mapped)]), prompt_len)
+    llm.set_selection_source(source)
+
+
 def time_decode(llm, running, warmup: int, steps: int) -> dict:
     """Time `steps` engine steps (one batched decode step each; nothing waits to be admitted) after
     `warmup` untimed ones."""
@@ -119,6 +164,7 @@ def time_decode(llm, running, warmup: int, steps: int) -> dict:
         "blocks_loaded_per_step": float(loaded.sum()) / steps,
         "blocks_loaded_per_step_per_layer_seq_head": float(loaded.sum()) / steps / (cfg.num_hidden_layers * batch * cfg.num_key_value_heads),
         "host_to_device_bytes_per_step": float(loaded.sum()) * block_bytes / steps,
+        "spill_hits_per_step": float((after["spill_hits"] - before["spill_hits"]).sum()) / steps,
     }
 
 
@@ -226,23 +272,35 @@ def equal_memory_budget(args, max_len: int) -> int:
     return workspace + args.equal_memory_dense_batch * row
 
 
+def decode_steps(args) -> int:
+    """Decode steps a run may take: warm-up, timed, and a margin for the profiled ones."""
+    return args.warmup + args.steps + 8
+
+
 def parse_configs(spec: str):
+    """'attn_mode:on|off[:eager][:cacheN]' entries -> (mode, offload, eager, device_cache_blocks or None)."""
     configs = []
     for item in spec.split(","):
         fields = item.split(":")
-        if len(fields) not in (2, 3) or fields[1] not in ("on", "off") or fields[2:] not in ([], ["eager"]):
-            raise ValueError(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager]")
-        configs.append((fields[0], fields[1] == "on", fields[2:] == ["eager"]))
+        extra = fields[2:]
+        cache = [f for f in extra if f.startswith("cache")]
+        ok = (len(fields) >= 2 and fields[1] in ("on", "off") and len(cache) <= 1
+              and all(f == "eager" or f in cache for f in extra) and extra.count("eager") <= 1
+              and all(f[5:].isdigit() for f in cache))
+        if not ok or (cache and fields[0] == "dense"):
+            raise ValueError(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager][:cacheN] (cacheN: N device "
+                             f"cache blocks per (layer, sequence, KV head), sparse modes only)")
+        configs.append((fields[0], fields[1] == "on", "eager" in extra, int(cache[0][5:]) if cache else None))
     return configs
 
 
-def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, models: dict) -> None:
+def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, models: dict, traces: dict) -> None:
     """One comparison (fixed batch, or equal device memory), written to bench/results/<name>.json."""
     from nosa.engine import LLM
     from nosa.engine.block_cache import BlockCache
 
     configs = parse_configs(spec)
-    max_len = args.prompt + args.warmup + args.steps + 8  # + the profiled steps
+    max_len = args.prompt + decode_steps(args)
     budget = equal_memory_budget(args, max_len) if equal_memory else None
     if equal_memory:
         print(f"equal device memory: {budget / 2**20:.1f} MiB for every config (dense on GPU, batch {args.equal_memory_dense_batch})")
@@ -252,9 +310,37 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
             row, workspace = LLM.device_bytes(model_config, torch.bfloat16, False, max_len)
             kv = row - BlockCache.row_bytes(args.layers, model_config.num_key_value_heads, model_config.head_dim,
                                             torch.bfloat16, model_config.sparse, max_len)["kv_slots"]
-            configs.append(("dense", False, False, min(args.max_batch, (budget - workspace) // kv)))
+            configs.append(("dense", False, False, None, min(args.max_batch, (budget - workspace) // kv)))
+    parameters = {"shape": "8B layer shape (spec sec. 8)", **SHAPE_8B, "layers": args.layers, "layers_of_8b": 32,
+                  "prompt_tokens": args.prompt, "timed_steps": args.steps, "warmup_steps": args.warmup,
+                  "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
+                  "sparse": "spec defaults (block 64, topk 64, sink 1, window 16, query 16, kernel 32, stride 16)",
+                  "cuda_graphs": not args.no_cuda_graphs, "configs": spec, "source_commit": args.commit}
+    if traces:
+        parameters.update({"selection": "trace-driven (sparse configs replay trained models' selections; dense "
+                                        "configs select every block)",
+                           "traces": {mode: description for mode, (_, description) in traces.items()}})
+    else:
+        parameters["selection"] = "model scores (random weights: a worst case for locality)"
+    if equal_memory:
+        parameters.update({"mode": "equal device memory", "gpu_memory_budget": budget,
+                           "budget_from": f"dense, all KV on the device, batch {args.equal_memory_dense_batch} (LLM.device_bytes)",
+                           "max_batch": args.max_batch})
+    else:
+        parameters.update({"mode": "fixed batch", "batch": args.batch})
+
+    def save(runs: list, configs: list, complete: bool) -> None:
+        """Write the runs measured so far (after each one, so a run cut short keeps what it measured)."""
+        base = runs[0]["tokens_per_s"]  # the first config (engine-admitted batch in equal-memory mode)
+        for run in runs:
+            run["ratio_vs_baseline"] = run["tokens_per_s"] / base
+        results = {"gather": shared["gather"], "baseline": {"attn_mode": configs[0][0], "offload": configs[0][1], "batch": runs[0]["batch"]},
+                   "hbm_copy_gb_s": shared["hbm_copy_gb_s"], "complete": complete, "decode": runs}
+        path = write_result(name, parameters, results)
+        print(f"wrote {path}{'' if complete else ' (partial)'}", flush=True)
+
     runs = []
-    for mode, offload, eager, *forced in configs:
+    for mode, offload, eager, cache_blocks, *forced in configs:
         if mode not in models:
             models[mode] = make_model(mode, args.layers, max_len)  # weights are read-only: shared by the suites
         model = models[mode]
@@ -264,13 +350,19 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         elif equal_memory:
             # The engine decides the batch: the largest number of rows its accounting fits in the budget.
             llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.max_batch,
-                      gpu_memory_budget=budget, cuda_graphs=graphs)
+                      gpu_memory_budget=budget, cuda_graphs=graphs, device_cache_blocks=cache_blocks)
         else:
-            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch, cuda_graphs=graphs)
+            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch,
+                      cuda_graphs=graphs, device_cache_blocks=cache_blocks)
         batch = llm.max_num_seqs
-        row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len)
+        row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len, cache_blocks)
         running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
+        selection = "every block (dense)" if mode == "dense" else "model scores (random weights)"
+        if traces and mode != "dense":
+            attach_traces(llm, running, traces[mode][0], args.prompt)
+            selection = f"trace-driven: {traces[mode][1]['trace_file']}"
         run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
+               "selection": selection, "device_cache_blocks": llm.cache.slots + llm.cache.spill_blocks if mode != "dense" else None,
                "batch_from": "fixed" if not equal_memory else ("single-copy dense (not engine-admitted)" if forced else "engine budget"),
                **time_decode(llm, running, args.warmup, args.steps),
                "device_kv_bytes_per_seq": llm.cache.allocated_bytes()["kv_slots"] // batch,
@@ -287,24 +379,8 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
               f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
         del llm, running
         torch.cuda.empty_cache()
-    base = runs[0]["tokens_per_s"]  # the first config (engine-admitted batch in equal-memory mode)
-    for run in runs:
-        run["ratio_vs_baseline"] = run["tokens_per_s"] / base
-    results = {"gather": shared["gather"], "baseline": {"attn_mode": configs[0][0], "offload": configs[0][1], "batch": runs[0]["batch"]},
-               "hbm_copy_gb_s": shared["hbm_copy_gb_s"], "decode": runs}
-    parameters = {"shape": "8B layer shape (spec sec. 8)", **SHAPE_8B, "layers": args.layers, "layers_of_8b": 32,
-                  "prompt_tokens": args.prompt, "timed_steps": args.steps, "warmup_steps": args.warmup,
-                  "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
-                  "sparse": "spec defaults (block 64, topk 64, sink 1, window 16, query 16, kernel 32, stride 16)",
-                  "cuda_graphs": not args.no_cuda_graphs, "configs": spec, "source_commit": args.commit}
-    if equal_memory:
-        parameters.update({"mode": "equal device memory", "gpu_memory_budget": budget,
-                           "budget_from": f"dense, all KV on the device, batch {args.equal_memory_dense_batch} (LLM.device_bytes)",
-                           "max_batch": args.max_batch})
-    else:
-        parameters.update({"mode": "fixed batch", "batch": args.batch})
-    path = write_result(name, parameters, results)
-    print(f"wrote {path}", flush=True)
+        save(runs, configs, complete=False)
+    save(runs, configs, complete=True)
 
 
 def main(args) -> int:
@@ -322,9 +398,17 @@ def main(args) -> int:
     except ValueError as err:
         print(err)
         return 2
+    traces = {}
+    if args.traces:
+        modes = {mode for _, spec, _ in suites for mode, *_ in parse_configs(spec)}
+        try:
+            traces = load_benchmark_traces(args.traces, modes, args.prompt, args.layers, decode_steps(args))
+        except (OSError, ValueError, KeyError) as err:
+            print(f"--traces: {err}")
+            return 2
     shared = {"gather": gather_bandwidth(), "hbm_copy_gb_s": hbm_copy_rate()}
     print(f"gather: {shared['gather']['gather_gb_s']:.1f} GB/s vs pinned memcpy {shared['gather']['pinned_memcpy_gb_s']:.1f} GB/s", flush=True)
     models: dict = {}
     for equal_memory, spec, name in suites:
-        run_suite(args, equal_memory, spec, name, shared, models)
+        run_suite(args, equal_memory, spec, name, shared, models, traces)
     return 0

@@ -8,9 +8,10 @@ import json
 import os
 
 from nosa.bench.common import RESULTS_DIR
+from nosa.results.readme import replace_section, section_markers
 
-README_START = "<!-- bench-report:start -->"
-README_END = "<!-- bench-report:end -->"
+README_SECTION = "bench-report"
+README_START, README_END = section_markers(README_SECTION)
 
 
 def _machine_line(machine: dict, path: str, parameters: dict | None = None) -> str:
@@ -93,13 +94,7 @@ def render(directory: str = RESULTS_DIR) -> str:
 
 
 def update_readme(readme: str, body: str) -> None:
-    text = open(readme).read()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} section to fill")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    with open(readme, "w") as f:
-        f.write(head + README_START + "\n" + body + "\n" + README_END + tail)
+    replace_section(readme, README_SECTION, body)
 
 
 def run(args) -> int:

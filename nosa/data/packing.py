@@ -146,22 +146,30 @@ class MixtureStream:
             self._perm_epoch = epoch
         return int(self._perm[draw % count])
 
-    def example(self, n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    def example(self, n: int) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
+        """(input_ids, labels, source, answer): answer is True at the task's answer tokens (all False for
+        corpus rows), so the training log can follow the answers apart from the rest of a full-loss row."""
         source = self.source_of(n)
         if source == "corpus":
             ids, labels = self.corpus_rows.row(self._corpus_index(self.corpus_draws_before(n)))
-            return ids, labels, source
+            return ids, labels, source, np.zeros(len(ids), dtype=bool)
         rng = np.random.default_rng([self.seed, 0, n])
         sample = generate_task(source, self.tok, rng, self.seq_len, float(rng.random()), **self.task_params.get(source, {}))
-        return np.asarray(sample.input_ids, dtype=np.int64), np.asarray(sample.labels(full=self.full_task_loss), dtype=np.int64), source
+        answer = np.zeros(len(sample.input_ids), dtype=bool)
+        for start, end in sample.answer_spans:
+            answer[start:end] = True
+        return (np.asarray(sample.input_ids, dtype=np.int64), np.asarray(sample.labels(full=self.full_task_loss), dtype=np.int64),
+                source, answer)
 
     def batch(self, indices) -> dict:
-        """{'input_ids': [B, L] int64, 'labels': [B, L] int64, 'sources': [str]} for global row indices."""
+        """{'input_ids': [B, L] int64, 'labels': [B, L] int64, 'sources': [str], 'answer_mask': [B, L] bool}
+        for global row indices."""
         rows = [self.example(int(n)) for n in indices]
         return {
             "input_ids": torch.from_numpy(np.stack([r[0] for r in rows])),
             "labels": torch.from_numpy(np.stack([r[1] for r in rows])),
             "sources": [r[2] for r in rows],
+            "answer_mask": torch.from_numpy(np.stack([r[3] for r in rows])),
         }
 
 

@@ -7,8 +7,10 @@
   1. `stage_window`: c is stored, the key goes into the ring, the window ending at the token is copied out;
      `compress_keys` / `agnostic_chunk_scores` average it (the same op as prefill, so it rounds the same),
      `commit_window` stores it where a window completes, so this very token can select it;
-  2. `ops.select_rows`: the selection of every row, from the cached compressed keys and pooled scores;
-  3. `plan_step`: the slot-table diff, the host->device copies to make, the token appended to its block;
+  2. `ops.select_rows`: the selection of every row, from the cached compressed keys and pooled scores
+     (replaced, for the rows it names, by a selection source's blocks: `engine/selection_source.py`);
+  3. `spill_step` (with a device cache beyond the selection) then `plan_step`: the slot-table diff, the
+     host->device copies to make, the token appended to its block;
   4. `gather_blocks`: one launch for every miss of the batch (Triton reading pinned host memory on CUDA);
   5. `attention_inputs` and `decode_attention` over the row's slots.
 Every tensor it touches is a static buffer of the runner or the cache, and nothing syncs with the host,
@@ -86,9 +88,18 @@ class DecodeAttention(AttentionBackend):
                         cfg.compress_kernel, cfg.compress_stride, cache.block_size)
             agnostic_blocks = cache.agnostic_blocks[l] if cache.agnostic_blocks is not None else None
             selection = ops.select_rows(q[:, 0], cache.compressed[l], agnostic_blocks, positions, cache.max_blocks, cfg, self.uniform)
+            if runner.source_selection is not None:
+                # A selection source (trace replay) overrides the scores' choice after they were computed,
+                # so the step still pays for the selection; everything below runs as usual.
+                selection = torch.where(runner.replace_selection[:, None, None], runner.source_selection[l], selection)
             if runner.record_selections:
                 runner.step_selections[l].copy_(selection)
         slots, host, plan = runner.layer_slots[l], runner.layer_hosts[l], runner.load_plans[l]
+        spill = runner.layer_spills[l]
+        if spill is not None:
+            # The device cache beyond the selection: spilled misses come back by a device copy, blocks
+            # leaving the selection are kept; what is still missing, `plan` loads from the host.
+            ops.spill_step(slots, selection, positions, self.active, spill, gather=self.gather)
         self.plan(slots, selection, ops.StepTokens(positions, self.active, k[:, 0], v[:, 0]), host, plan)
         # One launch for every miss of the batch. It cannot overlap this layer's compute: what it loads is
         # known only once this layer's query has selected, and the attention right after reads it.

@@ -14,6 +14,10 @@ A row is one running sequence. For every layer the device holds (spec sec. 6):
   eviction       [L, R, T, H] f32    per-token eviction score c (the attention bias; dma, nosa)
   recent_keys    [L, R, kernel, H, D] ring of the last `compress_kernel` keys, so a window completing at
                                      decode is compressed without touching the host store
+  spill_k, spill_v [L, R*E, bs, H, D] the device cache beyond the selection (sparse modes, E =
+                                     device_cache_blocks - topk_blocks > 0): blocks that left the selection,
+  spill_table, spill_stamp [L, R, H, E] their block ids (-1 empty) and the position each left the selection
+                                     (least recently selected is replaced first; `ops.spill_step`)
 K = topk_blocks in the sparse modes; in dense mode every block is selected, so K = NB.
 Only slot_k/slot_v scale with the selection; the small state scales with T / stride (compressed keys) and
 T x H floats (eviction scores), as the spec allows.
@@ -29,7 +33,8 @@ from nosa.config import SparseAttentionConfig
 
 class BlockCache:
     def __init__(self, num_layers: int, rows: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, cfg: SparseAttentionConfig, max_model_len: int):
+                 device: torch.device, cfg: SparseAttentionConfig, max_model_len: int,
+                 device_cache_blocks: int | None = None):
         self.cfg = cfg
         self.rows = rows
         self.num_kv_heads = num_kv_heads
@@ -43,6 +48,14 @@ class BlockCache:
         self.table = torch.full((L, R, H, K), -1, dtype=torch.int32, device=device)
         self.page_table = torch.full((R, self.max_blocks), -1, dtype=torch.int32, device=device)
         self.compressed = self.agnostic = self.agnostic_blocks = self.eviction = self.recent_keys = None
+        self.spill_blocks = self.spill_count(cfg, device_cache_blocks)
+        self.spill_k = self.spill_v = self.spill_table = self.spill_stamp = None
+        if self.spill_blocks:
+            E = self.spill_blocks
+            self.spill_k = torch.zeros((L, R * E, bs, H, D), dtype=dtype, device=device)
+            self.spill_v = torch.zeros_like(self.spill_k)
+            self.spill_table = torch.full((L, R, H, E), -1, dtype=torch.int32, device=device)
+            self.spill_stamp = torch.full((L, R, H, E), -1, dtype=torch.int32, device=device)
         if cfg.is_sparse:
             self.compressed = torch.zeros((L, R, self.num_windows, H, D), dtype=dtype, device=device)
             self.recent_keys = torch.zeros((L, R, cfg.compress_kernel, H, D), dtype=dtype, device=device)
@@ -56,6 +69,19 @@ class BlockCache:
         return cfg.topk_blocks if cfg.is_sparse else ops.num_blocks(max_model_len, cfg.block_size)
 
     @staticmethod
+    def spill_count(cfg: SparseAttentionConfig, device_cache_blocks: int | None) -> int:
+        """Spill slots per (layer, row, KV head): device_cache_blocks (the blocks the device holds per
+        (layer, sequence, KV head), None: topk_blocks) minus the topk_blocks selection slots."""
+        if device_cache_blocks is None:
+            return 0
+        if not cfg.is_sparse:
+            raise ValueError("device_cache_blocks applies to the sparse attn_modes; dense mode holds every block")
+        if isinstance(device_cache_blocks, bool) or not isinstance(device_cache_blocks, int) or device_cache_blocks < cfg.topk_blocks:
+            raise ValueError(f"device_cache_blocks must be an integer >= topk_blocks={cfg.topk_blocks} (the selection "
+                             f"itself is always resident), got {device_cache_blocks!r}")
+        return device_cache_blocks - cfg.topk_blocks
+
+    @staticmethod
     def window_count(cfg: SparseAttentionConfig, max_model_len: int) -> int:
         """Compressed-window capacity of a row: the windows complete in max_model_len tokens (at least one
         slot, so the buffers are never empty)."""
@@ -63,17 +89,19 @@ class BlockCache:
 
     @staticmethod
     def row_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                  cfg: SparseAttentionConfig, max_model_len: int) -> dict:
+                  cfg: SparseAttentionConfig, max_model_len: int, device_cache_blocks: int | None = None) -> dict:
         """Device bytes of one row, by part (what `BlockCache` allocates per row)."""
         elem = torch.empty((), dtype=dtype).element_size()
         L, H, D, bs = num_layers, num_kv_heads, head_dim, cfg.block_size
         slots = BlockCache.slot_count(cfg, max_model_len)
         windows = BlockCache.window_count(cfg, max_model_len)
+        spill = BlockCache.spill_count(cfg, device_cache_blocks)
         parts = {
             "kv_slots": 2 * L * slots * bs * H * D * elem,
             "tables": 4 * (L * H * slots + ops.num_blocks(max_model_len, bs)),
             "compressed_keys": L * (windows + cfg.compress_kernel) * H * D * elem if cfg.is_sparse else 0,
             "eviction_state": 4 * L * H * (windows + max_model_len + ops.num_blocks(max_model_len, bs)) if cfg.uses_eviction_head else 0,
+            "spill_slots": 2 * L * spill * bs * H * D * elem + 8 * L * H * spill,
         }
         parts["total"] = sum(parts.values())
         return parts
@@ -88,9 +116,16 @@ class BlockCache:
             "tables": size(self.table, self.page_table),
             "compressed_keys": size(self.compressed, self.recent_keys),
             "eviction_state": size(self.agnostic, self.agnostic_blocks, self.eviction),
+            "spill_slots": size(self.spill_k, self.spill_v, self.spill_table, self.spill_stamp),
         }
         parts["total"] = sum(parts.values())
         return parts
+
+    def layer_spill(self, layer: int, hits: torch.Tensor):
+        """The spill slots of one layer as `ops.spill_step` takes them (None without spill slots)."""
+        if not self.spill_blocks:
+            return None
+        return ops.SpillSlots(self.spill_table[layer], self.spill_stamp[layer], self.spill_k[layer], self.spill_v[layer], hits)
 
     def slot_pages(self, layer: int, side: str) -> torch.Tensor:
         """The slot cache of one layer as pages [R*K, H, bs, D] (a view), the layout of host pages."""
@@ -105,6 +140,8 @@ class BlockCache:
         """Give row `row` to a new sequence whose block b lives in host page pages[b]."""
         self.table[:, row] = -1
         self.page_table[row] = -1
+        if self.spill_table is not None:
+            self.spill_table[:, row] = -1
         if pages:
             self.page_table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32, device=self.page_table.device)
 
@@ -112,3 +149,5 @@ class BlockCache:
         """A finished row: no host page, so the (padded) decode step never reads or writes the store for it."""
         self.page_table[row] = -1
         self.table[:, row] = -1
+        if self.spill_table is not None:
+            self.spill_table[:, row] = -1

@@ -35,13 +35,15 @@ def _positive_bytes(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
 
 
-def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int) -> tuple[int, int]:
+def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
+                 device_cache_blocks: int | None = None) -> tuple[int, int]:
     """(bytes per row, fixed workspace bytes) that `gpu_memory_budget` is charged: the engine admits
-    min(max_num_seqs, (budget - workspace) // row) rows."""
+    min(max_num_seqs, (budget - workspace) // row) rows. A device cache beyond the selection
+    (device_cache_blocks > topk_blocks) is charged per row like the selection slots."""
     cfg, L = config.sparse, config.num_hidden_layers
     H, D = config.num_key_value_heads, config.head_dim
     elem = torch.empty((), dtype=dtype).element_size()
-    row_bytes = BlockCache.row_bytes(L, H, D, dtype, cfg, max_model_len)["total"]
+    row_bytes = BlockCache.row_bytes(L, H, D, dtype, cfg, max_model_len, device_cache_blocks)["total"]
     if not offload:
         # The store lives on the device: a full sequence per row.
         row_bytes += ops.num_blocks(max_model_len, cfg.block_size) * HostStore.page_bytes(L, H, cfg.block_size, D, dtype)
@@ -51,12 +53,13 @@ def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int) 
 
 
 def plan_memory(config, dtype: torch.dtype, offload: bool, max_model_len: int, max_num_seqs: int,
-                gpu_memory_budget: int | None, host_memory_budget: int | None) -> MemoryPlan:
+                gpu_memory_budget: int | None, host_memory_budget: int | None,
+                device_cache_blocks: int | None = None) -> MemoryPlan:
     cfg, L = config.sparse, config.num_hidden_layers
     H, D = config.num_key_value_heads, config.head_dim
     page_bytes = HostStore.page_bytes(L, H, cfg.block_size, D, dtype)
     max_blocks = ops.num_blocks(max_model_len, cfg.block_size)
-    row_bytes, workspace = device_bytes(config, dtype, offload, max_model_len)
+    row_bytes, workspace = device_bytes(config, dtype, offload, max_model_len, device_cache_blocks)
     rows = max_num_seqs
     if gpu_memory_budget is not None:
         _positive_bytes("gpu_memory_budget", gpu_memory_budget)

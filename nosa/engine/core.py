@@ -16,6 +16,7 @@ from nosa.engine.host_store import HostStore
 from nosa.engine.model_runner import ModelRunner
 from nosa.engine.sampling import SamplingParams, sample
 from nosa.engine.scheduler import Scheduler
+from nosa.engine.selection_source import RowStep, SelectionSource, check_selection
 from nosa.engine.sequence import RequestOutput, Sequence, StepOutput, parse_prompt
 from nosa.engine.stats import EngineStats, StepClock
 
@@ -30,7 +31,7 @@ class EngineCore:
 
     def __init__(self, model, tokenizer, device: torch.device, offload: bool, gpu_memory_budget: int | None,
                  host_memory_budget: int | None, max_model_len: int | None, max_num_seqs: int, prefill_chunk: int,
-                 cuda_graphs: bool):
+                 cuda_graphs: bool, device_cache_blocks: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         self.config, self.device, self.offload = config, device, offload
@@ -42,9 +43,10 @@ class EngineCore:
         self.max_model_len = max_model_len
         cfg, L = config.sparse, config.num_hidden_layers
         H, D, dtype = config.num_key_value_heads, config.head_dim, model.dtype
-        self.memory = plan_memory(config, dtype, offload, max_model_len, max_num_seqs, gpu_memory_budget, host_memory_budget)
+        self.memory = plan_memory(config, dtype, offload, max_model_len, max_num_seqs, gpu_memory_budget, host_memory_budget,
+                                  device_cache_blocks)
         self.store = HostStore(L, self.memory.host_pages, H, cfg.block_size, D, dtype, device, offload)
-        self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len)
+        self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len, device_cache_blocks)
         self.runner = ModelRunner(model, self.cache, self.store, prefill_chunk)
         self.graphed = GraphedDecode(self.runner) if (cuda_graphs and device.type == "cuda") else None
         self._graphs_enabled = True
@@ -53,11 +55,13 @@ class EngineCore:
         self._finished: dict[int, Sequence] = {}  # finished, until `output` collects them
         self._next_id = 0
         self.clock = StepClock()
+        self.selection_source: SelectionSource | None = None
 
     @staticmethod
-    def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int) -> tuple[int, int]:
+    def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
+                     device_cache_blocks: int | None = None) -> tuple[int, int]:
         """(bytes per row, fixed workspace bytes) that `gpu_memory_budget` is charged (`budget.device_bytes`)."""
-        return device_bytes(config, dtype, offload, max_model_len)
+        return device_bytes(config, dtype, offload, max_model_len, device_cache_blocks)
 
     @property
     def max_num_seqs(self) -> int:
@@ -178,11 +182,46 @@ class EngineCore:
         captured are kept."""
         self._graphs_enabled = bool(enabled)
 
+    def set_selection_source(self, source: SelectionSource | None) -> None:
+        """Let `source` choose the blocks of every decode step instead of the model's scores (None: back to
+        the scores) from the next decode step on; see `nosa.engine.selection_source`. Sparse modes only.
+        It changes what a captured decode graph reads, so captured graphs are dropped."""
+        if source is not None and not isinstance(source, SelectionSource):
+            raise ValueError(f"a selection source must be a SelectionSource, got {type(source).__name__}")
+        if source is not None and not self.config.sparse.is_sparse:
+            raise ValueError("attn_mode='dense' attends to every block: there is no selection to replace")
+        self.selection_source = source
+        self.runner.use_selection_source(source is not None)
+        if self.graphed is not None:
+            self.graphed = GraphedDecode(self.runner)
+
+    def _fill_selection_source(self, running: list[Sequence]) -> None:
+        """Ask the selection source for this step's blocks and stage them in the runner's static buffers."""
+        runner, cfg = self.runner, self.config
+        steps = [RowStep(s.row, s.request_id, s.cached_tokens) for s in running]
+        blocks = self.selection_source.selections(steps)
+        replace = [False] * self.cache.rows
+        if blocks is not None:
+            want = (cfg.num_hidden_layers, len(running), cfg.num_key_value_heads, cfg.sparse.topk_blocks)
+            if tuple(blocks.shape) != want:
+                raise ValueError(f"the selection source returned shape {tuple(blocks.shape)}, expected {want} "
+                                 f"[layers, running rows, kv heads, topk_blocks]")
+            if not self.selection_source.prechecked:
+                check_selection(blocks.cpu(), torch.tensor([s.position for s in steps]),
+                                cfg.sparse.block_size, cfg.sparse.topk_blocks, "the selection source's blocks")
+            rows = torch.tensor([s.row for s in running], device=self.device)
+            runner.source_selection[:, rows] = blocks.to(self.device, torch.int32)
+            for s in running:
+                replace[s.row] = True
+        runner.replace_selection.copy_(torch.tensor(replace))
+
     def decode_counters(self) -> dict[str, torch.Tensor]:
-        """Blocks loaded host->device and blocks selected at decode since the engine was built, per layer
-        ([L] int64 CPU tensors, active rows; one device sync). Differences of two readings count the steps
-        in between."""
-        return {"loaded": self.runner.loaded.cpu(), "selected": self.runner.selected.cpu()}
+        """Blocks loaded host->device, blocks selected, and blocks served from the device cache beyond the
+        selection ('spill_hits', copied on the device instead of loaded) at decode since the engine was built,
+        per layer ([L] int64 CPU tensors, active rows; one device sync). Differences of two readings count
+        the steps in between."""
+        runner = self.runner
+        return {"loaded": runner.loaded.cpu(), "selected": runner.selected.cpu(), "spill_hits": runner.spill_hits.cpu()}
 
     def _queue(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
@@ -282,6 +321,8 @@ class EngineCore:
         tokens, positions, active = packed[0], packed[1], packed[2].bool()
         record = self._recording(running)
         self.runner.record_selections = record
+        if self.selection_source is not None:
+            self._fill_selection_source(running)
         if self.graphed is not None and self._graphs_enabled and self.runner.load_log is None and not record:
             return self.graphed(tokens, positions, active, uniform)
         return self.runner.decode_step(tokens, positions, active, uniform)

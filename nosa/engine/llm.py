@@ -46,17 +46,20 @@ class LLM(EngineCore):
     offload is off); None: room for max_num_seqs rows. host_memory_budget: a cap on the host KV store
     (which grows to it as requests are admitted, each growth checked against the machine's available
     memory); None: room for every row at max_model_len. max_model_len: the longest prompt + generation.
-    cuda_graphs: capture the decode step (CUDA only); False runs it eagerly.
+    cuda_graphs: capture the decode step (CUDA only); False runs it eagerly. device_cache_blocks (sparse
+    modes): blocks the device holds per (layer, sequence, KV head), >= topk_blocks (None: topk_blocks, only
+    the selection); the extra ones keep blocks that left the selection, least recently selected replaced
+    first, so a block that comes back is a device copy instead of a host load. Charged to the budget.
     """
 
     def __init__(self, model_or_path, device=None, offload: bool = True, gpu_memory_budget: int | None = None,
                  host_memory_budget: int | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
                  prefill_chunk: int = 512, dtype: torch.dtype | None = None, tokenizer=None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, device_cache_blocks: int | None = None):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, loaded_tokenizer = _load_model(model_or_path, device, dtype)
         super().__init__(model, tokenizer or loaded_tokenizer, device, offload, gpu_memory_budget, host_memory_budget,
-                         max_model_len, max_num_seqs, prefill_chunk, cuda_graphs)
+                         max_model_len, max_num_seqs, prefill_chunk, cuda_graphs, device_cache_blocks)
 
     # ----------------------------------------------------------------------------------- generate
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True, return_logits: bool = False,

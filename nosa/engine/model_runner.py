@@ -42,6 +42,9 @@ class ModelRunner:
         self.load_plans = [ops.LoadPlan(shared.src_page, shared.dst_page, shared.head, self.step_loads[l],
                                         self.loaded_rh[l], self.selected_rh[l]) for l in range(L)]
         self.layer_slots = [ops.LayerSlots(cache.table[l], cache.slot_k[l], cache.slot_v[l], cache.page_table) for l in range(L)]
+        # Blocks served from the device cache beyond the selection, per (layer, row, head) (active rows).
+        self.spill_hits_rh = torch.zeros((L, R, H), dtype=torch.int64, device=self.device)
+        self.layer_spills = [cache.layer_spill(l, self.spill_hits_rh[l]) for l in range(L)]
         self._hosts_version, self._hosts = None, None
         self.install_loaded = torch.zeros(L, dtype=torch.int64, device=self.device)  # blocks loaded by prefill installs
         # Spec sec. 5's bound on the loads of one (row, KV head) per decode step: quota, one more on the step
@@ -64,6 +67,19 @@ class ModelRunner:
         # `step_selections` (the selection traces of `record_selections`); forces eager mode.
         self.record_selections = False
         self.step_selections = torch.full((L, R, H, K), -1, dtype=torch.int32, device=self.device) if self.cfg.is_sparse else None
+        # A selection source's blocks for the step (`EngineCore.set_selection_source`; None: no source):
+        # source_selection [L, R, H, topk] replaces the scores' choice where replace_selection [R] is set.
+        # Static buffers filled before the step, so a captured graph reads this step's values.
+        self.source_selection = self.replace_selection = None
+
+    def use_selection_source(self, enabled: bool) -> None:
+        """Allocate (or drop) the static buffers a selection source fills before each decode step."""
+        if not enabled:
+            self.source_selection = self.replace_selection = None
+            return
+        L, R, H = self.step_loads.shape
+        self.source_selection = torch.full((L, R, H, self.cfg.topk_blocks), -1, dtype=torch.int32, device=self.device)
+        self.replace_selection = torch.zeros(R, dtype=torch.bool, device=self.device)
 
     @property
     def layer_hosts(self) -> list[ops.HostPages]:
@@ -77,6 +93,11 @@ class ModelRunner:
     def loaded(self) -> torch.Tensor:
         """Blocks loaded host->device at decode, per layer [L] (active rows)."""
         return self.loaded_rh.sum(dim=(1, 2))
+
+    @property
+    def spill_hits(self) -> torch.Tensor:
+        """Blocks served from the spill slots (device cache beyond the selection) at decode, per layer [L]."""
+        return self.spill_hits_rh.sum(dim=(1, 2))
 
     @property
     def selected(self) -> torch.Tensor:

@@ -257,3 +257,105 @@ def attention_inputs(table, positions, eviction, valid, bias, block_size: int) -
     if bias is not None:
         index = token.clamp(0, eviction.shape[1] - 1).reshape(R, H, K * block_size).transpose(1, 2)
         bias.copy_(torch.where(valid, torch.gather(eviction, 1, index), 0.0))
+
+
+@dataclass(frozen=True)
+class SpillSlots:
+    """One layer's device cache beyond the selection: E slots per (row, KV head) for blocks that left the
+    selection, so a block that comes back within E evictions is copied on the device instead of loaded
+    from the host. table: [R, H, E] int32 block per spill slot (-1 empty); stamp: [R, H, E] int32, the
+    position at which that block left the selection (its last-selected step + 1); k, v: [R*E, bs, H, D]
+    (spill page r*E + e of row r); hits: [R, H] int64, blocks served from here at decode (active rows)."""
+
+    table: torch.Tensor
+    stamp: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    hits: torch.Tensor
+
+
+def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
+               spill: SpillSlots, gather=None) -> None:
+    """Run before `plan_step` (sparse modes, E > 0): serve the selection's misses that the spill slots hold
+    and keep the blocks that leave the selection there.
+
+    selection: [R, H, K] int32 (-1 padded); slots.table [R, H, K] as `plan_step` takes it. Per (row, head):
+    - a selected block neither resident nor spilled is left to `plan_step` (a host load);
+    - a spilled one ("hit") is copied spill -> slot into a slot `plan_step` would free (empty slots first,
+      then those of leaving blocks, in slot order) and its spill slot is emptied;
+    - every block that leaves the selection this step is copied slot -> spill: into the spill slots this
+      step empties or that are empty, then over the least recently selected blocks (smallest stamp, lower
+      slot first). A leaving block whose slot receives a hit cannot take a spill slot emptied by a hit (that
+      would be a swap, which needs a staging copy): it takes an empty or the oldest other spill slot.
+      Leaving blocks that find no spill slot are dropped (they all left at this same step).
+    A block is never in a selection slot and a spill slot at once. Copies, in order: leaving blocks whose
+    slot receives a hit (slot -> spill, never into a spill slot read this step), hits (spill -> slot), the
+    other leaving blocks (slot -> spill; their slots are not written before `plan_step`'s gather). PyTorch
+    ops on the tensors' device, no host sync (graph-capturable); gather: the `gather_blocks` for the copies.
+    """
+    table, st_table = slots.table, spill.table
+    R, H, K = table.shape
+    E = st_table.shape[-1]
+    N, dev = R * H, table.device
+    big = torch.iinfo(torch.int32).max
+    # Copies: the tables are written in place below, after these were last read.
+    t = table.reshape(N, K).clone()
+    s = selection.reshape(N, K).to(torch.int32)
+    st = st_table.reshape(N, E).clone()
+    e_index = torch.arange(E, device=dev, dtype=torch.int32)
+    j_index = torch.arange(K, device=dev, dtype=torch.int32)
+
+    def ranked(order: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+        return torch.gather(order, 1, rank.clamp(0, order.shape[1] - 1).long()).to(torch.int32)
+
+    def rank_of(mask: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(mask.to(torch.int32), 1) - 1
+
+    equal = (t[:, :, None] == s[:, None, :]) & (t[:, :, None] >= 0)  # [N, slot, i]
+    keep, resident = equal.any(2), equal.any(1)
+    miss = (s >= 0) & ~resident
+    match = miss[:, :, None] & (s[:, :, None] == st[:, None, :]) & (st[:, None, :] >= 0)  # [N, i, e]
+    hit, read = match.any(2), match.any(1)  # [N, i], [N, e]
+    src_e = torch.where(match, e_index, 0).sum(2, dtype=torch.int32)  # [N, i]
+    free = ~keep
+    # Hits take free slots, empty ones first: there are at least as many free slots as misses.
+    free_order = torch.argsort(torch.where(free, torch.where(t < 0, j_index, K + j_index), 2 * K + j_index), dim=1, stable=True)
+    dst_j = ranked(free_order, rank_of(hit))  # [N, i]
+    place = hit[:, :, None] & (dst_j[:, :, None] == j_index)  # [N, i, slot]
+    receives = place.any(1)
+    leaving = (t >= 0) & free
+    first, later = leaving & receives, leaving & ~receives
+    # Spill slots not read this step: empty first, then the least recently selected.
+    other_order = torch.argsort(torch.where(read, big, torch.where(st >= 0, spill.stamp.reshape(N, E), -1)), dim=1, stable=True)
+    others = (~read).sum(1, keepdim=True, dtype=torch.int32)
+    read_order = torch.argsort(torch.where(read, e_index, big), dim=1, stable=True)
+    reads = read.sum(1, keepdim=True, dtype=torch.int32)
+    rank_first = rank_of(first)
+    saved_first = first & (rank_first < others)
+    used = saved_first.sum(1, keepdim=True, dtype=torch.int32)
+    rank_later = rank_of(later)
+    into_read = rank_later < reads
+    rank_other = used + rank_later - reads
+    saved_later = later & (into_read | (rank_other < others))
+    target = torch.where(first, ranked(other_order, rank_first),
+                         torch.where(into_read, ranked(read_order, rank_later), ranked(other_order, rank_other)))
+    row = torch.div(torch.arange(N, device=dev), H, rounding_mode="floor")[:, None]
+    head = (torch.arange(N, device=dev, dtype=torch.int32) % H)[:, None].expand(N, K).reshape(-1).contiguous()
+    gather = gather_blocks if gather is None else gather
+    slot_k, slot_v, spill_k, spill_v = (x.transpose(1, 2) for x in (slots.k, slots.v, spill.k, spill.v))  # [pages, H, bs, D]
+
+    def entries(mask, src, dst):
+        return torch.where(mask, src, -1).reshape(-1).to(torch.int32), torch.where(mask, dst, -1).reshape(-1).to(torch.int32)
+
+    gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_first, row * K + j_index, row * E + target), head)
+    gather(spill_k, spill_v, slot_k, slot_v, *entries(hit, row * E + src_e, row * K + dst_j), head)
+    gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_later, row * K + j_index, row * E + target), head)
+    placed_block = torch.where(place, s[:, :, None], 0).sum(1, dtype=torch.int32)  # [N, slot]
+    table.copy_(torch.where(receives, placed_block, t).view(R, H, K))
+    inserted = (saved_first | saved_later)[:, :, None] & (target[:, :, None] == e_index)  # [N, slot, e]
+    into = inserted.any(1)
+    new_st = torch.where(read, -1, st)
+    new_st = torch.where(into, torch.where(inserted, t[:, :, None], 0).sum(1, dtype=torch.int32), new_st)
+    st_table.copy_(new_st.view(R, H, E))
+    spill.stamp.copy_(torch.where(into.view(R, H, E), positions.to(torch.int32)[:, None, None], spill.stamp))
+    spill.hits.add_(hit.sum(1).view(R, H) * active[:, None])

@@ -11,9 +11,9 @@ File format (`save_traces` / `load_traces`, one .npz per attn_mode):
 Block ids fit int16 up to 32767 blocks (2M tokens at block 64); save_traces refuses larger ids.
 
 Replaying on a model with more layers (`layer_map`): layer l of a model with N layers replays trace layer
-l mod L, where L is the traced model's layer count. Selection statistics differ between layers (the first
-layers of a trained model select more locally than the last ones, see results/quality), so cycling the
-traced layers keeps that mix in the same proportion, where e.g. stretching (l * L // N) would also keep
+l mod L, where L is the traced model's layer count. Selection statistics differ between layers (in the
+study's trained models the first and last layers select less locally than the middle ones, see
+results/quality/locality.png), so cycling the traced layers keeps that mix in the same proportion, where e.g. stretching (l * L // N) would also keep
 it; cycling is the one documented mapping so benchmarks stay comparable. KV heads map the same way
 (h mod H_kv) when the target has more KV heads.
 """
@@ -73,3 +73,80 @@ def replay(trace: np.ndarray, target_layers: int, target_kv_heads: int | None = 
     if target_kv_heads is not None:
         out = out[:, :, [h % trace.shape[2] for h in range(target_kv_heads)]]
     return out
+
+
+MAPPING_RULE = (
+    "a trace of prompt length P_t replays on a prompt of length P >= P_t with P - P_t a multiple of the block "
+    "size: with D = (P - P_t) / block_size and W = the first block of the forced window at the trace's first "
+    "step (P_t // block_size - window_blocks), block b maps to b for the sink blocks (b < sink_blocks), to b + D "
+    "for b >= W (window, own block and everything newer move with the position), and to sink + floor((b - sink) "
+    "* (W + D - sink) / (W - sink)) in between (the history stretched proportionally). The map is one fixed, "
+    "strictly increasing function of the block id for the whole trace, so every step selects as many blocks "
+    "as in the trace, the blocks that change between two steps are the images of the trace's (same count: "
+    "the locality is kept exactly), the own block maps to the own block and no id passes it"
+)
+
+
+def map_to_prompt(trace: np.ndarray, trace_first: int, target_first: int, block_size: int, sink_blocks: int,
+                  window_blocks: int) -> np.ndarray:
+    """A trace `[..., S, H, K]` whose step s is the query at trace_first + s, remapped (MAPPING_RULE) so
+    step s is the query at target_first + s. Returns int32, -1 kept."""
+    if target_first < trace_first:
+        raise ValueError(f"a trace recorded at a {trace_first}-token prompt cannot replay on a shorter prompt "
+                         f"({target_first} tokens): its history would not fit; use a trace of <= {target_first} tokens")
+    if (target_first - trace_first) % block_size:
+        raise ValueError(f"prompt length {target_first} and the trace's {trace_first} must differ by a multiple of "
+                         f"block_size={block_size}, so the steps cross block boundaries where the trace did")
+    shift = (target_first - trace_first) // block_size
+    window_start = trace_first // block_size - window_blocks
+    b = np.asarray(trace).astype(np.int64)
+    out = np.where(b >= window_start, b + shift, b)
+    if window_start > sink_blocks:
+        stretched = sink_blocks + ((b - sink_blocks) * (window_start + shift - sink_blocks)) // (window_start - sink_blocks)
+        out = np.where((b >= sink_blocks) & (b < window_start), stretched, out)
+    return np.where(b < 0, -1, out).astype(np.int32)
+
+
+def check_geometry(meta: dict, path: str, **engine) -> None:
+    """Raise ValueError naming every field where the traced model's geometry differs from `engine`'s."""
+    geometry = meta.get("geometry", {})
+    wrong = [f"{k}: trace {geometry.get(k)!r}, benchmark {v!r}" for k, v in engine.items() if geometry.get(k) != v]
+    if wrong:
+        raise ValueError(f"{path}: the trace's geometry does not match the benchmark's ({'; '.join(wrong)}); "
+                         f"block ids only mean the same blocks under the same block size and topk")
+
+
+def benchmark_traces(path: str, prompt_len: int, layers: int, kv_heads: int, steps: int, block_size: int,
+                     topk_blocks: int) -> tuple[list[np.ndarray], dict]:
+    """The traces of `path` laid onto a benchmark model: layers l -> l mod L, heads h -> h mod H
+    (`replay`), positions by MAPPING_RULE onto a `prompt_len`-token prompt; at least `steps` decode steps
+    each. Traces recorded at a longer prompt than prompt_len are left out (and listed). Returns (one int32
+    `[layers, steps, kv_heads, topk]` per trace used, a description for the result file)."""
+    data = load_traces(path)
+    meta = data["meta"]
+    check_geometry(meta, path, block_size=block_size, topk_blocks=topk_blocks)
+    geometry = meta["geometry"]
+    mapped, used = [], []
+    for i, (trace, first) in enumerate(zip(data["traces"], data["first_position"])):
+        if first > prompt_len:
+            continue  # recorded at a longer prompt than the benchmark's: its history does not fit
+        used.append(i)
+        if trace.shape[1] < steps:
+            raise ValueError(f"{path}: trace {i} has {trace.shape[1]} decode steps, the benchmark runs {steps}")
+        laid = replay(trace[:, :steps], layers, kv_heads)
+        mapped.append(map_to_prompt(laid, first, prompt_len, block_size, geometry["sink_blocks"], geometry["window_blocks"]))
+    if not used:
+        raise ValueError(f"{path}: every trace was recorded at a longer prompt ({min(data['first_position'])}+ tokens) "
+                         f"than the benchmark's {prompt_len}; a trace replays only on a prompt at least as long")
+    description = {
+        "trace_file": path, "attn_mode": meta.get("attn_mode"), "labels": [data["labels"][i] for i in used],
+        "trace_prompt_tokens": [data["first_position"][i] for i in used],
+        "trace_steps": [int(data["traces"][i].shape[1]) for i in used],
+        "skipped_longer_than_prompt": [data["labels"][i] for i in range(len(data["traces"])) if i not in used],
+        "traced_layers": geometry.get("num_layers"), "traced_kv_heads": geometry.get("num_kv_heads"),
+        "layer_map": f"benchmark layer l replays trace layer l mod {geometry.get('num_layers')}: {layer_map(layers, trace.shape[0])}",
+        "head_map": f"kv head h replays trace head h mod {trace.shape[2]}",
+        "sequence_map": f"benchmark sequence i replays trace i mod {len(mapped)}",
+        "position_map": MAPPING_RULE,
+    }
+    return mapped, description

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 QUALITY_DESCRIPTION = (
     "Train dense, InfLLM-v2, DMA and NOSA with the same model, data, token budget, schedule and seed (as "
@@ -22,6 +24,11 @@ def register(subparsers) -> None:
     q.add_argument("--work-dir", help="checkpoints and per-mode files (default: <out-dir>/../study_work; deleted first)")
     q.add_argument("--modes", help="comma list of attn_modes (default: the preset's four)")
     q.set_defaults(func=_run)
+    r = sub.add_parser("report", help="markdown tables from a study's summary.json (optionally into the README)",
+                       description="Training, accuracy and locality tables from a quality study's summary.json.")
+    r.add_argument("--summary", default=os.path.join("results", "quality", "summary.json"))
+    r.add_argument("--readme", default=None, help="rewrite the README's quality-report section in place")
+    r.set_defaults(func=_report)
 
 
 def _run(args) -> int:
@@ -37,6 +44,12 @@ def _run(args) -> int:
 
     run_study(config, args.out_dir, args.work_dir, modes)
     return 0
+
+
+def _report(args) -> int:
+    from nosa.study.report import run
+
+    return run(args)
 
 
 def main(argv=None) -> int:

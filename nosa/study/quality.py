@@ -173,6 +173,18 @@ def run_processes(jobs: list[tuple[str, list[str], str]], concurrent: bool, dead
     return status
 
 
+ANSWER_WINDOW = 20  # logged steps averaged for the phase's final answer statistics
+
+
+def _mean_by_source(records: list[dict], key: str) -> dict:
+    sums: dict = {}
+    for r in records:
+        for source, value in (r.get(key) or {}).items():
+            total, count = sums.get(source, (0.0, 0))
+            sums[source] = (total + value, count + 1)
+    return {source: total / count for source, (total, count) in sums.items()}
+
+
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -205,13 +217,17 @@ def mode_row(study: dict, mode: str, work: str, train_status: dict, eval_status:
         if steps:
             info["final_train_loss"] = steps[-1]["loss"]
             info["final_loss_by_source"] = steps[-1].get("loss_by_source")
+            # The answers alone, averaged over the last logged steps (one step's batch holds only a few rows
+            # of each task): whether retrieval is forming, which the full-row loss hides.
+            for key in ("answer_nll_by_source", "answer_token_acc_by_source"):
+                info[f"final_{key}"] = _mean_by_source(steps[-ANSWER_WINDOW:], key)
         if end is None:
             row["errors"][f"phase{k}"] = f"no end record (process {st})"
         row["phases"].append(info)
         for r in steps:
             curve.append({"tokens": tokens_before + r["step"] * phase["seq_len"] * phase["micro_batch_size"],
                           "phase": k, "loss": r["loss"], "corpus_loss": (r.get("loss_by_source") or {}).get("corpus"),
-                          "val_loss": r.get("val_loss")})
+                          "val_loss": r.get("val_loss"), "answer_nll_by_source": r.get("answer_nll_by_source")})
         tokens_before += tokens
         row["tokens_trained"] += tokens
         row["train_wall_s"] += info["wall_s"] or 0.0

@@ -47,9 +47,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="byte", help="'byte' or a local tokenizer directory")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    tok = load_tokenizer("byte")
+    tok = load_tokenizer(args.tokenizer)
     cfg = NosaConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                      max_position_embeddings=4096, attn_mode="dense", pad_token_id=tok.pad_id,
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
                 total += float(F.cross_entropy(logits[:, :-1].transpose(1, 2), lab[:, 1:], ignore_index=-100, reduction="sum"))
                 count += int((lab[:, 1:] != -100).sum())
             nll[task] = round(total / count, 3)
-    out = {"recipe": args.recipe, "seq_len": args.seq_len, "layers": args.layers, "hidden": args.hidden,
+    out = {"recipe": args.recipe, "tokenizer": args.tokenizer, "vocab_size": tok.vocab_size, "seq_len": args.seq_len, "layers": args.layers, "hidden": args.hidden,
            "steps": step, "rows": step * args.batch, "train_s": round(train_s), "loss_log": log[-5:],
            **{t: res[t]["accuracy"] for t in tasks}, "answer_nll": nll}
     print(json.dumps(out))

@@ -101,11 +101,17 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L-1] float32 next-token cross-entropy, 0 where label == -100; [B, L-1] bool: the argmax is the
+    next input token). Position j predicts token j + 1."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    return nll, logits.detach().argmax(-1) == input_ids[:, 1:]
+
+
 def token_loss_rows(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B] float32: per row, the sum over label != -100 of next-token cross-entropy."""
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
-    return nll.sum(dim=1)
+    return token_nll(model, input_ids, labels)[0].sum(dim=1)
 
 
 def token_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -348,20 +354,33 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
         global_count = float(all_reduce_sum(count, info))
         if global_count == 0:
             raise RuntimeError(f"step {step} has no label tokens on any process; check the mixture and task lengths")
-        # Per source: [loss sums..., label counts...], summed over processes for the log.
+        # Per source: [loss sums..., label counts...], summed over processes for the log; and over the task
+        # answers alone: [answer NLL sums..., answer tokens..., answer tokens predicted by the argmax...],
+        # which tells whether retrieval is forming even when the full-row loss is dominated by the haystack.
         by_source = torch.zeros(2 * len(stream.sources), dtype=torch.float64, device=info.device)
+        answers = torch.zeros(3 * len(stream.sources), dtype=torch.float64, device=info.device)
         for a, batch in enumerate(batches):
             ids, labels = batch["input_ids"].to(info.device), batch["labels"].to(info.device)
             with skip_gradient_sync(wrapped, a < cfg.grad_accum - 1):
                 with autocast_context(cfg, info.device):
-                    rows = token_loss_rows(wrapped, ids, labels)
+                    nll, hits = token_nll(wrapped, ids, labels)
+                    rows = nll.sum(dim=1)
                 (rows.sum() * (info.world / global_count)).backward()
             counts = (labels[:, 1:] != -100).sum(dim=1)
+            answer = batch["answer_mask"].to(info.device)[:, 1:] & (labels[:, 1:] != -100)
+            answer_nll = (nll.detach() * answer).sum(dim=1)
+            answer_hits = (hits & answer).sum(dim=1)
+            answer_count = answer.sum(dim=1)
+            n_src = len(stream.sources)
             for row, source in enumerate(batch["sources"]):
                 k = stream.sources.index(source)
                 by_source[k] += rows[row].detach().double()
-                by_source[len(stream.sources) + k] += counts[row].double()
+                by_source[n_src + k] += counts[row].double()
+                answers[k] += answer_nll[row].double()
+                answers[n_src + k] += answer_count[row].double()
+                answers[2 * n_src + k] += answer_hits[row].double()
         all_reduce_sum(by_source, info)
+        all_reduce_sum(answers, info)
         loss_sum = by_source[: len(stream.sources)].sum()
         grad_norm = None
         if cfg.grad_clip > 0:
@@ -375,9 +394,14 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
         n = len(stream.sources)
         loss_by_source = {src: float(by_source[k] / by_source[n + k]) for k, src in enumerate(stream.sources)
                           if by_source[n + k] > 0}
+        answer_nll_by_source = {src: float(answers[k] / answers[n + k]) for k, src in enumerate(stream.sources)
+                                if answers[n + k] > 0}
+        answer_acc_by_source = {src: float(answers[2 * n + k] / answers[n + k]) for k, src in enumerate(stream.sources)
+                                if answers[n + k] > 0}
         elapsed = time.time() - t0
         tokens = rows_per_step * cfg.seq_len
-        last = {"step": step, "loss": loss, "loss_by_source": loss_by_source, "lr": lr, "grad_norm": grad_norm,
+        last = {"step": step, "loss": loss, "loss_by_source": loss_by_source,
+                "answer_nll_by_source": answer_nll_by_source, "answer_token_acc_by_source": answer_acc_by_source, "lr": lr, "grad_norm": grad_norm,
                 "label_tokens": int(global_count), "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_s": elapsed,
                 "elapsed_s": time.time() - began, "rows_consumed": rows_consumed}
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.max_steps):

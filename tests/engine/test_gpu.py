@@ -118,3 +118,31 @@ def test_decode_selection_with_cached_agnostic_pooling_equals_select_for_queries
         diagonal = torch.arange(R, device="cuda")
         want = every[diagonal, diagonal]
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_cuda_device_cache_and_trace_replay_under_graphs(offload, triton_block_ops):
+    """The spill slots (device_cache_blocks) and a replayed selection source run inside the captured graph:
+    equal to the model forward (reference attention, fp32), and replaying the recorded selections with graphs
+    gives the recorded run's tokens and loads."""
+    from nosa.engine.selection_source import ReplaySelections
+
+    model = tiny_model("nosa").cuda()
+    size = model.config.topk_blocks + 3
+    with ops.use_backend("reference", only=[n for n in ("decode_attention", "nosa_attention", "select_blocks")]):
+        llm = LLM(model, device="cuda", offload=offload, max_model_len=80, max_num_seqs=4, device_cache_blocks=size)
+        outs = llm.generate(prompts(), GREEDY, use_tqdm=False, return_logits=True, record_selections=True)
+        for prompt, out in zip(prompts(), outs):
+            ref = reference_logits(model, prompt, out.token_ids)
+            torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
+        recorded = llm.decode_counters()
+        replay = LLM(model, device="cuda", offload=offload, max_model_len=80, max_num_seqs=4, device_cache_blocks=size)
+        source = ReplaySelections(model.config.block_size, model.config.topk_blocks)
+        for i, out in enumerate(outs):
+            source.add(i, out.selections, out.selection_first_position)
+        replay.set_selection_source(source)
+        again = replay.generate(prompts(), GREEDY, use_tqdm=False)
+        assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+        assert len(replay.graphed.graphs) >= 1
+        counters = replay.decode_counters()
+        assert torch.equal(counters["loaded"], recorded["loaded"]) and int(counters["spill_hits"].sum()) > 0

@@ -38,6 +38,11 @@ def test_tiny_study_writes_every_file_and_field(tiny_study):
         assert row["parameters"] > 0 and row["final_train_loss"] > 0 and row["final_val_loss"] > 0
         assert row["heldout_loss"] > 0 and len(row["perplexity"]["buckets"]) == study["eval"]["ppl_buckets"]
         assert set(row["accuracy"]) == set(study["eval"]["tasks"])
+        answers = {}  # the answers' own loss, apart from the full-row loss, per task source seen in training
+        for phase in row["phases"]:
+            answers.update(phase["final_answer_nll_by_source"])
+            assert set(phase["final_answer_token_acc_by_source"]) == set(phase["final_answer_nll_by_source"])
+        assert answers and "corpus" not in answers and all(v > 0 for v in answers.values())
         for task in study["eval"]["tasks"]:
             assert set(row["accuracy"][task]) == {str(n) for n in study["eval"]["lengths"]}
             assert all(0.0 <= a <= 1.0 for a in row["accuracy"][task].values())
@@ -99,3 +104,29 @@ def test_config_files_merge_over_a_preset_and_refuse_unknown_options(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         resolve(str(tmp_path / "missing.yaml"))
     assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_report_tables_come_from_the_summary(tiny_study, tmp_path):
+    from nosa.study.report import README_SECTION, token_label, render
+    from nosa.results.readme import replace_section, section_markers
+
+    out, summary = tiny_study
+    body = render(str(out / "summary.json"))
+    rows = summary["results"]["rows"]
+    for row in rows:  # one training row per mode, with its held-out loss as written in the summary
+        assert f"| {row['attn_mode']} | {row['parameters']:,} | {row['tokens_trained']:,} |" in body
+        assert f"{row['heldout_loss']:.3f}" in body
+    study = summary["parameters"]["study"]
+    for task in study["eval"]["tasks"]:
+        assert body.count(f"| {task} |") == len(rows)
+    nosa_row = next(r for r in rows if r["attn_mode"] == "nosa")
+    for length, loc in nosa_row["locality"].items():
+        assert f"| nosa | {token_label(int(length))} | {loc['all_prompts']['decode_steps']} | {loc['all_prompts']['overlap_mean']:.3f} |" in body
+    start, end = section_markers(README_SECTION)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{start}\nold\n{end}\nb\n")
+    replace_section(str(readme), README_SECTION, body)
+    assert readme.read_text() == f"a\n{start}\n{body}\n{end}\nb\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="quality-report:start"):
+        replace_section(str(readme), README_SECTION, body)

@@ -306,3 +306,31 @@ def test_a_new_run_does_not_reuse_an_out_dir_with_checkpoints(corpus, tmp_path):
     train(_cfg(corpus, out, max_steps=1), device="cpu", overwrite=True)
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_000001"]
     assert (out / "checkpoints" / "latest").read_text() == "step_000001"
+
+
+@pytest.mark.parametrize("task_loss", ["answer", "full"])
+def test_the_log_follows_the_task_answers_apart_from_the_row(corpus, tmp_path, task_loss):
+    from nosa.data.packing import CorpusRows, MixtureStream
+    from nosa.data.corpus import TokenCorpus
+    from nosa.data.tokenization import load_tokenizer
+
+    cfg = _cfg(corpus, tmp_path / task_loss, max_steps=1, log_every=1, task_loss=task_loss, tokenizer="byte",
+               mixture={"corpus": 0.25, "passkey": 0.75})
+    train(cfg, device="cpu")
+    with open(tmp_path / task_loss / "metrics.jsonl") as f:
+        record = [r for r in map(json.loads, f) if r.get("step") == 1 and "event" not in r][0]
+    tok = load_tokenizer("byte")
+    rows = CorpusRows(TokenCorpus(os.path.join(corpus, "train")), 192, False, tok.pad_id)
+    batch = MixtureStream(tok, 192, cfg.mixture, rows, {}, seed=cfg.seed, full_task_loss=task_loss == "full").batch(range(4))
+    for row, source in enumerate(batch["sources"]):  # the mask marks exactly the answer tokens of task rows
+        mask = batch["answer_mask"][row]
+        if source == "corpus":
+            assert not mask.any()
+        else:
+            assert 0 < int(mask.sum()) < 20 and (batch["labels"][row][mask] == batch["input_ids"][row][mask]).all()
+    assert "passkey" in batch["sources"] and set(record["answer_nll_by_source"]) == {"passkey"}
+    assert 0.0 <= record["answer_token_acc_by_source"]["passkey"] <= 1.0
+    if task_loss == "answer":  # every label of a passkey row is an answer token: the two logs agree
+        assert record["answer_nll_by_source"]["passkey"] == pytest.approx(record["loss_by_source"]["passkey"], rel=1e-6)
+    else:  # the row's loss also covers the haystack, which a random model predicts no better than the answer
+        assert record["answer_nll_by_source"]["passkey"] != pytest.approx(record["loss_by_source"]["passkey"], rel=1e-3)

@@ -3,7 +3,7 @@
 #   OUT=<results dir> bash nosa/study/recipes/quality_h200.sh
 # Runs `nosa study quality --config h200` (nosa/study/presets.py): builds the stdlib corpus; trains one
 # dense model at 2K on the whole GPU (shared phase, ~130 s); continues dense, InfLLM-v2, DMA and NOSA from
-# those weights at 16K as four concurrent processes (same data, steps, schedule, seed; ~190 s); evaluates
+# those weights at 16K as four concurrent processes (same data, steps, schedule, seed; <= 240 s); evaluates
 # the four concurrently (perplexity by position, task accuracy at 4K-32K, locality of 256 decode steps
 # through the engine at 16K and 32K) until the study's budget (550 s) minus 25 s; then writes into $OUT:
 #   summary.json loss.png accuracy.png locality.png traces_nosa.npz traces_infllmv2.npz logs.tar.gz

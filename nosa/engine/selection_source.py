@@ -1,0 +1,107 @@
+"""Selection sources: where a decode step's block selection comes from when it is not the model's scores.
+
+The engine normally selects with `ops.select_rows` (spec sec. 4). A `SelectionSource` set with
+`LLM.set_selection_source` replaces that choice at every decode step for the rows it names: the model's
+scores are still computed (so a step costs what it costs), then the source's blocks take their place, and
+everything after the selection (slot-table diff, host->device loads, gather, attention, statistics) runs
+exactly as in normal decoding. The trace-driven benchmark replays recorded selections of trained models
+this way (`ReplaySelections`); prefill, and the selection a prefill install loads, stay the model's own.
+
+A selection the engine is given must be one the engine could have computed (`check_selection`): per
+(layer, row, KV head) `topk_blocks` entries, block ids in [0, own block] or -1, each at most once, the
+query's own block included (the engine appends the token to it, spec sec. 6).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowStep:
+    """One running row at a decode step: its device row, its request id and the query's position."""
+
+    row: int
+    request_id: int
+    position: int
+
+
+class SelectionSource(ABC):
+    """Decides the blocks selected at decode for the rows it is asked about. The engine checks every
+    selection it is given (`check_selection`, on the host, before the step) unless the source sets
+    `prechecked` because it checked everything it can return up front (`ReplaySelections` does)."""
+
+    prechecked = False
+
+    @abstractmethod
+    def selections(self, rows: list[RowStep]) -> torch.Tensor | None:
+        """The selection of every layer for `rows`: int `[L, len(rows), H_kv, topk_blocks]` (-1 unused), or
+        None to leave this step to the model's scores. Called once per decode step, before it runs."""
+
+
+def check_selection(selection: torch.Tensor, positions: torch.Tensor, block_size: int, topk_blocks: int,
+                    what: str = "selection") -> None:
+    """Raise ValueError unless `selection` (int `[..., N, H, topk_blocks]`, query n at positions[n]) is a
+    valid engine selection: ids in [-1, own block], no block twice, the own block of each query present."""
+    if selection.shape[-1] != topk_blocks or selection.dim() < 3 or selection.shape[-3] != positions.numel():
+        raise ValueError(f"{what}: expected [..., {positions.numel()} queries, kv heads, topk_blocks={topk_blocks}], "
+                         f"got shape {tuple(selection.shape)}")
+    sel = selection.long()
+    own = torch.div(positions.long(), block_size, rounding_mode="floor").view(-1, 1, 1)  # [N, 1, 1]
+    bad = (sel < -1) | (sel > own)
+    if bool(bad.any()):
+        n = int(bad.nonzero()[0][-3])
+        raise ValueError(f"{what}: block id {int(sel[bad][0])} at query position {int(positions[n])} is outside "
+                         f"[0, own block {int(own[n, 0, 0])}] (ids are blocks of {block_size} tokens, -1 unused)")
+    ordered = torch.sort(sel, dim=-1).values
+    twice = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    if bool(twice.any()):
+        raise ValueError(f"{what}: a block is selected twice by one (query, kv head); each block at most once")
+    missing = ~(sel == own).any(-1)
+    if bool(missing.any()):
+        n = int(missing.nonzero()[0][-2])
+        raise ValueError(f"{what}: the query at position {int(positions[n])} does not select its own block "
+                         f"{int(own[n, 0, 0])}; the engine appends the token there, so it must be selected")
+
+
+class ReplaySelections(SelectionSource):
+    """Replays per-request selection traces: request r at position first_position + s selects
+    trace[:, s]. Requests without a trace are left to the model's scores."""
+
+    prechecked = True
+
+    def __init__(self, block_size: int, topk_blocks: int):
+        self.block_size, self.topk_blocks = block_size, topk_blocks
+        self._traces: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def add(self, request_id: int, trace: torch.Tensor, first_position: int) -> None:
+        """trace: int `[L, S, H, topk_blocks]`, step s the query at position first_position + s; checked
+        whole here (`check_selection`), so a replayed step is never invalid."""
+        trace = torch.as_tensor(trace)
+        if trace.dim() != 4:
+            raise ValueError(f"request {request_id}: a trace is [layers, steps, kv heads, topk], got shape {tuple(trace.shape)}")
+        positions = torch.arange(first_position, first_position + trace.shape[1])
+        check_selection(trace, positions, self.block_size, self.topk_blocks, f"trace of request {request_id}")
+        self._traces[request_id] = (trace.to(torch.int32), first_position)
+
+    def steps(self, request_id: int) -> int:
+        return self._traces[request_id][0].shape[1]
+
+    def selections(self, rows: list[RowStep]) -> torch.Tensor | None:
+        known = [step.request_id in self._traces for step in rows]
+        if not any(known):
+            return None
+        if not all(known):
+            raise ValueError("some running requests have a trace to replay and some do not; replay all or none")
+        picked = []
+        for step in rows:
+            trace, first = self._traces[step.request_id]
+            s = step.position - first
+            if not 0 <= s < trace.shape[1]:
+                raise ValueError(f"request {step.request_id} is at position {step.position}, outside its trace "
+                                 f"(positions {first} .. {first + trace.shape[1] - 1}); record or map a longer trace")
+            picked.append(trace[:, s])
+        return torch.stack(picked, dim=1)
