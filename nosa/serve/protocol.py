@@ -25,6 +25,29 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def _refused(fields: tuple[str, ...], message: str):
+    """A field validator for OpenAI fields this server cannot honour: a non-default (truthy) value is refused
+    with `message`, so the 400 names the field; the default (0, None, False, empty) passes."""
+
+    def refuse(cls, value):
+        if value:
+            raise ValueError(message)
+        return value
+
+    return field_validator(*fields)(classmethod(refuse))
+
+
+def _needs(field: str, other: str, message: str):
+    """A field validator: `field` may only be given (not None) when the earlier field `other` is true."""
+
+    def check(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get(other, False):
+            raise ValueError(message)
+        return value
+
+    return field_validator(field)(classmethod(check))
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
@@ -62,26 +85,11 @@ class _Sampling(BaseModel):
         return stops
 
     # Field validators rather than one model validator, so each error's location names its field.
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value):
-        if value != 0:
-            raise ValueError("penalties are not supported by this server (give 0 or leave it out)")
-        return value
+    _no_penalty = _refused(("presence_penalty", "frequency_penalty"),
+                           "penalties are not supported by this server (give 0 or leave it out)")
+    _no_logit_bias = _refused(("logit_bias",), "logit_bias is not supported by this server")
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported by this server")
-        return value
-
-    @field_validator("stream_options")
-    @classmethod
-    def _options_need_stream(cls, value, info: ValidationInfo):
-        if value is not None and not info.data.get("stream", False):
-            raise ValueError("stream_options is only allowed when stream is true")
-        return value
+    _options_need_stream = _needs("stream_options", "stream", "stream_options is only allowed when stream is true")
 
     @property
     def include_usage(self) -> bool:
@@ -108,25 +116,14 @@ class CompletionRequest(_Sampling):
             raise ValueError("token-id prompts must not be empty")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported by this server")
-        return value
+    _no_echo = _refused(("echo",), "echo is not supported by this server")
+    _no_suffix = _refused(("suffix",), "suffix is not supported by this server")
 
     @field_validator("best_of")
     @classmethod
     def _no_best_of(cls, value, info: ValidationInfo):
         if value is not None and value != info.data.get("n", 1):
             raise ValueError("best_of is not supported by this server (leave it out or equal to n)")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix is not supported by this server")
         return value
 
     def prompts(self) -> list[str | list[int]]:
@@ -170,19 +167,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     tools: list | None = None
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_needs_logprobs(cls, value, info: ValidationInfo):
-        if value is not None and not info.data.get("logprobs", False):
-            raise ValueError("top_logprobs needs logprobs to be true")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError("tools are not supported by this server")
-        return value
+    _top_needs_logprobs = _needs("top_logprobs", "logprobs", "top_logprobs needs logprobs to be true")
+    _no_tools = _refused(("tools",), "tools are not supported by this server")
 
     def token_budget(self, default: int) -> int:
         """max_completion_tokens (the newer name) or max_tokens, else `default`."""

@@ -33,12 +33,12 @@ def test_window_means(dtype):
 
 
 
-@pytest.mark.parametrize("kernel", [1, 3, 7])
+@pytest.mark.parametrize("kernel", [1, 3, 4])  # 3: padded to 4 (the padding zeros sort in); 4: no padding
 def test_agnostic_window_means_depend_on_the_values_only(kernel):
     # Like the reference: windows holding the same values in another order score the same, bit for bit.
-    windows = torch.randn(2, 20, 3, kernel) * torch.logspace(-3, 3, kernel)
+    windows = torch.randn(2, 5, 3, kernel) * torch.logspace(-3, 3, kernel)
     shuffled = windows[..., torch.randperm(kernel)]
-    as_tokens = lambda w: w.permute(0, 1, 3, 2).reshape(2, 20 * kernel, 3)  # noqa: E731  window i = tokens [k*i, k*i + k)
+    as_tokens = lambda w: w.permute(0, 1, 3, 2).reshape(2, 5 * kernel, 3)  # noqa: E731  window i = tokens [k*i, k*i + k)
     means = ks.agnostic_chunk_scores(as_tokens(windows), kernel, kernel)
     assert torch.equal(means, ks.agnostic_chunk_scores(as_tokens(shuffled), kernel, kernel))
     torch.testing.assert_close(means, ref.agnostic_chunk_scores(as_tokens(windows), kernel, kernel), atol=1e-6, rtol=1e-6)
@@ -69,7 +69,9 @@ def test_query_aware_scores_and_pooling(hq, h, d, kernel, stride, block):
 def test_select_blocks_exact_with_ties(mode, agnostic, threshold, monkeypatch):
     monkeypatch.setattr(ks, "SELECT_BY_THRESHOLD", threshold)
     cfg = _cfg(mode, topk_blocks=7, window_blocks=2)
-    batch, tq, h, nb = 2, 30, 2, 12
+    # The threshold path costs 32 interpreted rounds per (query, head) program: fewer queries there (still two
+    # own blocks, so the forced set moves), the default arg-max path keeps 30.
+    batch, tq, h, nb = 2, 12 if threshold else 30, 2, 12
     positions = torch.arange(96 - tq, 96)
     # Scores on a coarse grid force many exact ties, negative ones and -0.0 (equal to +0.0); some -inf
     # scores (blocks with no complete window).
