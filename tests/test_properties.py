@@ -1,9 +1,11 @@
 """Property-based tests over random valid geometries and attention modes (hypothesis):
   - selection equals a brute-force rule written here from spec sec. 4, independent of nosa.ops;
   - the engine's tokens and logits equal the model's own forward, and offload on equals offload off
-    (the engine only through its public API: LLM(...).generate).
-CI runs the derandomized `ci` profile (190 cases, about 15 s on 2 cores); NOSA_HYPOTHESIS_PROFILE=nightly
-runs 10x as many fresh random cases (NOSA_HYPOTHESIS_SCALE=N: N x), the engine on the GPU when there is one."""
+    (the engine only through its public API: LLM(...).generate); no decode step loads more blocks than the
+    locality bound allows where the geometry has it.
+CI runs the derandomized `ci` profile (150 selection cases, 100 engine cases and the regressions found by
+this file as explicit examples; about 26 s on one core); NOSA_HYPOTHESIS_PROFILE=nightly runs 10x as many
+fresh random cases (NOSA_HYPOTHESIS_SCALE=N: N x), the engine on the GPU when there is one."""
 
 import math
 import os
@@ -124,9 +126,70 @@ REPEATED_TOKEN_TIE = SparseAttentionConfig(block_size=1, topk_blocks=3, sink_blo
                                            compress_kernel=1, compress_stride=1, attn_mode="nosa")
 
 
+def _forward_with_attention_inputs(model, ids):
+    """The model's forward on ids [1, T]: (logits [T, V] float32, per layer (q, k, c)), the attention inputs
+    of every layer as the forward computed them (c None without an eviction head)."""
+    inputs = []
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        # An instance attribute shadows the method for this one forward; deleted below.
+        attention.attend = lambda q, k, v, c, spans, a=attention: inputs.append((q, k, c)) or type(a).attend(a, q, k, v, c, spans)
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits[0].float().cpu()
+    finally:
+        for layer in model.model.layers:
+            del layer.self_attn.attend
+    return logits, inputs
+
+
+def _cut_gap(scores, candidates, count) -> float:
+    """How far the `count` best candidates (by score, lower index on ties) lie above the best of the rest:
+    inf when either side is empty or not finite (-inf ties are exact on every path)."""
+    ranked = sorted(candidates, key=lambda j: (-scores[j], j))
+    chosen, rest = ranked[:count], ranked[count:]
+    if not chosen or not rest or not math.isfinite(scores[chosen[-1]]) or not math.isfinite(scores[rest[0]]):
+        return math.inf
+    return (scores[chosen[-1]] - scores[rest[0]]) / (1.0 + abs(scores[rest[0]]))
+
+
+def _a_near_tie_decides_a_selection(cfg, inputs, last_query: int, tol: float = 1e-5) -> bool:
+    """Whether the forward's selection of some query <= last_query, in some layer and KV head, is decided by
+    two block scores within float32 rounding of each other at the cut (spec sec. 4.5's order: the
+    query-aware picks, then the agnostic fill): a tie in exact arithmetic that rounding decides, so
+    computations of the same values in other shapes (a one-token step, a prefill chunk) may decide it the
+    other way. Dense mode never ties."""
+    if not cfg.is_sparse:
+        return False
+    for q, k, c in inputs:
+        num_blocks = -(-k.shape[1] // cfg.block_size)
+        ck = ref.compress_keys(k, cfg.compress_kernel, cfg.compress_stride)
+        windows = None if c is None else ref.agnostic_chunk_scores(c, cfg.compress_kernel, cfg.compress_stride)
+        for t in range(last_query + 1):
+            at = torch.tensor([t], device=q.device)
+            aware = ref.query_aware_block_scores(q[:, t:t + 1], ck, at, num_blocks, cfg)[0, 0].double().cpu()
+            agnostic = torch.zeros_like(aware) if windows is None else \
+                ref.pool_to_blocks(windows.transpose(1, 2)[:, None], at, num_blocks, cfg)[0, 0].double().cpu()
+            own = t // cfg.block_size
+            candidates = [j for j in range(own + 1) if j >= cfg.sink_blocks and j < own - cfg.window_blocks]
+            free = cfg.topk_blocks - (own + 1 - len(candidates))
+            quota = min(cfg.query_aware_quota, free)
+            for h in range(aware.shape[0]):
+                a, g = aware[h].tolist(), agnostic[h].tolist()
+                picks = sorted(candidates, key=lambda j: (-a[j], j))[:quota]
+                rest = [j for j in candidates if j not in picks]
+                # Without an eviction head every agnostic score is 0 on every path: those ties are exact.
+                if _cut_gap(a, candidates, quota) <= tol or (windows is not None and _cut_gap(g, rest, free - quota) <= tol):
+                    return True
+    return False
+
+
 @settings(max_examples=100 * SCALE)
 @example(cfg=REPEATED_TOKENS_TIE, kv_heads=2, group=1, lengths=[4, 4], steps=5, max_num_seqs=1, seed=188)
 @example(cfg=REPEATED_TOKEN_TIE, kv_heads=2, group=3, lengths=[1], steps=10, max_num_seqs=1, seed=2586)
+# Seed 2587: token 58's value vector at position 7 (prefill chunk [7, 14)) and at 15 (chunk [14, 16)) rounds apart
+# in the engine, not in the forward: the engine breaks the tie the other way, which the near-tie check must find.
+@example(cfg=REPEATED_TOKEN_TIE, kv_heads=2, group=3, lengths=[16], steps=2, max_num_seqs=1, seed=2587)
 @given(cfg=geometries(("nosa", "dma", "infllmv2", "dense")), kv_heads=st.integers(1, 2), group=st.integers(1, 3),
        lengths=st.lists(st.integers(1, 30), min_size=1, max_size=3), steps=st.integers(1, 12),
        max_num_seqs=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
@@ -145,10 +208,20 @@ def test_engine_equals_the_models_forward_and_offload_changes_nothing(cfg, kv_he
         assert on.token_ids == off.token_ids and torch.equal(on.logits, off.logits)  # offloading moves bytes only
         assert len(on.token_ids) == steps and on.finish_reason == "length"
         ids = torch.tensor(prompt + on.token_ids[:-1], device=model.device)[None]
-        with torch.no_grad():
-            expected = model(ids).logits[0, len(prompt) - 1:].float().cpu()
-        torch.testing.assert_close(on.logits, expected, atol=1e-4, rtol=1e-4)
+        logits, inputs = _forward_with_attention_inputs(model, ids)
+        expected = logits[len(prompt) - 1:]
+        # Equal up to the first step where the forward's own selection hangs on a near-tie that rounding decides
+        # (the same token's value vector, computed in a one-token step, a prefill chunk or the whole sequence,
+        # differs in its last bit: pure float rounding, which no shared rule can make agree). From there on the
+        # two runs hold different states; the offload equality above still covers every step.
+        close = torch.isclose(on.logits, expected, atol=1e-4, rtol=1e-4).all(-1)
+        agree = int(close.long().cumprod(0).sum())
+        if agree < steps:
+            assert _a_near_tie_decides_a_selection(cfg, inputs, len(prompt) - 1 + agree), \
+                f"logits differ from step {agree} on, and no near-tie explains it"
+        torch.testing.assert_close(on.logits[:agree], expected[:agree], atol=1e-4, rtol=1e-4)
         # Greedy: each token is the argmax of the engine's logits, and (up to the tolerance) of the forward's.
         chosen = torch.tensor(on.token_ids)
         assert torch.equal(on.logits.argmax(-1), chosen)
-        assert bool((expected.max(-1).values - expected.gather(-1, chosen[:, None])[:, 0] <= 2e-4).all())
+        top = expected.max(-1).values - expected.gather(-1, chosen[:, None])[:, 0]
+        assert bool((top[:agree] <= 2e-4).all())
