@@ -129,6 +129,14 @@ class SparseAttentionConfig:
         return self.attn_mode in ("nosa", "dma") and self.locality_counterexample is None
 
     @property
+    def locality_quota(self) -> int | None:
+        """The locality bound's blocks newly needed per (layer, sequence, KV head) and step while the query
+        stays inside one block (one more on the step that enters a new block): query_blocks in nosa, 0 in
+        dma, None in infllmv2 and dense, which have no bound. Only geometries with `has_locality_bound`
+        are held to it."""
+        return self.query_aware_quota if self.attn_mode in ("nosa", "dma") else None
+
+    @property
     def forced_blocks(self) -> int:
         return self.sink_blocks + self.window_blocks + 1
 

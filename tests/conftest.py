@@ -1,4 +1,5 @@
-"""Shared test setup: the Triton interpreter on machines without a GPU, and the `gpu` marker."""
+"""Shared test setup: the Triton interpreter on machines without a GPU, the `gpu` and `slow` markers (slow
+tests run with --run-slow), hypothesis profiles, and the `one_thread` fixture."""
 
 import os
 
@@ -26,13 +27,29 @@ else:
     settings.load_profile(profile)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (each has a cheaper variant that always runs)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow (a cheaper variant runs without it)")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread. Its models are tiny: more threads only oversubscribe a shared 2-core
+    CI machine, which made those tests ~8x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

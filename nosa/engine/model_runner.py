@@ -47,6 +47,11 @@ class ModelRunner:
         self.layer_spills = [cache.layer_spill(l, self.spill_hits_rh[l]) for l in range(L)]
         self._hosts_version, self._hosts = None, None
         self.install_loaded = torch.zeros(L, dtype=torch.int64, device=self.device)  # blocks loaded by prefill installs
+        # Spec sec. 5's bound on the loads of one (row, KV head) per decode step: quota, one more on the step
+        # that enters a new block (None: infllmv2 and dense have no bound). (row, head) steps above it are
+        # counted per layer [L] (active rows; a violation is expected only where has_locality_bound fails).
+        self.locality_quota = self.cfg.locality_quota
+        self.over_bound = torch.zeros(L, dtype=torch.int64, device=self.device)
         self.valid = torch.zeros((R, K * bs, H), dtype=torch.bool, device=self.device)
         self.bias = torch.zeros((R, K * bs, H), dtype=torch.float32, device=self.device) if cache.eviction is not None else None
         self.window_k = self.window_c = None
@@ -185,6 +190,9 @@ class ModelRunner:
         attention inputs) around the window means, the selection, one gather and the attention."""
         self.decode_attention.begin(positions, active, uniform)
         hidden = self.model.model.forward_with_attention(tokens[:, None], positions[:, None], self.decode_attention)
+        if self.locality_quota is not None:
+            bound = self.locality_quota + (positions % self.cfg.block_size == 0).to(torch.int32)  # [R]
+            self.over_bound += ((self.step_loads > bound[None, :, None]) & active[None, :, None]).sum(dim=(1, 2))
         if self.load_log is not None:
             # A snapshot: on CPU `.cpu()` would return the live buffer, which the next step overwrites.
             self.load_log.append((positions.cpu().clone(), self.step_loads.cpu().clone()))

@@ -33,5 +33,11 @@ class EvictionHead(nn.Module):
         """v: [B, T, H, D] -> c: [B, T, H] in float32 (float64 for float64 inputs)."""
         dtype = torch.promote_types(v.dtype, torch.float32)
         flat = v.reshape(v.shape[0], v.shape[1], -1).to(dtype)
-        raw = F.linear(flat, self.delta.weight.to(dtype), self.delta.bias.to(dtype))
+        weight, bias = self.delta.weight.to(dtype), self.delta.bias.to(dtype)
+        # A product and a row sum per KV head, not F.linear: a matmul rounds a row differently with the number
+        # of rows (and with the row's place among them), so equal value vectors (a repeated token in layer 0)
+        # got scores an ulp apart and the tie between their blocks, which the lower index must decide (spec
+        # sec. 4.5), broke by rounding, differently in a full forward than in the engine's one-token steps.
+        # A row sum gives every row the same additions in the same order, whatever the batch.
+        raw = torch.stack([(flat * weight[h]).sum(-1) for h in range(weight.shape[0])], dim=-1) + bias
         return self.A.to(dtype) * F.softplus(raw)

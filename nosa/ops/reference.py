@@ -33,18 +33,21 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------------
 # Compression (spec 4.1 and 4.3)
 # ----------------------------------------------------------------------------------------------------------
-def window_mean(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+def window_mean(x: torch.Tensor, kernel: int, stride: int, by_value: bool = False) -> torch.Tensor:
     """Mean of x over the complete windows [stride*i, stride*i + kernel) along dim 1.
 
     x: [B, T, ...] -> [B, Nc, ...] with Nc = (T - kernel) // stride + 1 (0 when T < kernel).
     Computed in float32, returned in x's dtype. Used for compressed keys (x = k, [B, T, H, D]) and for the
-    query-agnostic chunk scores (x = eviction scores c, [B, T, H]).
+    query-agnostic chunk scores (x = eviction scores c, [B, T, H]). by_value: sum each window's values in
+    ascending order instead of token order, so the mean is a function of the window's values alone.
     """
     num_windows = num_complete_windows(x.shape[1], kernel, stride)
     if num_windows == 0:
         return x.new_zeros((x.shape[0], 0) + tuple(x.shape[2:]))
     windows = x[:, : (num_windows - 1) * stride + kernel].to(compute_dtype(x)).unfold(1, kernel, stride)
-    # Summed in token order, one add at a time, rather than by a reduction whose order depends on the
+    if by_value:
+        windows = windows.sort(dim=-1).values
+    # Summed one add at a time in a fixed order, rather than by a reduction whose order depends on the
     # tensor's layout: a window compressed alone (the engine, at decode) and the same window compressed
     # with all others (the full forward) then round identically, so score ties break identically.
     total = windows[..., 0].clone()
@@ -59,8 +62,16 @@ def compress_keys(k: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
 
 
 def agnostic_chunk_scores(eviction: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """E[i, h] = mean of the eviction score c over window i. eviction: [B, T, H] -> [B, Nc, H] float32."""
-    return window_mean(eviction.float(), kernel, stride)
+    """E[i, h] = mean of the eviction score c over window i. eviction: [B, T, H] -> [B, Nc, H] float32.
+
+    Summed by value (ascending), not in token order. c has no RoPE (spec sec. 3): a token's c depends on its
+    value vector only, so in layer 0 equal tokens have equal c and two windows holding the same tokens in
+    another order tie exactly, a tie the lower block index must decide (spec sec. 4.5). A token-order sum
+    rounds such windows apart by an ulp, in a direction that depends on c's last bit, and c's last bit
+    differs between a batched and a one-token matmul: the engine and the full forward then broke the same
+    tie differently (tests/test_properties.py, seed 188). A sorted sum keeps equal windows equal.
+    """
+    return window_mean(eviction.float(), kernel, stride, by_value=True)
 
 
 def num_complete_windows(length, kernel: int, stride: int):

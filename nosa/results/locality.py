@@ -88,4 +88,4 @@ def locality_summary(traces: list[torch.Tensor], first_position: int, block_size
 
 def bound_quota(sparse) -> int | None:
     """The per-step quota of the locality bound for a SparseAttentionConfig (None where the mode has none)."""
-    return {"nosa": sparse.query_blocks, "dma": 0}.get(sparse.attn_mode)
+    return sparse.locality_quota

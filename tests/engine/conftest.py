@@ -1,14 +1,8 @@
-"""Engine tests run their tiny models (tests.helpers.engine_model) on one thread."""
+"""Engine tests run their tiny models (tests.helpers.engine_model) on one thread (tests/conftest.py)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one thread avoids oversubscribing a shared 2-core CI machine, which made the
-    # suite ~8x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(previous)

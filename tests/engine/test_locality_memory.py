@@ -32,6 +32,53 @@ def test_nosa_loads_at_most_query_blocks_per_step(topk, window, query):
     assert len({tuple(positions.tolist()) for positions, _ in llm.runner.load_log}) == len(llm.runner.load_log)
 
 
+def violations_in_load_log(llm, quota: int) -> list[int]:
+    """(row, KV head) steps per layer whose loads exceed the bound, counted from the load log (active rows:
+    a finished row keeps its position but loads nothing)."""
+    counts = [0] * llm.config.num_hidden_layers
+    for positions, loads in llm.runner.load_log:
+        bound = quota + (positions % llm.config.block_size == 0).long()
+        for l, over in enumerate((loads > bound[None, :, None]).sum(dim=(1, 2)).tolist()):
+            counts[l] += over
+    return counts
+
+
+def test_stats_report_no_violation_where_the_geometry_has_the_bound():
+    model = tiny_model("nosa", seed=4, topk_blocks=8, window_blocks=2, query_blocks=1)
+    stats = decode_with_load_log(model, steps=30).stats()
+    assert stats.has_locality_bound and stats.locality_quota == 1
+    assert stats.bound_violations_per_layer == [0, 0] and stats.blocks_loaded_per_step > 0
+    text = repr(stats)
+    assert "0 violations" in text and "not guaranteed" not in text and "tokens/s" in text
+
+
+@pytest.mark.filterwarnings("ignore:this .* geometry has no locality bound")
+def test_stats_report_violations_where_the_geometry_lacks_the_bound():
+    # docs/locality.md's example: window 0, and the window starting at token 4j lies half in block j + 1.
+    model = tiny_model("dma", seed=4, topk_blocks=4, sink_blocks=1, window_blocks=0, compress_kernel=8, compress_stride=4)
+    llm = decode_with_load_log(model, steps=40)
+    stats = llm.stats()
+    assert not stats.has_locality_bound and stats.locality_quota == 0
+    # The engine's own counter (no host sync per step) counts exactly what the per-step log shows.
+    assert stats.bound_violations_per_layer == violations_in_load_log(llm, 0)
+    assert stats.bound_violations > 0
+    assert f"{stats.bound_violations} violations" in repr(stats) and "not guaranteed for this geometry" in repr(stats)
+
+
+def test_stats_repr_reads_as_a_summary():
+    from nosa.engine import EngineStats
+
+    stats = EngineStats(decode_steps=10, decode_tokens=30, decode_s=0.5, prefill_tokens=64, prefill_s=0.25,
+                        hit_rate_per_layer=[0.9, 0.75], blocks_loaded_per_step=1.5, bytes_host_to_device=3 << 20,
+                        locality_quota=2, has_locality_bound=True, bound_violations_per_layer=[0, 3])
+    text = repr(stats)
+    for part in ("30 tokens in 10 steps", "60.0 tokens/s", "256.0 tokens/s", "[0.900 0.750]", "1.50 blocks loaded",
+                 "3.00 MiB", "<= 2 loads", "3 violations (per layer [0, 3])", "the bound is broken"):
+        assert part in text, (part, text)
+    dense = EngineStats(0, 0, 0.0, 0, 0.0, [], 0.0, 0)
+    assert "locality bound: none" in repr(dense) and "0.0 tokens/s" in repr(dense)
+
+
 def test_infllmv2_is_not_bounded_the_same_way():
     """Control for the test above: with every free slot query-aware, a step can load more than
     `query_blocks` (here 2) blocks, so the bound is a property of nosa's selection, not of the engine."""

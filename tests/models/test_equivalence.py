@@ -71,3 +71,24 @@ def test_from_llama_initialises_eviction_head_as_spec_says():
 def test_from_llama_rejects_unknown_override():
     with pytest.raises(ValueError, match="unknown NosaConfig fields"):
         NosaForCausalLM.from_llama(_llama(), block_sise=16)
+
+
+@pytest.mark.parametrize("heads,head_dim", [(1, 16), (2, 8), (4, 64)])
+def test_equal_value_vectors_get_equal_eviction_scores_whatever_the_batch(heads, head_dim):
+    # A repeated token has equal value vectors in layer 0; its scores must be equal bit for bit, computed in a
+    # full forward (any row of any length) or alone (the engine's decode step), so score ties stay ties.
+    from nosa.layers.eviction import EvictionHead
+
+    head = EvictionHead(heads, head_dim, init_std=0.5)
+    with torch.no_grad():
+        head.A.normal_(0.0, 2.0)
+        head.delta.bias.normal_()
+    value = torch.randn(heads, head_dim)
+    alone = head(value[None, None])[0, 0]
+    for length in (2, 7, 10, 33):
+        batch = torch.randn(2, length, heads, head_dim)
+        batch[:, length // 2] = value
+        batch[1, -1] = value
+        scores = head(batch)
+        assert torch.equal(scores[0, length // 2], alone) and torch.equal(scores[1, -1], alone), length
+    torch.testing.assert_close(alone, head.A * torch.nn.functional.softplus(head.delta(value.reshape(-1))))

@@ -31,12 +31,7 @@ def _step(model, ids, cache, mask=None):
         return model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("attn_mode", MODES)

@@ -32,6 +32,17 @@ def test_window_means(dtype):
     assert ks.compress_keys(k[:, :7], 8, 4).shape == (2, 0, 3, 64)
 
 
+
+@pytest.mark.parametrize("kernel", [1, 3, 7])
+def test_agnostic_window_means_depend_on_the_values_only(kernel):
+    # Like the reference: windows holding the same values in another order score the same, bit for bit.
+    windows = torch.randn(2, 20, 3, kernel) * torch.logspace(-3, 3, kernel)
+    shuffled = windows[..., torch.randperm(kernel)]
+    as_tokens = lambda w: w.permute(0, 1, 3, 2).reshape(2, 20 * kernel, 3)  # noqa: E731  window i = tokens [k*i, k*i + k)
+    means = ks.agnostic_chunk_scores(as_tokens(windows), kernel, kernel)
+    assert torch.equal(means, ks.agnostic_chunk_scores(as_tokens(shuffled), kernel, kernel))
+    torch.testing.assert_close(means, ref.agnostic_chunk_scores(as_tokens(windows), kernel, kernel), atol=1e-6, rtol=1e-6)
+
 @pytest.mark.parametrize("hq,h,d,kernel,stride,block", [(4, 4, 64, 4, 2, 8), (12, 4, 128, 6, 3, 8), (16, 1, 64, 8, 4, 16),
                                                       (2, 2, 64, 16, 8, 1)])  # blocks far smaller than the stride
 def test_query_aware_scores_and_pooling(hq, h, d, kernel, stride, block):

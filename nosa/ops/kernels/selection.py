@@ -2,7 +2,8 @@
 GQA sum and the pooling to blocks, and the selection composition.
 
 Each public function has the contract of its namesake in `nosa.ops.reference`:
-- `compress_keys` / `agnostic_chunk_scores`: one window mean kernel (float32 sums).
+- `compress_keys` / `agnostic_chunk_scores`: one window mean kernel (float32 sums; the agnostic scores
+  summed in ascending order of value, like the reference).
 - `query_aware_chunk_scores`: per-window scores (the reference's intermediate), for tests and callers that
   want them; the pipeline uses `query_aware_block_scores`, which pools inside the kernel and never writes
   the [B, Tq, H, Nc] window scores.
@@ -43,19 +44,25 @@ SELECT_BY_THRESHOLD = os.environ.get("TRITON_INTERPRET") != "1"
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _window_mean_kernel(X, Out, sxb, sxt, sob, son, F, kernel, stride, inv_kernel,
-                        KERNEL_PAD: tl.constexpr, BLOCK_F: tl.constexpr):
+                        KERNEL_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BY_VALUE: tl.constexpr):
     i = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
     r = tl.arange(0, KERNEL_PAD)
     rows = i * stride + r
-    mask = (r[:, None] < kernel) & (f[None, :] < F)
-    x = tl.load(X + b * sxb + rows[:, None] * sxt + f[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + b * sob + i * son + f, (tl.sum(x, 0) * inv_kernel).to(Out.dtype.element_ty), mask=f < F)
+    # [BLOCK_F, KERNEL_PAD]: the window along the minor dimension, the only one tl.sort sorts.
+    mask = (f[:, None] < F) & (r[None, :] < kernel)
+    x = tl.load(X + b * sxb + rows[None, :] * sxt + f[:, None], mask=mask, other=0.0).to(tl.float32)
+    if BY_VALUE:
+        # The padding zeros sort in too; they are as many in every window, so the sum stays a function of
+        # the window's values.
+        x = tl.sort(x, 1)
+    tl.store(Out + b * sob + i * son + f, (tl.sum(x, 1) * inv_kernel).to(Out.dtype.element_ty), mask=f < F)
 
 
-def window_mean(x: torch.Tensor, kernel: int, stride: int, out_dtype=None) -> torch.Tensor:
-    """x: [B, T, ...] -> [B, Nc, ...] mean over complete windows (float32 sums), in out_dtype or x's dtype."""
+def window_mean(x: torch.Tensor, kernel: int, stride: int, out_dtype=None, by_value: bool = False) -> torch.Tensor:
+    """x: [B, T, ...] -> [B, Nc, ...] mean over complete windows (float32 sums), in out_dtype or x's dtype;
+    by_value: summed in ascending order of value (the reference's `window_mean`)."""
     batch, length = x.shape[:2]
     tail = tuple(x.shape[2:])
     num_windows = reference.num_complete_windows(length, kernel, stride)
@@ -71,7 +78,7 @@ def window_mean(x: torch.Tensor, kernel: int, stride: int, out_dtype=None) -> to
     grid = (num_windows, batch, triton.cdiv(features, block_f))
     _window_mean_kernel[grid](
         flat, out_flat, flat.stride(0), flat.stride(1), out_flat.stride(0), out_flat.stride(1),
-        features, kernel, stride, 1.0 / kernel, KERNEL_PAD=_next_pow2(kernel), BLOCK_F=block_f,
+        features, kernel, stride, 1.0 / kernel, KERNEL_PAD=_next_pow2(kernel), BLOCK_F=block_f, BY_VALUE=by_value,
     )
     return out
 
@@ -82,8 +89,9 @@ def compress_keys(k: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
 
 
 def agnostic_chunk_scores(eviction: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """eviction: [B, T, H] -> window means [B, Nc, H] float32."""
-    return window_mean(eviction, kernel, stride, out_dtype=torch.float32)
+    """eviction: [B, T, H] -> window means [B, Nc, H] float32, summed by value (why: the reference's
+    `agnostic_chunk_scores`)."""
+    return window_mean(eviction, kernel, stride, out_dtype=torch.float32, by_value=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
