@@ -10,7 +10,8 @@
 # the first config of each process): ~170 s + ~60 s, inside the timeouts below.
 set -uo pipefail
 : "${OUT:?set OUT to the result directory}"
-COMMIT=$(git rev-parse HEAD 2>/dev/null || echo "${NOSA_COMMIT:-unknown}")
+# NOSA_COMMIT first: the GPU machine's copy of the tree can carry stale git metadata.
+COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 COMMON=(--layers 4 --prompt 65536 --steps 32 --warmup 4 --equal-memory-dense-batch 10 --max-batch 48 --commit "$COMMIT")
 TRACES=results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz
 

@@ -77,6 +77,14 @@ def decode_table(path: str) -> str:
         lines.append("")
     setup = ", ".join(f"{k}={params[k]}" for k in ("mode", "budget_from", "layers", "prompt_tokens", "batch", "timed_steps", "dtype", "weights") if k in params)
     lines.append(f"Setup: {setup}.")
+    if "selection" in params:
+        lines.append("")
+        lines.append(f"Selection: {params['selection']}; per row: "
+                     + "; ".join(sorted({f"{r['attn_mode']}: {r['selection']}" for r in results['decode'] if 'selection' in r})) + ".")
+    for key in ("run_note", "commit_note"):
+        if key in params:
+            lines.append("")
+            lines.append(f"Note: {params[key]}.")
     lines.append("")
     lines.append(_machine_line(data["machine"], path, params))
     return "\n".join(lines)

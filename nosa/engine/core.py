@@ -34,6 +34,9 @@ class EngineCore:
                  cuda_graphs: bool, device_cache_blocks: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
+        # Models often pad the vocabulary beyond the tokenizer's (to a multiple of 64, say): those ids are
+        # no text, so sampling never picks them and logits, logprobs and tokens cover the tokenizer's ids.
+        self.sample_vocab = min(config.vocab_size, len(tokenizer)) if tokenizer is not None else config.vocab_size
         self.config, self.device, self.offload = config, device, offload
         _check_int("max_num_seqs", max_num_seqs, 1)
         _check_int("prefill_chunk", prefill_chunk, 1)
@@ -264,20 +267,19 @@ class EngineCore:
         while (seq := self.scheduler.admit_next()) is not None:
             try:
                 start = time.perf_counter()
-                logits = self.runner.prefill(seq.row, seq.prompt_token_ids, seq.pages)
+                logits = self.runner.prefill(seq.row, seq.prompt_token_ids, seq.pages)[: self.sample_vocab]
                 token = sample(logits[None], [seq.params], [seq.generator])[0]
                 self.clock.prefilled(len(seq.prompt_token_ids), time.perf_counter() - start)
             except BaseException as err:
                 self._fail([seq], err)
                 raise
-            outputs.append(seq.append(token, logits, eos, self.tokenizer))
-            self._retire_if_done(seq)
+            self._append(seq, token, logits, eos, outputs)
         running = list(self.scheduler.running.values())
         if not running:
             return outputs
         try:
             start = time.perf_counter()
-            logits = self._decode(running, self.cache.rows)
+            logits = self._decode(running, self.cache.rows)[:, : self.sample_vocab]
             tokens = sample(logits[[s.row for s in running]], [s.params for s in running], [s.generator for s in running])
             elapsed = time.perf_counter() - start
         except BaseException as err:
@@ -289,9 +291,20 @@ class EngineCore:
         for seq, token in zip(running, tokens):
             if selections is not None and seq.selections is not None:
                 seq.selections.append(selections[:, seq.row].clone())
-            outputs.append(seq.append(token, logits[seq.row], eos, self.tokenizer))
-            self._retire_if_done(seq)
+            self._append(seq, token, logits[seq.row], eos, outputs)
         return outputs
+
+    def _append(self, seq: Sequence, token: int, logits: torch.Tensor, eos: set[int], outputs: list[StepOutput]) -> None:
+        """Record a sampled token; a request whose bookkeeping fails (its text cannot be decoded, say) is
+        finished with reason 'error' alone, and the others of the step go on."""
+        try:
+            out = seq.append(token, logits, eos, self.tokenizer)
+        except Exception as err:
+            self._fail([seq], err)
+            outputs.append(StepOutput(seq.request_id, [], True, "error"))
+            return
+        outputs.append(out)
+        self._retire_if_done(seq)
 
     def _recording(self, sequences: list[Sequence]) -> bool:
         return any(s.selections is not None for s in sequences)

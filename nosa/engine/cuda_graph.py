@@ -29,6 +29,11 @@ class GraphedDecode:
         self.active.copy_(active)
         if self.runner.store.version != self.store_version:
             self.graphs.clear()
+            # The dropped graphs were the pool's only users: PyTorch frees a private pool with its last
+            # graph, and capturing into a freed pool's id fails an internal assert (seen on the H200 when
+            # the server's host store grew). The next capture starts a new pool.
+            self.pool = None
+            self.warm.clear()
             self.store_version = self.runner.store.version
         if uniform in self.graphs:
             graph, logits = self.graphs[uniform]

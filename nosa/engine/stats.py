@@ -15,13 +15,13 @@ class EngineStats:
     counts as a hit);
     blocks_loaded_per_step: host->device block loads (per KV head) per decode step, all layers and rows;
     bytes_host_to_device: KV bytes gathered at decode and prefill install;
+    spill_hits_per_step: selected blocks per decode step that were served from the device cache beyond the
+    selection (`device_cache_blocks`) by a device copy (counted as hits in hit_rate_per_layer);
     locality_quota: the bound's loads per (layer, row, KV head) and decode step, one more on a step that
     enters a new block (`SparseAttentionConfig.locality_quota`; None: this attn_mode has no bound);
     has_locality_bound: whether this geometry meets the bound's condition (docs/locality.md);
     bound_violations_per_layer: (row, KV head) decode steps per layer that loaded more than the bound
-    allows (0 expected where has_locality_bound; None where there is no quota);
-    spill_hits_per_step: selected blocks per decode step that were served from the device cache beyond the
-    selection (`device_cache_blocks`) by a device copy (counted as hits in hit_rate_per_layer)."""
+    allows (0 expected where has_locality_bound; empty where there is no quota)."""
 
     decode_steps: int
     decode_tokens: int
@@ -31,10 +31,10 @@ class EngineStats:
     hit_rate_per_layer: list[float]
     blocks_loaded_per_step: float
     bytes_host_to_device: int
+    spill_hits_per_step: float = 0.0
     locality_quota: int | None = None
     has_locality_bound: bool = False
     bound_violations_per_layer: list[int] | None = None
-    spill_hits_per_step: float = 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -68,8 +68,8 @@ class EngineStats:
             f"{self.decode_tokens_per_s:.1f} tokens/s",
             f"  prefill: {self.prefill_tokens} tokens, {self.prefill_s:.3f} s, {self.prefill_tokens_per_s:.1f} tokens/s",
             f"  offload: hit rate per layer [{hits}], {self.blocks_loaded_per_step:.2f} blocks loaded per step, "
-            f"{self.bytes_host_to_device / 2**20:.2f} MiB host->device"
-            + (f", {self.spill_hits_per_step:.2f} spill hits per step" if self.spill_hits_per_step else ""),
+            f"{self.spill_hits_per_step:.2f} served per step from the device cache beyond the selection, "
+            f"{self.bytes_host_to_device / 2**20:.2f} MiB host->device",
             f"  {self._locality_line()})",
         ])
 
@@ -105,7 +105,7 @@ class StepClock:
             hit_rate_per_layer=[1.0 - float(l) / float(s) if s > 0 else 1.0 for l, s in zip(loaded, selected)],
             blocks_loaded_per_step=float(loaded.sum()) / steps if steps else 0.0,
             bytes_host_to_device=total_loaded * block_bytes,
+            spill_hits_per_step=float(runner.spill_hits.sum()) / steps if steps else 0.0,
             locality_quota=quota, has_locality_bound=config.sparse.has_locality_bound,
             bound_violations_per_layer=runner.over_bound.cpu().tolist() if quota is not None else None,
-            spill_hits_per_step=float(runner.spill_hits.sum()) / steps if steps else 0.0,
         )

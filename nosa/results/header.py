@@ -13,14 +13,17 @@ import torch
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout nosa is imported from (not of the current directory), or NOSA_COMMIT where the
-    code travelled without its git metadata."""
+    """NOSA_COMMIT when set (a copy of the tree on another machine may carry stale git metadata: the GPU
+    machine's copy reported the session's first commit for a run of a later tree), else HEAD of the
+    checkout nosa is imported from (not of the current directory)."""
+    if os.environ.get("NOSA_COMMIT"):
+        return os.environ["NOSA_COMMIT"]
     package_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         return subprocess.run(["git", "-C", package_dir, "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("NOSA_COMMIT")
+        return None
 
 
 def machine_header() -> dict:

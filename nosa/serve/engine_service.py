@@ -293,8 +293,10 @@ class EngineService:
             event = Event(list(out.token_ids), out.logprobs)
             if out.finished:
                 self._tracked.pop(out.request_id)
-                self.llm.output(out.request_id)  # collected, so the engine forgets it
+                result = self.llm.output(out.request_id)  # collected, so the engine forgets it
                 event.finished = True
+                if out.finish_reason == "error":
+                    event.error = result.error or "the engine dropped this request"
                 event.finish_reason = FINISH_REASONS.get(out.finish_reason, out.finish_reason)
             batch.append((tracked.choice, event))
         if batch:

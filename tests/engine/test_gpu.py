@@ -75,6 +75,21 @@ def test_cuda_graphs_equal_eager_with_the_default_kernels(mode):
     assert results[True, True] == results[True, False]
 
 
+def test_cuda_graphs_survive_the_host_store_growing_between_steps():
+    """Requests admitted one after another, each longer than the last, grow the offload store after the
+    decode graphs were captured (as a server's traffic does): the graphs are captured again in a new pool and
+    the tokens stay those of eager decoding. Before the fix the second capture failed an allocator assert."""
+    model = tiny_model("nosa", dtype=torch.bfloat16).cuda()
+    lengths = (3, 5, 30, 60)
+    results, versions = {}, {}
+    for graphs in (False, True):
+        llm = LLM(model, device="cuda", offload=True, cuda_graphs=graphs, max_model_len=128, max_num_seqs=1)
+        results[graphs] = [o.token_ids for o in llm.generate(prompts(lengths), GREEDY, use_tqdm=False)]
+        versions[graphs] = llm.store.version
+    assert versions[True] >= 2, "the store did not grow between requests: the test lost its point"
+    assert results[True] == results[False]
+
+
 def test_device_kv_does_not_grow_with_context_on_cuda():
     model = tiny_model("nosa").cuda()
     sizes = []

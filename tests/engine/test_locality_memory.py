@@ -70,14 +70,13 @@ def test_stats_repr_reads_as_a_summary():
 
     stats = EngineStats(decode_steps=10, decode_tokens=30, decode_s=0.5, prefill_tokens=64, prefill_s=0.25,
                         hit_rate_per_layer=[0.9, 0.75], blocks_loaded_per_step=1.5, bytes_host_to_device=3 << 20,
-                        locality_quota=2, has_locality_bound=True, bound_violations_per_layer=[0, 3],
-                        spill_hits_per_step=0.25)
+                        locality_quota=2, has_locality_bound=True, bound_violations_per_layer=[0, 3])
     text = repr(stats)
     for part in ("30 tokens in 10 steps", "60.0 tokens/s", "256.0 tokens/s", "[0.900 0.750]", "1.50 blocks loaded",
-                 "3.00 MiB", "0.25 spill hits", "<= 2 loads", "3 violations (per layer [0, 3])", "the bound is broken"):
+                 "3.00 MiB", "<= 2 loads", "3 violations (per layer [0, 3])", "the bound is broken"):
         assert part in text, (part, text)
     dense = EngineStats(0, 0, 0.0, 0, 0.0, [], 0.0, 0)
-    assert "locality bound: none" in repr(dense) and "0.0 tokens/s" in repr(dense) and "spill" not in repr(dense)
+    assert "locality bound: none" in repr(dense) and "0.0 tokens/s" in repr(dense)
 
 
 def test_infllmv2_is_not_bounded_the_same_way():
