@@ -2,7 +2,7 @@
 tl.sort; the tile now holds the window along its minor dimension for compress_keys too).
 
 Checks on the device: agnostic scores depend on a window's values only (bit for bit under any arrangement)
-and match the reference; compressed keys match the reference. Times both ops (triton.testing.do_bench,
+and match the reference (relative error); compressed keys match the reference (max abs error, bf16). Times both ops (triton.testing.do_bench,
 median ms) at a few lengths of the 8B shape (2 KV heads, head_dim 128, kernel 32, stride 16), with the
 bytes moved and the share of the HBM copy rate (4.27 TB/s, docs/gpu-box.md). Writes one JSON file.
 
@@ -30,7 +30,8 @@ def check(device) -> dict:
         as_tokens = lambda w: w.permute(0, 1, 3, 2).reshape(2, 64 * kernel, 2)  # noqa: E731
         means = ks.agnostic_chunk_scores(as_tokens(windows), kernel, kernel)
         found[f"agnostic_by_value_k{kernel}"] = bool(torch.equal(means, ks.agnostic_chunk_scores(as_tokens(shuffled), kernel, kernel)))
-        found[f"agnostic_vs_reference_k{kernel}"] = float((means - ref.agnostic_chunk_scores(as_tokens(windows), kernel, kernel)).abs().max())
+        want = ref.agnostic_chunk_scores(as_tokens(windows), kernel, kernel)
+        found[f"agnostic_vs_reference_rel_k{kernel}"] = float(((means - want).abs() / (1 + want.abs())).max())
     k = torch.randn(1, 1000, 2, 128, generator=g).to(device, torch.bfloat16)
     found["compress_vs_reference_bf16"] = float((ks.compress_keys(k, 32, 16).float() - ref.compress_keys(k, 32, 16).float()).abs().max())
     return found
