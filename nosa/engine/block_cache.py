@@ -22,8 +22,8 @@ K = topk_blocks in the sparse modes; in dense mode every block is selected, so K
 Only slot_k/slot_v scale with the selection; the small state scales with T / stride (compressed keys) and
 T x H floats (eviction scores), as the spec allows.
 
-One copy (`in_place`, offload off): the store itself is on the device, so slot_k / slot_v / the spill
-slots are not allocated (None) and decode attention reads the store's pages in place through
+One copy (`in_place`, offload off): the store itself is on the device, so slot_k / slot_v / spill_k /
+spill_v are not allocated (None; the spill tables are, see `spill_count`) and decode attention reads the store's pages in place through
   slot_page      [R, H, K]   int32  store page of each slot's block of the layer being run (-1 none);
                                      shared by the layers, rewritten by each layer's `ops.plan_in_place`
 The slot table keeps its meaning (same blocks in the same slots as with offload on, so the results are
@@ -61,12 +61,13 @@ class BlockCache:
         self.table = torch.full((L, R, H, K), -1, dtype=torch.int32, device=device)
         self.page_table = torch.full((R, self.max_blocks), -1, dtype=torch.int32, device=device)
         self.compressed = self.agnostic = self.agnostic_blocks = self.eviction = self.recent_keys = None
-        self.spill_blocks = self.spill_count(cfg, device_cache_blocks, in_place)
+        self.spill_blocks = self.spill_count(cfg, device_cache_blocks)
         self.spill_k = self.spill_v = self.spill_table = self.spill_stamp = None
         if self.spill_blocks:
             E = self.spill_blocks
-            self.spill_k = torch.zeros((L, R * E, bs, H, D), dtype=dtype, device=device)
-            self.spill_v = torch.zeros_like(self.spill_k)
+            if not in_place:
+                self.spill_k = torch.zeros((L, R * E, bs, H, D), dtype=dtype, device=device)
+                self.spill_v = torch.zeros_like(self.spill_k)
             self.spill_table = torch.full((L, R, H, E), -1, dtype=torch.int32, device=device)
             self.spill_stamp = torch.full((L, R, H, E), -1, dtype=torch.int32, device=device)
         if cfg.is_sparse:
@@ -82,10 +83,11 @@ class BlockCache:
         return cfg.topk_blocks if cfg.is_sparse else ops.num_blocks(max_model_len, cfg.block_size)
 
     @staticmethod
-    def spill_count(cfg: SparseAttentionConfig, device_cache_blocks: int | None, in_place: bool = False) -> int:
+    def spill_count(cfg: SparseAttentionConfig, device_cache_blocks: int | None) -> int:
         """Spill slots per (layer, row, KV head): device_cache_blocks (the blocks the device holds per
-        (layer, sequence, KV head), None: topk_blocks) minus the topk_blocks selection slots. Checked, then
-        0 in place (offload off): every block is already on the device."""
+        (layer, sequence, KV head), None: topk_blocks) minus the topk_blocks selection slots. In place
+        (offload off) only their tables exist: the bookkeeping runs so the slot tables, and the results,
+        equal offload on's bit for bit, and nothing is copied."""
         if device_cache_blocks is None:
             return 0
         if not cfg.is_sparse:
@@ -93,7 +95,7 @@ class BlockCache:
         if isinstance(device_cache_blocks, bool) or not isinstance(device_cache_blocks, int) or device_cache_blocks < cfg.topk_blocks:
             raise ValueError(f"device_cache_blocks must be an integer >= topk_blocks={cfg.topk_blocks} (the selection "
                              f"itself is always resident), got {device_cache_blocks!r}")
-        return 0 if in_place else device_cache_blocks - cfg.topk_blocks
+        return device_cache_blocks - cfg.topk_blocks
 
     @staticmethod
     def window_count(cfg: SparseAttentionConfig, max_model_len: int) -> int:
@@ -111,13 +113,13 @@ class BlockCache:
         L, H, D, bs = num_layers, num_kv_heads, head_dim, cfg.block_size
         slots = BlockCache.slot_count(cfg, max_model_len)
         windows = BlockCache.window_count(cfg, max_model_len)
-        spill = BlockCache.spill_count(cfg, device_cache_blocks, in_place)
+        spill = BlockCache.spill_count(cfg, device_cache_blocks)
         parts = {
             "kv_slots": 0 if in_place else 2 * L * slots * bs * H * D * elem,
             "tables": 4 * ((L + in_place) * H * slots + ops.num_blocks(max_model_len, bs)),
             "compressed_keys": L * (windows + cfg.compress_kernel) * H * D * elem if cfg.is_sparse else 0,
             "eviction_state": 4 * L * H * (windows + max_model_len + ops.num_blocks(max_model_len, bs)) if cfg.uses_eviction_head else 0,
-            "spill_slots": 2 * L * spill * bs * H * D * elem + 8 * L * H * spill,
+            "spill_slots": (0 if in_place else 2 * L * spill * bs * H * D * elem) + 8 * L * H * spill,
         }
         parts["total"] = sum(parts.values())
         return parts
@@ -141,7 +143,8 @@ class BlockCache:
         """The spill slots of one layer as `ops.spill_step` takes them (None without spill slots)."""
         if not self.spill_blocks:
             return None
-        return ops.SpillSlots(self.spill_table[layer], self.spill_stamp[layer], self.spill_k[layer], self.spill_v[layer], hits)
+        k, v = (None, None) if self.in_place else (self.spill_k[layer], self.spill_v[layer])
+        return ops.SpillSlots(self.spill_table[layer], self.spill_stamp[layer], k, v, hits)
 
     def slot_pages(self, layer: int, side: str) -> torch.Tensor:
         """The slot cache of one layer as pages [R*K, H, bs, D] (a view), the layout of host pages."""

@@ -306,7 +306,9 @@ class SpillSlots:
     selection, so a block that comes back within E evictions is copied on the device instead of loaded
     from the host. table: [R, H, E] int32 block per spill slot (-1 empty); stamp: [R, H, E] int32, the
     position at which that block left the selection (its last-selected step + 1); k, v: [R*E, bs, H, D]
-    (spill page r*E + e of row r); hits: [R, H] int64, blocks served from here at decode (active rows)."""
+    (spill page r*E + e of row r), or None with the one-copy path (offload off: the tables are kept, so
+    the slot tables equal offload on's, and nothing is copied); hits: [R, H] int64, blocks served from here
+    at decode (active rows)."""
 
     table: torch.Tensor
     stamp: torch.Tensor
@@ -383,14 +385,15 @@ def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tens
     row = torch.div(torch.arange(N, device=dev), H, rounding_mode="floor")[:, None]
     head = (torch.arange(N, device=dev, dtype=torch.int32) % H)[:, None].expand(N, K).reshape(-1).contiguous()
     gather = gather_blocks if gather is None else gather
-    slot_k, slot_v, spill_k, spill_v = (x.transpose(1, 2) for x in (slots.k, slots.v, spill.k, spill.v))  # [pages, H, bs, D]
 
     def entries(mask, src, dst):
         return torch.where(mask, src, -1).reshape(-1).to(torch.int32), torch.where(mask, dst, -1).reshape(-1).to(torch.int32)
 
-    gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_first, row * K + j_index, row * E + target), head)
-    gather(spill_k, spill_v, slot_k, slot_v, *entries(hit, row * E + src_e, row * K + dst_j), head)
-    gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_later, row * K + j_index, row * E + target), head)
+    if spill.k is not None:  # None: one copy (offload off), the blocks are read in place
+        slot_k, slot_v, spill_k, spill_v = (x.transpose(1, 2) for x in (slots.k, slots.v, spill.k, spill.v))  # [pages, H, bs, D]
+        gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_first, row * K + j_index, row * E + target), head)
+        gather(spill_k, spill_v, slot_k, slot_v, *entries(hit, row * E + src_e, row * K + dst_j), head)
+        gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_later, row * K + j_index, row * E + target), head)
     placed_block = torch.where(place, s[:, :, None], 0).sum(1, dtype=torch.int32)  # [N, slot]
     table.copy_(torch.where(receives, placed_block, t).view(R, H, K))
     inserted = (saved_first | saved_later)[:, :, None] & (target[:, :, None] == e_index)  # [N, slot, e]
