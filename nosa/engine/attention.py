@@ -22,6 +22,8 @@ so `cuda_graph.py` can capture the whole step.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from nosa import ops
@@ -70,7 +72,10 @@ class DecodeAttention(AttentionBackend):
         self.stage = ops.resolve("stage_window", slots.k)
         self.commit = ops.resolve("commit_window", slots.k)
         self.in_place = runner.cache.in_place
-        self.plan = ops.plan_in_place if self.in_place else ops.resolve("plan_step", slots, host, plan)
+        if self.in_place:
+            self.plan = functools.partial(ops.plan_in_place, diff=ops.resolve("diff_slot_tables", slots.table))
+        else:
+            self.plan = ops.resolve("plan_step", slots, host, plan)
         self.gather = ops.resolve("gather_blocks", host.k if self.in_place else slots.k, host.k)
         self.inputs = ops.resolve("attention_inputs", slots.table)
 

@@ -245,20 +245,23 @@ def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, 
     gather(slots.k.transpose(1, 2), slots.v.transpose(1, 2), host.k, host.v, src, dst, heads.reshape(-1).to(torch.int32).contiguous())
 
 
-def slot_table(table: torch.Tensor, selection: torch.Tensor | None, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+def slot_table(table: torch.Tensor, selection: torch.Tensor | None, positions: torch.Tensor, block_size: int,
+               diff=None) -> torch.Tensor:
     """The slot table after a selection, as `plan_step` leaves it: table [N, H, K] int32 and selection
     [N, H, K] (None: dense mode). Dense mode needs no diff: every visible block is selected, a new block is
     always the first free slot, so slot j holds block j (`all_visible`), and the K x K diff of a dense
-    table (K = every block of the context) is never built."""
+    table (K = every block of the context) is never built. diff: the `diff_slot_tables` implementation
+    (default this module's; a CUDA caller passes the kernel, one launch)."""
     N, H, K = table.shape
     if selection is None:
         return all_visible(positions, K, H, block_size)
-    new_table, _, _ = diff_slot_tables(table.reshape(N * H, K), selection.reshape(N * H, K))
+    diff = diff_slot_tables if diff is None else diff
+    new_table, _, _ = diff(table.reshape(N * H, K).contiguous(), selection.reshape(N * H, K).to(torch.int32).contiguous())
     return new_table.view(N, H, K)
 
 
 def plan_in_place(slots: LayerSlots, selection, token: StepTokens, host: HostPages, plan: LoadPlan,
-                  slot_page: torch.Tensor, scratch_page: int) -> None:
+                  slot_page: torch.Tensor, scratch_page: int, diff=None) -> None:
     """`plan_step` of the one-copy path (offload off): the store is on the device, so nothing is copied.
 
     slots.table is updated as `plan_step` updates it (the same slots, so attention reads the blocks in the
@@ -266,11 +269,12 @@ def plan_in_place(slots: LayerSlots, selection, token: StepTokens, host: HostPag
     of each slot's block (-1: none), what `decode_attention` reads through; the token is written straight
     into its block's page (rows without a page write into `scratch_page`, a store page no table names, so
     the padded step needs no mask and no host sync). loads are 0 (nothing moves); selected is counted as
-    in `plan_step`. slots.k / slots.v are not used (None)."""
+    in `plan_step`. slots.k / slots.v are not used (None). PyTorch ops on the tensors' device, no host
+    sync (graph-capturable); diff: as in `slot_table`."""
     table, page_table, positions, active = slots.table, slots.page_table, token.positions, token.active
     R, H, K = table.shape
     bs = host.k.shape[2]
-    new_table = slot_table(table, selection, positions, bs)
+    new_table = slot_table(table, selection, positions, bs, diff)
     table.copy_(new_table)
     rows = torch.arange(R, device=table.device)
     page = torch.gather(page_table, 1, new_table.clamp(0, page_table.shape[1] - 1).view(R, H * K).long()).view(R, H, K)

@@ -241,6 +241,25 @@ def test_engine_with_the_triton_bookkeeping_equals_the_reference_engine(mode):
     assert ref_stats.blocks_loaded_per_step == tri_stats.blocks_loaded_per_step
 
 
+def test_one_copy_engine_on_the_triton_kernels_equals_the_offloading_engine():
+    """Offload off (the store read in place through the paged decode kernel, the diff kernel in
+    `plan_in_place`) gives offload on's tokens and logits (slot decode kernel) bit for bit, the block ops
+    and decode attention on their Triton kernels under the interpreter."""
+    from nosa.engine import LLM, SamplingParams
+
+    from tests.helpers import engine_model as tiny_model
+
+    model = tiny_model("nosa", seed=5)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (7, 14)]  # crosses blocks 1->2, 3->4
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with ops.use_backend("triton", only=ops.BLOCK_OPS + ("decode_attention",)):
+        want, got = (LLM(model, device="cpu", offload=offload, max_model_len=32, max_num_seqs=2).generate(
+            prompts, params, use_tqdm=False, return_logits=True) for offload in (True, False))
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
+
+
 @pytest.mark.parametrize("dense", [False, True])
 def test_plan_in_place_leaves_plan_steps_table_and_writes_the_token_into_its_page(dense):
     """The one-copy path's plan (offload off): the slot table `plan_step` leaves, slot_page names the store
