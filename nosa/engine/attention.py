@@ -69,14 +69,15 @@ class DecodeAttention(AttentionBackend):
         runner = self.runner
         self.positions, self.active, self.uniform = positions, active, uniform
         slots, host, plan = runner.layer_slots[0], runner.layer_hosts[0], runner.load_plans[0]
-        self.stage = ops.resolve("stage_window", slots.k)
-        self.commit = ops.resolve("commit_window", slots.k)
+        # Resolved on the slot table, a device tensor in both paths (the one-copy path has no slots).
+        self.stage = ops.resolve("stage_window", slots.table)
+        self.commit = ops.resolve("commit_window", slots.table)
         self.in_place = runner.cache.in_place
         if self.in_place:
             self.plan = functools.partial(ops.plan_in_place, diff=ops.resolve("diff_slot_tables", slots.table))
         else:
             self.plan = ops.resolve("plan_step", slots, host, plan)
-        self.gather = ops.resolve("gather_blocks", host.k if self.in_place else slots.k, host.k)
+        self.gather = ops.resolve("gather_blocks", slots.table, host.k)
         self.inputs = ops.resolve("attention_inputs", slots.table)
 
     def attend(self, layer_idx, q, k, v, eviction):

@@ -23,7 +23,8 @@ Only slot_k/slot_v scale with the selection; the small state scales with T / str
 T x H floats (eviction scores), as the spec allows.
 
 One copy (`in_place`, offload off): the store itself is on the device, so slot_k / slot_v / spill_k /
-spill_v are not allocated (None; the spill tables are, see `spill_count`) and decode attention reads the store's pages in place through
+spill_v are not allocated (None; the spill tables are, see `spill_count`) and decode attention reads the
+store's pages in place through
   slot_page      [R, H, K]   int32  store page of each slot's block of the layer being run (-1 none);
                                      shared by the layers, rewritten by each layer's `ops.plan_in_place`
 The slot table keeps its meaning (same blocks in the same slots as with offload on, so the results are
