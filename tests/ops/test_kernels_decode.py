@@ -1,5 +1,7 @@
 """Triton decode attention over device slots against the reference, on CPU under the interpreter."""
 
+import functools
+
 import pytest
 import torch
 
@@ -52,19 +54,24 @@ def _paged_case(batch, h, d, slots, block, pages_count, dtype, seed=0):
     return pages_k, pages_v, table, valid, bias, k_slots, v_slots
 
 
-@pytest.mark.parametrize("kernel", [False, True], ids=["reference", "triton"])
-def test_paged_decode_reads_the_slots_in_place(kernel):
+@pytest.mark.parametrize("kernel,slots,splits,dtype", [
+    (False, 5, None, torch.float32), (True, 5, None, torch.float32),
+    (True, 20, 3, torch.float16),  # 320 slot tokens in three chunks of 128: chunks cut through blocks
+], ids=["reference", "triton", "triton-fp16-splits"])
+def test_paged_decode_reads_the_slots_in_place(kernel, slots, splits, dtype):
     """The one-copy path (offload off): reading the store's pages through a block table gives the slot
     path's result over the same values, bit for bit (same tokens, same order), in both implementations."""
-    pages_k, pages_v, table, valid, bias, k_slots, v_slots = _paged_case(2, 2, 64, 5, 16, 7, torch.float32)
-    q = torch.randn(2, 4, 64)
-    fn = kd.decode_attention if kernel else ref.decode_attention
+    pages_k, pages_v, table, valid, bias, k_slots, v_slots = _paged_case(2, 2, 64, slots, 16, 7, dtype)
+    q = torch.randn(2, 4, 64).to(dtype)
+    fn = functools.partial(kd.decode_attention, splits=splits) if kernel else ref.decode_attention
     slot_valid = ref.paged_valid(valid, table, 16)
     want = fn(q, k_slots, v_slots, bias, slot_valid)
     got = fn(q, pages_k, pages_v, bias, valid, table)
     assert torch.equal(got, want)
     if kernel:
-        torch.testing.assert_close(got, ref.decode_attention(q, pages_k, pages_v, bias, valid, table), atol=2e-5, rtol=2e-5)
+        tol = 2e-5 if dtype == torch.float32 else 2e-3
+        exact = ref.decode_attention(q.float(), pages_k.float(), pages_v.float(), bias, valid, table)
+        torch.testing.assert_close(got.float(), exact, atol=tol, rtol=tol)
 
 
 def test_paged_decode_shape_errors():
