@@ -14,7 +14,7 @@ set -uo pipefail
 COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 
 timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q tests/ops/test_kernels_gpu.py tests/engine/test_gpu.py \
-  -k "paged or offload_off or equals_model_forward or graphs_equal_eager or device_cache_and_trace" \
+  -k "paged or offload_off or equals_model_forward or graphs_equal_eager or device_cache_and_trace or gather_reads" \
   >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests exit $?"; tail -4 "$OUT/gpu_tests.log"
 

@@ -22,8 +22,6 @@ so `cuda_graph.py` can capture the whole step.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from nosa import ops
@@ -73,10 +71,7 @@ class DecodeAttention(AttentionBackend):
         self.stage = ops.resolve("stage_window", slots.table)
         self.commit = ops.resolve("commit_window", slots.table)
         self.in_place = runner.cache.in_place
-        if self.in_place:
-            self.plan = functools.partial(ops.plan_in_place, diff=ops.resolve("diff_slot_tables", slots.table))
-        else:
-            self.plan = ops.resolve("plan_step", slots, host, plan)
+        self.plan = ops.resolve("plan_in_place" if self.in_place else "plan_step", slots.table)
         self.gather = ops.resolve("gather_blocks", slots.table, host.k)
         self.inputs = ops.resolve("attention_inputs", slots.table)
 

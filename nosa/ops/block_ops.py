@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-DISPATCHED = ("diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "attention_inputs")
+DISPATCHED = ("diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "plan_in_place",
+              "attention_inputs")
 
 
 @dataclass(frozen=True)
@@ -269,8 +270,8 @@ def plan_in_place(slots: LayerSlots, selection, token: StepTokens, host: HostPag
     of each slot's block (-1: none), what `decode_attention` reads through; the token is written straight
     into its block's page (rows without a page write into `scratch_page`, a store page no table names, so
     the padded step needs no mask and no host sync). loads are 0 (nothing moves); selected is counted as
-    in `plan_step`. slots.k / slots.v are not used (None). PyTorch ops on the tensors' device, no host
-    sync (graph-capturable); diff: as in `slot_table`."""
+    in `plan_step`. slots.k / slots.v are not used (None). No host sync (graph-capturable); diff: as in
+    `slot_table` (the Triton kernel, one launch, diffs itself)."""
     table, page_table, positions, active = slots.table, slots.page_table, token.positions, token.active
     R, H, K = table.shape
     bs = host.k.shape[2]

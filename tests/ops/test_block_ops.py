@@ -260,11 +260,12 @@ def test_one_copy_engine_on_the_triton_kernels_equals_the_offloading_engine():
         assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("dense", [False, True])
-def test_plan_in_place_leaves_plan_steps_table_and_writes_the_token_into_its_page(dense):
-    """The one-copy path's plan (offload off): the slot table `plan_step` leaves, slot_page names the store
-    page of every slot's block, the token lands in its block's page (a free row's in the scratch page),
-    nothing is loaded and every other store token is unchanged."""
+def test_plan_in_place_leaves_plan_steps_table_and_writes_the_token_into_its_page(dense, impl):
+    """The one-copy path's plan (offload off), reference and kernel: the slot table `plan_step` leaves,
+    slot_page names the store page of every slot's block, the token lands in its block's page (a free
+    row's in the scratch page), nothing is loaded and every other store token is unchanged."""
     g = torch.Generator().manual_seed(11)
     base = _plan_inputs(dense, g)
     R, H, K = base["table"].shape
@@ -285,7 +286,8 @@ def test_plan_in_place_leaves_plan_steps_table_and_writes_the_token_into_its_pag
                         ops.HostPages(want["store_k"], want["store_v"]), ref_plan)
     x = {name: (t.clone() if isinstance(t, torch.Tensor) else t) for name, t in base.items()}
     got_plan, slot_page = plan(x), torch.full((R, H, K), -7, dtype=torch.int32)
-    ops.plan_in_place(ops.LayerSlots(x["table"], None, None, x["page_table"]), x["selection"],
+    (block_ops if impl == "reference" else kernels).plan_in_place(
+                      ops.LayerSlots(x["table"], None, None, x["page_table"]), x["selection"],
                       ops.StepTokens(x["positions"], x["active"], x["k"], x["v"]),
                       ops.HostPages(x["store_k"], x["store_v"]), got_plan, slot_page, scratch)
     assert torch.equal(x["table"], want["table"]) and torch.equal(got_plan.selected, ref_plan.selected)
