@@ -19,7 +19,8 @@ Two modes:
 - fixed batch (default): every configuration decodes `--batch` sequences, whatever device memory it needs.
 - equal device memory (`--equal-memory-dense-batch N`, spec sec. 7, the paper's claim): every configuration
   gets the SAME `gpu_memory_budget`, the bytes the engine's own accounting (`LLM.device_bytes`) charges
-  dense attention with all KV on the device for N sequences at this prompt length, and runs the largest
+  dense attention with all KV on the device (one copy: offload off reads the device store in place) for N
+  sequences at this prompt length, and runs the largest
   batch the engine admits under that budget (capped by `--max-batch`). The batch is whatever
   `LLM(gpu_memory_budget=...)` decides, never computed here.
 """
@@ -63,9 +64,6 @@ def register(subparsers) -> None:
     p.add_argument("--traces", default=None, metavar="FILE[,FILE]",
                    help="trace-driven: sparse configs replay these selection traces (.npz, nosa.results.traces), "
                         "each file serving the configs of its attn_mode")
-    p.add_argument("--single-copy-dense", action="store_true",
-                   help="equal-memory mode: also run dense on the GPU at the batch one copy of its KV would fit "
-                        "in the budget (the engine keeps dense KV twice on the device: store + slots)")
     p.set_defaults(func=main)
 
 
@@ -297,20 +295,12 @@ def parse_configs(spec: str):
 def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, models: dict, traces: dict) -> None:
     """One comparison (fixed batch, or equal device memory), written to bench/results/<name>.json."""
     from nosa.engine import LLM
-    from nosa.engine.block_cache import BlockCache
 
     configs = parse_configs(spec)
     max_len = args.prompt + decode_steps(args)
     budget = equal_memory_budget(args, max_len) if equal_memory else None
     if equal_memory:
         print(f"equal device memory: {budget / 2**20:.1f} MiB for every config (dense on GPU, batch {args.equal_memory_dense_batch})")
-        if args.single_copy_dense:
-            # Not what the engine admits: a labelled extra row, so the double copy's cost can be read off.
-            model_config = make_config("dense", args.layers, max_len)
-            row, workspace = LLM.device_bytes(model_config, torch.bfloat16, False, max_len)
-            kv = row - BlockCache.row_bytes(args.layers, model_config.num_key_value_heads, model_config.head_dim,
-                                            torch.bfloat16, model_config.sparse, max_len)["kv_slots"]
-            configs.append(("dense", False, False, None, min(args.max_batch, (budget - workspace) // kv)))
     parameters = {"shape": "8B layer shape (spec sec. 8)", **SHAPE_8B, "layers": args.layers, "layers_of_8b": 32,
                   "prompt_tokens": args.prompt, "timed_steps": args.steps, "warmup_steps": args.warmup,
                   "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
@@ -340,14 +330,12 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         print(f"wrote {path}{'' if complete else ' (partial)'}", flush=True)
 
     runs = []
-    for mode, offload, eager, cache_blocks, *forced in configs:
+    for mode, offload, eager, cache_blocks in configs:
         if mode not in models:
             models[mode] = make_model(mode, args.layers, max_len)  # weights are read-only: shared by the suites
         model = models[mode]
         graphs = not (args.no_cuda_graphs or eager)
-        if forced:
-            llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=forced[0], cuda_graphs=graphs)
-        elif equal_memory:
+        if equal_memory:
             # The engine decides the batch: the largest number of rows its accounting fits in the budget.
             llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.max_batch,
                       gpu_memory_budget=budget, cuda_graphs=graphs, device_cache_blocks=cache_blocks)
@@ -363,9 +351,10 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
             selection = f"trace-driven: {traces[mode][1]['trace_file']}"
         run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
                "selection": selection, "device_cache_blocks": llm.cache.slots + llm.cache.spill_blocks if mode != "dense" else None,
-               "batch_from": "fixed" if not equal_memory else ("single-copy dense (not engine-admitted)" if forced else "engine budget"),
+               "batch_from": "fixed" if not equal_memory else "engine budget",
                **time_decode(llm, running, args.warmup, args.steps),
-               "device_kv_bytes_per_seq": llm.cache.allocated_bytes()["kv_slots"] // batch,
+               # Offload off: the device store is the one copy of the KV (no slots); on: the selection slots.
+               "device_kv_bytes_per_seq": (llm.cache.allocated_bytes()["kv_slots"] + (0 if offload else llm.store.capacity_bytes)) // batch,
                "device_bytes_per_row_charged": row_bytes, "device_workspace_bytes_charged": workspace,
                "device_bytes_charged": workspace + batch * row_bytes,
                "host_store_bytes": llm.store.allocated_bytes if offload else 0,

@@ -13,6 +13,9 @@
      host->device copies to make, the token appended to its block;
   4. `gather_blocks`: one launch for every miss of the batch (Triton reading pinned host memory on CUDA);
   5. `attention_inputs` and `decode_attention` over the row's slots.
+With offload off the store is on the device and holds the only copy (`BlockCache.in_place`): step 3 is
+`plan_in_place` (the same slot table, the store page of each slot, the token written into its page), step
+4 is skipped, and `decode_attention` reads the pages in place through that block table.
 Every tensor it touches is a static buffer of the runner or the cache, and nothing syncs with the host,
 so `cuda_graph.py` can capture the whole step.
 """
@@ -64,11 +67,13 @@ class DecodeAttention(AttentionBackend):
         runner = self.runner
         self.positions, self.active, self.uniform = positions, active, uniform
         slots, host, plan = runner.layer_slots[0], runner.layer_hosts[0], runner.load_plans[0]
-        self.stage = ops.resolve("stage_window", slots.k)
-        self.commit = ops.resolve("commit_window", slots.k)
-        self.plan = ops.resolve("plan_step", slots, host, plan)
-        self.gather = ops.resolve("gather_blocks", slots.k, host.k)
-        self.inputs = ops.resolve("attention_inputs", slots.k)
+        # Resolved on the slot table, a device tensor in both paths (the one-copy path has no slots).
+        self.stage = ops.resolve("stage_window", slots.table)
+        self.commit = ops.resolve("commit_window", slots.table)
+        self.in_place = runner.cache.in_place
+        self.plan = ops.resolve("plan_in_place" if self.in_place else "plan_step", slots.table)
+        self.gather = ops.resolve("gather_blocks", slots.table, host.k)
+        self.inputs = ops.resolve("attention_inputs", slots.table)
 
     def attend(self, layer_idx, q, k, v, eviction):
         runner, l, positions = self.runner, layer_idx, self.positions
@@ -100,7 +105,15 @@ class DecodeAttention(AttentionBackend):
             # The device cache beyond the selection: spilled misses come back by a device copy, blocks
             # leaving the selection are kept; what is still missing, `plan` loads from the host.
             ops.spill_step(slots, selection, positions, self.active, spill, gather=self.gather)
-        self.plan(slots, selection, ops.StepTokens(positions, self.active, k[:, 0], v[:, 0]), host, plan)
+        token = ops.StepTokens(positions, self.active, k[:, 0], v[:, 0])
+        if self.in_place:
+            # One copy (offload off): the store is on the device; attention reads the selected pages in
+            # place through cache.slot_page, and the token went straight into its page.
+            self.plan(slots, selection, token, host, plan, cache.slot_page, runner.store.scratch_page)
+            self.inputs(slots.table, positions, state, runner.valid, runner.bias, cache.block_size)
+            out = ops.decode_attention(q[:, 0], host.k, host.v, runner.bias, runner.valid, cache.slot_page)
+            return out[:, None]
+        self.plan(slots, selection, token, host, plan)
         # One launch for every miss of the batch. It cannot overlap this layer's compute: what it loads is
         # known only once this layer's query has selected, and the attention right after reads it.
         self.gather(host.k, host.v, cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), plan.src_page, plan.dst_page, plan.head)

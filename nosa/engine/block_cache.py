@@ -21,6 +21,14 @@ A row is one running sequence. For every layer the device holds (spec sec. 6):
 K = topk_blocks in the sparse modes; in dense mode every block is selected, so K = NB.
 Only slot_k/slot_v scale with the selection; the small state scales with T / stride (compressed keys) and
 T x H floats (eviction scores), as the spec allows.
+
+One copy (`in_place`, offload off): the store itself is on the device, so slot_k / slot_v / spill_k /
+spill_v are not allocated (None; the spill tables are, see `spill_count`) and decode attention reads the
+store's pages in place through
+  slot_page      [R, H, K]   int32  store page of each slot's block of the layer being run (-1 none);
+                                     shared by the layers, rewritten by each layer's `ops.plan_in_place`
+The slot table keeps its meaning (same blocks in the same slots as with offload on, so the results are
+equal bit for bit); the device then holds the KV once.
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ from nosa.config import SparseAttentionConfig
 class BlockCache:
     def __init__(self, num_layers: int, rows: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, cfg: SparseAttentionConfig, max_model_len: int,
-                 device_cache_blocks: int | None = None):
+                 device_cache_blocks: int | None = None, in_place: bool = False):
         self.cfg = cfg
+        self.in_place = in_place
         self.rows = rows
         self.num_kv_heads = num_kv_heads
         self.block_size = cfg.block_size
@@ -43,8 +52,13 @@ class BlockCache:
         self.slots = self.slot_count(cfg, max_model_len)
         self.num_windows = self.window_count(cfg, max_model_len)
         L, R, H, D, K, bs = num_layers, rows, num_kv_heads, head_dim, self.slots, cfg.block_size
-        self.slot_k = torch.zeros((L, R * K, bs, H, D), dtype=dtype, device=device)
-        self.slot_v = torch.zeros_like(self.slot_k)
+        self.device, self.dtype, self.head_dim = device, dtype, head_dim
+        self.slot_k = self.slot_v = self.slot_page = None
+        if in_place:
+            self.slot_page = torch.full((R, H, K), -1, dtype=torch.int32, device=device)
+        else:
+            self.slot_k = torch.zeros((L, R * K, bs, H, D), dtype=dtype, device=device)
+            self.slot_v = torch.zeros_like(self.slot_k)
         self.table = torch.full((L, R, H, K), -1, dtype=torch.int32, device=device)
         self.page_table = torch.full((R, self.max_blocks), -1, dtype=torch.int32, device=device)
         self.compressed = self.agnostic = self.agnostic_blocks = self.eviction = self.recent_keys = None
@@ -52,8 +66,9 @@ class BlockCache:
         self.spill_k = self.spill_v = self.spill_table = self.spill_stamp = None
         if self.spill_blocks:
             E = self.spill_blocks
-            self.spill_k = torch.zeros((L, R * E, bs, H, D), dtype=dtype, device=device)
-            self.spill_v = torch.zeros_like(self.spill_k)
+            if not in_place:
+                self.spill_k = torch.zeros((L, R * E, bs, H, D), dtype=dtype, device=device)
+                self.spill_v = torch.zeros_like(self.spill_k)
             self.spill_table = torch.full((L, R, H, E), -1, dtype=torch.int32, device=device)
             self.spill_stamp = torch.full((L, R, H, E), -1, dtype=torch.int32, device=device)
         if cfg.is_sparse:
@@ -71,7 +86,9 @@ class BlockCache:
     @staticmethod
     def spill_count(cfg: SparseAttentionConfig, device_cache_blocks: int | None) -> int:
         """Spill slots per (layer, row, KV head): device_cache_blocks (the blocks the device holds per
-        (layer, sequence, KV head), None: topk_blocks) minus the topk_blocks selection slots."""
+        (layer, sequence, KV head), None: topk_blocks) minus the topk_blocks selection slots. In place
+        (offload off) only their tables exist: the bookkeeping runs so the slot tables, and the results,
+        equal offload on's bit for bit, and nothing is copied."""
         if device_cache_blocks is None:
             return 0
         if not cfg.is_sparse:
@@ -89,19 +106,21 @@ class BlockCache:
 
     @staticmethod
     def row_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                  cfg: SparseAttentionConfig, max_model_len: int, device_cache_blocks: int | None = None) -> dict:
-        """Device bytes of one row, by part (what `BlockCache` allocates per row)."""
+                  cfg: SparseAttentionConfig, max_model_len: int, device_cache_blocks: int | None = None,
+                  in_place: bool = False) -> dict:
+        """Device bytes of one row, by part (what `BlockCache` allocates per row; in place: no KV slots,
+        the store's pages, charged by the budget, are the one copy)."""
         elem = torch.empty((), dtype=dtype).element_size()
         L, H, D, bs = num_layers, num_kv_heads, head_dim, cfg.block_size
         slots = BlockCache.slot_count(cfg, max_model_len)
         windows = BlockCache.window_count(cfg, max_model_len)
         spill = BlockCache.spill_count(cfg, device_cache_blocks)
         parts = {
-            "kv_slots": 2 * L * slots * bs * H * D * elem,
-            "tables": 4 * (L * H * slots + ops.num_blocks(max_model_len, bs)),
+            "kv_slots": 0 if in_place else 2 * L * slots * bs * H * D * elem,
+            "tables": 4 * ((L + in_place) * H * slots + ops.num_blocks(max_model_len, bs)),
             "compressed_keys": L * (windows + cfg.compress_kernel) * H * D * elem if cfg.is_sparse else 0,
             "eviction_state": 4 * L * H * (windows + max_model_len + ops.num_blocks(max_model_len, bs)) if cfg.uses_eviction_head else 0,
-            "spill_slots": 2 * L * spill * bs * H * D * elem + 8 * L * H * spill,
+            "spill_slots": (0 if in_place else 2 * L * spill * bs * H * D * elem) + 8 * L * H * spill,
         }
         parts["total"] = sum(parts.values())
         return parts
@@ -113,7 +132,7 @@ class BlockCache:
 
         parts = {
             "kv_slots": size(self.slot_k, self.slot_v),
-            "tables": size(self.table, self.page_table),
+            "tables": size(self.table, self.page_table, self.slot_page),
             "compressed_keys": size(self.compressed, self.recent_keys),
             "eviction_state": size(self.agnostic, self.agnostic_blocks, self.eviction),
             "spill_slots": size(self.spill_k, self.spill_v, self.spill_table, self.spill_stamp),
@@ -125,16 +144,23 @@ class BlockCache:
         """The spill slots of one layer as `ops.spill_step` takes them (None without spill slots)."""
         if not self.spill_blocks:
             return None
-        return ops.SpillSlots(self.spill_table[layer], self.spill_stamp[layer], self.spill_k[layer], self.spill_v[layer], hits)
+        k, v = (None, None) if self.in_place else (self.spill_k[layer], self.spill_v[layer])
+        return ops.SpillSlots(self.spill_table[layer], self.spill_stamp[layer], k, v, hits)
 
     def slot_pages(self, layer: int, side: str) -> torch.Tensor:
         """The slot cache of one layer as pages [R*K, H, bs, D] (a view), the layout of host pages."""
+        self._needs_slots()
         return (self.slot_k if side == "k" else self.slot_v)[layer].transpose(1, 2)
 
     def row_view(self, layer: int, side: str) -> torch.Tensor:
         """[R, K*bs, H, D] view: what `decode_attention` reads."""
+        self._needs_slots()
         t = (self.slot_k if side == "k" else self.slot_v)[layer]
         return t.view(self.rows, self.slots * self.block_size, t.shape[-2], t.shape[-1])
+
+    def _needs_slots(self) -> None:
+        if self.in_place:
+            raise RuntimeError("this cache reads the store in place (offload off): it has no slot pages")
 
     def reset_row(self, row: int, pages: list[int]) -> None:
         """Give row `row` to a new sequence whose block b lives in host page pages[b]."""

@@ -39,16 +39,20 @@ def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
                  device_cache_blocks: int | None = None) -> tuple[int, int]:
     """(bytes per row, fixed workspace bytes) that `gpu_memory_budget` is charged: the engine admits
     min(max_num_seqs, (budget - workspace) // row) rows. A device cache beyond the selection
-    (device_cache_blocks > topk_blocks) is charged per row like the selection slots."""
+    (device_cache_blocks > topk_blocks) is charged per row like the selection slots (with offload on; off,
+    every block is on the device and it allocates nothing)."""
     cfg, L = config.sparse, config.num_hidden_layers
     H, D = config.num_key_value_heads, config.head_dim
     elem = torch.empty((), dtype=dtype).element_size()
-    row_bytes = BlockCache.row_bytes(L, H, D, dtype, cfg, max_model_len, device_cache_blocks)["total"]
-    if not offload:
-        # The store lives on the device: a full sequence per row.
-        row_bytes += ops.num_blocks(max_model_len, cfg.block_size) * HostStore.page_bytes(L, H, cfg.block_size, D, dtype)
+    row_bytes = BlockCache.row_bytes(L, H, D, dtype, cfg, max_model_len, device_cache_blocks, in_place=not offload)["total"]
     # Prefill keeps one prompt's K/V (and eviction scores) of every layer on the device at a time.
     workspace = L * max_model_len * H * (2 * D * elem + 4)
+    if not offload:
+        # The store lives on the device and is the one copy of the KV (attention reads it in place): a
+        # full sequence per row, and once the scratch page the padded decode step's free rows write into.
+        page = HostStore.page_bytes(L, H, cfg.block_size, D, dtype)
+        row_bytes += ops.num_blocks(max_model_len, cfg.block_size) * page
+        workspace += page
     return row_bytes, workspace
 
 

@@ -49,7 +49,9 @@ class EngineCore:
         self.memory = plan_memory(config, dtype, offload, max_model_len, max_num_seqs, gpu_memory_budget, host_memory_budget,
                                   device_cache_blocks)
         self.store = HostStore(L, self.memory.host_pages, H, cfg.block_size, D, dtype, device, offload)
-        self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len, device_cache_blocks)
+        # Offload off: the store is on the device and attention reads it in place (one copy of the KV).
+        self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len, device_cache_blocks,
+                                in_place=not offload)
         self.runner = ModelRunner(model, self.cache, self.store, prefill_chunk)
         self.graphed = GraphedDecode(self.runner) if (cuda_graphs and device.type == "cuda") else None
         self._graphs_enabled = True

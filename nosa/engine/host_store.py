@@ -10,7 +10,9 @@ requests are admitted (geometrically, page indices kept), each growth checked ag
 machine has available, so a budget larger than the machine fails with a message when the pages are
 actually needed instead of an allocation error at start. `version` counts the reallocations: whoever holds
 views of `k` / `v` (the runner, captured CUDA graphs) rebuilds them when it changes. With offload off the
-store is device memory that the device budget already charged, and is allocated whole at start.
+store is device memory that the device budget already charged, allocated whole (and zeroed) at start: it
+is the only copy of the KV, which decode attention reads in place (`ops.plan_in_place`), plus one scratch
+page (`scratch_page`, never given out) that the padded decode step's rows without pages write into.
 """
 
 from __future__ import annotations
@@ -56,13 +58,16 @@ class HostStore:
         # Pinned memory is what makes the zero-copy gather possible (pageable memory runs ~3x slower).
         self._pin = offload and device.type == "cuda"
         # One page to start with (a real, pinned allocation), the rest as requests are admitted.
-        self.k, self.v = self._empty(min(num_pages, 1) if offload else num_pages)
-        self._free = list(range(self.allocated_pages - 1, -1, -1))
+        self.k, self.v = self._empty(min(num_pages, 1) if offload else num_pages + 1)
+        self.scratch_page = None if offload else num_pages
+        self._free = list(range((self.allocated_pages if offload else num_pages) - 1, -1, -1))
 
     def _empty(self, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.num_layers, pages) + self._page_shape
         if not self.offload:
-            return torch.empty(shape, dtype=self.dtype, device=self.device), torch.empty(shape, dtype=self.dtype, device=self.device)
+            # Zeroed: attention reads a tail page's unwritten tokens (masked, weight 0), and 0 x NaN of
+            # uninitialised memory would not be 0. The slot path's pages only ever held written tokens.
+            return torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device)
         return (torch.empty(shape, dtype=self.dtype, pin_memory=self._pin),
                 torch.empty(shape, dtype=self.dtype, pin_memory=self._pin))
 

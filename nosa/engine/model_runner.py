@@ -26,10 +26,10 @@ class ModelRunner:
         self.cache = cache
         self.store = store
         self.prefill_chunk = prefill_chunk
-        self.device = cache.slot_k.device
-        self.dtype = cache.slot_k.dtype
+        self.device = cache.device
+        self.dtype = cache.dtype
         L = len(model.model.layers)
-        R, H, K, bs, D = cache.rows, cache.num_kv_heads, cache.slots, cache.block_size, cache.slot_k.shape[-1]
+        R, H, K, bs, D = cache.rows, cache.num_kv_heads, cache.slots, cache.block_size, cache.head_dim
         # Static per-step buffers, so the step allocates nothing and a captured graph reads and writes fixed
         # addresses. The gather entries are shared by the layers (stream order separates their uses); the
         # counters are per layer: blocks loaded this step, and, read once at the end (no per-step sync),
@@ -41,7 +41,9 @@ class ModelRunner:
         self.selected_rh = torch.zeros((L, R, H), dtype=torch.int64, device=self.device)
         self.load_plans = [ops.LoadPlan(shared.src_page, shared.dst_page, shared.head, self.step_loads[l],
                                         self.loaded_rh[l], self.selected_rh[l]) for l in range(L)]
-        self.layer_slots = [ops.LayerSlots(cache.table[l], cache.slot_k[l], cache.slot_v[l], cache.page_table) for l in range(L)]
+        # One copy (offload off): no slots; attention reads the store's pages through cache.slot_page.
+        self.layer_slots = [ops.LayerSlots(cache.table[l], None if cache.in_place else cache.slot_k[l],
+                                           None if cache.in_place else cache.slot_v[l], cache.page_table) for l in range(L)]
         # Blocks served from the device cache beyond the selection, per (layer, row, head) (active rows).
         self.spill_hits_rh = torch.zeros((L, R, H), dtype=torch.int64, device=self.device)
         self.layer_spills = [cache.layer_spill(l, self.spill_hits_rh[l]) for l in range(L)]
@@ -112,7 +114,7 @@ class ModelRunner:
         cfg, cache = self.cfg, self.cache
         length = len(token_ids)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)[None]
-        L, H, D = len(self.model.model.layers), cache.num_kv_heads, cache.slot_k.shape[-1]
+        L, H, D = len(self.model.model.layers), cache.num_kv_heads, cache.head_dim
         keys = torch.empty((L, 1, length, H, D), dtype=self.dtype, device=self.device)
         values = torch.empty_like(keys)
         evictions = torch.empty((L, 1, length, H), dtype=torch.float32, device=self.device) if cfg.uses_eviction_head else None
@@ -165,6 +167,15 @@ class ModelRunner:
         (row, head) [n, H]."""
         cache = self.cache
         n, H, K = selection.shape
+        if cache.in_place:
+            # One copy (offload off): the blocks are already on the device; only the slot table is set, as
+            # below (so decode fills the slots as with offload on). Nothing is loaded. Dense mode's
+            # selection (`all_visible`: ascending, -1 at the end) is what the diff of an empty table gives.
+            selection = selection.to(torch.int32)
+            if self.cfg.is_sparse:
+                selection = ops.diff_slot_tables(cache.table[l, rows].reshape(n * H, K), selection.reshape(n * H, K))[0]
+            cache.table[l, rows] = selection.view(n, H, K)
+            return torch.zeros((n, H), dtype=torch.int64, device=self.device)
         table = cache.table[l, rows].reshape(n * H, K)
         flat = selection.reshape(n * H, K).to(torch.int32)
         new_table, miss_block, miss_slot = ops.diff_slot_tables(table, flat)

@@ -4,7 +4,8 @@ reference elsewhere.
 Every public op here has the signature of its reference: the model's ops in `nosa.ops.reference`, the
 decode step's block-cache ops (slot-table diff, gather, window staging and commit, slot plan, attention
 inputs) in `nosa.ops.block_ops`. `spill_step` (the device cache beyond the selection) is PyTorch ops only,
-on whatever device its tensors are, taking the dispatched gather for its copies. `use_backend("reference" | "triton" | "auto", only=None)` overrides
+on whatever device its tensors are, taking the dispatched gather for its copies. `plan_in_place` is
+`plan_step` of the one-copy path (offload off), where nothing is copied. `use_backend("reference" | "triton" | "auto", only=None)` overrides
 the choice (tests compare both paths). `select_rows` is the engine's one selection entry point
 (`nosa.ops.selection`), built on the dispatched scoring and selection ops.
 """
@@ -12,7 +13,8 @@ the choice (tests compare both paths). `select_rows` is the engine's one selecti
 from __future__ import annotations
 
 from nosa.ops import block_ops, reference
-from nosa.ops.block_ops import HostPages, LayerSlots, LoadPlan, SpillSlots, StepTokens, all_visible, spill_step
+from nosa.ops.block_ops import (HostPages, LayerSlots, LoadPlan, SpillSlots, StepTokens, all_visible, slot_table,
+                                spill_step)
 from nosa.ops.dispatch import BACKENDS, current_backend, dispatched, register_kernel, resolve, use_backend
 from nosa.ops.util import ceil_div, num_blocks
 
@@ -33,6 +35,7 @@ gather_blocks = dispatched("gather_blocks")
 stage_window = dispatched("stage_window")
 commit_window = dispatched("commit_window")
 plan_step = dispatched("plan_step")
+plan_in_place = dispatched("plan_in_place")
 attention_inputs = dispatched("attention_inputs")
 BLOCK_OPS = block_ops.DISPATCHED
 
@@ -43,5 +46,5 @@ __all__ = [
     "compress_keys", "agnostic_chunk_scores", "query_aware_chunk_scores", "pool_to_blocks", "query_aware_block_scores",
     "select_blocks", "select_for_queries", "sparse_attention", "nosa_attention", "decode_attention",
     "diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "attention_inputs", "all_visible",
-    "HostPages", "LayerSlots", "LoadPlan", "StepTokens", "SpillSlots", "spill_step", "select_rows", "ceil_div", "num_blocks",
+    "HostPages", "LayerSlots", "LoadPlan", "StepTokens", "SpillSlots", "spill_step", "plan_in_place", "slot_table", "select_rows", "ceil_div", "num_blocks",
 ]

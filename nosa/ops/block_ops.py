@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-DISPATCHED = ("diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "attention_inputs")
+DISPATCHED = ("diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "plan_in_place",
+              "attention_inputs")
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,51 @@ def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, 
     gather(slots.k.transpose(1, 2), slots.v.transpose(1, 2), host.k, host.v, src, dst, heads.reshape(-1).to(torch.int32).contiguous())
 
 
+def slot_table(table: torch.Tensor, selection: torch.Tensor | None, positions: torch.Tensor, block_size: int,
+               diff=None) -> torch.Tensor:
+    """The slot table after a selection, as `plan_step` leaves it: table [N, H, K] int32 and selection
+    [N, H, K] (None: dense mode). Dense mode needs no diff: every visible block is selected, a new block is
+    always the first free slot, so slot j holds block j (`all_visible`), and the K x K diff of a dense
+    table (K = every block of the context) is never built. diff: the `diff_slot_tables` implementation
+    (default this module's; a CUDA caller passes the kernel, one launch)."""
+    N, H, K = table.shape
+    if selection is None:
+        return all_visible(positions, K, H, block_size)
+    diff = diff_slot_tables if diff is None else diff
+    new_table, _, _ = diff(table.reshape(N * H, K).contiguous(), selection.reshape(N * H, K).to(torch.int32).contiguous())
+    return new_table.view(N, H, K)
+
+
+def plan_in_place(slots: LayerSlots, selection, token: StepTokens, host: HostPages, plan: LoadPlan,
+                  slot_page: torch.Tensor, scratch_page: int, diff=None) -> None:
+    """`plan_step` of the one-copy path (offload off): the store is on the device, so nothing is copied.
+
+    slots.table is updated as `plan_step` updates it (the same slots, so attention reads the blocks in the
+    same order and the result equals offload on bit for bit); slot_page [R, H, K] int32 gets the store page
+    of each slot's block (-1: none), what `decode_attention` reads through; the token is written straight
+    into its block's page (rows without a page write into `scratch_page`, a store page no table names, so
+    the padded step needs no mask and no host sync). loads are 0 (nothing moves); selected is counted as
+    in `plan_step`. slots.k / slots.v are not used (None). No host sync (graph-capturable); diff: as in
+    `slot_table` (the Triton kernel, one launch, diffs itself)."""
+    table, page_table, positions, active = slots.table, slots.page_table, token.positions, token.active
+    R, H, K = table.shape
+    bs = host.k.shape[2]
+    new_table = slot_table(table, selection, positions, bs, diff)
+    table.copy_(new_table)
+    rows = torch.arange(R, device=table.device)
+    page = torch.gather(page_table, 1, new_table.clamp(0, page_table.shape[1] - 1).view(R, H * K).long()).view(R, H, K)
+    slot_page.copy_(torch.where(new_table >= 0, page, -1))
+    plan.loads.zero_()
+    plan.selected.add_(((new_table if selection is None else selection) >= 0).sum(-1) * active[:, None])
+    own = torch.div(positions, bs, rounding_mode="floor")
+    own_page = page_table[rows, own.clamp(max=page_table.shape[1] - 1)].long()  # [R]
+    own_page = torch.where(own_page >= 0, own_page, scratch_page)[:, None].expand(R, H)
+    heads = torch.arange(H, device=table.device)[None].expand(R, H)
+    at = torch.remainder(positions, bs)[:, None].expand(R, H)
+    host.k[own_page, heads, at] = token.k.to(host.k.dtype)
+    host.v[own_page, heads, at] = token.v.to(host.v.dtype)
+
+
 def attention_inputs(table, positions, eviction, valid, bias, block_size: int) -> None:
     """valid [R, K*bs, H] bool: slot token s of head h belongs to a selected block at a position <= the
     query's; bias [R, K*bs, H] float32 (or None): its eviction score c, 0 where not valid.
@@ -265,7 +311,9 @@ class SpillSlots:
     selection, so a block that comes back within E evictions is copied on the device instead of loaded
     from the host. table: [R, H, E] int32 block per spill slot (-1 empty); stamp: [R, H, E] int32, the
     position at which that block left the selection (its last-selected step + 1); k, v: [R*E, bs, H, D]
-    (spill page r*E + e of row r); hits: [R, H] int64, blocks served from here at decode (active rows)."""
+    (spill page r*E + e of row r), or None with the one-copy path (offload off: the tables are kept, so
+    the slot tables equal offload on's, and nothing is copied); hits: [R, H] int64, blocks served from here
+    at decode (active rows)."""
 
     table: torch.Tensor
     stamp: torch.Tensor
@@ -342,14 +390,15 @@ def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tens
     row = torch.div(torch.arange(N, device=dev), H, rounding_mode="floor")[:, None]
     head = (torch.arange(N, device=dev, dtype=torch.int32) % H)[:, None].expand(N, K).reshape(-1).contiguous()
     gather = gather_blocks if gather is None else gather
-    slot_k, slot_v, spill_k, spill_v = (x.transpose(1, 2) for x in (slots.k, slots.v, spill.k, spill.v))  # [pages, H, bs, D]
 
     def entries(mask, src, dst):
         return torch.where(mask, src, -1).reshape(-1).to(torch.int32), torch.where(mask, dst, -1).reshape(-1).to(torch.int32)
 
-    gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_first, row * K + j_index, row * E + target), head)
-    gather(spill_k, spill_v, slot_k, slot_v, *entries(hit, row * E + src_e, row * K + dst_j), head)
-    gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_later, row * K + j_index, row * E + target), head)
+    if spill.k is not None:  # None: one copy (offload off), the blocks are read in place
+        slot_k, slot_v, spill_k, spill_v = (x.transpose(1, 2) for x in (slots.k, slots.v, spill.k, spill.v))  # [pages, H, bs, D]
+        gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_first, row * K + j_index, row * E + target), head)
+        gather(spill_k, spill_v, slot_k, slot_v, *entries(hit, row * E + src_e, row * K + dst_j), head)
+        gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_later, row * K + j_index, row * E + target), head)
     placed_block = torch.where(place, s[:, :, None], 0).sum(1, dtype=torch.int32)  # [N, slot]
     table.copy_(torch.where(receives, placed_block, t).view(R, H, K))
     inserted = (saved_first | saved_later)[:, :, None] & (target[:, :, None] == e_index)  # [N, slot, e]

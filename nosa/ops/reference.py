@@ -355,8 +355,28 @@ def nosa_attention(
     return (out, torch.cat(selections, dim=1)) if return_indices else out
 
 
+def paged_slots(pages: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """The slots a block table names, gathered from a paged store: pages [P, H, bs, D] (the store's layout),
+    block_table [B, H, K] int (page of slot j of head h, -1: none, read as page 0) -> [B, K*bs, H, D], the
+    layout `decode_attention` reads (slot j's tokens at j*bs .. j*bs + bs - 1)."""
+    batch, heads, slots = block_table.shape
+    block = pages.shape[2]
+    index = block_table.clamp(min=0).long()
+    blocks = pages[index, torch.arange(heads, device=pages.device)[None, :, None]]  # [B, H, K, bs, D]
+    # Contiguous, like the slot cache's rows: einsum's reduction order follows the strides, and the paged
+    # path must round exactly as the slot path does.
+    return blocks.permute(0, 2, 3, 1, 4).contiguous().view(batch, slots * block, heads, pages.shape[-1])
+
+
+def paged_valid(valid: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """valid [B, S, H] with the tokens of slots whose page is -1 (block_table [B, H, K]) masked out."""
+    has_page = (block_table >= 0).repeat_interleave(block_size, dim=2).transpose(1, 2)  # [B, K*bs, H]
+    return valid & has_page
+
+
 def decode_attention(
-    q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, bias_slots: torch.Tensor | None, valid: torch.Tensor
+    q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, bias_slots: torch.Tensor | None, valid: torch.Tensor,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over the device block cache (the NOSI decode step).
 
@@ -364,7 +384,14 @@ def decode_attention(
     the block named by that head's slot table); bias_slots: [B, S, H] float32 or None; valid: [B, S, H]
     bool, the slot tokens this query attends to (selected blocks, positions <= the query's).
     -> [B, Hq, D] in q's dtype. Same formula as `sparse_attention`: softmax(q.k/sqrt(D) + bias) v.
+    Paged (block_table given, the one-copy path with offload off): k_slots, v_slots are the store's pages
+    [P, H, bs, D] and block_table [B, H, K] int32 names the page of each slot (-1: none, not attended), so
+    the blocks are read in place; the result is the slot path's over the same values, bit for bit.
     """
+    if block_table is not None:
+        block = k_slots.shape[2]
+        valid = paged_valid(valid, block_table, block)
+        k_slots, v_slots = paged_slots(k_slots, block_table), paged_slots(v_slots, block_table)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_slots.shape[2]
     group = num_q_heads // num_kv_heads

@@ -104,6 +104,20 @@ def test_device_kv_does_not_grow_with_context_on_cuda():
     assert all(0 <= total - parts["total"] < 2**20 for parts, total in sizes)
 
 
+def test_offload_off_allocates_one_copy_on_cuda():
+    """Offload off: what the engine puts on the device is the store (the one copy of the KV, read in
+    place), the cache's small state and nothing for slots: LLM.device_bytes' charge less the prefill
+    workspace, within allocator rounding and small counters."""
+    model = tiny_model("dense").cuda()
+    row, workspace = LLM.device_bytes(model.config, model.dtype, False, 256)
+    before = torch.cuda.memory_allocated()
+    llm = LLM(model, device="cuda", offload=False, max_model_len=256, max_num_seqs=3)
+    total = torch.cuda.memory_allocated() - before
+    assert llm.cache.slot_k is None and llm.store.k.is_cuda
+    prefill = workspace - llm.store.bytes_per_page
+    assert 0 <= total - (3 * row + workspace - prefill) < 2**20
+
+
 @pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
 @pytest.mark.parametrize("uniform", [True, False])
 def test_decode_selection_with_cached_agnostic_pooling_equals_select_for_queries(mode, uniform):

@@ -135,3 +135,25 @@ def test_device_bytes_is_the_accounting_the_budget_uses(mode, offload):
         assert llm.max_num_seqs == rows
     with pytest.raises(ValueError):
         LLM(model, device="cpu", offload=offload, max_model_len=64, gpu_memory_budget=workspace + row - 1)
+
+
+@pytest.mark.parametrize("mode,extra_cache_blocks", [("nosa", None), ("dense", None), ("nosa", 2)])
+def test_offload_off_holds_one_copy_and_is_charged_what_it_allocates(mode, extra_cache_blocks):
+    """Offload off: the store on the device is the only copy of the KV (no slot cache, no spill copies),
+    and the budget's charge (rows x row + workspace) is exactly the cache, the store and the prefill
+    workspace."""
+    from nosa.engine.host_store import HostStore
+
+    model = tiny_model(mode)
+    cfg = model.config
+    L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    cache_blocks = None if extra_cache_blocks is None else cfg.topk_blocks + extra_cache_blocks
+    row, workspace = LLM.device_bytes(cfg, torch.float32, False, 64, cache_blocks)
+    llm = LLM(model, device="cpu", offload=False, max_model_len=64, max_num_seqs=3, device_cache_blocks=cache_blocks)
+    assert llm.cache.allocated_bytes()["kv_slots"] == 0 and llm.cache.slot_k is None and llm.cache.spill_k is None
+    page = HostStore.page_bytes(L, H, cfg.block_size, D, torch.float32)
+    prefill = L * 64 * H * (2 * D * 4 + 4)
+    assert workspace == prefill + page  # the scratch page
+    assert llm.cache.allocated_bytes()["total"] + llm.store.allocated_bytes == 3 * row + page
+    # The KV of a row is charged once: its full-length store pages, nothing for slots.
+    assert row - llm.cache.allocated_bytes()["total"] // 3 == -(-64 // cfg.block_size) * page

@@ -239,3 +239,69 @@ def test_engine_with_the_triton_bookkeeping_equals_the_reference_engine(mode):
         assert torch.equal(a.logits, b.logits)
     assert ref_stats.hit_rate_per_layer == tri_stats.hit_rate_per_layer
     assert ref_stats.blocks_loaded_per_step == tri_stats.blocks_loaded_per_step
+
+
+def test_one_copy_engine_on_the_triton_kernels_equals_the_offloading_engine():
+    """Offload off (the store read in place through the paged decode kernel, the diff kernel in
+    `plan_in_place`) gives offload on's tokens and logits (slot decode kernel) bit for bit, the block ops
+    and decode attention on their Triton kernels under the interpreter."""
+    from nosa.engine import LLM, SamplingParams
+
+    from tests.helpers import engine_model as tiny_model
+
+    model = tiny_model("nosa", seed=5)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (7, 14)]  # crosses blocks 1->2, 3->4
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with ops.use_backend("triton", only=ops.BLOCK_OPS + ("decode_attention",)):
+        want, got = (LLM(model, device="cpu", offload=offload, max_model_len=32, max_num_seqs=2).generate(
+            prompts, params, use_tqdm=False, return_logits=True) for offload in (True, False))
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_plan_in_place_leaves_plan_steps_table_and_writes_the_token_into_its_page(dense, impl):
+    """The one-copy path's plan (offload off), reference and kernel: the slot table `plan_step` leaves,
+    slot_page names the store page of every slot's block, the token lands in its block's page (a free
+    row's in the scratch page), nothing is loaded and every other store token is unchanged."""
+    g = torch.Generator().manual_seed(11)
+    base = _plan_inputs(dense, g)
+    R, H, K = base["table"].shape
+    P, bs = base["store_k"].shape[0], base["store_k"].shape[2]
+    pages_used = set(base["page_table"][base["page_table"] >= 0].tolist())
+    scratch = next(p for p in range(P) if p not in pages_used)
+    want = {name: (t.clone() if isinstance(t, torch.Tensor) else t) for name, t in base.items()}
+    head = torch.arange(H, dtype=torch.int32)[None, :, None].expand(R, H, K).reshape(-1).contiguous()
+
+    def plan(x):
+        return ops.LoadPlan(torch.full((R * H * K,), -1, dtype=torch.int32), torch.full((R * H * K,), -1, dtype=torch.int32),
+                            head, torch.full((R, H), -7, dtype=torch.int32), torch.full((R, H), 5, dtype=torch.int64),
+                            torch.full((R, H), 3, dtype=torch.int64))
+
+    ref_plan = plan(want)
+    block_ops.plan_step(ops.LayerSlots(want["table"], want["slot_k"], want["slot_v"], want["page_table"]), want["selection"],
+                        ops.StepTokens(want["positions"], want["active"], want["k"], want["v"]),
+                        ops.HostPages(want["store_k"], want["store_v"]), ref_plan)
+    x = {name: (t.clone() if isinstance(t, torch.Tensor) else t) for name, t in base.items()}
+    got_plan, slot_page = plan(x), torch.full((R, H, K), -7, dtype=torch.int32)
+    (block_ops if impl == "reference" else kernels).plan_in_place(
+                      ops.LayerSlots(x["table"], None, None, x["page_table"]), x["selection"],
+                      ops.StepTokens(x["positions"], x["active"], x["k"], x["v"]),
+                      ops.HostPages(x["store_k"], x["store_v"]), got_plan, slot_page, scratch)
+    assert torch.equal(x["table"], want["table"]) and torch.equal(got_plan.selected, ref_plan.selected)
+    assert int(got_plan.loads.abs().sum()) == 0 and torch.equal(got_plan.loaded, torch.full((R, H), 5))
+    for r in range(R):
+        for h in range(H):
+            for j in range(K):
+                block = int(x["table"][r, h, j])
+                page = int(x["page_table"][r, block]) if block >= 0 else -1
+                assert int(slot_page[r, h, j]) == page
+    expected_k, expected_v = base["store_k"].clone(), base["store_v"].clone()
+    for r in range(R):
+        page = int(base["page_table"][r, int(base["positions"][r]) // bs])
+        page = scratch if page < 0 else page
+        expected_k[page, :, int(base["positions"][r]) % bs] = base["k"][r]
+        expected_v[page, :, int(base["positions"][r]) % bs] = base["v"][r]
+    assert torch.equal(x["store_k"], expected_k) and torch.equal(x["store_v"], expected_v)

@@ -13,7 +13,7 @@ from nosa.ops.kernels.selection import (
     select_for_queries,
 )
 from nosa.ops.kernels.gather import (
-    attention_inputs, commit_window, diff_slot_tables, gather_blocks, plan_step, stage_window,
+    attention_inputs, commit_window, diff_slot_tables, gather_blocks, plan_in_place, plan_step, stage_window,
 )
 
 KERNELS = dict((
@@ -31,6 +31,7 @@ KERNELS = dict((
     ("stage_window", stage_window),
     ("commit_window", commit_window),
     ("plan_step", plan_step),
+    ("plan_in_place", plan_in_place),
     ("attention_inputs", attention_inputs),
 ))
 
@@ -38,5 +39,6 @@ __all__ = [
     "compress_keys", "agnostic_chunk_scores", "query_aware_chunk_scores", "query_aware_block_scores", "select_blocks",
     "select_for_queries",
     "sparse_attention", "nosa_attention", "decode_attention",
-    "diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "attention_inputs", "KERNELS",
+    "diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "plan_in_place",
+    "attention_inputs", "KERNELS",
 ]

@@ -35,18 +35,22 @@ CHUNK_ALIGN = 128
 
 # restore_value: autotuning runs the kernel several times; each run must start from the caller's zeroed
 # arrival counts (reset_to_zero would leave the last benchmark run's counts for the real call).
-@triton.autotune(configs=_partial_configs(), key=["S", "chunk", "G", "D", "FUSED_MERGE"],
+@triton.autotune(configs=_partial_configs(), key=["S", "chunk", "G", "D", "FUSED_MERGE", "PAGED"],
                  restore_value=["Arrivals"])
 @triton.jit
 def _decode_partial_kernel(
-    Q, K, V, Bias, Valid, PartO, PartM, PartL, Arrivals, Out,
-    sqb, sqh, skb, sks, skh, svb, svs, svh, sbb, sbs, sbh, svlb, svls, svlh, sob, soh,
+    Q, K, V, Bias, Valid, Table, PartO, PartM, PartL, Arrivals, Out,
+    sqb, sqh, skb, sks, skh, svb, svs, svh, sbb, sbs, sbh, svlb, svls, svlh, stb, sth, sob, soh,
     S, H, chunk, qk_scale,
     G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr, SPLIT_PAD: tl.constexpr,
+    PAGED: tl.constexpr, BS: tl.constexpr,
 ):
     # FUSED_MERGE: the last program of a (row, head) to finish (counted in Arrivals, zeroed by the caller)
     # merges the partials itself, instead of a second kernel launch.
+    # PAGED: K, V are the store's pages [P, H, BS, D] (skb, svb: page strides; sks, svs: token strides) and
+    # slot token s of row b, head h lives at page Table[b, h, s // BS], token s % BS: one indirect load per
+    # key (cached: BS consecutive keys share a page), the rest of the loop unchanged.
     bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -66,8 +70,17 @@ def _decode_partial_kernel(
         s = s0 + tl.arange(0, BLOCK_S)
         in_range = s < stop
         ok = tl.load(Valid + b * svlb + s * svls + h * svlh, mask=in_range, other=0) != 0
+        if PAGED:
+            page = tl.load(Table + b * stb + h * sth + s // BS, mask=in_range, other=-1)
+            ok = ok & (page >= 0)
+            page = tl.maximum(page, 0).to(tl.int64)
+            k_row = page * skb + (s % BS) * sks
+            v_row = page * svb + (s % BS) * svs
+        else:
+            k_row = b * skb + s * sks
+            v_row = b * svb + s * svs
         kv_mask = in_range[:, None] & d_ok[None, :]
-        k = tl.load(K + b * skb + s[:, None] * sks + h * skh + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + k_row[:, None] + h * skh + d[None, :], mask=kv_mask, other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             bias = tl.load(Bias + b * sbb + s * sbs + h * sbh, mask=in_range, other=0.0).to(tl.float32)
@@ -78,7 +91,7 @@ def _decode_partial_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(logits - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + s[:, None] * svs + h * svh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + v_row[:, None] + h * svh + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     part = (bh * nsplit + split) * ROWS + g
@@ -148,20 +161,41 @@ def _sm_count(device_index: int) -> int:
 FUSED_MERGE = True
 
 
-def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None = None, fused_merge: bool | None = None):
+def _check_block_table(q, pages, block_table):
+    """(slots S, KV heads H, block size) of a paged call, or ValueError naming what does not fit."""
+    if pages.dim() != 4 or block_table.dim() != 3:
+        raise ValueError(f"paged decode attention takes pages [P, H, bs, D] and block_table [B, H, K]; got "
+                         f"{tuple(pages.shape)}, {tuple(block_table.shape)}")
+    heads, block, head_dim = pages.shape[1], pages.shape[2], pages.shape[3]
+    if block_table.shape[:2] != (q.shape[0], heads) or head_dim != q.shape[2] or q.shape[1] % heads:
+        raise ValueError(f"block_table {tuple(block_table.shape)} / pages {tuple(pages.shape)} do not fit q {tuple(q.shape)} "
+                         f"(batch, KV heads, head_dim, GQA group)")
+    if block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table must be int32 or int64, got {block_table.dtype}")
+    return block_table.shape[2] * block, heads, block
+
+
+def decode_attention(q, k_slots, v_slots, bias_slots, valid, block_table=None, splits: int | None = None,
+                     fused_merge: bool | None = None):
     """Triton version of `nosa.ops.reference.decode_attention`.
 
     q: [B, Hq, D]; k_slots, v_slots: [B, S, H, D]; bias_slots: [B, S, H] or None; valid: [B, S, H] bool
-    -> [B, Hq, D] in q's dtype. `splits`: chunks of the slot axis (default: sized for occupancy).
-    `fused_merge`: merge the chunks in the last program of each (row, head) (default FUSED_MERGE) or in a
-    second kernel.
+    -> [B, Hq, D] in q's dtype. Paged (block_table [B, H, K] given): k_slots, v_slots are the store's pages
+    [P, H, bs, D], read in place through the table (S = K * bs). `splits`: chunks of the slot axis
+    (default: sized for occupancy). `fused_merge`: merge the chunks in the last program of each (row,
+    head) (default FUSED_MERGE) or in a second kernel.
     """
     if q.dim() != 3 or k_slots.dim() != 4 or k_slots.shape != v_slots.shape:
         raise ValueError(f"q must be [B, Hq, D] and k_slots, v_slots [B, S, H, D]; got {tuple(q.shape)}, {tuple(k_slots.shape)}, {tuple(v_slots.shape)}")
     batch, num_q_heads, head_dim = q.shape
-    _, num_slots, num_kv_heads, _ = k_slots.shape
-    if k_slots.shape[0] != batch or k_slots.shape[3] != head_dim or num_q_heads % num_kv_heads:
-        raise ValueError(f"k_slots {tuple(k_slots.shape)} does not fit q {tuple(q.shape)} (batch, head_dim, GQA group)")
+    paged = block_table is not None
+    if paged:
+        num_slots, num_kv_heads, block = _check_block_table(q, k_slots, block_table)
+    else:
+        _, num_slots, num_kv_heads, _ = k_slots.shape
+        block = 1
+        if k_slots.shape[0] != batch or k_slots.shape[3] != head_dim or num_q_heads % num_kv_heads:
+            raise ValueError(f"k_slots {tuple(k_slots.shape)} does not fit q {tuple(q.shape)} (batch, head_dim, GQA group)")
     if valid.shape != (batch, num_slots, num_kv_heads):
         raise ValueError(f"valid must be [B, S, H] = [{batch}, {num_slots}, {num_kv_heads}]; got {tuple(valid.shape)}")
     if bias_slots is not None and bias_slots.shape != valid.shape:
@@ -197,13 +231,23 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, splits: int | None 
     # the kernel, so an interrupted call or a second stream can never leave a stale count.
     arrivals = torch.zeros(batch * num_kv_heads if fused else 1, device=q.device, dtype=torch.int32)
     split_pad = max(2, _next_pow2(splits))
+    if paged:
+        # Store pages [P, H, bs, D]: (page, token, head) strides in the slot path's (row, token, head) places.
+        table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+        k_strides = (k_slots.stride(0), k_slots.stride(2), k_slots.stride(1))
+        v_strides = (v_slots.stride(0), v_slots.stride(2), v_slots.stride(1))
+        table_strides = (table.stride(0), table.stride(1))
+    else:
+        table = valid_u8  # never read
+        k_strides = (k_slots.stride(0), k_slots.stride(1), k_slots.stride(2))
+        v_strides = (v_slots.stride(0), v_slots.stride(1), v_slots.stride(2))
+        table_strides = (0, 0)
     _decode_partial_kernel[(batch * num_kv_heads, splits)](
-        q, k_slots, v_slots, bias_arg, valid_u8, part_o, part_m, part_l, arrivals, out,
-        q.stride(0), q.stride(1), k_slots.stride(0), k_slots.stride(1), k_slots.stride(2),
-        v_slots.stride(0), v_slots.stride(1), v_slots.stride(2), *bias_strides, *valid_u8.stride(),
+        q, k_slots, v_slots, bias_arg, valid_u8, table, part_o, part_m, part_l, arrivals, out,
+        q.stride(0), q.stride(1), *k_strides, *v_strides, *bias_strides, *valid_u8.stride(), *table_strides,
         out.stride(0), out.stride(1), num_slots, num_kv_heads, chunk, LOG2E / math.sqrt(head_dim),
         G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, HAS_BIAS=bias_slots is not None, PRECISION=precision,
-        FUSED_MERGE=fused, SPLIT_PAD=split_pad,
+        FUSED_MERGE=fused, SPLIT_PAD=split_pad, PAGED=paged, BS=block,
     )
     if not fused:
         _decode_merge_kernel[(batch * num_kv_heads,)](

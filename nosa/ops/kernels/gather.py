@@ -385,6 +385,88 @@ def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, 
 
 
 @triton.jit
+def _plan_in_place_kernel(
+    Table, Sel, s_sel_r, s_sel_h, Pages, Pos, Active, SlotPage, Loads, Selected,
+    K_new, s_kn_r, s_kn_h, V_new, s_vn_r, s_vn_h, StoreK, StoreV, s_gp, s_gh, s_gt, s_gd,
+    H, K, NB, scratch,
+    DENSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # `_plan_step_kernel`'s diff (the same slot table, dense mode's slot j = block j included), then the
+    # store page of each slot instead of a copy list, and the token into its block's page.
+    pid = tl.program_id(0)
+    r = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    pos = tl.load(Pos + r).to(tl.int64)
+    own = pos // BLOCK_TOKENS
+    offset = pos % BLOCK_TOKENS
+    offs = tl.arange(0, BLOCK_K)
+    inside = offs < K
+    if DENSE:
+        chosen = inside & (offs <= own)
+        new_table = tl.where(chosen, offs, -1)
+        num_selected = tl.sum(chosen.to(tl.int32), axis=0)
+    else:
+        table = tl.load(Table + pid * K + offs, mask=inside, other=-1)
+        sel = tl.load(Sel + r * s_sel_r + h * s_sel_h + offs, mask=inside, other=-1)
+        _, _, new_table = _diff_row(table, sel, offs, inside)
+        num_selected = tl.sum((sel >= 0).to(tl.int32), axis=0)
+    tl.store(Table + pid * K + offs, new_table, mask=inside)
+    page = tl.load(Pages + r * NB + tl.minimum(tl.maximum(new_table, 0), NB - 1), mask=inside & (new_table >= 0), other=-1)
+    tl.store(SlotPage + pid * K + offs, tl.where(new_table >= 0, page, -1), mask=inside)
+    tl.store(Loads + pid, 0)
+    if tl.load(Active + r) != 0:
+        tl.store(Selected + pid, tl.load(Selected + pid) + num_selected.to(tl.int64))
+    own_page = tl.load(Pages + r * NB + tl.minimum(own, NB - 1)).to(tl.int64)
+    own_page = tl.where(own_page >= 0, own_page, scratch)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    k = tl.load(K_new + r * s_kn_r + h * s_kn_h + d, mask=d_ok, other=0.0)
+    v = tl.load(V_new + r * s_vn_r + h * s_vn_h + d, mask=d_ok, other=0.0)
+    dst = own_page * s_gp + h * s_gh + offset * s_gt + d * s_gd
+    tl.store(StoreK + dst, k.to(StoreK.dtype.element_ty), mask=d_ok)
+    tl.store(StoreV + dst, v.to(StoreV.dtype.element_ty), mask=d_ok)
+
+
+def plan_in_place(slots: LayerSlots, selection, token: StepTokens, host: HostPages, plan: LoadPlan,
+                  slot_page: torch.Tensor, scratch_page: int, diff=None) -> None:
+    """Same contract as `nosa.ops.block_ops.plan_in_place` (`diff` is not used: the kernel diffs), one
+    program per (row, KV head)."""
+    table, page_table = slots.table, slots.page_table
+    rows, heads, num_slots = table.shape
+    if selection is not None and num_slots > MAX_DIFF_SLOTS:
+        return block_ops.plan_in_place(slots, selection, token, host, plan, slot_page, scratch_page, diff_slot_tables)
+    if rows == 0:
+        return
+    entries = rows * heads * num_slots
+    for name, t, numel, dtype in (("slots.table", table, entries, torch.int32),
+                                  ("slots.page_table", page_table, page_table.numel(), torch.int32),
+                                  ("slot_page", slot_page, entries, torch.int32),
+                                  ("plan.loads", plan.loads, rows * heads, torch.int32),
+                                  ("plan.selected", plan.selected, rows * heads, torch.int64)):
+        _index_out("plan_in_place", name, t, numel, dtype)
+    positions = _index("plan_in_place", "token.positions", token.positions, rows, torch.int64)
+    if token.active.dtype != torch.bool or token.active.numel() != rows or not token.active.is_contiguous():
+        raise ValueError(f"plan_in_place: token.active must be a contiguous bool tensor of {rows} elements")
+    store_k, store_v = host.k, host.v
+    if store_k.stride() != store_v.stride():
+        raise ValueError("plan_in_place: K and V must share strides")
+    k, v = _last_dim_contiguous(token.k), _last_dim_contiguous(token.v)
+    dense = selection is None
+    sel = table if dense else _last_dim_contiguous(selection.to(torch.int32))
+    head_dim = store_k.shape[3]
+    _plan_in_place_kernel[(rows * heads,)](
+        table, sel, sel.stride(0), sel.stride(1), page_table, positions, token.active.view(torch.uint8),
+        slot_page, plan.loads, plan.selected,
+        k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+        store_k, store_v, store_k.stride(0), store_k.stride(1), store_k.stride(2), store_k.stride(3),
+        heads, num_slots, page_table.shape[1], int(scratch_page),
+        DENSE=dense, BLOCK_K=triton.next_power_of_2(num_slots), BLOCK_TOKENS=store_k.shape[2], HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+@triton.jit
 def _attention_inputs_kernel(
     Table, Pos, Evict, s_ev_r, s_ev_t, s_ev_h, Valid, Bias, s_o_r, s_o_s, s_o_h,
     H, K, T, BLOCK_TOKENS: tl.constexpr, HAS_BIAS: tl.constexpr, TILE: tl.constexpr,
