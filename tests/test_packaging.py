@@ -39,3 +39,4 @@ def test_the_wheel_holds_configs_and_recipes(tmp_path):
     for name in ("tiny_cpu", "gpu_small", "llama_continue"):
         assert f"nosa/configs/{name}.yaml" in names
     assert "nosa/train/recipes/gpu_small.sh" in names
+    assert "nosa/study/recipes/quality_h200.sh" in names  # the study recipe the docs point at
