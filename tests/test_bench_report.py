@@ -40,3 +40,18 @@ def test_report_of_a_missing_or_empty_results_directory_is_an_error(tmp_path, ca
 
     assert "is not a directory" in cli_error(["bench", "report", "--results", str(tmp_path / "nonexistent")], capsys)
     assert "holds no kernels.json or decode" in cli_error(["bench", "report", "--results", str(tmp_path)], capsys)
+
+
+def test_a_run_mixing_trace_driven_and_model_scored_rows_labels_each_row(tmp_path):
+    def row(mode, selection, tokens, **extra):
+        return dict(attn_mode=mode, offload=mode != "dense", tokens_per_s=tokens, step_ms_median=1.0, floor_ms=0.5,
+                    blocks_loaded_per_step_per_layer_seq_head=1.0, hit_rate_per_layer=[0.9], ratio_vs_baseline=tokens / 100,
+                    selection=selection, batch=8, **extra)
+
+    rows = [row("dense", "every block (dense)", 100.0), row("nosa", "trace-driven: t.npz", 300.0),
+            row("nosa", "model scores (random weights)", 200.0), row("nosa", "trace-driven: t.npz", 310.0, device_cache_blocks=128)]
+    write_result("decode_mixed", {"layers": 2}, {"decode": rows}, directory=str(tmp_path))
+    text = render(str(tmp_path))
+    assert "| selection |" in text
+    assert "| dense | off | - | 8 |" in text and "| nosa | on | traces | 8 | fixed | 300 | 3.00x |" in text
+    assert "| nosa | on | model | 8 | fixed | 200 |" in text and "| nosa | on, cache 128 | traces | 8 |" in text

@@ -21,3 +21,16 @@ def test_missing_and_duplicate_modes_are_named():
         load_benchmark_traces(NOSA, {"dense", "nosa", "infllmv2"}, 65536, 4, 20)
     with pytest.raises(ValueError, match="both attn_mode 'nosa'"):
         load_benchmark_traces(f"{NOSA},{NOSA}", {"nosa"}, 65536, 4, 20)
+
+
+def test_configs_say_per_row_whether_they_replay_traces():
+    from nosa.bench.decode import parse_configs, uses_traces
+
+    configs = parse_configs("dense:off,nosa:on:traces,nosa:on:model,infllmv2:off,nosa:on:cache128:traces")
+    assert [c[4] for c in configs] == [None, "traces", "model", None, "traces"] and configs[4][3] == 128
+    traces = {"nosa": object()}
+    assert [uses_traces(c[4], traces) for c in configs[1:]] == [True, False, True, True]
+    assert not uses_traces(None, {})
+    for bad in ("dense:off:traces", "nosa:on:traces:model", "nosa:on:trace"):
+        with pytest.raises(ValueError, match="bad --configs entry"):
+            parse_configs(bad)

@@ -49,7 +49,8 @@ def register(subparsers) -> None:
                         "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager)")
     p.add_argument("--equal-configs", default=None,
                    help="configs of the equal-memory comparison (default: dense:off,infllmv2:off,nosa:on,nosa:off,infllmv2:on)")
-    p.add_argument("--profile", default=None, help="write a kernel-time table of a few nosa offload steps here")
+    p.add_argument("--profile", default=None, help="write a kernel-time table of a few eager decode steps of the first "
+                                                   "offloaded nosa config here")
     p.add_argument("--commit", default=None, help="source commit to record (when the run has no git checkout)")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--name", default="decode_8b")
@@ -276,20 +277,31 @@ def decode_steps(args) -> int:
 
 
 def parse_configs(spec: str):
-    """'attn_mode:on|off[:eager][:cacheN]' entries -> (mode, offload, eager, device_cache_blocks or None)."""
+    """'attn_mode:on|off[:eager][:cacheN][:traces|:model]' entries -> (mode, offload, eager, device_cache_blocks or
+    None, selection). selection is "traces" (replay the --traces file of its mode), "model" (the random weights'
+    own scores) or None (unsaid: traces when --traces is given, else the model), so one run can hold both kinds
+    of row side by side."""
     configs = []
     for item in spec.split(","):
         fields = item.split(":")
         extra = fields[2:]
         cache = [f for f in extra if f.startswith("cache")]
-        ok = (len(fields) >= 2 and fields[1] in ("on", "off") and len(cache) <= 1
-              and all(f == "eager" or f in cache for f in extra) and extra.count("eager") <= 1
+        selection = [f for f in extra if f in ("traces", "model")]
+        ok = (len(fields) >= 2 and fields[1] in ("on", "off") and len(cache) <= 1 and len(selection) <= 1
+              and all(f == "eager" or f in cache or f in selection for f in extra) and extra.count("eager") <= 1
               and all(f[5:].isdigit() for f in cache))
-        if not ok or (cache and fields[0] == "dense"):
-            raise ValueError(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager][:cacheN] (cacheN: N device "
-                             f"cache blocks per (layer, sequence, KV head), sparse modes only)")
-        configs.append((fields[0], fields[1] == "on", "eager" in extra, int(cache[0][5:]) if cache else None))
+        if not ok or ((cache or selection) and fields[0] == "dense"):
+            raise ValueError(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager][:cacheN][:traces|:model] "
+                             f"(cacheN: N device cache blocks per (layer, sequence, KV head); traces/model: replay the "
+                             f"--traces file or use the weights' own selection; both for sparse modes only)")
+        configs.append((fields[0], fields[1] == "on", "eager" in extra, int(cache[0][5:]) if cache else None,
+                        selection[0] if selection else None))
     return configs
+
+
+def uses_traces(selection: str | None, traces: dict) -> bool:
+    """Whether a sparse config replays traces: said per config, else whenever --traces is given."""
+    return selection == "traces" or (selection is None and bool(traces))
 
 
 def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, models: dict, traces: dict) -> None:
@@ -306,9 +318,12 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
                   "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
                   "sparse": "spec defaults (block 64, topk 64, sink 1, window 16, query 16, kernel 32, stride 16)",
                   "cuda_graphs": not args.no_cuda_graphs, "configs": spec, "source_commit": args.commit}
-    if traces:
-        parameters.update({"selection": "trace-driven (sparse configs replay trained models' selections; dense "
-                                        "configs select every block)",
+    traced = [uses_traces(selection, traces) for mode, *_, selection in configs if mode != "dense"]
+    if any(traced):
+        parameters.update({"selection": ("trace-driven (sparse configs replay trained models' selections; dense "
+                                         "configs select every block)") if all(traced) else
+                           ("per row: trace-driven rows replay trained models' selections, the others use the "
+                            "random weights' own scores (a worst case for locality); dense selects every block"),
                            "traces": {mode: description for mode, (_, description) in traces.items()}})
     else:
         parameters["selection"] = "model scores (random weights: a worst case for locality)"
@@ -330,7 +345,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         print(f"wrote {path}{'' if complete else ' (partial)'}", flush=True)
 
     runs = []
-    for mode, offload, eager, cache_blocks in configs:
+    for mode, offload, eager, cache_blocks, selection_kind in configs:
         if mode not in models:
             models[mode] = make_model(mode, args.layers, max_len)  # weights are read-only: shared by the suites
         model = models[mode]
@@ -346,7 +361,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len, cache_blocks)
         running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
         selection = "every block (dense)" if mode == "dense" else "model scores (random weights)"
-        if traces and mode != "dense":
+        if mode != "dense" and uses_traces(selection_kind, traces):
             attach_traces(llm, running, traces[mode][0], args.prompt)
             selection = f"trace-driven: {traces[mode][1]['trace_file']}"
         run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
@@ -361,9 +376,14 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
                "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
         run.update(floor(run, llm, args, shared["hbm_copy_gb_s"], shared["gather"]["pinned_memcpy_gb_s"]))
         runs.append(run)
-        if args.profile and not equal_memory and mode == "nosa" and offload and not eager:
+        # The first offloaded NOSA config of the run is profiled, after its timed steps (so its figures are not
+        # touched); its trace-driven row when the run has one first in the list.
+        if args.profile and mode == "nosa" and offload and not eager and not shared.get("profiled"):
             profile_steps(llm, running, args.profile)
-        print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''} batch {batch:3d} "
+            shared["profiled"] = f"{mode} offload on, {run['selection']}, batch {batch}"
+            run["profiled_to"] = args.profile
+        print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''}"
+              f"{' traces' if selection.startswith('trace') else ''} batch {batch:3d} "
               f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (floor {run['floor_ms']:.2f})  "
               f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
         del llm, running
@@ -388,8 +408,12 @@ def main(args) -> int:
         print(err)
         return 2
     traces = {}
+    wanted = [(mode, sel) for _, spec, _ in suites for mode, *_, sel in parse_configs(spec)]
+    if any(sel == "traces" for _, sel in wanted) and not args.traces:
+        print("a config asks for :traces but no --traces file is given")
+        return 2
     if args.traces:
-        modes = {mode for _, spec, _ in suites for mode, *_ in parse_configs(spec)}
+        modes = {mode for mode, sel in wanted if sel != "model"}
         try:
             traces = load_benchmark_traces(args.traces, modes, args.prompt, args.layers, decode_steps(args))
         except (OSError, ValueError, KeyError) as err:

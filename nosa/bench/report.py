@@ -52,21 +52,32 @@ def kernels_table(path: str) -> str:
     return "\n".join(rows + ["", note, "", _machine_line(data["machine"], path)])
 
 
+def _selection_kind(row: dict) -> str:
+    return "traces" if str(row.get("selection", "")).startswith("trace") else "model"
+
+
 def decode_table(path: str) -> str:
     data = json.load(open(path))
     params, results = data["parameters"], data["results"]
+    # A run that mixes trace-driven and model-scored rows says which is which in a column of its own.
+    kinds = {_selection_kind(r) for r in results["decode"] if r["attn_mode"] != "dense"}
+    mixed = len(kinds) > 1
     rows = [
-        "| attn_mode | offload | batch | batch chosen by | tokens/s | vs dense | step ms | floor ms | loads per (layer, seq, head) | hit rate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| attn_mode | offload |" + (" selection |" if mixed else "") + " batch | batch chosen by | tokens/s | vs dense "
+        "| step ms | floor ms | loads per (layer, seq, head) | hit rate |",
+        "|---|---|" + ("---|" if mixed else "") + "---|---|---|---|---|---|---|---|",
     ]
     for r in results["decode"]:
         hit = r.get("hit_rate_per_layer") or []
         hit_rate = f"{sum(hit) / len(hit):.2f}" if hit else "-"
         batch = r.get("batch", params.get("batch"))
         mode = ("on" if r["offload"] else "off") + ("" if r.get("cuda_graphs", True) else " (eager)")
+        if r.get("device_cache_blocks") and r["device_cache_blocks"] > params.get("topk_blocks", 64):
+            mode += f", cache {r['device_cache_blocks']}"
+        selection = f" {_selection_kind(r) if r['attn_mode'] != 'dense' else '-'} |" if mixed else ""
         rows.append(
-            f"| {r['attn_mode']} | {mode} | {batch} | {r.get('batch_from', 'fixed')} | {r['tokens_per_s']:.0f} | {r['ratio_vs_baseline']:.2f}x "
-            f"| {r['step_ms_median']:.2f} | {r.get('floor_ms', float('nan')):.2f} "
+            f"| {r['attn_mode']} | {mode} |{selection} {batch} | {r.get('batch_from', 'fixed')} | {r['tokens_per_s']:.0f} "
+            f"| {r['ratio_vs_baseline']:.2f}x | {r['step_ms_median']:.2f} | {r.get('floor_ms', float('nan')):.2f} "
             f"| {r['blocks_loaded_per_step_per_layer_seq_head']:.1f} | {hit_rate} |"
         )
     gather = results.get("gather")
