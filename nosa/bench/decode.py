@@ -27,6 +27,7 @@ Two modes:
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -49,8 +50,8 @@ def register(subparsers) -> None:
                         "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager)")
     p.add_argument("--equal-configs", default=None,
                    help="configs of the equal-memory comparison (default: dense:off,infllmv2:off,nosa:on,nosa:off,infllmv2:on)")
-    p.add_argument("--profile", default=None, help="write a kernel-time table of a few eager decode steps of the first "
-                                                   "offloaded nosa config here")
+    p.add_argument("--profile", default=None, help="write a kernel-time table of a few eager decode steps of each "
+                                                   "offloaded nosa config here (the n-th, n > 0, to PATH_<n>.ext)")
     p.add_argument("--commit", default=None, help="source commit to record (when the run has no git checkout)")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--name", default="decode_8b")
@@ -376,12 +377,14 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
                "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
         run.update(floor(run, llm, args, shared["hbm_copy_gb_s"], shared["gather"]["pinned_memcpy_gb_s"]))
         runs.append(run)
-        # The first offloaded NOSA config of the run is profiled, after its timed steps (so its figures are not
-        # touched); its trace-driven row when the run has one first in the list.
-        if args.profile and mode == "nosa" and offload and not eager and not shared.get("profiled"):
-            profile_steps(llm, running, args.profile)
-            shared["profiled"] = f"{mode} offload on, {run['selection']}, batch {batch}"
-            run["profiled_to"] = args.profile
+        # Every offloaded NOSA config is profiled after its timed steps (so its figures are not touched): the
+        # first into --profile, the n-th (n > 0) into --profile with "_<n>" before the extension.
+        if args.profile and mode == "nosa" and offload and not eager:
+            count = shared.get("profiled", 0)
+            stem, ext = os.path.splitext(args.profile)
+            run["profiled_to"] = args.profile if count == 0 else f"{stem}_{count}{ext}"
+            profile_steps(llm, running, run["profiled_to"])
+            shared["profiled"] = count + 1
         print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''}"
               f"{' traces' if selection.startswith('trace') else ''} batch {batch:3d} "
               f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (floor {run['floor_ms']:.2f})  "
