@@ -273,6 +273,30 @@ def commit_window(positions, compressed_new, agnostic_new, compressed, agnostic,
 
 
 @triton.jit
+def _plan_diff(Table, Sel, s_sel_r, s_sel_h, pid, r, h, own, offs, inside, K, DENSE: tl.constexpr):
+    """The slot-table diff both planning kernels share, for (row r, head h) = program pid -> (selected
+    blocks, miss mask, slot of each miss, new table, number selected).
+
+    Dense mode selects blocks 0..own, ascending. Under the diff's rule (the r-th miss takes the r-th free
+    slot) block j then always sits in slot j: install fills an empty table in order, and each new block takes
+    the first free slot, its own index. So the diff reduces to comparing slot j with j, for any number of
+    slots (the general path holds a K x K comparison in registers)."""
+    table = tl.load(Table + pid * K + offs, mask=inside, other=-1)
+    if DENSE:
+        chosen = inside & (offs <= own)
+        sel = tl.where(chosen, offs, -1)
+        miss = chosen & (table != offs)
+        slot_of_miss = offs
+        new_table = sel
+        num_selected = tl.sum(chosen.to(tl.int32), axis=0)
+    else:
+        sel = tl.load(Sel + r * s_sel_r + h * s_sel_h + offs, mask=inside, other=-1)
+        miss, slot_of_miss, new_table = _diff_row(table, sel, offs, inside)
+        num_selected = tl.sum((sel >= 0).to(tl.int32), axis=0)
+    return sel, miss, slot_of_miss, new_table, num_selected
+
+
+@triton.jit
 def _plan_step_kernel(
     Table, Sel, s_sel_r, s_sel_h, Pages, Pos, Active, Src, Dst, Loads, Loaded, Selected,
     K_new, s_kn_r, s_kn_h, V_new, s_vn_r, s_vn_h,
@@ -289,22 +313,8 @@ def _plan_step_kernel(
     offset = pos % BLOCK_TOKENS
     offs = tl.arange(0, BLOCK_K)
     inside = offs < K
-    table = tl.load(Table + pid * K + offs, mask=inside, other=-1)
-    if DENSE:
-        # Dense mode selects blocks 0..own, ascending. Under the diff's rule (the r-th miss takes the r-th
-        # free slot) block j then always sits in slot j: install fills an empty table in order, and each new
-        # block takes the first free slot, its own index. So the diff reduces to comparing slot j with j, for
-        # any number of slots (the general kernel below holds a K x K comparison in registers).
-        chosen = inside & (offs <= own)
-        sel = tl.where(chosen, offs, -1)
-        miss = chosen & (table != offs)
-        slot_of_miss = offs
-        new_table = sel
-        num_selected = tl.sum(chosen.to(tl.int32), axis=0)
-    else:
-        sel = tl.load(Sel + r * s_sel_r + h * s_sel_h + offs, mask=inside, other=-1)
-        miss, slot_of_miss, new_table = _diff_row(table, sel, offs, inside)
-        num_selected = tl.sum((sel >= 0).to(tl.int32), axis=0)
+    sel, miss, slot_of_miss, new_table, num_selected = _plan_diff(Table, Sel, s_sel_r, s_sel_h, pid, r, h, own, offs,
+                                                                  inside, K, DENSE)
     # A new tail block (the token starts it) has nothing on the host yet: a slot, no load.
     fresh = (offset == 0) & (sel == own)
     want = miss & (fresh == 0)
@@ -392,8 +402,8 @@ def _plan_in_place_kernel(
     DENSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # `_plan_step_kernel`'s diff (the same slot table, dense mode's slot j = block j included), then the
-    # store page of each slot instead of a copy list, and the token into its block's page.
+    # `_plan_diff`, as `_plan_step_kernel` runs it (so both give the same slot table), then the store page
+    # of each slot instead of a copy list, and the token into its block's page.
     pid = tl.program_id(0)
     r = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -402,15 +412,7 @@ def _plan_in_place_kernel(
     offset = pos % BLOCK_TOKENS
     offs = tl.arange(0, BLOCK_K)
     inside = offs < K
-    if DENSE:
-        chosen = inside & (offs <= own)
-        new_table = tl.where(chosen, offs, -1)
-        num_selected = tl.sum(chosen.to(tl.int32), axis=0)
-    else:
-        table = tl.load(Table + pid * K + offs, mask=inside, other=-1)
-        sel = tl.load(Sel + r * s_sel_r + h * s_sel_h + offs, mask=inside, other=-1)
-        _, _, new_table = _diff_row(table, sel, offs, inside)
-        num_selected = tl.sum((sel >= 0).to(tl.int32), axis=0)
+    _, _, _, new_table, num_selected = _plan_diff(Table, Sel, s_sel_r, s_sel_h, pid, r, h, own, offs, inside, K, DENSE)
     tl.store(Table + pid * K + offs, new_table, mask=inside)
     page = tl.load(Pages + r * NB + tl.minimum(tl.maximum(new_table, 0), NB - 1), mask=inside & (new_table >= 0), other=-1)
     tl.store(SlotPage + pid * K + offs, tl.where(new_table >= 0, page, -1), mask=inside)
