@@ -21,13 +21,15 @@ from nosa.engine.host_store import HostStore
 class MemoryPlan:
     """rows: device rows (running sequences at once); host_pages: the host store's cap in pages (it grows to
     it as requests are admitted); row_bytes, workspace_bytes: what `gpu_memory_budget` is charged per row
-    and once; page_bytes: one host page (one block of one sequence, K and V, all layers)."""
+    and once; page_bytes: one host page (one block of one sequence, K and V, all layers); workspace_tokens:
+    prompt tokens the prefill workspace holds at once (the prompts being prefilled share it)."""
 
     rows: int
     host_pages: int
     row_bytes: int
     workspace_bytes: int
     page_bytes: int
+    workspace_tokens: int
 
 
 def _positive_bytes(name: str, value) -> None:
@@ -45,7 +47,9 @@ def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
     H, D = config.num_key_value_heads, config.head_dim
     elem = torch.empty((), dtype=dtype).element_size()
     row_bytes = BlockCache.row_bytes(L, H, D, dtype, cfg, max_model_len, device_cache_blocks, in_place=not offload)["total"]
-    # Prefill keeps one prompt's K/V (and eviction scores) of every layer on the device at a time.
+    # Prefill keeps the K/V (and eviction scores) of every layer of the prompts it is prefilling on the
+    # device until their install: max_model_len tokens in all (one longest prompt, or several shorter
+    # ones prefilled together; the scheduler admits a prompt only while the sum fits).
     workspace = L * max_model_len * H * (2 * D * elem + 4)
     if not offload:
         # The store lives on the device and is the one copy of the KV (attention reads it in place): a
@@ -84,4 +88,5 @@ def plan_memory(config, dtype: torch.dtype, offload: bool, max_model_len: int, m
                 f"tokens needs {page_bytes} bytes (K and V of {L} layers)"
             )
         pages = min(pages, host_memory_budget // page_bytes)
-    return MemoryPlan(rows=rows, host_pages=pages, row_bytes=row_bytes, workspace_bytes=workspace, page_bytes=page_bytes)
+    return MemoryPlan(rows=rows, host_pages=pages, row_bytes=row_bytes, workspace_bytes=workspace, page_bytes=page_bytes,
+                      workspace_tokens=max_model_len)
