@@ -10,7 +10,7 @@ import time
 import torch
 
 from nosa.engine.block_cache import BlockCache
-from nosa.engine.budget import device_bytes, plan_memory
+from nosa.engine.budget import DEFAULT_MAX_PREFILL_TOKENS, device_bytes, plan_memory
 from nosa.engine.cuda_graph import GraphedDecode
 from nosa.engine.host_store import HostStore
 from nosa.engine.model_runner import ModelRunner, PrefillChunk
@@ -31,7 +31,8 @@ class EngineCore:
 
     def __init__(self, model, tokenizer, device: torch.device, offload: bool, gpu_memory_budget: int | None,
                  host_memory_budget: int | None, max_model_len: int | None, max_num_seqs: int, prefill_chunk: int,
-                 cuda_graphs: bool, device_cache_blocks: int | None = None, max_prefill_tokens: int = 2048):
+                 cuda_graphs: bool, device_cache_blocks: int | None = None,
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         # Models often pad the vocabulary beyond the tokenizer's (to a multiple of 64, say): those ids are
@@ -49,7 +50,7 @@ class EngineCore:
         cfg, L = config.sparse, config.num_hidden_layers
         H, D, dtype = config.num_key_value_heads, config.head_dim, model.dtype
         self.memory = plan_memory(config, dtype, offload, max_model_len, max_num_seqs, gpu_memory_budget, host_memory_budget,
-                                  device_cache_blocks)
+                                  device_cache_blocks, max_prefill_tokens)
         self.store = HostStore(L, self.memory.host_pages, H, cfg.block_size, D, dtype, device, offload)
         # Offload off: the store is on the device and attention reads it in place (one copy of the KV).
         self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len, device_cache_blocks,
@@ -66,9 +67,10 @@ class EngineCore:
 
     @staticmethod
     def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
-                     device_cache_blocks: int | None = None) -> tuple[int, int]:
+                     device_cache_blocks: int | None = None,
+                     max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> tuple[int, int]:
         """(bytes per row, fixed workspace bytes) that `gpu_memory_budget` is charged (`budget.device_bytes`)."""
-        return device_bytes(config, dtype, offload, max_model_len, device_cache_blocks)
+        return device_bytes(config, dtype, offload, max_model_len, device_cache_blocks, max_prefill_tokens)
 
     @property
     def max_num_seqs(self) -> int:

@@ -121,21 +121,22 @@ def test_a_failing_prefill_fails_only_its_own_request():
     for i, want in zip(ids, expected):
         if i != ids[2]:
             assert llm.output(i).token_ids == want.token_ids
-    assert llm.free_rows == 3 and llm.free_pages == llm.num_pages and llm.scheduler.workspace_free == 48
+    assert llm.free_rows == 3 and llm.free_pages == llm.num_pages and llm.scheduler.workspace_free == llm.scheduler.workspace_tokens
 
 
 def test_the_prefill_workspace_bounds_the_prompts_prefilled_at_once():
-    """Prompts being prefilled share the workspace of max_model_len tokens (what the budget charges): a
-    prompt that does not fit beside the ones in progress waits, first come first served."""
+    """Prompts being prefilled share the workspace of max_model_len + max_prefill_tokens tokens (what the
+    budget charges): a prompt that does not fit beside the ones in progress waits, first come first served."""
     model = tiny_model("nosa", seed=9)
     llm = make_llm(model, prefill_chunk=2, max_prefill_tokens=2)
-    ids = [llm.add_request(p, greedy(2)) for p in make_prompts((30, 20, 3))]
+    assert llm.scheduler.workspace_tokens == 48 + 2
+    ids = [llm.add_request(p, greedy(2)) for p in make_prompts((30, 21, 3))]
     llm.step()
-    assert llm.num_prefilling == 1 and llm.num_waiting == 2  # 30 + 20 > 48: the second waits, the third behind it
-    assert llm.scheduler.workspace_free == 48 - 30
+    assert llm.num_prefilling == 1 and llm.num_waiting == 2  # 30 + 21 > 50: the second waits, the third behind it
+    assert llm.scheduler.workspace_free == 50 - 30
     while llm.has_unfinished():
         llm.step()
-        assert 0 <= llm.scheduler.workspace_free <= 48
+        assert 0 <= llm.scheduler.workspace_free <= 50
     assert [llm.output(i).finish_reason for i in ids] == ["length"] * 3
 
 
