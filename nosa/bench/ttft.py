@@ -72,7 +72,8 @@ def one_load(llm, args, generator: torch.Generator) -> dict:
     background = [llm.add_request(prompt(args.background_prompt),
                                   SamplingParams(temperature=0, max_tokens=background_tokens, ignore_eos=True))
                   for _ in range(args.background)]
-    while llm.num_prefilling or llm.num_waiting:  # the background is decoding
+    # (an engine from before batched prefill has no num_prefilling: its prefills end within the step)
+    while getattr(llm, "num_prefilling", 0) or llm.num_waiting:  # the background is decoding
         llm.step()
     arrived = time.perf_counter()
     long_id = llm.add_request(prompt(args.long_prompt), SamplingParams(temperature=0, max_tokens=long_output, ignore_eos=True))

@@ -16,8 +16,10 @@ from nosa import ops
 from nosa.engine.block_cache import BlockCache
 from nosa.engine.host_store import HostStore
 
-# Prompt tokens prefilled per step across sequences (`LLM(max_prefill_tokens=...)`): four 512-token chunks,
-# each already compute-bound at the 8B shape (docs/engine.md), so prompts share a step at little cost.
+# Prompt tokens of one sequence per step (`LLM(prefill_chunk=...)`) and across sequences
+# (`max_prefill_tokens`): a 512-token chunk's matmuls are already compute-bound at the 8B shape, and four of
+# them let short prompts share a step with a long one (docs/engine.md, "Batched, interleaved prefill").
+DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_MAX_PREFILL_TOKENS = 2048
 
 

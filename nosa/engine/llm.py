@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from nosa.engine.budget import DEFAULT_MAX_PREFILL_TOKENS
+from nosa.engine.budget import DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_PREFILL_CHUNK
 from nosa.engine.core import EngineCore
 from nosa.engine.sampling import SamplingParams
 from nosa.engine.sequence import RequestOutput
@@ -59,7 +59,7 @@ class LLM(EngineCore):
 
     def __init__(self, model_or_path, device=None, offload: bool = True, gpu_memory_budget: int | None = None,
                  host_memory_budget: int | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
-                 prefill_chunk: int = 512, dtype: torch.dtype | None = None, tokenizer=None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, dtype: torch.dtype | None = None, tokenizer=None,
                  cuda_graphs: bool = True, device_cache_blocks: int | None = None,
                  max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
