@@ -123,7 +123,8 @@ def main(args) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    name = "decode_model" if args.name == "decode_8b" else args.name
+    # Not decode*.json: `nosa bench report` renders those as synthetic-8B decode tables.
+    name = "model_decode" if args.name == "decode_8b" else args.name
     parameters = {"model": os.path.abspath(args.model), "device": args.device, "prompt_tokens": args.prompt,
                   "prompts": f"text of {args.prompt_text}" if args.prompt_text else "seeded random token ids",
                   "batch": args.batch, "timed_steps": args.steps, "warmup_steps": args.warmup, "offload": args.offload,
