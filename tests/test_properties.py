@@ -185,22 +185,26 @@ def _a_near_tie_decides_a_selection(cfg, inputs, last_query: int, tol: float = 1
 
 
 @settings(max_examples=100 * SCALE)
-@example(cfg=REPEATED_TOKENS_TIE, kv_heads=2, group=1, lengths=[4, 4], steps=5, max_num_seqs=1, seed=188)
-@example(cfg=REPEATED_TOKEN_TIE, kv_heads=2, group=3, lengths=[1], steps=10, max_num_seqs=1, seed=2586)
+@example(cfg=REPEATED_TOKENS_TIE, kv_heads=2, group=1, lengths=[4, 4], steps=5, max_num_seqs=1, seed=188, budget=64)
+@example(cfg=REPEATED_TOKEN_TIE, kv_heads=2, group=3, lengths=[1], steps=10, max_num_seqs=1, seed=2586, budget=64)
 # Seed 2587: token 58's value vector at position 7 (prefill chunk [7, 14)) and at 15 (chunk [14, 16)) rounds apart
 # in the engine, not in the forward: the engine breaks the tie the other way, which the near-tie check must find.
-@example(cfg=REPEATED_TOKEN_TIE, kv_heads=2, group=3, lengths=[16], steps=2, max_num_seqs=1, seed=2587)
+@example(cfg=REPEATED_TOKEN_TIE, kv_heads=2, group=3, lengths=[16], steps=2, max_num_seqs=1, seed=2587, budget=64)
 @given(cfg=geometries(("nosa", "dma", "infllmv2", "dense")), kv_heads=st.integers(1, 2), group=st.integers(1, 3),
        lengths=st.lists(st.integers(1, 30), min_size=1, max_size=3), steps=st.integers(1, 12),
-       max_num_seqs=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
-def test_engine_equals_the_models_forward_and_offload_changes_nothing(cfg, kv_heads, group, lengths, steps, max_num_seqs, seed):
+       max_num_seqs=st.integers(1, 3), seed=st.integers(0, 2**31 - 1), budget=st.integers(1, 16))
+def test_engine_equals_the_models_forward_and_offload_changes_nothing(cfg, kv_heads, group, lengths, steps, max_num_seqs, seed,
+                                                                      budget):
+    # budget: prompt tokens prefilled per step across prompts (chunks of at most 7 of each), so prompts are
+    # prefilled together, split by the budget, beside decode steps.
     model = _model(cfg, kv_heads, group, seed % 1000)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in lengths]
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     outputs = {}
     for offload in (True, False):
-        llm = LLM(model, device=DEVICE, offload=offload, max_model_len=48, max_num_seqs=max_num_seqs, prefill_chunk=7)
+        llm = LLM(model, device=DEVICE, offload=offload, max_model_len=48, max_num_seqs=max_num_seqs, prefill_chunk=7,
+                  max_prefill_tokens=budget)
         outputs[offload] = llm.generate(prompts, params, use_tqdm=False, return_logits=True)
         if offload and cfg.has_locality_bound:  # spec sec. 5: never more loads per step than the bound allows
             assert llm.stats().bound_violations == 0

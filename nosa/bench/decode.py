@@ -15,6 +15,8 @@ model's own selection was computed (so the step still pays for it); the diff, th
 gather and the attention run exactly as in normal decoding, so loads/step and step time are real. How
 layers, heads, sequences and positions are mapped is recorded in the result's parameters.
 
+`--model DIR` benchmarks a saved checkpoint end to end instead, prefill included (`nosa/bench/checkpoint.py`).
+
 Two modes:
 - fixed batch (default): every configuration decodes `--batch` sequences, whatever device memory it needs.
 - equal device memory (`--equal-memory-dense-batch N`, spec sec. 7, the paper's claim): every configuration
@@ -66,6 +68,9 @@ def register(subparsers) -> None:
     p.add_argument("--traces", default=None, metavar="FILE[,FILE]",
                    help="trace-driven: sparse configs replay these selection traces (.npz, nosa.results.traces), "
                         "each file serving the configs of its attn_mode")
+    from nosa.bench import checkpoint
+
+    checkpoint.add_arguments(p)
     p.set_defaults(func=main)
 
 
@@ -396,6 +401,10 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
 
 
 def main(args) -> int:
+    if args.model is not None:  # a real checkpoint end to end (nosa/bench/checkpoint.py), CPU too
+        from nosa.bench import checkpoint
+
+        return checkpoint.main(args)
     if not torch.cuda.is_available():
         print("nosa bench decode needs a CUDA device")
         return 2

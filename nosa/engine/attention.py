@@ -1,8 +1,9 @@
 """The engine's attention backends: what the model's own `NosaAttention` layers call (through
 `nosa.layers.AttentionBackend`) when the engine runs them, so only the offloading-specific part lives here.
 
-`PrefillAttention`: one sequence's prompt, chunk by chunk; the chunk's queries attend to every key so far
-(`ops.nosa_attention`), keys and eviction scores are kept for the install into the host store and the row.
+`PrefillAttention`: chunks of several prompts in one packed forward; each chunk's queries attend to every key
+of its prompt so far (`ops.nosa_attention`), keys and eviction scores are kept for the install into the host
+store and the row.
 `DecodeAttention`: one new token for every row over the block cache (spec sec. 6). Per layer:
   1. `stage_window`: c is stored, the key goes into the ring, the window ending at the token is copied out;
      `compress_keys` / `agnostic_chunk_scores` average it (the same op as prefill, so it rounds the same),
@@ -29,26 +30,32 @@ from nosa.layers import AttentionBackend
 
 
 class PrefillAttention(AttentionBackend):
-    """Attention of one prompt chunk [start, end) of a `length`-token prompt. keys, values: [L, 1, length,
-    H, D] and evictions [L, 1, length, H] (or None) are filled as the layers run; `last_selection[l]` gets
-    the prompt's last token's selection [H, K] (sparse modes), which the install loads."""
+    """Attention of one packed prefill forward: the chunks of several prompts side by side as one row of N
+    tokens (`PrefillChunk`s, in order), so the projections and the MLP run once for all of them. Chunk i's
+    queries attend to every key of its own prompt so far (`ops.nosa_attention` with Tq < Tk, so no T x T
+    score matrix exists); its keys, values and eviction scores go into its prompt's workspace
+    (`PrefillState`), and the chunk that ends the prompt leaves the last token's selection [H, K] per layer
+    in `state.last_selection` (sparse modes), which the install loads."""
 
-    def __init__(self, cfg, keys, values, evictions, length: int):
-        self.cfg, self.keys, self.values, self.evictions, self.length = cfg, keys, values, evictions, length
-        self.last_selection: list[torch.Tensor | None] = [None] * keys.shape[0]
-        self.start = self.end = 0
+    def __init__(self, cfg, chunks):
+        self.cfg, self.chunks = cfg, chunks
 
     def attend(self, layer_idx, q, k, v, eviction):
-        l, start, end = layer_idx, self.start, self.end
-        self.keys[l, :, start:end], self.values[l, :, start:end] = k, v
-        c = None
-        if self.evictions is not None:
-            self.evictions[l, :, start:end] = eviction
-            c = self.evictions[l, :, :end]
-        # Queries are this chunk, keys everything so far: scores are chunk x end, never T x T.
-        out, indices = ops.nosa_attention(q, self.keys[l, :, :end], self.values[l, :, :end], c, self.cfg, return_indices=True)
-        if end == self.length and indices is not None:
-            self.last_selection[l] = indices[0, -1]
+        l, out, offset = layer_idx, torch.empty_like(q), 0
+        for chunk in self.chunks:
+            state, start, end = chunk.state, chunk.start, chunk.end
+            packed = slice(offset, offset + end - start)
+            offset = packed.stop
+            state.keys[l, :, start:end], state.values[l, :, start:end] = k[:, packed], v[:, packed]
+            c = None
+            if state.evictions is not None:
+                state.evictions[l, :, start:end] = eviction[:, packed]
+                c = state.evictions[l, :, :end]
+            result, indices = ops.nosa_attention(q[:, packed], state.keys[l, :, :end], state.values[l, :, :end], c,
+                                                 self.cfg, return_indices=True)
+            out[:, packed] = result
+            if end == state.length and indices is not None:
+                state.last_selection[l] = indices[0, -1]
         return out
 
 

@@ -16,18 +16,26 @@ from nosa import ops
 from nosa.engine.block_cache import BlockCache
 from nosa.engine.host_store import HostStore
 
+# Prompt tokens of one sequence per step (`LLM(prefill_chunk=...)`) and across sequences
+# (`max_prefill_tokens`): a 512-token chunk's matmuls are already compute-bound at the 8B shape, and four of
+# them let short prompts share a step with a long one (docs/engine.md, "Batched, interleaved prefill").
+DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_MAX_PREFILL_TOKENS = 2048
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
     """rows: device rows (running sequences at once); host_pages: the host store's cap in pages (it grows to
     it as requests are admitted); row_bytes, workspace_bytes: what `gpu_memory_budget` is charged per row
-    and once; page_bytes: one host page (one block of one sequence, K and V, all layers)."""
+    and once; page_bytes: one host page (one block of one sequence, K and V, all layers); workspace_tokens:
+    prompt tokens the prefill workspace holds at once (the prompts being prefilled share it)."""
 
     rows: int
     host_pages: int
     row_bytes: int
     workspace_bytes: int
     page_bytes: int
+    workspace_tokens: int
 
 
 def _positive_bytes(name: str, value) -> None:
@@ -35,18 +43,27 @@ def _positive_bytes(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
 
 
+def prefill_workspace_tokens(max_model_len: int, max_prefill_tokens: int) -> int:
+    """Prompt tokens the prefill workspace holds at once: one prompt of max_model_len plus one step's budget
+    of others (at most another max_model_len), so short prompts can be prefilled beside even the longest."""
+    return max_model_len + min(max_prefill_tokens, max_model_len)
+
+
 def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
-                 device_cache_blocks: int | None = None) -> tuple[int, int]:
+                 device_cache_blocks: int | None = None,
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> tuple[int, int]:
     """(bytes per row, fixed workspace bytes) that `gpu_memory_budget` is charged: the engine admits
     min(max_num_seqs, (budget - workspace) // row) rows. A device cache beyond the selection
     (device_cache_blocks > topk_blocks) is charged per row like the selection slots (with offload on; off,
-    every block is on the device and it allocates nothing)."""
+    every block is on the device and it allocates nothing). The workspace is the prefill's
+    (`prefill_workspace_tokens` of K/V and eviction scores; max_prefill_tokens as given to the LLM)."""
     cfg, L = config.sparse, config.num_hidden_layers
     H, D = config.num_key_value_heads, config.head_dim
     elem = torch.empty((), dtype=dtype).element_size()
     row_bytes = BlockCache.row_bytes(L, H, D, dtype, cfg, max_model_len, device_cache_blocks, in_place=not offload)["total"]
-    # Prefill keeps one prompt's K/V (and eviction scores) of every layer on the device at a time.
-    workspace = L * max_model_len * H * (2 * D * elem + 4)
+    # Prefill keeps the K/V (and eviction scores) of every layer of the prompts it is prefilling on the
+    # device until their install; the scheduler admits a prompt only while their sum fits.
+    workspace = L * prefill_workspace_tokens(max_model_len, max_prefill_tokens) * H * (2 * D * elem + 4)
     if not offload:
         # The store lives on the device and is the one copy of the KV (attention reads it in place): a
         # full sequence per row, and once the scratch page the padded decode step's free rows write into.
@@ -58,12 +75,13 @@ def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
 
 def plan_memory(config, dtype: torch.dtype, offload: bool, max_model_len: int, max_num_seqs: int,
                 gpu_memory_budget: int | None, host_memory_budget: int | None,
-                device_cache_blocks: int | None = None) -> MemoryPlan:
+                device_cache_blocks: int | None = None,
+                max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> MemoryPlan:
     cfg, L = config.sparse, config.num_hidden_layers
     H, D = config.num_key_value_heads, config.head_dim
     page_bytes = HostStore.page_bytes(L, H, cfg.block_size, D, dtype)
     max_blocks = ops.num_blocks(max_model_len, cfg.block_size)
-    row_bytes, workspace = device_bytes(config, dtype, offload, max_model_len, device_cache_blocks)
+    row_bytes, workspace = device_bytes(config, dtype, offload, max_model_len, device_cache_blocks, max_prefill_tokens)
     rows = max_num_seqs
     if gpu_memory_budget is not None:
         _positive_bytes("gpu_memory_budget", gpu_memory_budget)
@@ -84,4 +102,5 @@ def plan_memory(config, dtype: torch.dtype, offload: bool, max_model_len: int, m
                 f"tokens needs {page_bytes} bytes (K and V of {L} layers)"
             )
         pages = min(pages, host_memory_budget // page_bytes)
-    return MemoryPlan(rows=rows, host_pages=pages, row_bytes=row_bytes, workspace_bytes=workspace, page_bytes=page_bytes)
+    return MemoryPlan(rows=rows, host_pages=pages, row_bytes=row_bytes, workspace_bytes=workspace, page_bytes=page_bytes,
+                      workspace_tokens=prefill_workspace_tokens(max_model_len, max_prefill_tokens))

@@ -10,10 +10,10 @@ import time
 import torch
 
 from nosa.engine.block_cache import BlockCache
-from nosa.engine.budget import device_bytes, plan_memory
+from nosa.engine.budget import DEFAULT_MAX_PREFILL_TOKENS, device_bytes, plan_memory
 from nosa.engine.cuda_graph import GraphedDecode
 from nosa.engine.host_store import HostStore
-from nosa.engine.model_runner import ModelRunner
+from nosa.engine.model_runner import ModelRunner, PrefillChunk
 from nosa.engine.sampling import SamplingParams, sample
 from nosa.engine.scheduler import Scheduler
 from nosa.engine.selection_source import RowStep, SelectionSource, check_selection
@@ -31,7 +31,8 @@ class EngineCore:
 
     def __init__(self, model, tokenizer, device: torch.device, offload: bool, gpu_memory_budget: int | None,
                  host_memory_budget: int | None, max_model_len: int | None, max_num_seqs: int, prefill_chunk: int,
-                 cuda_graphs: bool, device_cache_blocks: int | None = None):
+                 cuda_graphs: bool, device_cache_blocks: int | None = None,
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         # Models often pad the vocabulary beyond the tokenizer's (to a multiple of 64, say): those ids are
@@ -40,6 +41,8 @@ class EngineCore:
         self.config, self.device, self.offload = config, device, offload
         _check_int("max_num_seqs", max_num_seqs, 1)
         _check_int("prefill_chunk", prefill_chunk, 1)
+        _check_int("max_prefill_tokens", max_prefill_tokens, 1)
+        self.prefill_chunk, self.max_prefill_tokens = prefill_chunk, max_prefill_tokens
         max_model_len = config.max_position_embeddings if max_model_len is None else max_model_len
         if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or not 1 <= max_model_len <= config.max_position_embeddings:
             raise ValueError(f"max_model_len must be an integer in [1, max_position_embeddings={config.max_position_embeddings}], got {max_model_len!r}")
@@ -47,15 +50,15 @@ class EngineCore:
         cfg, L = config.sparse, config.num_hidden_layers
         H, D, dtype = config.num_key_value_heads, config.head_dim, model.dtype
         self.memory = plan_memory(config, dtype, offload, max_model_len, max_num_seqs, gpu_memory_budget, host_memory_budget,
-                                  device_cache_blocks)
+                                  device_cache_blocks, max_prefill_tokens)
         self.store = HostStore(L, self.memory.host_pages, H, cfg.block_size, D, dtype, device, offload)
         # Offload off: the store is on the device and attention reads it in place (one copy of the KV).
         self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len, device_cache_blocks,
                                 in_place=not offload)
-        self.runner = ModelRunner(model, self.cache, self.store, prefill_chunk)
+        self.runner = ModelRunner(model, self.cache, self.store)
         self.graphed = GraphedDecode(self.runner) if (cuda_graphs and device.type == "cuda") else None
         self._graphs_enabled = True
-        self.scheduler = Scheduler(self.memory.rows, self.store, cfg.block_size, max_model_len)
+        self.scheduler = Scheduler(self.memory.rows, self.store, cfg.block_size, max_model_len, self.memory.workspace_tokens)
         self._requests: dict[int, Sequence] = {}  # unfinished (waiting or running), by request id
         self._finished: dict[int, Sequence] = {}  # finished, until `output` collects them
         self._next_id = 0
@@ -64,9 +67,10 @@ class EngineCore:
 
     @staticmethod
     def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
-                     device_cache_blocks: int | None = None) -> tuple[int, int]:
+                     device_cache_blocks: int | None = None,
+                     max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> tuple[int, int]:
         """(bytes per row, fixed workspace bytes) that `gpu_memory_budget` is charged (`budget.device_bytes`)."""
-        return device_bytes(config, dtype, offload, max_model_len, device_cache_blocks)
+        return device_bytes(config, dtype, offload, max_model_len, device_cache_blocks, max_prefill_tokens)
 
     @property
     def max_num_seqs(self) -> int:
@@ -79,7 +83,13 @@ class EngineCore:
 
     @property
     def num_running(self) -> int:
+        """Requests holding a row: prefilling or decoding."""
         return len(self.scheduler.running)
+
+    @property
+    def num_prefilling(self) -> int:
+        """Running requests whose prompt is not fully prefilled yet."""
+        return len(self.scheduler.prefilling)
 
     @property
     def free_rows(self) -> int:
@@ -165,7 +175,8 @@ class EngineCore:
         self.scheduler.add(seq)
         if self.scheduler.admit_next() is not seq:
             self.scheduler.abort(seq)
-            raise ValueError("no free row or host pages for a prefilled request now")
+            raise ValueError("no free row, host pages or prefill workspace for a prefilled request now")
+        self.scheduler.prefill_done(seq)  # nothing to prefill: it needs no workspace
         self._requests[request_id] = seq
         try:
             self.runner.install(seq.row, seq.pages, keys, values, evictions, last_selection)
@@ -258,25 +269,28 @@ class EngineCore:
 
     # ----------------------------------------------------------------------------------- stepping
     def step(self) -> list[StepOutput]:
-        """One scheduler iteration: admit the waiting requests that fit now and prefill them (each yields its
-        first token), then one batched decode step for the running ones. Returns one StepOutput per request
-        that produced a token. On an exception, the requests of the failing prefill or decode step are
-        dropped (finished with reason 'error', their rows and pages given back) and the exception re-raised;
-        the engine stays usable."""
+        """One scheduler iteration: admit the waiting requests that fit now, run one packed prefill forward
+        of at most `max_prefill_tokens` prompt tokens (at most `prefill_chunk` of each prefilling request,
+        first come first served; a request whose prompt completes is installed and yields its first token),
+        then one batched decode step for the requests whose prompt is installed. So a long prompt is
+        prefilled over several steps and never stalls decoding for more than one budget of prompt tokens.
+        Returns one StepOutput per request that produced a token or failed.
+
+        A prefill that fails finishes only its own request (reason 'error', row and pages given back, the
+        error in its RequestOutput; the others of the packed forward are retried one by one) and the step
+        goes on. A failing decode step drops all its rows (finished with reason 'error') and re-raises; the
+        engine stays usable."""
         eos = self._eos_ids()
         outputs: list[StepOutput] = []
-        # Admitted one at a time, so a failing prefill leaves the requests behind it waiting, untouched.
-        while (seq := self.scheduler.admit_next()) is not None:
+        for seq in self.scheduler.admit():
             try:
-                start = time.perf_counter()
-                logits = self.runner.prefill(seq.row, seq.prompt_token_ids, seq.pages)[: self.sample_vocab]
-                token = sample(logits[None], [seq.params], [seq.generator])[0]
-                self.clock.prefilled(len(seq.prompt_token_ids), time.perf_counter() - start)
-            except BaseException as err:
-                self._fail([seq], err)
-                raise
-            self._append(seq, token, logits, eos, outputs)
-        running = list(self.scheduler.running.values())
+                seq.prefill = self.runner.begin_prefill(seq.prompt_token_ids)
+            except Exception as err:  # its workspace could not be allocated: only this request fails
+                self._fail_one(seq, err, outputs)
+        plan = self.scheduler.plan_prefill(self.max_prefill_tokens, self.prefill_chunk)
+        if plan:
+            self._prefill(plan, eos, outputs)
+        running = self.scheduler.decoding
         if not running:
             return outputs
         try:
@@ -296,14 +310,63 @@ class EngineCore:
             self._append(seq, token, logits[seq.row], eos, outputs)
         return outputs
 
+    def _prefill(self, plan: list[tuple[Sequence, int, int]], eos: set[int], outputs: list[StepOutput]) -> None:
+        """Run this step's prefill chunks in one packed forward; where it raises, run each chunk alone, so
+        the request whose own prefill fails is the only one that fails. Completed prompts are installed
+        and sampled."""
+        start = time.perf_counter()
+        chunks = [PrefillChunk(seq.prefill, begin, end) for seq, begin, end in plan]
+        try:
+            results = list(zip(plan, self.runner.prefill(chunks)))
+        except Exception as err:
+            if len(plan) == 1:
+                self._fail_one(plan[0][0], err, outputs)
+                return
+            results = []
+            for item, chunk in zip(plan, chunks):
+                try:
+                    results.append((item, self.runner.prefill([chunk])[0]))
+                except Exception as own:
+                    self._fail_one(item[0], own, outputs)
+        except BaseException as err:  # interrupted: these prompts are half-written
+            self._fail([seq for seq, _, _ in plan], err)
+            raise
+        done = []
+        for (seq, _, end), logits in results:
+            seq.prefill.done = end
+            if logits is None:
+                continue
+            try:
+                self.runner.finish_prefill(seq.row, seq.pages, seq.prefill)
+            except Exception as err:
+                self._fail_one(seq, err, outputs)
+                continue
+            self.scheduler.prefill_done(seq)
+            done.append((seq, logits[: self.sample_vocab]))
+        tokens = []
+        if done:
+            try:
+                tokens = sample(torch.stack([logits for _, logits in done]), [s.params for s, _ in done], [s.generator for s, _ in done])
+            except Exception as err:  # installed but without a first token: they cannot decode
+                for seq, _ in done:
+                    self._fail_one(seq, err, outputs)
+                done = []
+        self.clock.prefilled(sum(end - begin for (_, begin, end), _ in results), time.perf_counter() - start)
+        for (seq, logits), token in zip(done, tokens):
+            self._append(seq, token, logits, eos, outputs)
+
+    def _fail_one(self, seq: Sequence, err: Exception, outputs: list[StepOutput]) -> None:
+        """Finish one request with reason 'error' and say so in this step's outputs; the others go on."""
+        self._fail([seq], err)
+        outputs.append(StepOutput(seq.request_id, [], True, "error"))
+
     def _append(self, seq: Sequence, token: int, logits: torch.Tensor, eos: set[int], outputs: list[StepOutput]) -> None:
         """Record a sampled token; a request whose bookkeeping fails (its text cannot be decoded, say) is
         finished with reason 'error' alone, and the others of the step go on."""
         try:
             out = seq.append(token, logits, eos, self.tokenizer)
         except Exception as err:
-            self._fail([seq], err)
-            outputs.append(StepOutput(seq.request_id, [], True, "error"))
+            self._fail_one(seq, err, outputs)
             return
         outputs.append(out)
         self._retire_if_done(seq)

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from nosa.engine.budget import DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_PREFILL_CHUNK
 from nosa.engine.core import EngineCore
 from nosa.engine.sampling import SamplingParams
 from nosa.engine.sequence import RequestOutput
@@ -50,16 +51,21 @@ class LLM(EngineCore):
     modes): blocks the device holds per (layer, sequence, KV head), >= topk_blocks (None: topk_blocks, only
     the selection); the extra ones keep blocks that left the selection, least recently selected replaced
     first, so a block that comes back is a device copy instead of a host load. Charged to the budget.
+    max_prefill_tokens: prompt tokens prefilled per step, across the prompts being prefilled (one packed
+    forward beside each decode step, so a long prompt delays decoding by at most this many tokens' work);
+    prefill_chunk: the most tokens of one prompt per step (below max_prefill_tokens, several prompts move
+    at once, so short prompts behind a long one get their first token within a step or two).
     """
 
     def __init__(self, model_or_path, device=None, offload: bool = True, gpu_memory_budget: int | None = None,
                  host_memory_budget: int | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
-                 prefill_chunk: int = 512, dtype: torch.dtype | None = None, tokenizer=None,
-                 cuda_graphs: bool = True, device_cache_blocks: int | None = None):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, dtype: torch.dtype | None = None, tokenizer=None,
+                 cuda_graphs: bool = True, device_cache_blocks: int | None = None,
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, loaded_tokenizer = _load_model(model_or_path, device, dtype)
         super().__init__(model, tokenizer or loaded_tokenizer, device, offload, gpu_memory_budget, host_memory_budget,
-                         max_model_len, max_num_seqs, prefill_chunk, cuda_graphs, device_cache_blocks)
+                         max_model_len, max_num_seqs, prefill_chunk, cuda_graphs, device_cache_blocks, max_prefill_tokens)
 
     # ----------------------------------------------------------------------------------- generate
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True, return_logits: bool = False,

@@ -1,4 +1,4 @@
-"""Runs the model for the engine: chunked prefill of one sequence, and the batched decode step over the
+"""Runs the model for the engine: packed chunked prefill of several sequences, and the batched decode step over the
 block cache (spec sec. 6). The model's own modules run both (`NosaModel.forward_with_attention`); their
 attention goes to the engine's backends (`engine/attention.py`), so this file only keeps the offloading
 state: the static per-step buffers, the install of a prefilled prompt into the host store and its row,
@@ -11,6 +11,8 @@ That is what lets `cuda_graph.py` capture it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from nosa import ops
@@ -19,13 +21,40 @@ from nosa.engine.block_cache import BlockCache
 from nosa.engine.host_store import HostStore
 
 
+@dataclass
+class PrefillState:
+    """One prompt being prefilled: token_ids [T] on the device; keys, values [L, 1, T, H, D] and evictions
+    [L, 1, T, H] f32 (or None) filled chunk by chunk; last_selection[l] the last token's selection [H, K]
+    (sparse modes) once the last chunk ran; done: prompt tokens prefilled so far (advanced by the caller
+    once a chunk succeeded)."""
+
+    token_ids: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    evictions: torch.Tensor | None
+    last_selection: list
+    done: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.token_ids.shape[0]
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt positions [start, end) of `state`'s prompt, to run in one packed prefill forward."""
+
+    state: PrefillState
+    start: int
+    end: int
+
+
 class ModelRunner:
-    def __init__(self, model, cache: BlockCache, store: HostStore, prefill_chunk: int):
+    def __init__(self, model, cache: BlockCache, store: HostStore):
         self.model = model
         self.cfg = model.config.sparse
         self.cache = cache
         self.store = store
-        self.prefill_chunk = prefill_chunk
         self.device = cache.device
         self.dtype = cache.dtype
         L = len(model.model.layers)
@@ -107,25 +136,43 @@ class ModelRunner:
         return self.selected_rh.sum(dim=(1, 2))
 
     # ------------------------------------------------------------------------------------------ prefill
-    @torch.no_grad()
-    def prefill(self, row: int, token_ids: list[int], pages: list[int]) -> torch.Tensor:
-        """Run the prompt of one sequence in chunks of `prefill_chunk` queries, fill its host pages and its
-        row state, and load the blocks its last token selected. Returns the last token's logits [V] f32."""
+    def begin_prefill(self, token_ids: list[int]) -> PrefillState:
+        """The device workspace of one prompt's prefill (its K/V and eviction scores of every layer, kept
+        until the install; the scheduler charges it against the prefill workspace)."""
         cfg, cache = self.cfg, self.cache
         length = len(token_ids)
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)[None]
         L, H, D = len(self.model.model.layers), cache.num_kv_heads, cache.head_dim
         keys = torch.empty((L, 1, length, H, D), dtype=self.dtype, device=self.device)
-        values = torch.empty_like(keys)
         evictions = torch.empty((L, 1, length, H), dtype=torch.float32, device=self.device) if cfg.uses_eviction_head else None
-        attention = PrefillAttention(cfg, keys, values, evictions, length)
-        for start in range(0, length, self.prefill_chunk):
-            attention.start, attention.end = start, min(length, start + self.prefill_chunk)
-            positions = torch.arange(start, attention.end, device=self.device)[None]
-            hidden = self.model.model.forward_with_attention(ids[:, start:attention.end], positions, attention)
-        logits = self.model.logits_of(hidden[:, -1:])[0, 0]
-        self.install(row, pages, keys, values, evictions, attention.last_selection)
-        return logits
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        return PrefillState(ids, keys, torch.empty_like(keys), evictions, [None] * L)
+
+    @torch.no_grad()
+    def prefill(self, chunks: list[PrefillChunk]) -> list[torch.Tensor | None]:
+        """One packed forward over prompt chunks of several sequences (each [start, end) of its prompt, the
+        earlier part already prefilled into its state): the chunks' tokens run as one row, so every
+        projection and MLP matmul is shared, and each chunk's attention reads its own prompt's keys so far.
+        Returns, per chunk, the logits [V] f32 of its prompt's last token if the chunk ends its prompt,
+        else None. Running a chunk again rewrites the same workspace positions (how a failed packed
+        forward is retried sequence by sequence)."""
+        ids = torch.cat([c.state.token_ids[c.start:c.end] for c in chunks])[None]
+        positions = torch.cat([torch.arange(c.start, c.end, device=self.device) for c in chunks])[None]
+        hidden = self.model.model.forward_with_attention(ids, positions, PrefillAttention(self.cfg, chunks))
+        ends, offset = [], 0
+        for c in chunks:
+            offset += c.end - c.start
+            ends.append(offset - 1)  # the chunk's last token in the packed row
+        last = [i for i, c in enumerate(chunks) if c.end == c.state.length]
+        results: list[torch.Tensor | None] = [None] * len(chunks)
+        if last:
+            logits = self.model.logits_of(hidden[:, [ends[i] for i in last]])[0]
+            for j, i in enumerate(last):
+                results[i] = logits[j]
+        return results
+
+    def finish_prefill(self, row: int, pages: list[int], state: PrefillState) -> None:
+        """Install a fully prefilled prompt into row `row` and its host pages (see `install`)."""
+        self.install(row, pages, state.keys, state.values, state.evictions, state.last_selection)
 
     @torch.no_grad()
     def install(self, row: int, pages: list[int], keys, values, evictions, last_selection) -> None:

@@ -1,5 +1,10 @@
-"""Continuous batching: requests wait until a device row and their host pages are free, run, and give both
-back when they finish, so waiting requests are admitted while others are still decoding."""
+"""Continuous batching: requests wait until a device row, their host pages and room in the prefill workspace
+are free, prefill (chunk by chunk, beside the decode steps of the others), decode, and give everything back
+when they finish, so waiting requests are admitted while others are still decoding.
+
+Per step the prompt tokens to prefill are planned by `plan_prefill`: the prefilling requests in admission
+order, each at most `chunk` tokens, all together at most `budget` tokens. The per-request cap is what lets
+short prompts that arrive behind a long one start in the next step instead of after the whole long prompt."""
 
 from __future__ import annotations
 
@@ -12,8 +17,13 @@ from nosa.engine.sequence import Sequence
 
 
 class Scheduler:
-    def __init__(self, rows: int, store: HostStore, block_size: int, max_model_len: int):
+    def __init__(self, rows: int, store: HostStore, block_size: int, max_model_len: int, workspace_tokens: int):
         self.free_rows = list(range(rows - 1, -1, -1))
+        # Prompt tokens whose prefill K/V the device workspace holds at once (budget.device_bytes charges
+        # it): a request reserves its prompt's length at admission and gives it back at its install.
+        self.workspace_tokens = workspace_tokens
+        self.workspace_free = workspace_tokens
+        self.prefilling: list[Sequence] = []  # admitted, prompt not fully prefilled yet (admission order)
         self.store = store
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -45,8 +55,10 @@ class Scheduler:
         self.waiting.append(seq)
 
     def admit_next(self) -> Sequence | None:
-        """Move the first waiting request (first come, first served) to a free row if its pages fit now."""
-        if not (self.waiting and self.free_rows and self.pages_needed(self.waiting[0]) <= self.store.free_pages):
+        """Move the first waiting request (first come, first served) to a free row if its pages and its
+        prompt's prefill workspace fit now; it is then prefilling."""
+        if not (self.waiting and self.free_rows and self.pages_needed(self.waiting[0]) <= self.store.free_pages
+                and len(self.waiting[0].prompt_token_ids) <= self.workspace_free):
             return None
         # Pages first: if the store cannot grow to them (HostMemoryError), the request is still waiting.
         pages = self.store.allocate(self.pages_needed(self.waiting[0]))
@@ -55,7 +67,34 @@ class Scheduler:
         seq.pages = pages
         seq.admitted_at = time.perf_counter()
         self.running[seq.row] = seq
+        self.workspace_free -= len(seq.prompt_token_ids)
+        self.prefilling.append(seq)
         return seq
+
+    def prefill_done(self, seq: Sequence) -> None:
+        """The request's prompt is installed (or it left): its workspace is free again; it decodes now."""
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+            self.workspace_free += len(seq.prompt_token_ids)
+        seq.prefill = None
+
+    def plan_prefill(self, budget: int, chunk: int) -> list[tuple[Sequence, int, int]]:
+        """This step's prefill work: (request, start, end) prompt ranges, in admission order, each at most
+        `chunk` tokens, at most `budget` in all."""
+        plan = []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            start = seq.prefill.done
+            end = min(len(seq.prompt_token_ids), start + chunk, start + budget)
+            plan.append((seq, start, end))
+            budget -= end - start
+        return plan
+
+    @property
+    def decoding(self) -> list[Sequence]:
+        """Running requests whose prompt is installed, in admission order."""
+        return [s for s in self.running.values() if s not in self.prefilling]
 
     def admit(self) -> list[Sequence]:
         """Admit waiting requests while rows and pages allow."""
@@ -65,6 +104,7 @@ class Scheduler:
         return admitted
 
     def finish(self, seq: Sequence) -> None:
+        self.prefill_done(seq)
         del self.running[seq.row]
         self.store.release(seq.pages)
         self.free_rows.append(seq.row)

@@ -79,6 +79,7 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.row: int | None = None
         self.pages: list[int] = []
+        self.prefill = None  # the engine's PrefillState while the prompt is being prefilled
         self.finish_reason: str | None = None
         self.text: str | None = None
         self.error: str | None = None

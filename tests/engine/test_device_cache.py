@@ -22,8 +22,8 @@ def prompts():
     return [torch.randint(0, 256, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-def run(model, cache_blocks, offload=True, load_log=False):
-    llm = LLM(model, device="cpu", offload=offload, max_model_len=80, max_num_seqs=len(LENGTHS), prefill_chunk=5,
+def run(model, cache_blocks, offload=True, load_log=False, prefill_chunk=5):
+    llm = LLM(model, device="cpu", offload=offload, max_model_len=80, max_num_seqs=len(LENGTHS), prefill_chunk=prefill_chunk,
               device_cache_blocks=cache_blocks)
     if load_log:
         llm.runner.load_log = []
@@ -82,7 +82,8 @@ def test_engine_loads_equal_the_cache_simulation_step_by_step():
     model = engine_model("nosa", seed=1)
     cfg = model.config
     size = cfg.topk_blocks + 3
-    outs, llm = run(model, size, load_log=True)
+    # Every prompt prefilled in the first step, so decode step s of every row is load_log[s].
+    outs, llm = run(model, size, load_log=True, prefill_chunk=64)
     loads = torch.stack([l for _, l in llm.runner.load_log])  # [steps, L, R, H]
     for r, (prompt, out) in enumerate(zip(prompts(), outs)):
         sel = out.selections.long()  # [L, S, H, K]

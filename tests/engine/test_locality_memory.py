@@ -117,7 +117,9 @@ def test_gpu_budget_sets_the_number_of_rows_and_matches_what_is_allocated():
     cfg = model.config
     L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     row = BlockCache.row_bytes(L, H, D, torch.float32, cfg.sparse, 64)["total"]
-    workspace = L * 64 * H * (2 * D * 4 + 4)  # one prompt's K/V and eviction scores, all layers
+    # K/V and eviction scores of all layers for the prompts being prefilled: a longest prompt + one step's
+    # budget of others (2048 by default, at most another longest prompt).
+    workspace = L * (64 + 64) * H * (2 * D * 4 + 4)
     llm = LLM(model, device="cpu", max_model_len=64, max_num_seqs=8, gpu_memory_budget=workspace + 3 * row + row // 2)
     assert llm.max_num_seqs == 3
     assert llm.cache.allocated_bytes()["total"] == 3 * row
@@ -152,7 +154,7 @@ def test_offload_off_holds_one_copy_and_is_charged_what_it_allocates(mode, extra
     llm = LLM(model, device="cpu", offload=False, max_model_len=64, max_num_seqs=3, device_cache_blocks=cache_blocks)
     assert llm.cache.allocated_bytes()["kv_slots"] == 0 and llm.cache.slot_k is None and llm.cache.spill_k is None
     page = HostStore.page_bytes(L, H, cfg.block_size, D, torch.float32)
-    prefill = L * 64 * H * (2 * D * 4 + 4)
+    prefill = L * (64 + 64) * H * (2 * D * 4 + 4)  # a longest prompt + one step's budget (at most another)
     assert workspace == prefill + page  # the scratch page
     assert llm.cache.allocated_bytes()["total"] + llm.store.allocated_bytes == 3 * row + page
     # The KV of a row is charged once: its full-length store pages, nothing for slots.

@@ -320,10 +320,11 @@ def test_an_engine_failure_fails_only_its_request(server, client, reference):
     original = runner.prefill
     marker = TOK.encode("POISON", add_bos=False)
 
-    def failing_prefill(row, token_ids, pages):
-        if token_ids[-len(marker):] == marker:
+    def failing_prefill(chunks):
+        # A packed forward holding the marked prompt fails; the engine then retries its chunks one by one.
+        if any(c.state.token_ids[-len(marker):].tolist() == marker for c in chunks):
             raise RuntimeError("injected prefill failure")
-        return original(row, token_ids, pages)
+        return original(chunks)
 
     runner.prefill = failing_prefill
     try:
