@@ -258,6 +258,12 @@ class EngineCore:
             self.cache.release_row(seq.row)
         self.scheduler.abort(seq)
 
+    def tokens_so_far(self, request_id: int) -> list[int] | None:
+        """Tokens an unfinished request has generated so far ([] while it waits or prefills), or None when the
+        engine holds no such unfinished request. A server uses it to recover what a failed step produced."""
+        seq = self._requests.get(request_id)
+        return None if seq is None else list(seq.output_token_ids)
+
     def output(self, request_id: int) -> RequestOutput:
         """The result of a finished request; the engine forgets it afterwards."""
         if request_id in self._requests:

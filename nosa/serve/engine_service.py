@@ -306,20 +306,20 @@ class EngineService:
         """After a failed step: fail only the requests it affected, keep the rest running.
 
         The engine finished the failing step's requests with reason 'error' (rows and pages given back);
-        they are found through `output`. The step's StepOutputs are lost with the exception, so tokens a
-        request produced in it are recovered from its RequestOutput where it finished, and a request
-        admitted in that step that is still running (its first token lost) is failed too: the engine admits
-        first come, first served, so of the requests that have no token yet, the last `num_waiting` are still
-        waiting and the others were admitted."""
+        they are found through `output`. The step's StepOutputs are lost with the exception, so the tokens
+        a request produced in it are recovered from the engine: from its RequestOutput where it finished,
+        from `tokens_so_far` where it is still running (a prompt whose prefill completed in the step keeps
+        its first token and goes on decoding; one still waiting or prefilling has none to lose)."""
         message = f"engine step failed: {type(err).__name__}: {err}"
         batch = []
-        unstarted = []
         for request_id, tracked in list(self._tracked.items()):
             try:
                 result = self.llm.output(request_id)
-            except ValueError:  # not finished: still waiting or running
-                if tracked.delivered == 0:
-                    unstarted.append(request_id)
+            except ValueError:  # not finished: still waiting, prefilling or decoding
+                produced = self.llm.tokens_so_far(request_id) or []
+                if len(produced) > tracked.delivered:
+                    batch.append((tracked.choice, Event(produced[tracked.delivered:], finished=False)))
+                    tracked.delivered = len(produced)
                 continue
             except KeyError:
                 result = None
@@ -330,11 +330,6 @@ class EngineService:
             missing = list(result.token_ids[tracked.delivered:])
             reason = FINISH_REASONS.get(result.finish_reason, result.finish_reason)
             batch.append((tracked.choice, Event(missing, finished=True, finish_reason=reason)))
-        admitted = unstarted[: max(0, len(unstarted) - self.llm.num_waiting)]
-        for request_id in admitted:
-            tracked = self._tracked.pop(request_id)
-            self.llm.abort(request_id)
-            batch.append((tracked.choice, Event([], finished=True, error=f"{message} (while this request was admitted)")))
         if batch:
             self._loop.call_soon_threadsafe(self._deliver, batch)
 
