@@ -2,6 +2,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from nosa.config import NosaConfig
 from nosa.models.cache import NosaCache
+from nosa.models.decode_step import DecodeStep
 from nosa.models.convert import nosa_config_from_llama
 from nosa.models.modeling_nosa import NosaForCausalLM, NosaModel, NosaPreTrainedModel, causal_lm_loss
 
@@ -13,5 +14,5 @@ AutoModelForCausalLM.register(NosaConfig, NosaForCausalLM, exist_ok=True)
 
 __all__ = [
     "NosaConfig", "NosaModel", "NosaForCausalLM", "NosaPreTrainedModel", "causal_lm_loss",
-    "convert_llama", "nosa_config_from_llama", "NosaCache",
+    "convert_llama", "nosa_config_from_llama", "NosaCache", "DecodeStep",
 ]

@@ -19,6 +19,7 @@ from nosa.config import NosaConfig
 from nosa.models.convert import copy_llama_weights, load_llama, nosa_config_from_llama
 from nosa.layers import AttentionBackend, EvictionHead, NosaAttention, RMSNorm, RotaryEmbedding, SequenceSpans, SwiGLU
 from nosa.models.cache import NosaCache
+from nosa.models.decode_step import DecodeStep
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x;
 # accept and return whichever this installed version uses.
@@ -83,6 +84,8 @@ class NosaModel(NosaPreTrainedModel):
         for layer in self.layers:
             if layer.self_attn.eviction is not None:
                 layer.self_attn.eviction.delta._is_eviction_delta = True
+        # NosaCache's decode step: its pooled workspaces and CUDA graphs (nosa/models/decode_step.py).
+        self.decode_step = DecodeStep()
         self.post_init()
 
     def check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length: int) -> None:
@@ -130,6 +133,8 @@ class NosaModel(NosaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
     ) -> BaseModelOutputWithPast:
+        if getattr(cache, "keeps_nosa_state", False):
+            cache.bind(self)
         past_length = cache.get_seq_length() if cache is not None else 0
         self.check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
         if use_cache and cache is None:
@@ -181,7 +186,8 @@ class NosaForCausalLM(NosaPreTrainedModel, GenerationMixin):
             for key in ("cache", "past_key_values"):
                 cache = model_kwargs.get(key)
                 if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False) and cache.get_seq_length() == 0:
-                    model_kwargs[key] = NosaCache(self.config)
+                    # Sized for the whole call (prompt + max_new_tokens): one workspace, one graph.
+                    model_kwargs[key] = NosaCache(self.config, capacity=generation_config.max_length)
         return result
 
     def set_input_embeddings(self, value):
@@ -205,6 +211,13 @@ class NosaForCausalLM(NosaPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        if getattr(cache, "keeps_nosa_state", False) and labels is None and inputs_embeds is None:
+            # One new token for every row after a prompt (generate's decode step): NosaCache runs the whole
+            # step from its state, graph-captured on CUDA; None when this forward is anything else.
+            cache.bind(self.model)
+            logits = cache.decode(self, input_ids, attention_mask, position_ids)
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: cache})
         outputs = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
         hidden = outputs.last_hidden_state
         if logits_to_keep:

@@ -79,6 +79,7 @@ def test_generate_uses_nosa_cache_and_equals_dynamic_cache_and_the_full_forward(
               return_dict_in_generate=True)
     out = model.generate(ids, **kw)
     assert isinstance(getattr(out, _CACHE_FIELD), NosaCache)
+    assert getattr(out, _CACHE_FIELD).decode_steps == 32  # every token after the first: the decode step
     reference = model.generate(ids, **dynamic_cache(), **kw)
     assert torch.equal(out.sequences, reference.sequences)
     step_logits = torch.stack(out.logits, dim=1)
@@ -105,9 +106,9 @@ def test_sampling_and_beam_search_run_with_the_cache():
     assert torch.equal(beams, beams_ref)
 
 
-def test_decode_steps_compress_only_the_windows_they_complete(monkeypatch):
-    """The point of the cache: a decode step compresses just the window it completed (kernel keys), never the
-    whole history (what the DynamicCache path does every step)."""
+def test_decode_steps_compress_only_the_window_ending_at_their_token(monkeypatch):
+    """The point of the cache: a decode step compresses one window (the kernel keys ending at its token, as
+    the engine's step does), never the whole history (what the DynamicCache path does every step)."""
     model = model_of("nosa")
     cfg = model.config.sparse
     ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(5))
@@ -123,9 +124,8 @@ def test_decode_steps_compress_only_the_windows_they_complete(monkeypatch):
     monkeypatch.setattr(ops, "compress_keys", counting)
     for t in range(40, 90):
         _step(model, ids[:, t : t + 1], cache)
-    layers = model.config.num_hidden_layers
-    windows_completed = sum(1 for t in range(41, 91) if t >= cfg.compress_kernel and (t - cfg.compress_kernel) % cfg.compress_stride == 0)
-    assert len(compressed_lengths) == layers * windows_completed
+    assert cache.decode_steps == 50
+    assert len(compressed_lengths) == model.config.num_hidden_layers * 50
     assert set(compressed_lengths) == {cfg.compress_kernel}
 
 
