@@ -207,7 +207,9 @@ class NosaCache(Cache):
         if attention_mask is not None:
             if attention_mask.shape != (batch, slots + 1):
                 return None
-            expected = ws.counting[None, : slots + 1] >= (slots - ws.positions)[:, None]
+            # (Every row may start after slot 0, so slots can exceed the capacity.)
+            counting = ws.counting if slots < ws.counting.numel() else torch.arange(slots + 1, device=ws.device)
+            expected = counting[None, : slots + 1] >= (slots - ws.positions)[:, None]
             bad = bad | (attention_mask.to(ws.device) != expected).any()
         elif any(n != slots for n in lengths):
             return None
