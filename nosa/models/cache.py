@@ -224,7 +224,7 @@ class NosaCache(Cache):
             ws = self._ensure(batch, needed, ws.dtype, ws.device)
         logs = [layer.self_attn.selection_log for layer in model.model.layers]
         logs = None if all(log is None for log in logs) else logs
-        logits = model.model.decode_step(model, ws, input_ids, uniform=len(set(lengths)) == 1, logs=logs)
+        logits = model.model.decode_step(model, ws, input_ids, lengths, logs=logs)
         kernel, stride = model.config.sparse.compress_kernel, model.config.sparse.compress_stride
         lengths = [n + 1 for n in lengths]
         windows = [num_complete_windows(n, kernel, stride) for n in lengths]

@@ -133,8 +133,20 @@ class _StepAttention(AttentionBackend):
     """One new token for every row of a workspace, per layer: the engine's one-copy decode ops (see the
     module docstring). logs: each layer's selection log (a list, or None), filled in eager steps only."""
 
-    def __init__(self, ws: Workspace, uniform: bool, logs=None):
+    def __init__(self, ws: Workspace, uniform: bool, logs=None, lengths: list[int] | None = None):
         self.ws, self.uniform, self.logs = ws, uniform, logs
+        # With the rows' lengths (host ints; eager steps on the CPU only, where shapes may change from step
+        # to step): the selection reads only the windows and blocks that exist, and a step that completes no
+        # window skips the compression and the commit (which would write nothing). Same results; a graphed
+        # or CUDA step always reads the whole capacity, so eager and replay run the same shapes there.
+        self.limits = None
+        self.longest = None if lengths is None else max(lengths) + 1
+        if lengths is not None and ws.cfg.is_sparse:
+            cfg, longest = ws.cfg, max(lengths) + 1
+            kernel, stride = cfg.compress_kernel, cfg.compress_stride
+            completes = any(n + 1 >= kernel and (n + 1 - kernel) % stride == 0 for n in lengths)
+            windows = max(1, num_complete_windows(longest, kernel, stride))
+            self.limits = (min(windows, ws.num_windows), min(-(-longest // cfg.block_size), ws.num_blocks), completes)
         table = ws.table[0]
         self.stage = ops.resolve("stage_window", table)
         self.commit = ops.resolve("commit_window", table)
@@ -150,20 +162,53 @@ class _StepAttention(AttentionBackend):
             kernel, stride = cfg.compress_kernel, cfg.compress_stride
             self.stage(k[:, 0], None if eviction is None else eviction[:, 0], positions, ws.ring[l], evict,
                        ws.window_k, ws.window_c)
-            compressed = ops.compress_keys(ws.window_k, kernel, stride)
-            agnostic = None if evict is None else ops.agnostic_chunk_scores(ws.window_c, kernel, stride)
             blocks = None if ws.agnostic_blocks is None else ws.agnostic_blocks[l]
-            self.commit(positions, compressed, agnostic, ws.compressed[l], None if ws.agnostic is None else ws.agnostic[l],
-                        blocks, kernel, stride, cfg.block_size)
-            selection = ops.select_rows(q[:, 0], ws.compressed[l], blocks, positions, ws.num_blocks, cfg, self.uniform)
+            if self.limits is None or self.limits[2]:
+                compressed = ops.compress_keys(ws.window_k, kernel, stride)
+                agnostic = None if evict is None else ops.agnostic_chunk_scores(ws.window_c, kernel, stride)
+                self.commit(positions, compressed, agnostic, ws.compressed[l],
+                            None if ws.agnostic is None else ws.agnostic[l], blocks, kernel, stride, cfg.block_size)
+            keys, num_blocks = ws.compressed[l], ws.num_blocks
+            if self.limits is not None:
+                windows, num_blocks, _ = self.limits
+                keys, blocks = keys[:, :windows], None if blocks is None else blocks[:, :, :num_blocks]
+            selection = ops.select_rows(q[:, 0], keys, blocks, positions, num_blocks, cfg, self.uniform)
             if self.logs is not None and self.logs[l] is not None:
                 self.logs[l].append(selection[:, None].clone())
+        if self.longest is not None:
+            return self._gathered(l, q, k, v, selection)
         slots = ops.LayerSlots(ws.table[l], None, None, ws.page_table)
         token = ops.StepTokens(positions, ws.active, k[:, 0], v[:, 0])
         pages = ops.HostPages(ws.key_pages[l], ws.value_pages[l])
         self.plan(slots, selection, token, pages, ws.plan, ws.slot_page, 0)
         self.inputs(ws.table[l], positions, evict, ws.valid, ws.bias, cfg.block_size)
         out = ops.decode_attention(q[:, 0], pages.k, pages.v, ws.bias, ws.valid, ws.slot_page)
+        return out[:, None]
+
+
+    def _gathered(self, l, q, k, v, selection):
+        """The CPU step's attention (with lengths): the token written at its position, then
+        `decode_attention` over the selected blocks' tokens gathered from the keys (dense mode: over every
+        token so far), without the slot table's diff and the paged reads, which cost more than they save in
+        eager PyTorch. The same attention: the selected tokens at positions <= the query's."""
+        ws, positions, bs = self.ws, self.ws.positions, self.ws.cfg.block_size
+        rows = ws.counting[: ws.batch]
+        ws.keys[l][rows, positions] = k[:, 0]
+        ws.values[l][rows, positions] = v[:, 0]
+        evict = ws.eviction[l] if ws.eviction is not None else None  # c was written by stage_window
+        if selection is None:
+            n = self.longest
+            valid = (ws.counting[None, :n] <= positions[:, None])[:, :, None].expand(-1, -1, ws.num_kv_heads)
+            out = ops.decode_attention(q[:, 0], ws.keys[l][:, :n], ws.values[l][:, :n], None, valid)
+            return out[:, None]
+        picked = selection.transpose(1, 2).long()  # [B, K, H]
+        tokens = (picked[:, :, None, :] * bs + ws.counting[:bs][None, None, :, None]).reshape(ws.batch, -1, picked.shape[-1])
+        valid = (picked >= 0).repeat_interleave(bs, dim=1) & (tokens <= positions[:, None, None])
+        tokens = tokens.clamp(0, ws.capacity - 1)
+        heads = ws.counting[: ws.num_kv_heads]
+        index = (rows[:, None, None], tokens, heads)
+        bias = None if evict is None else torch.where(valid, evict[index], 0.0)
+        out = ops.decode_attention(q[:, 0], ws.keys[l][index], ws.values[l][index], bias, valid)
         return out[:, None]
 
 
@@ -175,6 +220,9 @@ class DecodeStep:
 
     def __init__(self, use_graphs: bool = True):
         self.use_graphs = use_graphs
+        # CPU steps take the lean path (`_StepAttention._gathered`, shapes cut to the rows' lengths); False:
+        # the engine's ops as on CUDA (the tests run both).
+        self.lean_cpu = True
         self._free: list[Workspace] = []
         self._lock = threading.Lock()
         self.captures = 0  # graphs captured (tests and the benchmark read it)
@@ -207,19 +255,24 @@ class DecodeStep:
             self._free.clear()
 
     @torch.no_grad()
-    def eager(self, model, ws: Workspace, uniform: bool, logs=None) -> torch.Tensor:
+    def eager(self, model, ws: Workspace, uniform: bool, logs=None, lengths=None) -> torch.Tensor:
         """One step for every row (ws.tokens, at ws.positions), which it then advances: logits [B, 1, V] in
-        the model's dtype."""
-        hidden = model.model.forward_with_attention(ws.tokens, ws.positions[:, None], _StepAttention(ws, uniform, logs))
+        the model's dtype. lengths: the rows' lengths (CPU steps; see `_StepAttention`)."""
+        attention = _StepAttention(ws, uniform, logs, lengths)
+        hidden = model.model.forward_with_attention(ws.tokens, ws.positions[:, None], attention)
         logits = model.lm_head(model.model.norm(hidden))
         ws.positions.add_(1)
         return logits
 
     @torch.no_grad()
-    def __call__(self, model, ws: Workspace, tokens: torch.Tensor, uniform: bool, logs=None) -> torch.Tensor:
-        """tokens [B, 1] -> logits [B, 1, V] (a fresh tensor). Graphed on CUDA unless logging selections."""
+    def __call__(self, model, ws: Workspace, tokens: torch.Tensor, lengths: list[int], logs=None) -> torch.Tensor:
+        """tokens [B, 1] after the rows' `lengths` cached tokens -> logits [B, 1, V] (a fresh tensor).
+        Graphed on CUDA unless logging selections."""
         ws.tokens.copy_(tokens)
-        if logs is not None or not self.use_graphs or ws.device.type != "cuda":
+        uniform = len(set(lengths)) == 1
+        if ws.device.type != "cuda":
+            return self.eager(model, ws, uniform, logs, lengths if self.lean_cpu else None)
+        if logs is not None or not self.use_graphs:
             return self.eager(model, ws, uniform, logs)
         if uniform in ws.graphs:
             graph, logits = ws.graphs[uniform]

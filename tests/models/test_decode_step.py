@@ -39,12 +39,15 @@ def run_steps(model, cache, ids, mask, tokens):
     return torch.cat(logits, dim=1)
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "engine_ops"])
 @pytest.mark.parametrize("attn_mode", MODES)
-def test_decode_step_equals_the_general_path(attn_mode):
+def test_decode_step_equals_the_general_path(attn_mode, lean):
     """Rows of 37, 5 and 20 prompt tokens, then 45 steps: windows and blocks complete at different steps in
     each row, the rows' positions differ (the non-uniform selection), and the capacity (64 tokens at first)
-    doubles mid-decode. The state the two paths leave is the same too."""
+    doubles mid-decode. The state the two paths leave is the same too. Both CPU variants of the step: the
+    lean one (the CPU default) and the engine's ops at full capacity (what CUDA runs and captures)."""
     model = tiny_model(attn_mode).double()
+    model.model.decode_step.lean_cpu = lean
     ids, mask = left_padded([37, 5, 20], seed=1)
     tokens = torch.randint(1, 97, (3, 45), generator=torch.Generator().manual_seed(2))
     fast, general = NosaCache(model.config), NosaCache(model.config)
@@ -72,9 +75,11 @@ def test_decode_step_equals_the_general_path(attn_mode):
                                            rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "engine_ops"])
 @pytest.mark.parametrize("attn_mode", ["infllmv2", "nosa"])
-def test_decode_step_logs_the_selection_the_general_path_logs(attn_mode):
+def test_decode_step_logs_the_selection_the_general_path_logs(attn_mode, lean):
     model = tiny_model(attn_mode).double()
+    model.model.decode_step.lean_cpu = lean
     ids, mask = left_padded([30, 17], seed=3)
     tokens = torch.randint(1, 97, (2, 20), generator=torch.Generator().manual_seed(4))
     logs = {}

@@ -106,10 +106,13 @@ def test_sampling_and_beam_search_run_with_the_cache():
     assert torch.equal(beams, beams_ref)
 
 
-def test_decode_steps_compress_only_the_window_ending_at_their_token(monkeypatch):
-    """The point of the cache: a decode step compresses one window (the kernel keys ending at its token, as
-    the engine's step does), never the whole history (what the DynamicCache path does every step)."""
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "engine_ops"])
+def test_decode_steps_compress_only_the_window_ending_at_their_token(monkeypatch, lean):
+    """The point of the cache: a decode step compresses at most one window (the kernel keys ending at its
+    token), never the whole history (what the DynamicCache path does every step). The engine's ops (CUDA)
+    compress that window every step, masked where it is incomplete; the CPU step only when one completes."""
     model = model_of("nosa")
+    model.model.decode_step.lean_cpu = lean
     cfg = model.config.sparse
     ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(5))
     compressed_lengths = []
@@ -125,7 +128,8 @@ def test_decode_steps_compress_only_the_window_ending_at_their_token(monkeypatch
     for t in range(40, 90):
         _step(model, ids[:, t : t + 1], cache)
     assert cache.decode_steps == 50
-    assert len(compressed_lengths) == model.config.num_hidden_layers * 50
+    completed = sum(1 for t in range(41, 91) if t >= cfg.compress_kernel and (t - cfg.compress_kernel) % cfg.compress_stride == 0)
+    assert len(compressed_lengths) == model.config.num_hidden_layers * (completed if lean else 50)
     assert set(compressed_lengths) == {cfg.compress_kernel}
 
 
