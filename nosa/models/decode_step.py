@@ -23,8 +23,9 @@ runs eagerly (the same code, so the CPU tests exercise it).
 Workspaces are pooled per model (`DecodeStep.acquire` / `release`): a cache that is dropped (generate's,
 when the call returns) gives its workspace back, with its graphs, and the next `generate` at the same batch
 and capacity reuses both, so a graph is captured once per (batch, capacity), not once per call. A graph
-holds the addresses of the model's weights: after moving the model or replacing parameter tensors (in-place
-loads are fine), call `DecodeStep.clear` (`model.model.decode_step.clear()`).
+holds the addresses of the model's weights: a cache taking a pooled workspace first compares them with the
+model's parameters now and drops the graphs if the model was moved or converted since (in-place loads keep
+the addresses, and the graphs then read the new values).
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ class Workspace:
         self.graphs: dict[bool, tuple] = {}
         self.warm: set[bool] = set()
         self.pool = None
+        # The addresses of the model's parameters the graphs were captured with, checked once per cache
+        # that takes this workspace (a model moved or converted since then has other tensors).
+        self.weights = None
+        self.verified = False
 
     def per_row_tensors(self):
         """Every tensor whose dim 0 is the row (the state and the positions), for reordering rows in place."""
@@ -109,6 +114,17 @@ class Workspace:
         for blocks in self.agnostic_blocks or ():
             blocks.fill_(float("-inf"))
         self.positions.zero_()
+        self.verified = False
+
+    def check_weights(self, model) -> None:
+        """Drop the graphs if the model's parameters are no longer the tensors they were captured with."""
+        weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
+        if weights != self.weights:
+            self.graphs.clear()
+            self.warm.clear()
+            self.pool = None
+            self.weights = weights
+        self.verified = True
 
     def copy_rows_from(self, other: "Workspace", index: torch.Tensor | None = None) -> None:
         """This workspace's rows = `other`'s rows `index` (all when None), as far as both capacities reach."""
@@ -250,7 +266,7 @@ class DecodeStep:
             del self._free[: max(0, len(self._free) - self.KEEP_FREE)]
 
     def clear(self) -> None:
-        """Drop the pooled workspaces and their graphs (after the model's weights moved)."""
+        """Drop the pooled workspaces and their graphs (to free their memory)."""
         with self._lock:
             self._free.clear()
 
@@ -274,6 +290,8 @@ class DecodeStep:
             return self.eager(model, ws, uniform, logs, lengths if self.lean_cpu else None)
         if logs is not None or not self.use_graphs:
             return self.eager(model, ws, uniform, logs)
+        if not ws.verified:
+            ws.check_weights(model)
         if uniform in ws.graphs:
             graph, logits = ws.graphs[uniform]
             graph.replay()

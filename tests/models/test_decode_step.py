@@ -198,3 +198,24 @@ def test_graph_replay_equals_eager_on_cuda(attn_mode):
     again = model.generate(ids, **kw)  # the dropped cache's workspace, with its graph: no new capture
     assert step.captures == captures + 1 and step.replays - replays == 28 + 29
     assert torch.equal(again.sequences, sequences)
+    model.double().float()  # new parameter tensors: the pooled graph is stale and captured again
+    del again
+    gc.collect()
+    moved = model.generate(ids, **kw)
+    assert step.captures == captures + 2 and torch.equal(moved.sequences, sequences)
+
+
+def test_graphs_are_dropped_when_the_weights_are_other_tensors():
+    """What keeps a pooled graph from replaying freed weights (the CPU part: the check itself)."""
+    from nosa.models.decode_step import Workspace
+
+    model = tiny_model("nosa")
+    ws = Workspace(model.config, 1, 64, torch.float32, "cpu")
+    ws.check_weights(model)
+    ws.graphs[True], ws.warm = "graph", {True}
+    ws.verified = False
+    ws.check_weights(model)
+    assert ws.graphs == {True: "graph"} and ws.verified
+    model.double()
+    ws.check_weights(model)
+    assert ws.graphs == {} and ws.warm == set() and ws.pool is None
