@@ -174,6 +174,32 @@ def test_reorder_keeps_the_workspace():
     assert torch.equal(ws.keys[0], keys[[2, 2, 0]]) and ws.positions.tolist() == [16, 16, 10]
 
 
+STEP_KERNELS = ["stage_window", "commit_window", "plan_in_place", "attention_inputs", "decode_attention", "compress_keys",
+                "agnostic_chunk_scores", "query_aware_block_scores", "select_blocks"]
+
+
+@pytest.mark.parametrize("attn_mode", ["nosa", "dense", pytest.param("dma", marks=pytest.mark.slow),
+                                       pytest.param("infllmv2", marks=pytest.mark.slow)])
+def test_decode_step_through_the_triton_kernels(attn_mode):
+    """What CUDA runs and captures, on the CPU: the engine-ops step with every op of it on its Triton kernel
+    (the interpreter), over the workspace's strided page views, equal to the general path (reference ops)."""
+    from nosa import ops
+
+    pytest.importorskip("triton")
+    model = tiny_model(attn_mode)
+    model.model.decode_step.lean_cpu = False
+    ids, mask = left_padded([21, 6, 13], seed=1)
+    tokens = torch.randint(1, 97, (3, 12), generator=torch.Generator().manual_seed(2))
+    fast, general = NosaCache(model.config), NosaCache(model.config)
+    general.use_decode_step = False
+    want = run_steps(model, general, ids, mask, tokens)
+    with ops.use_backend("triton", only=STEP_KERNELS):
+        got = run_steps(model, fast, ids, mask, tokens)
+    assert fast.decode_steps == 12
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("attn_mode", MODES)
