@@ -1,0 +1,59 @@
+"""Where a batched prefill's time goes on the GPU (issue 10 item 5): the `bench decode --model` workload
+(8 prompts of 4096 tokens, small shape, random weights) run three times on one engine: cold (compiles,
+graph captures), warm, and warm under torch.profiler. Prints each pass's per-step wall time with the
+prompt tokens the step prefilled and its decode rows, then the profiler's top ops by CUDA and CPU time.
+Usage: python bench/gpu/prefill_profile.py OUT_DIR [offload on|off]"""
+
+import sys
+import tempfile
+import time
+
+import torch
+
+from nosa.bench.shapes import build_model, save_model
+from nosa.engine import LLM, SamplingParams
+
+
+def one_pass(llm, prompts, label, log):
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ids = [llm.add_request(p, params) for p in prompts]
+    start = time.perf_counter()
+    first, step = {}, 0
+    while llm.has_unfinished():
+        before = llm.stats()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = llm.step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        after = llm.stats()
+        for out in outs:
+            first.setdefault(out.request_id, time.perf_counter() - start)
+        print(f"{label} step {step:3d} {1e3 * dt:8.1f} ms  prefill tokens {after.prefill_tokens - before.prefill_tokens:5d}  "
+              f"decode tokens {after.decode_tokens - before.decode_tokens:3d}", file=log, flush=True)
+        step += 1
+    ttft = sorted(first.values())
+    print(f"{label}: {step} steps, {time.perf_counter() - start:.2f} s, TTFT min {ttft[0]:.3f} max {ttft[-1]:.3f} s", file=log, flush=True)
+
+
+def main():
+    out_dir = sys.argv[1]
+    offload = (sys.argv[2] if len(sys.argv) > 2 else "on") == "on"
+    model_dir = tempfile.mkdtemp()
+    save_model(build_model("small"), model_dir)
+    llm = LLM(model_dir, device="cuda", offload=offload, max_model_len=4096 + 64, max_num_seqs=8, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 260, (4096,), generator=g).tolist() for _ in range(8)]
+    name = f"{out_dir}/prefill_profile_{'on' if offload else 'off'}.txt"
+    with open(name, "w") as log:
+        one_pass(llm, prompts, "cold", log)
+        one_pass(llm, prompts, "warm", log)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            one_pass(llm, prompts, "profiled", log)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=log)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), file=log)
+    print(open(name).read()[-6000:])
+
+
+if __name__ == "__main__":
+    main()
