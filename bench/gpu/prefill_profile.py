@@ -2,6 +2,9 @@
 (8 prompts of 4096 tokens, small shape, random weights) run three times on one engine: cold (compiles,
 graph captures), warm, and warm under torch.profiler. Prints each pass's per-step wall time with the
 prompt tokens the step prefilled and its decode rows, then the profiler's top ops by CUDA and CPU time.
+Then the serving pattern: 16 prompts of random lengths (256-2048 tokens) through a second engine, three
+times with fresh lengths each time; a pass after the first that is still slow points at kernels compiled
+again for new lengths (Triton specialises integer arguments on divisibility by 16 and on == 1).
 Usage: python bench/gpu/prefill_profile.py OUT_DIR [offload on|off]"""
 
 import sys
@@ -52,6 +55,10 @@ def main():
             one_pass(llm, prompts, "profiled", log)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=log)
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), file=log)
+        mixed = LLM(model_dir, device="cuda", offload=offload, max_model_len=2048 + 64, max_num_seqs=16, dtype=torch.bfloat16)
+        for rep in range(3):
+            lengths = torch.randint(256, 2049, (16,), generator=g).tolist()
+            one_pass(mixed, [torch.randint(3, 260, (n,), generator=g).tolist() for n in lengths], f"mixed{rep}", log)
     print(open(name).read()[-6000:])
 
 
