@@ -39,6 +39,27 @@ def one_pass(llm, prompts, label, log):
     print(f"{label}: {step} steps, {time.perf_counter() - start:.2f} s, TTFT min {ttft[0]:.3f} max {ttft[-1]:.3f} s", file=log, flush=True)
 
 
+def compiled_variants() -> dict[str, int]:
+    """Compiled specialisations per Triton kernel of nosa (a kernel compiled again for every new pattern of
+    its integer arguments' divisibility by 16 shows as many variants)."""
+    import importlib
+    import pkgutil
+
+    import nosa.ops.kernels as kernels
+
+    counts = {}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"nosa.ops.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            fn = getattr(obj, "fn", obj)  # an autotuner wraps the JITFunction
+            caches = getattr(fn, "device_caches", None)
+            if isinstance(caches, dict):
+                n = sum(len(v[0]) if isinstance(v, tuple) else len(v) for v in caches.values())
+                if n:
+                    counts[f"{info.name}.{name}"] = n
+    return counts
+
+
 def main():
     out_dir = sys.argv[1]
     offload = (sys.argv[2] if len(sys.argv) > 2 else "on") == "on"
@@ -51,6 +72,7 @@ def main():
     with open(name, "w") as log:
         one_pass(llm, prompts, "cold", log)
         one_pass(llm, prompts, "warm", log)
+        print(f"compiled variants after the fixed-length passes: {compiled_variants()}", file=log, flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
             one_pass(llm, prompts, "profiled", log)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=log)
@@ -59,6 +81,7 @@ def main():
         for rep in range(3):
             lengths = torch.randint(256, 2049, (16,), generator=g).tolist()
             one_pass(mixed, [torch.randint(3, 260, (n,), generator=g).tolist() for n in lengths], f"mixed{rep}", log)
+            print(f"compiled variants after mixed{rep}: {compiled_variants()}", file=log, flush=True)
     print(open(name).read()[-6000:])
 
 
