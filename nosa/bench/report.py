@@ -90,8 +90,10 @@ def decode_table(path: str) -> str:
     lines.append(f"Setup: {setup}.")
     if "selection" in params:
         lines.append("")
-        lines.append(f"Selection: {params['selection']}; per row: "
-                     + "; ".join(sorted({f"{r['attn_mode']}: {r['selection']}" for r in results['decode'] if 'selection' in r})) + ".")
+        rows = "; ".join(sorted({f"{r['attn_mode']}: {r['selection']}" for r in results['decode'] if 'selection' in r}))
+        # The run's description may itself start with "per row" (mixed runs); say it once.
+        joiner = "; the rows: " if params["selection"].startswith("per row") else "; per row: "
+        lines.append(f"Selection: {params['selection']}{joiner}{rows}.")
     for key in ("run_note", "commit_note"):
         if key in params:
             lines.append("")

@@ -148,7 +148,11 @@ def _tile_rows(tile, h, Tq, G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.const
     return t, h * G + g, ti, valid
 
 
-@triton.jit
+# Lengths and the strides that follow them are not specialised: Triton otherwise compiles a kernel again for
+# every new pattern of its integer arguments' divisibility by 16 (and == 1), and serving's prefill chunks
+# have every length, so each new prompt length could cost compiles of seconds. These arguments only bound
+# loops and masks or index rows; the innermost (contiguous) strides keep their specialisation.
+@triton.jit(do_not_specialize=["Bias", "sbb", "slb", "sLb", "sLh", "scb", "sch", "Tq", "Tk"])
 def _fwd_kernel(
     Q, K, V, Bias, Lists, Counts, Pos, O, Lse,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
