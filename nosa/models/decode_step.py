@@ -176,8 +176,14 @@ class _StepAttention(AttentionBackend):
         selection = None  # dense mode: every visible block
         if cfg.is_sparse:
             kernel, stride = cfg.compress_kernel, cfg.compress_stride
-            self.stage(k[:, 0], None if eviction is None else eviction[:, 0], positions, ws.ring[l], evict,
-                       ws.window_k, ws.window_c)
+            if self.limits is None or self.limits[2]:
+                self.stage(k[:, 0], None if eviction is None else eviction[:, 0], positions, ws.ring[l], evict,
+                           ws.window_k, ws.window_c)
+            else:  # the CPU step that completes no window: only the key into the ring and c at its position
+                rows = ws.counting[: ws.batch]
+                ws.ring[l][rows, positions % kernel] = k[:, 0]
+                if evict is not None:
+                    evict[rows, positions] = eviction[:, 0].to(evict.dtype)
             blocks = None if ws.agnostic_blocks is None else ws.agnostic_blocks[l]
             if self.limits is None or self.limits[2]:
                 compressed = ops.compress_keys(ws.window_k, kernel, stride)
