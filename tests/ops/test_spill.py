@@ -189,3 +189,42 @@ def test_spill_kernel_refuses_bad_buffers():
     with pytest.raises(ValueError, match="spill.stamp"):
         kernels.spill_step(ops.LayerSlots(x["table"], x["slot_k"], x["slot_v"], None), x["selection"], x["positions"],
                            x["active"], spill)
+
+
+def _spill_args(x, copies=True):
+    slots = ops.LayerSlots(x["table"], x["slot_k"] if copies else None, x["slot_v"] if copies else None, None)
+    spill = ops.SpillSlots(x["spill_table"], x["stamp"], x["spill_k"] if copies else None,
+                           x["spill_v"] if copies else None, x["hits"])
+    return slots, x["selection"], x["positions"], x["active"], spill
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_spill", [32, 64])
+def test_spill_kernel_on_cuda_equals_reference_eager_and_in_a_cuda_graph(num_spill):
+    """The engine's shape at 64K (K = 64 selection slots, 32 or 64 spill slots, bs 64, D 128, bf16): the
+    kernel on CUDA equals the reference on CUDA, eager and replayed from a captured graph with new states
+    copied into its static buffers (no host sync, no data-dependent shape)."""
+    R, H, K, bs, D = 4, 4, 64, 64, 128
+    kinds = ("mixed", "full", "shuffled", "same", "new", "free", "full")
+
+    def state(seed):
+        x = make_state(R, H, K, num_spill, bs, D, torch.Generator().manual_seed(seed), kinds)
+        return {n: (t.to(torch.bfloat16) if t.is_floating_point() else t).cuda() for n, t in x.items()}
+
+    first = state(0)
+    want, got = run_step(block_ops, first), run_step(kernels, first)
+    for name in OUTPUTS:
+        assert torch.equal(got[name], want[name]), name
+    static = {n: t.clone() for n, t in first.items()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.spill_step(*_spill_args(static))
+    for seed in (1, 2):
+        x = state(seed)
+        for n, t in x.items():
+            static[n].copy_(t)
+        graph.replay()
+        want = run_step(block_ops, x)
+        for name in OUTPUTS:
+            assert torch.equal(static[name], want[name]), (seed, name)
+        assert int(want["hits"].sum()) > int(x["hits"].sum())
