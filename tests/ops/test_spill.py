@@ -98,6 +98,9 @@ def branches(before, after):
                     seen.add("replaced")  # the least recently selected block gives way
             if leaving - set(st1):
                 seen.add("dropped")
+            for b0, b1 in zip(t, after["table"][r, h].tolist()):
+                if b0 in leaving and b1 != b0 and b0 in st1:
+                    seen.add("saved_from_a_slot_taking_a_hit")
             if -1 in t and any(b in sel for b in st0 if b >= 0):
                 seen.add("hit_with_empty_slot")
     return seen
@@ -129,7 +132,7 @@ def test_spill_cases_reach_every_branch():
     for case, (R, H, K, E, bs, D, kinds) in enumerate(CASES):
         state = make_state(R, H, K, E, bs, D, torch.Generator().manual_seed(31 + case), kinds)
         seen |= branches(state, run_step(block_ops, state))
-    assert seen == {"hit", "refill", "replaced", "dropped", "hit_with_empty_slot"}
+    assert seen == {"hit", "refill", "replaced", "dropped", "hit_with_empty_slot", "saved_from_a_slot_taking_a_hit"}
 
 
 def test_spill_kernel_tables_only_without_copies():
