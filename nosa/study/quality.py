@@ -381,9 +381,8 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
         phase_deadline = time.time() + (per_job if study["concurrent"] else per_job * len(jobs))
         status["train"].update(run_processes(jobs, study["concurrent"], min(phase_deadline, deadline), logf))
         last_shared = phase.get("shared") and not study["phases"][k + 1].get("shared")
-        if last_shared:
+        if last_shared:  # score the shared weights in the background, then give each mode its copy
             shared_eval_job = start_shared_eval(study, work, logs, py, deadline, logf)
-        if last_shared:
             shared = final_checkpoint(phase_dir(work, "shared", k, study))
             for mode in alive:
                 try:

@@ -3,9 +3,9 @@
 #   OUT=<results dir> bash nosa/study/recipes/quality_h200.sh
 # Runs `nosa study quality --config h200` (nosa/study/presets.py): builds the stdlib corpus; trains one
 # dense model on the whole GPU through three shared phases (copy drill + passkey/NIAH rows at 512 tokens,
-# ~85 s; the mixture with drill rows at 2K, ~60 s, and at 4K, ~37 s); scores those weights on passkey and
+# ~108 s; the mixture with drill rows at 2K, ~60 s, and at 4K, ~42 s); scores those weights on passkey and
 # multikey_niah (shared_eval, in the background); continues dense, InfLLM-v2, DMA and NOSA from them at 16K
-# as four concurrent processes (same data, 250 steps, schedule, seed; ~195 s, <= 215 s + start-up);
+# as four concurrent processes (same data, 220 steps, schedule, seed; ~171 s, <= 190 s + start-up);
 # evaluates the four concurrently (perplexity by position, task accuracy at 4K-32K, locality of 256 decode
 # steps through the engine at 16K and 32K) until the study's budget (535 s) minus 20 s; then writes into $OUT:
 #   summary.json loss.png accuracy.png locality.png traces_nosa.npz traces_infllmv2.npz logs.tar.gz
