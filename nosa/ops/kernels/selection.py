@@ -6,7 +6,10 @@ Each public function has the contract of its namesake in `nosa.ops.reference`:
   summed in ascending order of value, like the reference).
 - `query_aware_chunk_scores`: per-window scores (the reference's intermediate), for tests and callers that
   want them; the pipeline uses `query_aware_block_scores`, which pools inside the kernel and never writes
-  the [B, Tq, H, Nc] window scores.
+  the [B, Tq, H, Nc] window scores. When that fused kernel would launch too few programs for the GPU
+  (decode: one query per row), `score_chunks` sends the call to the split path instead: the compressed keys
+  in chunks, per-chunk softmax statistics, then window scores from the combined statistics (small at
+  decode), then a pooling pass.
 - `select_blocks`: forced blocks, then `query_aware_quota` picks, then the agnostic fill, by repeated
   arg-max (ties to the lower block index, -inf candidate scores clamped to float32's lowest like the
   reference), written as ascending indices padded with -1.
@@ -478,14 +481,15 @@ def _prepare_scores(q, compressed_keys, positions):
 
 
 def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: SparseAttentionConfig, window_offsets=None):
-    """Pooled query-aware block scores, never materialising window scores.
+    """Pooled query-aware block scores.
 
     q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, NB] float32 equal to
     `reference.pool_to_blocks(reference.query_aware_chunk_scores(...), positions, NB, cfg)`.
     window_offsets: [Tq] int or None. Packed sequences: query t belongs to the sequence whose compressed keys
     start at index window_offsets[t], positions count from that sequence's start, and every run of
     `score_tile_tokens(G)` queries starting at a multiple of it lies in one sequence.
-    Few programs (decode) take the split path, by `score_chunks`.
+    The fused kernel (`query_aware_block_scores_fused`) never materialises the window scores; a launch
+    of too few programs for the GPU (decode) takes the split path instead, by `score_chunks`.
     """
     _check_scores(q, compressed_keys, positions)
     batch, num_queries, _, head_dim = q.shape
@@ -495,6 +499,14 @@ def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: Spa
         chunks = score_chunks(num_queries, group, batch, num_kv_heads, num_windows, q.device, window_offsets is not None)
         if chunks > 1:
             return query_aware_block_scores_split(q, compressed_keys, positions, num_blocks, cfg, chunks)
+    return query_aware_block_scores_fused(q, compressed_keys, positions, num_blocks, cfg, window_offsets)
+
+
+def query_aware_block_scores_fused(q, compressed_keys, positions, num_blocks, cfg: SparseAttentionConfig, window_offsets=None):
+    """`query_aware_block_scores` by the fused single-pass kernel, whatever the launch size."""
+    _check_scores(q, compressed_keys, positions)
+    batch, num_queries, _, head_dim = q.shape
+    num_windows, num_kv_heads = compressed_keys.shape[1], compressed_keys.shape[2]
     out = torch.empty((batch, num_queries, num_kv_heads, num_blocks), device=q.device, dtype=torch.float32)
     if num_queries == 0 or num_blocks == 0:
         return out
@@ -593,10 +605,12 @@ def split_window_scores(q, ck, positions, cfg: SparseAttentionConfig, plan: Spli
     return win
 
 
-def pool_window_scores(win, positions, num_blocks, cfg: SparseAttentionConfig, plan: SplitPlan):
-    """Pass 3: window scores [B, Tq, H, Nc] -> block scores [B, Tq, H, NB] float32 (`reference.pool_to_blocks`)."""
+def pool_window_scores(win, positions, num_blocks, cfg: SparseAttentionConfig, plan: SplitPlan, out=None):
+    """Pass 3: window scores [B, Tq, H, Nc] -> block scores [B, Tq, H, NB] float32 (`reference.pool_to_blocks`),
+    into `out` when given (contiguous)."""
     batch, num_queries, num_kv_heads = win.shape[:3]
-    out = torch.empty((batch, num_queries, num_kv_heads, num_blocks), device=win.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty((batch, num_queries, num_kv_heads, num_blocks), device=win.device, dtype=torch.float32)
     bs, kernel, stride = cfg.block_size, cfg.compress_kernel, cfg.compress_stride
     width = (bs + kernel - 2) // stride + 2  # windows per block, at most (as `reference.block_window_ranges`)
     _pool_window_scores_kernel[(batch * num_queries * num_kv_heads, plan.pool_chunks)](
