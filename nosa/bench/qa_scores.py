@@ -119,6 +119,10 @@ def _bench_shape(length: int, batch: int, args, cfg: SparseAttentionConfig, devi
     row["fused_hbm_fraction"] = row["fused_gbps"] * 1e9 / hbm
     # The rule against its neighbours: graph time per chunk count.
     row["split_graph_ms_by_chunks"] = {n: _graph_ms(lambda n=n: new(n)) for n in args.sweep_chunks}
+    # Keys per step of passes 1 and 2 (SPLIT_BLOCK_W = 64): 128 keeps twice the bytes in flight per program.
+    row["split_graph_ms_by_chunks_128_keys_per_step"] = {
+        n: _graph_ms(lambda n=n: ks.query_aware_block_scores_split(q, ck, positions, num_blocks, cfg, n, block_w=128))
+        for n in sorted({max(chunks, 2), 3, 6})}
     del q, ck, want
     torch.cuda.empty_cache()
     return row

@@ -93,6 +93,14 @@ def test_split_scores_equal_reference(name, chunking):
     assert torch.equal(ks.select_blocks(got, None, positions, cfg), ref.select_blocks(want, None, positions, cfg))
 
 
+@pytest.mark.parametrize("block_w", [16, 128])
+def test_keys_per_step(block_w):
+    """Passes 1 and 2 with other step sizes than the default 64 (key chunks of 40: edges inside a step)."""
+    cfg, q, ck, positions, num_blocks = _case("g16_h1_d64_decode", seed=2)
+    got = ks.query_aware_block_scores_split(q, ck, positions, num_blocks, cfg, 1, 40, None, block_w=block_w)
+    _assert_matches_reference(got, ref.query_aware_block_scores(q, ck, positions, num_blocks, cfg))
+
+
 @pytest.mark.parametrize("name", ["g4_h1_d128", "g16_h1_d64_decode"])
 def test_dropping_or_double_counting_a_chunk_fails(name):
     """The comparison above can fail: corrupt one key chunk's statistics, or leave out one key chunk's

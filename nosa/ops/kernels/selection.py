@@ -545,12 +545,17 @@ class SplitPlan:
 POOL_CHUNK_BLOCKS = 64  # blocks per program of the split path's pooling (pass 3)
 
 
+SPLIT_BLOCK_W = 64  # compressed keys per step of passes 1 and 2
+
+
 def split_plan(num_queries, group, num_windows, num_blocks, chunks: int, chunk_windows: int | None = None,
-               chunk_blocks: int | None = None) -> SplitPlan:
+               chunk_blocks: int | None = None, block_w: int | None = None) -> SplitPlan:
     """`chunks` key chunks rounded up to whole BLOCK_W steps; explicit chunk sizes (any positive size:
-    tests put chunk edges everywhere) override."""
+    tests put chunk edges everywhere) and keys per step (a power of 2 >= 16) override."""
     tq = split_tile_tokens(group, num_queries)
-    block_w = 64
+    block_w = block_w or SPLIT_BLOCK_W
+    if block_w < 16 or block_w & (block_w - 1):
+        raise ValueError(f"keys per step must be a power of 2 >= 16; got {block_w}")
     if chunk_windows is None:
         chunk_windows = triton.cdiv(triton.cdiv(max(num_windows, 1), chunks), block_w) * block_w
     if chunk_blocks is None:
@@ -622,7 +627,8 @@ def pool_window_scores(win, positions, num_blocks, cfg: SparseAttentionConfig, p
 
 
 def query_aware_block_scores_split(q, compressed_keys, positions, num_blocks, cfg: SparseAttentionConfig, chunks: int,
-                                   chunk_windows: int | None = None, chunk_blocks: int | None = None):
+                                   chunk_windows: int | None = None, chunk_blocks: int | None = None,
+                                   block_w: int | None = None):
     """`query_aware_block_scores` (no packed sequences) by the split path: pass 1, per key chunk, the
     softmax statistics; pass 2, per key chunk, the window scores normalised by the combined statistics;
     pass 3 pools them to blocks. `chunks` key chunks (see `split_plan`).
@@ -641,7 +647,8 @@ def query_aware_block_scores_split(q, compressed_keys, positions, num_blocks, cf
     if num_queries == 0 or num_blocks == 0 or num_windows == 0:
         return torch.full(shape, float("-inf"), device=q.device, dtype=torch.float32)
     q, ck, positions = _prepare_scores(q, compressed_keys, positions)
-    plan = split_plan(num_queries, q.shape[2] // num_kv_heads, num_windows, num_blocks, chunks, chunk_windows, chunk_blocks)
+    plan = split_plan(num_queries, q.shape[2] // num_kv_heads, num_windows, num_blocks, chunks, chunk_windows, chunk_blocks,
+                      block_w)
     stat_m, stat_l = split_chunk_stats(q, ck, positions, cfg, plan)
     win = split_window_scores(q, ck, positions, cfg, plan, stat_m, stat_l)
     return pool_window_scores(win, positions, num_blocks, cfg, plan)
