@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("nosa.bench.kernels", "nosa.bench.decode", "nosa.bench.cache_sim", "nosa.bench.report", "nosa.bench.serve", "nosa.bench.generate", "nosa.bench.ttft")
+BENCHMARKS = ("nosa.bench.kernels", "nosa.bench.qa_scores", "nosa.bench.decode", "nosa.bench.cache_sim", "nosa.bench.report", "nosa.bench.serve", "nosa.bench.generate", "nosa.bench.ttft")
 
 
 def register(subparsers) -> None:

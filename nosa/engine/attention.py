@@ -10,8 +10,8 @@ store and the row.
      `commit_window` stores it where a window completes, so this very token can select it;
   2. `ops.select_rows`: the selection of every row, from the cached compressed keys and pooled scores
      (replaced, for the rows it names, by a selection source's blocks: `engine/selection_source.py`);
-  3. `spill_step` (with a device cache beyond the selection) then `plan_step`: the slot-table diff, the
-     host->device copies to make, the token appended to its block;
+  3. `spill_step` (with a device cache beyond the selection; two Triton launches on CUDA) then `plan_step`:
+     the slot-table diff, the host->device copies to make, the token appended to its block;
   4. `gather_blocks`: one launch for every miss of the batch (Triton reading pinned host memory on CUDA);
   5. `attention_inputs` and `decode_attention` over the row's slots.
 With offload off the store is on the device and holds the only copy (`BlockCache.in_place`): step 3 is
@@ -81,6 +81,7 @@ class DecodeAttention(AttentionBackend):
         self.plan = ops.resolve("plan_in_place" if self.in_place else "plan_step", slots.table)
         self.gather = ops.resolve("gather_blocks", slots.table, host.k)
         self.inputs = ops.resolve("attention_inputs", slots.table)
+        self.spill = ops.resolve("spill_step", slots.table)
 
     def attend(self, layer_idx, q, k, v, eviction):
         runner, l, positions = self.runner, layer_idx, self.positions
@@ -111,7 +112,7 @@ class DecodeAttention(AttentionBackend):
         if spill is not None:
             # The device cache beyond the selection: spilled misses come back by a device copy, blocks
             # leaving the selection are kept; what is still missing, `plan` loads from the host.
-            ops.spill_step(slots, selection, positions, self.active, spill, gather=self.gather)
+            self.spill(slots, selection, positions, self.active, spill, gather=self.gather)
         token = ops.StepTokens(positions, self.active, k[:, 0], v[:, 0])
         if self.in_place:
             # One copy (offload off): the store is on the device; attention reads the selected pages in

@@ -3,8 +3,7 @@ reference elsewhere.
 
 Every public op here has the signature of its reference: the model's ops in `nosa.ops.reference`, the
 decode step's block-cache ops (slot-table diff, gather, window staging and commit, slot plan, attention
-inputs) in `nosa.ops.block_ops`. `spill_step` (the device cache beyond the selection) is PyTorch ops only,
-on whatever device its tensors are, taking the dispatched gather for its copies. `plan_in_place` is
+inputs, and `spill_step`, the device cache beyond the selection) in `nosa.ops.block_ops`. `plan_in_place` is
 `plan_step` of the one-copy path (offload off), where nothing is copied. `use_backend("reference" | "triton" | "auto", only=None)` overrides
 the choice (tests compare both paths). `select_rows` is the engine's one selection entry point
 (`nosa.ops.selection`), built on the dispatched scoring and selection ops.
@@ -13,8 +12,7 @@ the choice (tests compare both paths). `select_rows` is the engine's one selecti
 from __future__ import annotations
 
 from nosa.ops import block_ops, reference
-from nosa.ops.block_ops import (HostPages, LayerSlots, LoadPlan, SpillSlots, StepTokens, all_visible, slot_table,
-                                spill_step)
+from nosa.ops.block_ops import HostPages, LayerSlots, LoadPlan, SpillSlots, StepTokens, all_visible, slot_table
 from nosa.ops.dispatch import BACKENDS, current_backend, dispatched, register_kernel, resolve, use_backend
 from nosa.ops.util import ceil_div, num_blocks
 
@@ -29,7 +27,7 @@ sparse_attention = dispatched("sparse_attention")
 nosa_attention = dispatched("nosa_attention")
 decode_attention = dispatched("decode_attention")
 
-# The decode step's block-cache ops (references in `block_ops`, kernels in `kernels.gather`).
+# The decode step's block-cache ops (references in `block_ops`, kernels in `kernels.gather` and `kernels.spill`).
 diff_slot_tables = dispatched("diff_slot_tables")
 gather_blocks = dispatched("gather_blocks")
 stage_window = dispatched("stage_window")
@@ -37,6 +35,7 @@ commit_window = dispatched("commit_window")
 plan_step = dispatched("plan_step")
 plan_in_place = dispatched("plan_in_place")
 attention_inputs = dispatched("attention_inputs")
+spill_step = dispatched("spill_step")
 BLOCK_OPS = block_ops.DISPATCHED
 
 from nosa.ops.selection import select_rows  # noqa: E402  (built on the dispatched ops above)

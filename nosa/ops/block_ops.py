@@ -12,7 +12,9 @@ The decode step's per-layer bookkeeping is four ops, each one Triton launch on t
   `plan_step`         diff the selection against the slot table, list the host->device copies, append the
                       token to its tail block, write a full tail block back to the host, count loads
   `attention_inputs`  the valid mask and eviction bias of every slot token, for `decode_attention`
-The Triton kernels in `nosa.ops.kernels.gather` are tested equal to these (same outputs, bit for bit).
+With a device cache beyond the selection, `spill_step` runs before `plan_step` (its kernel: two launches,
+`nosa.ops.kernels.spill`). The Triton kernels in `nosa.ops.kernels.gather` / `.spill` are tested equal to
+these (same outputs, bit for bit).
 `plan_step`'s tensors travel in four named groups (`LayerSlots`, `StepTokens`, `HostPages`, `LoadPlan`).
 """
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 DISPATCHED = ("diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "plan_in_place",
-              "attention_inputs")
+              "attention_inputs", "spill_step")
 
 
 @dataclass(frozen=True)
@@ -340,6 +342,7 @@ def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tens
     slot receives a hit (slot -> spill, never into a spill slot read this step), hits (spill -> slot), the
     other leaving blocks (slot -> spill; their slots are not written before `plan_step`'s gather). PyTorch
     ops on the tensors' device, no host sync (graph-capturable); gather: the `gather_blocks` for the copies.
+    The Triton version (`nosa.ops.kernels.spill`, dispatched as `ops.spill_step` on CUDA) is two launches.
     """
     table, st_table = slots.table, spill.table
     R, H, K = table.shape

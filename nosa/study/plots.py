@@ -7,10 +7,13 @@ from nosa.results.plots import _pyplot
 COLORS = {"dense": "black", "infllmv2": "tab:blue", "dma": "tab:green", "nosa": "tab:red"}
 
 
-def plot_loss(rows: list[dict], path: str) -> str:
-    """Training loss (all labels and corpus rows) and val loss of every mode against tokens trained."""
+def plot_loss(rows: list[dict], path: str, shared_eval: dict | None = None) -> str:
+    """Training loss (all labels and corpus rows) and val loss of every mode against tokens trained; and a
+    third panel: retrieval after each shared phase (shared_eval: accuracy of each task at each length, and
+    the answer NLL) against the tokens trained by the end of that phase, with the answers' own training
+    NLL per task source along the shared phases."""
     plt = _pyplot()
-    fig, (ax_all, ax_corpus) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax_all, ax_corpus, ax_ret) = plt.subplots(1, 3, figsize=(18, 4.2))
     drawn = 0
     for r in rows:
         curve = r.get("loss_curve") or []
@@ -35,6 +38,7 @@ def plot_loss(rows: list[dict], path: str) -> str:
             acc += ph["tokens"]
             bounds.append(acc / 1e6)
         break
+    _retrieval_panel(ax_ret, rows, shared_eval)
     for ax, title in ((ax_all, "training loss, all labelled tokens"), (ax_corpus, "corpus loss: train rows and held-out")):
         for b in bounds:
             ax.axvline(b, color="grey", ls=":", lw=1)
@@ -47,6 +51,46 @@ def plot_loss(rows: list[dict], path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _retrieval_panel(ax, rows: list[dict], shared_eval: dict | None) -> None:
+    """Accuracy (left axis, solid) and answer NLL (right axis, dashed) of the shared phases' weights; the
+    training answer NLL per task source (right axis, faint) over the shared phases."""
+    row = next((r for r in rows if r.get("phases")), None)
+    ends, acc = [], 0
+    for ph in (row or {}).get("phases", []):
+        acc += ph["tokens"]
+        ends.append(acc / 1e6)
+    nll_ax = ax.twinx()
+    drawn = False
+    if row:
+        shared = [p for p in row.get("loss_curve", []) if row["phases"][p["phase"]].get("shared")]
+        for source in sorted({s for p in shared for s in (p.get("answer_nll_by_source") or {})}):
+            pts = [p for p in shared if source in (p.get("answer_nll_by_source") or {})]
+            nll_ax.plot([p["tokens"] / 1e6 for p in pts], [p["answer_nll_by_source"][source] for p in pts], lw=0.8,
+                        alpha=0.35, label=f"train answer NLL: {source}")
+            drawn = True
+    cells: dict = {}
+    for entry in (shared_eval or {}).get("phases", []):
+        x = ends[entry["phase"]] if entry["phase"] < len(ends) else entry["phase"]
+        for task, by_length in entry.get("tasks", {}).items():
+            for length, cell in by_length.items():
+                cells.setdefault((task, int(length)), []).append((x, cell["accuracy"], cell["answer_nll"]))
+    for (task, length), pts in sorted(cells.items()):
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{task}@{length} accuracy")[0]
+        nll_ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=line.get_color(), label=f"{task}@{length} answer NLL")
+        drawn = True
+    nll_ax.axhline(2.302585, color="grey", ls="-.", lw=0.8)  # ln 10: guessing a digit
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("tokens trained (M)  (markers: end of a shared phase)")
+    ax.set_ylabel("accuracy (solid)")
+    nll_ax.set_ylabel("answer NLL, nats/token (dashed; dash-dot: ln 10)")
+    ax.set_title("retrieval after the shared phases" if drawn else "retrieval after the shared phases: not measured")
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()
+    more = nll_ax.get_legend_handles_labels()
+    if handles[0] or more[0]:
+        ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=6, loc="center left")
 
 
 def plot_accuracy(rows: list[dict], path: str) -> str:

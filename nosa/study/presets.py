@@ -1,4 +1,4 @@
-"""Study presets: `tiny` (CPU, CI: seconds) and `h200` (one H200, under 9.5 minutes wall time).
+"""Study presets: `tiny` (CPU, CI: seconds) and `h200` (one H200, under 9 minutes wall time).
 
 A preset is a plain mapping; a YAML file given to `--config` is merged over the preset it names
 (`preset: h200`, default h200), key by key (mappings merged recursively), so a config states only what it
@@ -6,10 +6,16 @@ changes. Fields:
   modes        attn_modes trained, all with the same model, data, schedule and seed
   model        NosaConfig fields shared by every mode (attn_mode is set per mode)
   data         corpus, mixture, task_params, task_loss, seed: TrainConfig fields shared by every phase
-  phases       a curriculum: list of {seq_len, micro_batch_size, max_steps, time_limit_s, lr, warmup_steps};
-               phase k > 0 starts from phase k - 1's final weights (a fresh optimizer and schedule). A phase
-               with `shared: true` is trained once, in its `attn_mode` (default dense), and every mode
-               starts the next phase from a copy of its weights (nosa.study.quality.derive_mode_init)
+  phases       a curriculum: list of {seq_len, micro_batch_size, max_steps, time_limit_s, lr, warmup_steps}
+               and optionally val_every, mixture (replaces data.mixture), task_params (merged over
+               data.task_params, task by task); other keys raise (PHASE_KEYS). Phase k > 0 starts from
+               phase k - 1's final weights (a fresh optimizer and schedule). A phase with `shared: true` is
+               trained once, in its `attn_mode` (default dense), and every mode starts the next phase from
+               a copy of the last shared phase's weights (nosa.study.quality.derive_mode_init); shared
+               phases come first
+  shared_eval  retrieval of every shared phase's final weights, measured right after the shared phases
+               (nosa.study.shared_eval): tasks, lengths (each phase is also scored at its own seq_len;
+               a task too long for a length is left out), depths, samples, batch_size, seed, time_limit_s
   concurrent   train (and evaluate) the modes as concurrent processes instead of back to back
   eval         what nosa.study.evaluate measures (lengths, depths, samples, locality lengths and steps)
   budget_s     wall time of the whole study; training phases stop by their time_limit_s, evaluation
@@ -44,28 +50,49 @@ DATA = {
     "seed": 0,
 }
 
+# Training rows of the later phases: the first run's mixture with copy_drill rows mixed in at every length,
+# so the copying skill of phase 0 is kept and drilled at the phase's distances (docs/quality.md).
+LONG_MIXTURE = {"corpus": 0.2, "copy_drill": 0.25, "kv_recall": 0.2, "passkey": 0.125, "multikey_niah": 0.125,
+                "mqar": 0.05, "variable_tracking": 0.05}
+
 PRESETS = {
     "h200": {
         "modes": MODES,
         "model": {**GEOMETRY, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
                   "max_position_embeddings": 65536, "rope_theta": 500000.0},
         "data": DATA,
-        # 1. shared: one dense model at 2K on the whole GPU (rows of 2K <= topk x block = 4K tokens, where
-        #    every sparse mode computes dense attention anyway); 2. each mode from those weights at 16K,
-        #    the four side by side: the paper's short-dense-then-long-sparse protocol, equal budgets.
+        # A curriculum for retrieval (docs/quality.md, "The second GPU run's curriculum"): shared phases
+        # train ONE dense model (rows of <= 4K tokens hold <= topk 64 blocks, where every sparse mode
+        # computes dense attention anyway), then each mode continues from a copy at 16K, the four side by
+        # side with equal steps. Phase 0 makes content-based copying form on copy_drill rows at 512 tokens,
+        # with passkey and two-query multikey_niah rows so the skill is used on the tasks' words from the
+        # start; phases 1 and 2 lengthen the rows to 2K and 4K with drill rows still 25% of them, so copy
+        # distances and distractors grow step by step (256-token copying did not transfer to 1K on CPU);
+        # phase 3 is the first run's 16K phase with drill rows too. Planned wall time on one H200 (first run:
+        # ~494K tokens/s at 2K, 0.71 s a step for the four 16K processes, ~12 s start-up per process):
+        # ~108 + 59 + 42 + 171 s of training, ~95 s of evaluation, under budget_s.
         "phases": [
-            {"shared": True, "attn_mode": "dense", "seq_len": 2048, "micro_batch_size": 64, "max_steps": 450,
-             "time_limit_s": 130, "lr": 2e-3, "warmup_steps": 40},
-            # 240 s: the first GPU run (2026-12-02) stopped the sparse modes by a 190 s limit at 265-275 of
-            # 300 steps (~0.71 s a step with four processes sharing the GPU; dense took 127 s), so their
-            # token budgets fell 1.2-1.7% short of dense's. 300 steps need ~215 s; the whole study then
-            # ends at ~480 s, inside budget_s.
-            {"seq_len": 16384, "micro_batch_size": 2, "max_steps": 300, "time_limit_s": 240, "lr": 1e-3, "warmup_steps": 20},
+            {"shared": True, "attn_mode": "dense", "seq_len": 512, "micro_batch_size": 64, "max_steps": 1200,
+             "time_limit_s": 100, "lr": 2e-3, "warmup_steps": 50,
+             "mixture": {"copy_drill": 0.6, "passkey": 0.2, "multikey_niah": 0.2},
+             "task_params": {"multikey_niah": {"num_queries": 2}}},
+            {"shared": True, "attn_mode": "dense", "seq_len": 2048, "micro_batch_size": 32, "max_steps": 350,
+             "time_limit_s": 60, "lr": 1.5e-3, "warmup_steps": 30, "mixture": LONG_MIXTURE},
+            {"shared": True, "attn_mode": "dense", "seq_len": 4096, "micro_batch_size": 16, "max_steps": 150,
+             "time_limit_s": 38, "lr": 1e-3, "warmup_steps": 15, "mixture": LONG_MIXTURE},
+            # 220 steps (the first run had 300): ~156 s at 0.71 s a step; the 57 s saved pay for phases 0
+            # and 2 (one 16K step costs as much as ~9 drill steps, and retrieval, not the 16K loss, is what
+            # the first run lacked). The 190 s limit is a backstop that 220 steps of the slowest sparse mode
+            # fit, so every mode trains the same tokens.
+            {"seq_len": 16384, "micro_batch_size": 2, "max_steps": 220, "time_limit_s": 190, "lr": 1e-3,
+             "warmup_steps": 20, "mixture": LONG_MIXTURE},
         ],
+        "shared_eval": {"tasks": ["passkey", "multikey_niah"], "lengths": [2048, 16384], "depths": [0.0, 0.5, 1.0],
+                        "samples": 8, "batch_size": 8, "seed": 1234, "time_limit_s": 60},
         "train": {"weight_decay": 0.1, "grad_clip": 1.0, "min_lr_ratio": 0.1, "val_batches": 2, "log_every": 5},
         "concurrent": True,
-        "budget_s": 550,
-        "reserve_s": 25,
+        "budget_s": 535,
+        "reserve_s": 20,
         "eval": {"tasks": TASKS, "lengths": [4096, 8192, 16384, 32768], "primary_length": 16384,
                  "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "samples": 5, "ppl_len": 16384, "ppl_rows": 8,
                  "ppl_buckets": 8, "batch_size": 4, "locality_lengths": [16384, 32768], "locality_steps": 256,
@@ -79,11 +106,15 @@ PRESETS = {
                   "compress_kernel": 8, "compress_stride": 4},
         "data": {**DATA, "corpus_max_tokens": 200_000},
         "phases": [
+            {"shared": True, "attn_mode": "dense", "seq_len": 256, "micro_batch_size": 2, "max_steps": 2,
+             "time_limit_s": 60, "lr": 1e-3, "warmup_steps": 1, "mixture": {"copy_drill": 0.5, "passkey": 0.5}},
             {"shared": True, "attn_mode": "dense", "seq_len": 768, "micro_batch_size": 2, "max_steps": 3,
              "time_limit_s": 60, "lr": 1e-3, "warmup_steps": 1},
             {"seq_len": 1024, "micro_batch_size": 1, "max_steps": 2, "time_limit_s": 60, "lr": 1e-3, "warmup_steps": 1},
         ],
         "train": {"weight_decay": 0.1, "grad_clip": 1.0, "min_lr_ratio": 0.1, "val_batches": 1, "log_every": 1},
+        "shared_eval": {"tasks": ["passkey", "multikey_niah"], "lengths": [1024], "depths": [0.5], "samples": 1,
+                        "batch_size": 2, "seed": 1234, "time_limit_s": 60},
         "concurrent": False,
         "budget_s": 600,
         "reserve_s": 10,
@@ -92,6 +123,46 @@ PRESETS = {
                  "locality_lengths": [256, 320], "locality_steps": 4, "seed": 1234},
     },
 }
+
+
+PHASE_KEYS = {"shared", "attn_mode", "seq_len", "micro_batch_size", "max_steps", "time_limit_s", "lr",
+              "warmup_steps", "val_every", "mixture", "task_params"}
+PHASE_REQUIRED = {"seq_len", "micro_batch_size", "max_steps", "time_limit_s", "lr", "warmup_steps"}
+SHARED_EVAL_KEYS = {"tasks", "lengths", "depths", "samples", "batch_size", "seed", "time_limit_s"}
+
+
+def validate(study: dict) -> dict:
+    """Refuse phase and shared_eval keys the study does not know (a misspelt key would otherwise be
+    silently ignored and the run would train something else than the config says)."""
+    phases = study.get("phases")
+    if not isinstance(phases, list) or not phases:
+        raise ValueError("phases must be a non-empty list of phase mappings")
+    seen_unshared = False
+    for k, phase in enumerate(phases):
+        if not isinstance(phase, dict):
+            raise ValueError(f"phases[{k}] must be a mapping, got {phase!r}")
+        unknown = sorted(set(phase) - PHASE_KEYS)
+        if unknown:
+            raise ValueError(f"phases[{k}]: unknown keys {unknown}; known: {sorted(PHASE_KEYS)}")
+        missing = sorted(PHASE_REQUIRED - set(phase))
+        if missing:
+            raise ValueError(f"phases[{k}]: missing keys {missing}")
+        if phase.get("shared") and seen_unshared:
+            raise ValueError(f"phases[{k}]: a shared phase must come before every per-mode phase")
+        seen_unshared = seen_unshared or not phase.get("shared")
+        for key in ("mixture", "task_params"):
+            if key in phase and not isinstance(phase[key], dict):
+                raise ValueError(f"phases[{k}].{key} must be a mapping, got {phase[key]!r}")
+    if not seen_unshared:
+        raise ValueError("the last phase must be per mode (not shared): it is what each mode is evaluated on")
+    shared_eval = study.get("shared_eval")
+    if shared_eval is not None:
+        if not isinstance(shared_eval, dict):
+            raise ValueError(f"shared_eval must be a mapping, got {shared_eval!r}")
+        unknown = sorted(set(shared_eval) - SHARED_EVAL_KEYS)
+        if unknown:
+            raise ValueError(f"shared_eval: unknown keys {unknown}; known: {sorted(SHARED_EVAL_KEYS)}")
+    return study
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -112,7 +183,7 @@ def resolve(config: str | None) -> dict:
     import yaml
 
     if config is None or config in PRESETS:
-        return copy.deepcopy(PRESETS[config or "h200"])
+        return validate(copy.deepcopy(PRESETS[config or "h200"]))
     if not os.path.exists(config):
         raise FileNotFoundError(f"--config {config!r} is neither a preset ({sorted(PRESETS)}) nor a file")
     with open(config) as f:
@@ -125,4 +196,4 @@ def resolve(config: str | None) -> dict:
     unknown = sorted(set(data) - set(PRESETS[base]))
     if unknown:
         raise ValueError(f"{config}: unknown study options {unknown}; known: {sorted(PRESETS[base])}")
-    return merge(PRESETS[base], data)
+    return validate(merge(PRESETS[base], data))

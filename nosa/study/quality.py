@@ -51,6 +51,8 @@ def phase_dir(work: str, mode: str, phase_index: int, study: dict) -> str:
 def start_weights(study: dict, mode: str, phase_index: int, work: str) -> str | None:
     """The weights a mode's phase starts from: its previous phase's final checkpoint, or, after a shared
     phase, the mode's copy of the shared weights (derive_mode_init)."""
+    if study["phases"][phase_index].get("shared"):  # shared after shared: the one model continues
+        return final_checkpoint(phase_dir(work, mode, phase_index - 1, study))
     if study["phases"][phase_index - 1].get("shared"):
         init = os.path.join(work, mode, "init")
         return init if os.path.exists(os.path.join(init, "config.json")) else None
@@ -68,8 +70,8 @@ def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
         "corpus_dir": os.path.join(work, "corpus"),
         "corpus_source": data["corpus_source"],
         "corpus_max_tokens": data["corpus_max_tokens"],
-        "mixture": data["mixture"],
-        "task_params": data.get("task_params", {}),
+        "mixture": phase.get("mixture", data["mixture"]),
+        "task_params": phase_task_params(study, phase_index),
         "task_loss": data.get("task_loss", "answer"),
         "seed": data.get("seed", 0),
         "seq_len": phase["seq_len"],
@@ -88,6 +90,14 @@ def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
         cfg["init_path"] = start_weights(study, mode, phase_index, work)
         del cfg["model"]  # init_from=nosa continues the checkpoint's model as it is
     return cfg
+
+
+def phase_task_params(study: dict, phase_index: int) -> dict:
+    """data.task_params with the phase's own task_params merged over it, task by task."""
+    params = {task: dict(p) for task, p in study["data"].get("task_params", {}).items()}
+    for task, p in study["phases"][phase_index].get("task_params", {}).items():
+        params[task] = {**params.get(task, {}), **p}
+    return params
 
 
 def derive_mode_init(shared_checkpoint: str, mode: str, dst: str) -> dict:
@@ -258,6 +268,56 @@ def mode_row(study: dict, mode: str, work: str, train_status: dict, eval_status:
     return row
 
 
+def start_shared_eval(study: dict, work: str, logs: str, py: str, deadline: float, logf):
+    """Launch nosa.study.shared_eval on every shared phase's final weights, in the background: it runs
+    beside the per-mode phases' start-up (a few seconds of GPU work for the h200 preset's cells), and is
+    collected before the final evaluation. None if the study has no shared_eval or no shared phase."""
+    spec = study.get("shared_eval")
+    if not spec:
+        return None
+    checkpoints = []
+    for k, phase in enumerate(study["phases"]):
+        if phase.get("shared"):
+            ckpt = final_checkpoint(phase_dir(work, "shared", k, study))
+            if ckpt is not None:
+                checkpoints.append({"phase": k, "seq_len": phase["seq_len"], "path": ckpt})
+    if not checkpoints:
+        return None
+    limit = float(spec.get("time_limit_s", 60))
+    out = os.path.join(work, "shared", "shared_eval.json")
+    argv = [py, "-m", "nosa.study.shared_eval", "--checkpoints", json.dumps(checkpoints), "--spec", json.dumps(spec),
+            "--out", out, "--deadline", str(min(time.time() + limit, deadline))]
+    log = open(os.path.join(logs, "shared_eval.log"), "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    _log(f"started shared_eval (pid {proc.pid}) on phases {[c['phase'] for c in checkpoints]}", logf)
+    return {"proc": proc, "log": log, "t0": time.time(), "kill_at": time.time() + limit + KILL_GRACE_S}
+
+
+def finish_shared_eval(job, logf) -> dict | None:
+    if job is None:
+        return None
+    proc = job["proc"]
+    while proc.poll() is None and time.time() < job["kill_at"]:
+        time.sleep(0.5)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the process and its children only
+        proc.wait()
+    job["log"].close()
+    st = {"rc": proc.returncode, "wall_s": round(time.time() - job["t0"], 1), "killed": killed}
+    _log(f"shared_eval finished {st}", logf)
+    return st
+
+
+def read_shared_eval(work: str) -> dict | None:
+    """The shared phases' retrieval (nosa.study.shared_eval's JSON), or None if it did not run."""
+    path = os.path.join(work, "shared", "shared_eval.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_study(config: str | None, out_dir: str, work_dir: str | None = None, modes: list[str] | None = None) -> dict:
     from nosa.results.header import write_json_result
 
@@ -302,6 +362,7 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     # 2. training, phase by phase (a mode whose previous phase left no checkpoint stops there)
     alive = list(study["modes"])
     status["derive"] = {}
+    shared_eval_job = None
     for k, phase in enumerate(study["phases"]):
         jobs = []
         owners = ["shared"] if phase.get("shared") else alive
@@ -319,7 +380,9 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
         per_job = phase["time_limit_s"] + KILL_GRACE_S
         phase_deadline = time.time() + (per_job if study["concurrent"] else per_job * len(jobs))
         status["train"].update(run_processes(jobs, study["concurrent"], min(phase_deadline, deadline), logf))
-        if phase.get("shared"):
+        last_shared = phase.get("shared") and not study["phases"][k + 1].get("shared")
+        if last_shared:  # score the shared weights in the background, then give each mode its copy
+            shared_eval_job = start_shared_eval(study, work, logs, py, deadline, logf)
             shared = final_checkpoint(phase_dir(work, "shared", k, study))
             for mode in alive:
                 try:
@@ -330,11 +393,13 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
                     status["derive"][mode] = {"error": f"{type(err).__name__}: {err}"}
                     _log(f"derive {mode} failed: {err}", logf)
             alive = [m for m in alive if os.path.exists(os.path.join(work, m, "init", "config.json"))]
-        else:
+        elif not phase.get("shared"):
             alive = [m for m in alive if final_checkpoint(phase_dir(work, m, k, study))]
 
-    # 3. evaluation of every mode that has weights, until the evaluation deadline
+    # 3. evaluation of every mode that has weights, until the evaluation deadline (the shared phases'
+    #    evaluation, which ran beside the per-mode phases, is collected first)
     eval_deadline = deadline - study["reserve_s"]
+    status["shared_eval"] = finish_shared_eval(shared_eval_job, logf)
     jobs = []
     for mode in study["modes"]:
         ckpt = final_checkpoint(phase_dir(work, mode, len(study["phases"]) - 1, study))
@@ -359,12 +424,16 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
 
     # 4. summary, plots, archive: from whatever finished
     rows = [mode_row(study, mode, work, status["train"], status["eval"]) for mode in study["modes"]]
-    results = {"rows": rows, "status": status, "study_wall_s": None, "files": {}}
+    shared_eval = read_shared_eval(work)
+    results = {"rows": rows, "shared_eval": shared_eval, "status": status, "study_wall_s": None, "files": {}}
     plots = {}
     try:
         from nosa.study.plots import plot_accuracy, plot_locality, plot_loss
 
-        for name, fn in (("loss.png", plot_loss), ("accuracy.png", plot_accuracy), ("locality.png", plot_locality)):
+        def loss_plot(rows, path):
+            return plot_loss(rows, path, shared_eval)
+
+        for name, fn in (("loss.png", loss_plot), ("accuracy.png", plot_accuracy), ("locality.png", plot_locality)):
             try:
                 plots[name] = fn(rows, os.path.join(out_dir, name))
             except Exception as err:
@@ -384,6 +453,8 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             shutil.copy(extra, logs)
     with tarfile.open(os.path.join(out_dir, "logs.tar.gz"), "w:gz") as tar:
         tar.add(logs, arcname="logs")
+        if os.path.exists(p := os.path.join(work, "shared", "shared_eval.json")):
+            tar.add(p, arcname="shared/shared_eval.json")
         for owner in ["shared", *study["modes"]]:
             for name in ["eval.json"] + [f"phase{k}.yaml" for k in range(len(study["phases"]))]:
                 p = os.path.join(work, owner, name)

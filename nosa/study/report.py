@@ -82,6 +82,22 @@ def locality_table(rows: list[dict], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
+def shared_eval_line(summary: dict) -> str | None:
+    """One line: retrieval of the shared (dense) phases' weights, 'after phase k (n tokens): task@length
+    accuracy (answer NLL)', or None where the summary has no shared_eval (the first run's)."""
+    shared = (summary.get("results") or {}).get("shared_eval")
+    if not shared or not shared.get("phases"):
+        return None
+    parts = []
+    for entry in shared["phases"]:
+        cells = [f"{task}@{token_label(int(n))} {_num(c['accuracy'], '.2f')} ({_num(c['answer_nll'], '.2f')})"
+                 for task, by_length in entry.get("tasks", {}).items()
+                 for n, c in sorted(by_length.items(), key=lambda kv: int(kv[0]))]
+        parts.append(f"after phase {entry['phase']} ({token_label(entry['seq_len'])} rows): " + (", ".join(cells) or "not measured"))
+    return ("Retrieval of the shared dense weights, accuracy (answer NLL, nats per answer token; ln 10 = 2.30 "
+            "is a digit guessed): " + "; ".join(parts) + ".")
+
+
 def render(summary_path: str = DEFAULT_SUMMARY) -> str:
     with open(summary_path) as f:
         summary = json.load(f)
@@ -96,6 +112,7 @@ def render(summary_path: str = DEFAULT_SUMMARY) -> str:
         f"Model: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} query heads x "
         f"{m['head_dim']}, {m['num_key_value_heads']} KV heads, block {m['block_size']}, topk {m['topk_blocks']}. "
         f"Training phases: {phases}.",
+        *filter(None, [shared_eval_line(summary)]),
         "Training and loss (held-out loss at 16K tokens of held-out text):\n\n" + training_table(rows),
         "Task accuracy (every answer token the argmax), by context length:\n\n" + accuracy_table(rows, tasks, lengths),
         "Locality of decoding through the engine (256 steps after held-out text and after a task input; new blocks "

@@ -5,6 +5,12 @@ evaluation's own task definitions (passkey, multikey_niah with one query, answer
 pick the mixture of `nosa study quality`; the runs are recorded in docs/quality.md.
 
     python -m nosa.study.retrieval_probe --recipe full --seconds 150 --seq-len 256
+    python -m nosa.study.retrieval_probe --recipe copy_pk --seq-len 256,512 --eval-lens 256,512,1024
+
+--seq-len may list several lengths: step s trains on rows of the (s mod n)-th (the batch keeps
+--batch x the first length's tokens, so longer rows come in smaller batches); --eval-lens scores at
+lengths other than the training ones (length transfer). The report has, per eval length, the accuracy
+and the teacher-forced answer NLL of passkey and multikey_niah, and the NLL of copy_drill's copies.
 """
 
 from __future__ import annotations
@@ -33,14 +39,34 @@ RECIPES = {
     "full": [("passkey", {}, True), ("multikey_niah", {}, True)],
     "mq": [("passkey", {}, False), ("multikey_niah", {"num_queries": 4}, False)],
     "mq_full": [("passkey", {}, True), ("multikey_niah", {"num_queries": 4}, True)],
+    # copy_drill rows (content-based copying is the only way their loss falls) with passkey rows
+    "copy": [("copy_drill", {}, True)],
+    "copy_pk": [("copy_drill", {}, True), ("copy_drill", {}, True), ("passkey", {}, True)],
+    "copy_pk_niah": [("copy_drill", {}, True), ("copy_drill", {}, True), ("passkey", {}, True),
+                     ("multikey_niah", {"num_needles": 2}, True)],
 }
+
+
+@torch.no_grad()
+def answer_nll(model, tok, task: str, length: int, samples: int) -> float:
+    """Teacher-forced NLL per answer token of `samples` fresh rows (seeds disjoint from training's)."""
+    total = count = 0.0
+    for i in range(samples):
+        s = generate_task(task, tok, np.random.default_rng([4321, i]), length, float(i % 5) / 4)
+        ids = torch.tensor([s.input_ids])
+        lab = torch.tensor([s.labels()])
+        logits = model(input_ids=ids, use_cache=False).logits
+        total += float(F.cross_entropy(logits[:, :-1].transpose(1, 2), lab[:, 1:], ignore_index=-100, reduction="sum"))
+        count += int((lab[:, 1:] != -100).sum())
+    return round(total / count, 3)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--recipe", choices=sorted(RECIPES), required=True)
     p.add_argument("--seconds", type=float, default=150)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", default="256", help="training row length(s), comma-separated")
+    p.add_argument("--eval-lens", default=None, help="comma-separated evaluation lengths (default: the training ones)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
@@ -49,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default="byte", help="'byte' or a local tokenizer directory")
     args = p.parse_args(argv)
+    train_lens = [int(x) for x in str(args.seq_len).split(",")]
+    eval_lens = [int(x) for x in args.eval_lens.split(",")] if args.eval_lens else train_lens
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.tokenizer)
     cfg = NosaConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
@@ -62,9 +90,10 @@ def main(argv=None) -> int:
     while time.time() - began < args.seconds:
         rng = np.random.default_rng([args.seed, step])
         ids, labels = [], []
-        for r in range(args.batch):
+        seq_len = train_lens[step % len(train_lens)]
+        for r in range(max(1, args.batch * train_lens[0] // seq_len)):
             task, params, full = recipe[int(rng.integers(len(recipe)))]
-            s = generate_task(task, tok, rng, args.seq_len, float(rng.random()), **params)
+            s = generate_task(task, tok, rng, seq_len, float(rng.random()), **params)
             ids.append(s.input_ids)
             # answer loss counted separately so recipes compare on the same quantity
             labels.append(s.labels(full=full))
@@ -81,27 +110,21 @@ def main(argv=None) -> int:
         step += 1
         if step % 100 == 0:
             log.append((step, round(time.time() - began), round(float(loss.detach()), 3)))
+            print(json.dumps({"step": step, "s": log[-1][1], "loss": log[-1][2]}), flush=True)
     train_s = time.time() - began
-    tasks = sorted({t for t, _, _ in recipe} & {"passkey", "multikey_niah"})
-    res = evaluate_tasks(model, tok, tasks, [args.seq_len], [0.0, 0.5, 1.0],
-                         args.eval_samples, torch.device("cpu"), None, 16, 1234)
-    # Answer NLL (teacher forced, nats per answer token; ln 10 = 2.30 is guessing a digit): a signal
-    # that moves long before exact-match accuracy does.
-    nll = {}
-    with torch.no_grad():
-        for task in tasks:
-            total = count = 0.0
-            for i in range(args.eval_samples):
-                s = generate_task(task, tok, np.random.default_rng([4321, i]), args.seq_len, float(i % 5) / 4)
-                ids = torch.tensor([s.input_ids])
-                lab = torch.tensor([s.labels()])
-                logits = model(input_ids=ids, use_cache=False).logits
-                total += float(F.cross_entropy(logits[:, :-1].transpose(1, 2), lab[:, 1:], ignore_index=-100, reduction="sum"))
-                count += int((lab[:, 1:] != -100).sum())
-            nll[task] = round(total / count, 3)
-    out = {"recipe": args.recipe, "tokenizer": args.tokenizer, "vocab_size": tok.vocab_size, "seq_len": args.seq_len, "layers": args.layers, "hidden": args.hidden,
-           "steps": step, "rows": step * args.batch, "train_s": round(train_s), "loss_log": log[-5:],
-           **{t: res[t]["accuracy"] for t in tasks}, "answer_nll": nll}
+    # The evaluation's own tasks (multikey_niah as defined, one query), scored exactly as the study does.
+    tasks = ["passkey"] + (["multikey_niah"] if any(t == "multikey_niah" for t, _, _ in recipe) else [])
+    acc, nll = {}, {}
+    for length in eval_lens:
+        fits = [t for t in tasks if t != "multikey_niah" or length >= 384]
+        res = evaluate_tasks(model, tok, fits, [length], [0.0, 0.5, 1.0], args.eval_samples, torch.device("cpu"), None, 16, 1234)
+        acc[length] = {t: res[t]["accuracy"] for t in fits}
+        # Answer NLL (teacher forced, nats per answer token; ln 10 = 2.30 is guessing a digit): a signal
+        # that moves long before exact-match accuracy does. copy_drill: the copies' NLL (ln 67 = 4.2 unseen).
+        nll[length] = {t: answer_nll(model, tok, t, length, args.eval_samples) for t in fits + ["copy_drill"]}
+    out = {"recipe": args.recipe, "tokenizer": args.tokenizer, "vocab_size": tok.vocab_size, "seq_len": train_lens,
+           "layers": args.layers, "hidden": args.hidden, "steps": step, "train_s": round(train_s), "loss_log": log[-5:],
+           "accuracy": acc, "answer_nll": nll}
     print(json.dumps(out))
     return 0
 

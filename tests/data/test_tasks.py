@@ -95,3 +95,47 @@ def test_multikey_niah_more_queries_keeps_the_first_and_asks_distinct_keys():
     assert TOK.decode(one.input_ids).count("What is the magic number") == 1
     with pytest.raises(ValueError, match="num_queries"):
         _sample("multikey_niah", 1200, 0.5, 2, num_queries=5)
+
+
+@pytest.mark.parametrize("length", [256, 1000, 4096])
+def test_copy_drill_spans_stand_twice_and_rows_have_the_length(length):
+    from nosa.data.tasks import COPY_ALPHABET
+
+    for seed in range(4):
+        sample = _sample("copy_drill", length, 0.5, seed)
+        ids = sample.input_ids
+        assert len(ids) == length and ids[0] == TOK.bos_id
+        assert set(TOK.decode(ids[1:])) <= set(COPY_ALPHABET)
+        assert sample.labels(full=True) == ids
+        assert len(sample.answer_spans) == len(sample.needle_starts) == len(sample.answers) >= 3
+        covered = np.zeros(length, dtype=int)
+        for (start, end), first, answer in zip(sample.answer_spans, sample.needle_starts, sample.answers):
+            second = start - 3  # the default cue: the copy's first 3 tokens, not an answer
+            size = end - second
+            assert 8 <= size <= 32 and first + size <= second  # the first copy ends before the second starts
+            assert ids[first:first + size] == ids[second:end]  # the span really stands twice
+            assert TOK.decode(ids[start:end]) == answer
+            covered[first:first + size] += 1
+            covered[second:end] += 1
+        assert covered.max() == 1  # copies never overlap one another
+        # ~copy_fraction 0.8 of the row belongs to a span (less a part of one span length)
+        assert 0.8 - 64 / length <= covered.sum() / length <= 0.8 + 1e-9
+        assert [s for s, _ in sample.answer_spans] == sorted(s for s, _ in sample.answer_spans)
+    a, b, c = (_sample("copy_drill", 600, 0.5, s).input_ids for s in (7, 7, 8))
+    assert a == b and a != c
+
+
+def test_copy_drill_distances_cover_the_row_and_params_are_checked():
+    gaps = []
+    for seed in range(20):
+        s = _sample("copy_drill", 2048, 0.5, seed)
+        gaps += [start - 3 - first for (start, _), first in zip(s.answer_spans, s.needle_starts)]
+    assert min(gaps) < 200 and max(gaps) > 1500  # short and long copy distances in one row length
+    s = _sample("copy_drill", 512, 0.5, 1, copy_fraction=0.5, span_min=4, span_max=4, cue=1)
+    assert all(e - b == 3 for b, e in s.answer_spans)
+    with pytest.raises(ValueError, match="copy_fraction"):
+        _sample("copy_drill", 512, 0.5, copy_fraction=1.0)
+    with pytest.raises(ValueError, match="cue"):
+        _sample("copy_drill", 512, 0.5, span_min=3, cue=3)
+    with pytest.raises(ValueError, match="too short"):
+        _sample("copy_drill", 40, 0.5)

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from tests.helpers import engine_model, reference_logits
+from nosa import ops
 from nosa.engine import LLM, SamplingParams
 from nosa.engine.block_cache import BlockCache
 from nosa.results.cache_sim import engine_cache_loads, policy_cache_loads
 
 LENGTHS = (9, 14, 3, 21)
 STEPS = 40
-GREEDY = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
 
 
 def prompts():
@@ -22,12 +22,13 @@ def prompts():
     return [torch.randint(0, 256, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-def run(model, cache_blocks, offload=True, load_log=False, prefill_chunk=5):
+def run(model, cache_blocks, offload=True, load_log=False, prefill_chunk=5, steps=STEPS):
     llm = LLM(model, device="cpu", offload=offload, max_model_len=80, max_num_seqs=len(LENGTHS), prefill_chunk=prefill_chunk,
               device_cache_blocks=cache_blocks)
     if load_log:
         llm.runner.load_log = []
-    outs = llm.generate(prompts(), GREEDY, use_tqdm=False, return_logits=True, record_selections=load_log)
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    outs = llm.generate(prompts(), params, use_tqdm=False, return_logits=True, record_selections=load_log)
     return outs, llm
 
 
@@ -45,6 +46,39 @@ def test_engine_with_a_larger_cache_equals_full_forward(mode):
     off, _ = run(model, model.config.topk_blocks + 3, offload=False)
     for a, b in zip(on, off):
         assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_engine_with_the_spill_kernel_equals_the_reference_engine_and_the_forward(offload, monkeypatch):
+    """The spill step on its Triton kernel (interpreter; two launches per layer) gives the reference spill
+    step's engine bit for bit: tokens, logits, loads and spill hits; both equal the model forward. Offload on
+    (slot <-> spill copies) and off (tables only). 20 tokens: the interpreter is slow, and hits start early."""
+    from nosa.ops import dispatch
+    from nosa.ops.kernels import spill as spill_kernels
+
+    model = engine_model("nosa", seed=1)
+    size = model.config.topk_blocks + 3
+    steps = 20
+    want, ref_llm = run(model, size, offload=offload, steps=steps)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return spill_kernels.spill_step(*args, **kwargs)
+
+    dispatch._load_kernels()
+    monkeypatch.setitem(dispatch._KERNELS, "spill_step", counted)
+    with ops.use_backend("triton", only=("spill_step",)):
+        got, llm = run(model, size, offload=offload, steps=steps)
+    assert len(calls) >= steps * model.config.num_hidden_layers  # the engine really ran the kernel
+    for prompt, a, b in zip(prompts(), want, got):
+        assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
+        ref = reference_logits(model, prompt, b.token_ids)
+        torch.testing.assert_close(b.logits, ref, atol=1e-4, rtol=1e-4)
+        assert b.token_ids == ref.argmax(-1).tolist()
+    for name, counter in ref_llm.decode_counters().items():
+        assert torch.equal(llm.decode_counters()[name], counter), name
+    assert int(llm.decode_counters()["spill_hits"].sum()) > 0
 
 
 def test_blocks_that_come_back_are_device_hits_not_host_loads():

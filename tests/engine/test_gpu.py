@@ -175,3 +175,25 @@ def test_cuda_device_cache_and_trace_replay_under_graphs(offload, triton_block_o
         assert len(replay.graphed.graphs) >= 1
         counters = replay.decode_counters()
         assert torch.equal(counters["loaded"], recorded["loaded"]) and int(counters["spill_hits"].sum()) > 0
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_cuda_spill_kernel_engine_equals_the_reference_spill_engine_under_graphs(offload):
+    """The fused spill step (two launches per layer, captured in the decode graph) against the reference
+    spill step (PyTorch ops, also captured) on CUDA, every other op on its default: the same tokens, logits,
+    loads and spill hits bit for bit."""
+    model = tiny_model("nosa").cuda()
+    size = model.config.topk_blocks + 3
+    results = []
+    for backend in ("reference", "triton"):
+        with ops.use_backend(backend, only=("spill_step",)):
+            llm = LLM(model, device="cuda", offload=offload, max_model_len=80, max_num_seqs=4, device_cache_blocks=size)
+            outs = llm.generate(prompts(), GREEDY, use_tqdm=False, return_logits=True)
+            assert len(llm.graphed.graphs) >= 1
+            results.append((outs, llm.decode_counters()))
+    (ref, ref_counters), (got, counters) = results
+    for a, b in zip(ref, got):
+        assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
+    for name, counter in ref_counters.items():
+        assert torch.equal(counters[name], counter), name
+    assert int(counters["spill_hits"].sum()) > 0

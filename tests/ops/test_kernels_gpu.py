@@ -210,3 +210,35 @@ def test_paged_decode_equals_slot_decode_bit_for_bit_on_cuda(splits):
     want = kd.decode_attention(q, k_slots, v_slots, bias, ref.paged_valid(valid, table, block), splits=splits)
     got = kd.decode_attention(q, pages_k, pages_v, bias, valid, table, splits=splits)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("length,batch,chunks", [(20000, 6, None), (9001, 5, 7)])
+def test_split_block_scores_bf16_match_reference_up_to_near_ties(length, batch, chunks):
+    """The split path (decode: one query per row) on the GPU: the -inf pattern equal, scores within the
+    fused kernel's tolerance of the float32 reference, and a selection differing from the fused kernel's
+    only where the fused scores nearly tie at the query-aware quota boundary."""
+    torch.manual_seed(0)
+    cfg = SparseAttentionConfig()
+    hq, h, d = 32, 2, 128
+    num_windows = ref.num_complete_windows(length, 32, 16)
+    num_blocks = -(-length // 64)
+    q = torch.randn(batch, 1, hq, d, device="cuda", dtype=torch.bfloat16)
+    ck = (0.5 * torch.randn(batch, num_windows, h, d, device="cuda")).to(torch.bfloat16)
+    positions = torch.tensor([length - 1], device="cuda")
+    chunks = chunks or ks.score_chunks(1, hq // h, batch, h, num_windows, "cuda")
+    assert chunks > 1
+    got = ks.query_aware_block_scores_split(q, ck, positions, num_blocks, cfg, chunks)
+    fused = ks.query_aware_block_scores_fused(q, ck, positions, num_blocks, cfg)
+    want = ref.query_aware_block_scores(q.float(), ck.float(), positions, num_blocks, cfg)
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got)) and torch.equal(finite, torch.isfinite(fused))
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[finite], fused[finite], atol=1e-5, rtol=1e-4)
+    differ = (ks.select_blocks(got, None, positions, cfg) != ks.select_blocks(fused, None, positions, cfg)).any(-1)
+    own = (length - 1) // 64
+    blocks = torch.arange(num_blocks, device="cuda")
+    candidate = (blocks <= own) & (blocks >= cfg.sink_blocks) & (blocks < own - cfg.window_blocks)
+    for b, t, hh in differ.nonzero().tolist():
+        scores = fused[b, t, hh][candidate].sort(descending=True).values
+        gap = (scores[cfg.query_aware_quota - 1] - scores[cfg.query_aware_quota]).item()
+        assert gap <= 1e-5, f"row {(b, t, hh)} differs but its quota boundary gap is {gap:.3g}"

@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import yaml
 
 from nosa.results.traces import layer_map, load_traces, replay, save_traces
 from nosa.study.presets import PRESETS, merge, resolve
@@ -55,6 +56,23 @@ def test_tiny_study_writes_every_file_and_field(tiny_study):
             assert len(loc["per_layer"]) == study["model"]["num_hidden_layers"]
             if mode in ("nosa", "dma"):
                 assert "violations" in loc
+    # retrieval of the shared phases' weights, right after them: every shared phase at its own length and
+    # at shared_eval.lengths, for each task that fits the length (multikey_niah does not fit 256 tokens)
+    shared = summary["results"]["shared_eval"]
+    spec = study["shared_eval"]
+    shared_phases = [k for k, p in enumerate(study["phases"]) if p.get("shared")]
+    assert [e["phase"] for e in shared["phases"]] == shared_phases and shared["errors"] == {}
+    for entry in shared["phases"]:
+        lengths = sorted({study["phases"][entry["phase"]]["seq_len"], *spec["lengths"]})
+        assert set(entry["tasks"]) == set(spec["tasks"])
+        assert set(entry["tasks"]["passkey"]) == {str(n) for n in lengths}
+        assert set(entry["tasks"]["multikey_niah"]) == {str(n) for n in lengths if n >= 384}
+        for cells in entry["tasks"].values():
+            for cell in cells.values():
+                assert cell["answers"] == len(spec["depths"]) * spec["samples"] and 0 <= cell["accuracy"] <= 1
+                assert cell["answer_nll"] > 0
+    assert any("multikey_niah/256" in s for s in shared["skipped"])
+    assert summary["results"]["status"]["shared_eval"]["rc"] == 0
     # the shared phase is the same run for every mode: identical loss curve at its start
     first = [p["loss"] for p in rows["dense"]["loss_curve"] if p["phase"] == 0]
     assert first and all([p["loss"] for p in r["loss_curve"] if p["phase"] == 0] == first for r in rows.values())
@@ -101,6 +119,28 @@ def test_config_files_merge_over_a_preset_and_refuse_unknown_options(tmp_path):
     bad.write_text("preset: tiny\nmode: [dense]\n")
     with pytest.raises(ValueError, match="unknown study options"):
         resolve(str(bad))
+    # phase keys are checked too: a misspelt one would silently train something else
+    phases = [dict(p) for p in PRESETS["tiny"]["phases"]]
+    phases[0]["mixtrue"] = {"passkey": 1.0}
+    bad.write_text(yaml.safe_dump({"preset": "tiny", "phases": phases}))
+    with pytest.raises(ValueError, match=r"phases\[0\]: unknown keys \['mixtrue'\]"):
+        resolve(str(bad))
+    phases[0].pop("mixtrue")
+    bad.write_text(yaml.safe_dump({"preset": "tiny", "phases": phases[::-1]}))
+    with pytest.raises(ValueError, match="shared phase must come before"):
+        resolve(str(bad))
+    bad.write_text(yaml.safe_dump({"preset": "tiny", "shared_eval": {"length": [512]}}))
+    with pytest.raises(ValueError, match="shared_eval: unknown keys"):
+        resolve(str(bad))
+    # a phase's mixture replaces data.mixture, its task_params merge over data.task_params task by task
+    from nosa.study.quality import train_config
+
+    h200 = resolve("h200")
+    first = train_config(h200, "nosa", 0, str(tmp_path))
+    assert first["mixture"] == h200["phases"][0]["mixture"] and "copy_drill" in first["mixture"]
+    assert first["task_params"]["multikey_niah"] == {"num_queries": 2}
+    assert first["task_params"]["kv_recall"] == h200["data"]["task_params"]["kv_recall"]
+    assert train_config(h200, "nosa", 3, str(tmp_path))["task_params"]["multikey_niah"] == {"num_queries": 4}
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         resolve(str(tmp_path / "missing.yaml"))
     assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
@@ -119,6 +159,9 @@ def test_report_tables_come_from_the_summary(tiny_study, tmp_path):
     study = summary["parameters"]["study"]
     for task in study["eval"]["tasks"]:
         assert body.count(f"| {task} |") == len(rows)
+    shared = summary["results"]["shared_eval"]["phases"][-1]
+    cell = shared["tasks"]["passkey"]["1024"]
+    assert f"after phase {shared['phase']} (768 rows): " in body and f"passkey@1K {cell['accuracy']:.2f} ({cell['answer_nll']:.2f})" in body
     nosa_row = next(r for r in rows if r["attn_mode"] == "nosa")
     for length, loc in nosa_row["locality"].items():
         assert f"| nosa | {token_label(int(length))} | {loc['all_prompts']['decode_steps']} | {loc['all_prompts']['overlap_mean']:.3f} |" in body

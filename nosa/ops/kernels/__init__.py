@@ -15,6 +15,7 @@ from nosa.ops.kernels.selection import (
 from nosa.ops.kernels.gather import (
     attention_inputs, commit_window, diff_slot_tables, gather_blocks, plan_in_place, plan_step, stage_window,
 )
+from nosa.ops.kernels.spill import spill_step
 
 KERNELS = dict((
     ("compress_keys", compress_keys),
@@ -33,6 +34,7 @@ KERNELS = dict((
     ("plan_step", plan_step),
     ("plan_in_place", plan_in_place),
     ("attention_inputs", attention_inputs),
+    ("spill_step", spill_step),
 ))
 
 __all__ = [
@@ -40,5 +42,5 @@ __all__ = [
     "select_for_queries",
     "sparse_attention", "nosa_attention", "decode_attention",
     "diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "plan_in_place",
-    "attention_inputs", "KERNELS",
+    "attention_inputs", "spill_step", "KERNELS",
 ]

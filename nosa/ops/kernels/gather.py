@@ -104,12 +104,20 @@ def gather_blocks(src_k, src_v, dst_k, dst_v, src_page, dst_page, head) -> None:
 
 
 @triton.jit
-def _diff_row(table, sel, offs, inside):
-    """The slot-table diff of one (row, head): resident blocks stay in their slots, the r-th miss takes the
-    r-th freed slot. table, sel: [BLOCK_K] -> (miss mask, slot of each miss, new table)."""
+def _resident(table, sel):
+    """Which blocks stay: table [slots], sel [selected] -> (keep: slot j's block is still selected, hit:
+    selected block i is already in a slot). Shared by the diff and the spill step (`kernels.spill`)."""
     equal = (table[:, None] == sel[None, :]) & (table[:, None] >= 0)  # [slot j, selected i]
     keep = tl.max(equal.to(tl.int32), axis=1) > 0
     hit = tl.max(equal.to(tl.int32), axis=0) > 0
+    return keep, hit
+
+
+@triton.jit
+def _diff_row(table, sel, offs, inside):
+    """The slot-table diff of one (row, head): resident blocks stay in their slots, the r-th miss takes the
+    r-th freed slot. table, sel: [BLOCK_K] -> (miss mask, slot of each miss, new table)."""
+    keep, hit = _resident(table, sel)
     miss = (sel >= 0) & (hit == 0)
     free = (keep == 0) & inside
     miss_rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1

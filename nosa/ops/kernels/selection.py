@@ -6,7 +6,10 @@ Each public function has the contract of its namesake in `nosa.ops.reference`:
   summed in ascending order of value, like the reference).
 - `query_aware_chunk_scores`: per-window scores (the reference's intermediate), for tests and callers that
   want them; the pipeline uses `query_aware_block_scores`, which pools inside the kernel and never writes
-  the [B, Tq, H, Nc] window scores.
+  the [B, Tq, H, Nc] window scores. When that fused kernel would launch too few programs for the GPU
+  (decode: one query per row), `score_chunks` sends the call to the split path instead: the compressed keys
+  in chunks, per-chunk softmax statistics, then window scores from the combined statistics (small at
+  decode), then a pooling pass.
 - `select_blocks`: forced blocks, then `query_aware_quota` picks, then the agnostic fill, by repeated
   arg-max (ties to the lower block index, -inf candidate scores clamped to float32's lowest like the
   reference), written as ascending indices padded with -1.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -125,22 +129,11 @@ def _load_query_group(Q, b, t, h, sqb, sqt, sqh, G: tl.constexpr, ROWS: tl.const
 
 
 @triton.jit
-def _qa_block_scores_kernel(
-    Q, CK, Pos, WinOff, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
-    Tq, Nc, H, NB, block_size, kernel, stride, qk_scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_W: tl.constexpr, BJ: tl.constexpr, BJ_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_OFFSETS: tl.constexpr,
-):
-    # HAS_OFFSETS (packed sequences): positions count from each sequence's start and WinOff[t] is the
-    # index of its sequence's first compressed key; the TQ tokens of a program share one sequence.
-    # Rows are (token, query head) for TQ consecutive queries: every compressed key loaded serves TQ x G
-    # rows, which is what makes this kernel cheap at long context (it is L2-bandwidth bound otherwise).
+def _qa_rows(Q, Pos, b, h, tile, sqb, sqt, sqh, Tq, Nc, kernel, stride,
+             G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The tile's rows (token, query head) of TQ consecutive queries: their queries, which rows exist, and
+    how many compressed keys are complete at each row's position (nc_row) and at the tile's latest (nc_max)."""
     ROWS: tl.constexpr = TQ * G_PAD
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
     r = tl.arange(0, ROWS)
     g = r % G_PAD
     t_row = tile * TQ + r // G_PAD
@@ -153,22 +146,36 @@ def _qa_block_scores_kernel(
     d_ok = d < D
     q = tl.load(Q + b * sqb + t_row[:, None] * sqt + (h * G + g)[:, None] * sqh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    ck_base = b * scb + h * sch
-    if HAS_OFFSETS:
-        ck_base += tl.load(WinOff + tile * TQ).to(tl.int64) * scn
+    return q, row_ok, pos_row, nc_row, nc_max, d, d_ok
+
+
+@triton.jit
+def _qa_softmax_range(q, CK, ck_base, scn, w_lo, w_hi, nc_row, nc_max, qk_scale, d, d_ok,
+                      ROWS: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
+    """Online row max and sum of exp2 (base-2 logits) over compressed keys [w_lo, w_hi), BLOCK_W at a time
+    (w_hi <= nc_max); keys at or past a row's nc_row are left out of that row."""
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
-    for w0 in range(0, nc_max, BLOCK_W):
+    for w0 in range(w_lo, w_hi, BLOCK_W):
         w = w0 + tl.arange(0, BLOCK_W)
-        ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=(w < nc_max)[:, None] & d_ok[None, :], other=0.0)
+        ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=(w < w_hi)[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale
-        s = tl.where(w[None, :] < nc_row[:, None], s, float("-inf"))
+        s = tl.where((w[None, :] < nc_row[:, None]) & (w < w_hi)[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m = m_new
-    inv_l = tl.where(row_ok & (l > 0), 1.0 / tl.where(l > 0, l, 1.0), 0.0)
-    m = tl.where(m == float("-inf"), 0.0, m)
+    return m, l
+
+
+@triton.jit
+def _qa_pool_range(q, CK, ck_base, scn, Pos, Out, b, h, tile, sob, sot, soh, m, inv_l, pos_row, nc_row, nc_max,
+                   Tq, Nc, j_lo, j_hi, block_size, kernel, stride, qk_scale, d, d_ok,
+                   G_PAD: tl.constexpr, TQ: tl.constexpr, BLOCK_W: tl.constexpr, BJ: tl.constexpr,
+                   BJ_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of blocks [j_lo, j_hi), normalised by m and inv_l: the softmax
+    probabilities of the windows overlapping each block, summed over the GQA group, maxed over the windows.
+    Every block is computed whole here, from the windows it overlaps (re-read where two blocks share one)."""
     pos_max = tl.max(pos_row, 0)
     own_max = (pos_max // block_size).to(tl.int32)
     jr = tl.arange(0, BJ_PAD)
@@ -178,7 +185,7 @@ def _qa_block_scores_kernel(
     nc_tok = tl.where(pos_tok + 1 >= kernel, (pos_tok + 1 - kernel) // stride + 1, 0)
     nc_tok = tl.minimum(nc_tok, Nc).to(tl.int32)
     out_rows = Out + b * sob + t_tok[:, None] * sot + h * soh
-    for j0 in range(0, NB, BJ):
+    for j0 in range(j_lo, j_hi, BJ):
         jj = j0 + jr
         score = tl.full([TQ, BJ_PAD], float("-inf"), tl.float32)
         if (j0 <= own_max) & (nc_max > 0):
@@ -193,7 +200,138 @@ def _qa_block_scores_kernel(
             overlap = (stride * w[None, :] < block_size * (jj[:, None] + 1)) & \
                       (stride * w[None, :] + kernel > block_size * jj[:, None])  # [BJ_PAD, BLOCK_W]
             score = tl.max(tl.where(overlap[None, :, :], psum[:, None, :], float("-inf")), 2)
-        tl.store(out_rows + jj[None, :], score, mask=(t_tok < Tq)[:, None] & ((jr < BJ) & (jj < NB))[None, :])
+        tl.store(out_rows + jj[None, :], score, mask=(t_tok < Tq)[:, None] & ((jr < BJ) & (jj < j_hi))[None, :])
+
+
+@triton.jit
+def _qa_block_scores_kernel(
+    Q, CK, Pos, WinOff, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
+    Tq, Nc, H, NB, block_size, kernel, stride, qk_scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr, BJ: tl.constexpr, BJ_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
+):
+    # One program per (query tile, batch x KV head) walks all compressed keys twice: the softmax
+    # statistics, then the pooling. Used when that already gives the GPU enough programs (`score_chunks`).
+    # HAS_OFFSETS (packed sequences): positions count from each sequence's start and WinOff[t] is the
+    # index of its sequence's first compressed key; the TQ tokens of a program share one sequence.
+    # Rows are (token, query head) for TQ consecutive queries: every compressed key loaded serves TQ x G
+    # rows, which is what makes this kernel cheap at long context (it is L2-bandwidth bound otherwise).
+    ROWS: tl.constexpr = TQ * G_PAD
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    q, row_ok, pos_row, nc_row, nc_max, d, d_ok = _qa_rows(Q, Pos, b, h, tile, sqb, sqt, sqh, Tq, Nc, kernel, stride,
+                                                           G, G_PAD, TQ, D, BLOCK_D)
+    ck_base = b * scb + h * sch
+    if HAS_OFFSETS:
+        ck_base += tl.load(WinOff + tile * TQ).to(tl.int64) * scn
+    m, l = _qa_softmax_range(q, CK, ck_base, scn, 0, nc_max, nc_row, nc_max, qk_scale, d, d_ok, ROWS, BLOCK_W, PRECISION)
+    inv_l = tl.where(row_ok & (l > 0), 1.0 / tl.where(l > 0, l, 1.0), 0.0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    _qa_pool_range(q, CK, ck_base, scn, Pos, Out, b, h, tile, sob, sot, soh, m, inv_l, pos_row, nc_row, nc_max,
+                   Tq, Nc, 0, NB, block_size, kernel, stride, qk_scale, d, d_ok, G_PAD, TQ, BLOCK_W, BJ, BJ_PAD, PRECISION)
+
+
+@triton.jit
+def _qa_chunk_stats_kernel(
+    Q, CK, Pos, StatM, StatL, sqb, sqt, sqh, scb, scn, sch,
+    Tq, Nc, H, kernel, stride, qk_scale, chunk_windows, num_chunks,
+    G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Split path, pass 1: program (tile, batch x KV head, chunk c) writes the softmax statistics (row max,
+    # sum of exp2 relative to it) of compressed keys [c * chunk_windows, (c+1) * chunk_windows); a chunk
+    # past the tile's complete keys writes (-inf, 0). Stat layout: [tiles, B*H, num_chunks, ROWS].
+    ROWS: tl.constexpr = TQ * G_PAD
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    c = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    q, row_ok, pos_row, nc_row, nc_max, d, d_ok = _qa_rows(Q, Pos, b, h, tile, sqb, sqt, sqh, Tq, Nc, kernel, stride,
+                                                           G, G_PAD, TQ, D, BLOCK_D)
+    w_lo = c * chunk_windows
+    w_hi = tl.minimum(w_lo + chunk_windows, nc_max)
+    m, l = _qa_softmax_range(q, CK, b * scb + h * sch, scn, w_lo, w_hi, nc_row, nc_max, qk_scale, d, d_ok,
+                             ROWS, BLOCK_W, PRECISION)
+    at = ((tile * (tl.num_programs(1)) + bh).to(tl.int64) * num_chunks + c) * ROWS + tl.arange(0, ROWS)
+    tl.store(StatM + at, m)
+    tl.store(StatL + at, l)
+
+
+@triton.jit
+def _qa_chunk_windows_kernel(
+    Q, CK, Pos, StatM, StatL, Win, sqb, sqt, sqh, scb, scn, sch, swb, swt, swh,
+    Tq, Nc, H, kernel, stride, qk_scale, chunk_windows, num_chunks,
+    G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Split path, pass 2: program (tile, batch x KV head, c) combines the statistics of all key chunks (in
+    # chunk order: every program of a row computes the same normaliser from the same values) and writes the
+    # window scores of its own key chunk (softmax probabilities summed over the GQA group) to Win
+    # [B, Tq, H, Nc]; entries at or past a token's complete keys are 0 up to the tile's last complete key
+    # and unwritten beyond it (the pooling never reads them). Each window is computed once, so two blocks
+    # that share their best window get the same float and tie exactly, as in the reference.
+    ROWS: tl.constexpr = TQ * G_PAD
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    c = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    q, row_ok, pos_row, nc_row, nc_max, d, d_ok = _qa_rows(Q, Pos, b, h, tile, sqb, sqt, sqh, Tq, Nc, kernel, stride,
+                                                           G, G_PAD, TQ, D, BLOCK_D)
+    at = (tile * (tl.num_programs(1)) + bh).to(tl.int64) * num_chunks * ROWS + tl.arange(0, ROWS)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    for i in range(0, num_chunks):
+        m = tl.maximum(m, tl.load(StatM + at + i * ROWS))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([ROWS], tl.float32)
+    for i in range(0, num_chunks):
+        l += tl.load(StatL + at + i * ROWS) * tl.exp2(tl.load(StatM + at + i * ROWS) - m_safe)
+    inv_l = tl.where(row_ok & (l > 0), 1.0 / tl.where(l > 0, l, 1.0), 0.0)
+    t_tok = tile * TQ + tl.arange(0, TQ)
+    win_rows = Win + b * swb + t_tok[:, None].to(tl.int64) * swt + h * swh
+    ck_base = b * scb + h * sch
+    w_lo = c * chunk_windows
+    w_hi = tl.minimum(w_lo + chunk_windows, nc_max)
+    for w0 in range(w_lo, w_hi, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)
+        ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=(w < w_hi)[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale
+        p = tl.where(w[None, :] < nc_row[:, None], tl.exp2(s - m_safe[:, None]), 0.0) * inv_l[:, None]
+        psum = tl.sum(tl.reshape(p, [TQ, G_PAD, BLOCK_W]), 1)  # GQA sum: [TQ, BLOCK_W]
+        tl.store(win_rows + w[None, :], psum, mask=(t_tok < Tq)[:, None] & (w < w_hi)[None, :])
+
+
+@triton.jit
+def _pool_window_scores_kernel(
+    Win, Pos, Out, swb, swt, swh, sob, sot, soh, Tq, H, Nc, NB, block_size, kernel, stride, width, chunk_blocks,
+    BLOCKS: tl.constexpr, WIDTH_PAD: tl.constexpr,
+):
+    # Split path, pass 3: row (b, t, h), blocks [c * chunk_blocks, (c+1) * chunk_blocks): the max of the
+    # window scores overlapping each block that are complete at the token's position (reference
+    # `pool_to_blocks`, windows `block_window_ranges`), -inf where there is none.
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = (row // (Tq * H)).to(tl.int64)
+    t = (row // H) % Tq
+    h = row % H
+    pos = tl.load(Pos + t)
+    nc = tl.where(pos + 1 >= kernel, (pos + 1 - kernel) // stride + 1, 0)
+    nc = tl.minimum(nc, Nc).to(tl.int32)
+    jr = tl.arange(0, BLOCKS)
+    j = c * chunk_blocks + jr
+    j_ok = (jr < chunk_blocks) & (j < NB)
+    x = block_size * j - kernel
+    first = tl.where(x < 0, 0, x // stride + 1)
+    last = (block_size * (j + 1) - 1) // stride
+    k = tl.arange(0, WIDTH_PAD)
+    w = first[:, None] + k[None, :]
+    ok = j_ok[:, None] & (k < width)[None, :] & (w <= last[:, None]) & (w < nc)
+    scores = tl.load(Win + b * swb + t * swt + h * swh + w, mask=ok, other=float("-inf"))
+    tl.store(Out + b * sob + t * sot + h * soh + j, tl.max(scores, 1), mask=j_ok)
 
 
 @triton.jit
@@ -290,23 +428,89 @@ def score_tile_tokens(group: int) -> int:
     return max(SCORE_ROWS // _next_pow2(group), 1)
 
 
+# The split path (`query_aware_block_scores_split`): when the fused kernel would launch too few programs
+# (decode: one query per row, so batch x KV heads programs, 96 at batch 48 of the 8B shape against the
+# H200's 132 SMs), the compressed keys are cut into chunks: pass 1 writes each chunk's softmax statistics,
+# pass 2 combines them and pools a range of blocks. `score_chunks` is the one rule choosing between them.
+SPLIT_PROGRAMS_PER_SM = 4  # split until there are about this many programs per SM
+SPLIT_MIN_WINDOWS = 128  # never cut the compressed keys into chunks smaller than this (2K tokens at stride 16)
+SPLIT_MAX_SCORE_BYTES = 1 << 24  # the split path materialises the window scores: split only while they fit
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; 1 off CUDA (the interpreter: tests force their chunks)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def split_tile_tokens(group: int, num_queries: int) -> int:
+    """Query tokens per program on the split path: no more than the queries need (decode: 1, so a
+    program's rows are its GQA group rather than 8 tokens of which 7 are padding), at least 2 and at
+    least 16 rows (tl.dot's minimum)."""
+    g_pad = _next_pow2(group)
+    return min(score_tile_tokens(group), max(2, _next_pow2(num_queries), 16 // g_pad))
+
+
+def score_chunks(num_queries: int, group: int, batch: int, kv_heads: int, num_windows: int, device,
+                 packed: bool = False) -> int:
+    """How many chunks of compressed keys the query-aware block scores are split into (1: the fused
+    single-pass kernel). Split only when the fused kernel's cdiv(Tq, TQ) x B x H programs are fewer than
+    SPLIT_PROGRAMS_PER_SM per SM, into as many chunks as bring the split launch to that many programs,
+    with no chunk under SPLIT_MIN_WINDOWS keys, and only while its window scores ([B, Tq, H, Nc] float32)
+    take at most SPLIT_MAX_SCORE_BYTES. Packed sequences (prefill) never split: their launch is large and
+    their keys start at per-tile offsets."""
+    target = SPLIT_PROGRAMS_PER_SM * _sm_count(torch.device(device))
+    if packed or triton.cdiv(num_queries, score_tile_tokens(group)) * batch * kv_heads >= target:
+        return 1
+    if 4 * batch * num_queries * kv_heads * num_windows > SPLIT_MAX_SCORE_BYTES:
+        return 1
+    programs = triton.cdiv(num_queries, split_tile_tokens(group, num_queries)) * batch * kv_heads
+    return max(1, min(triton.cdiv(target, programs), num_windows // SPLIT_MIN_WINDOWS))
+
+
+def _prepare_scores(q, compressed_keys, positions):
+    q, ck = _last_dim_contiguous(q), _last_dim_contiguous(compressed_keys.to(q.dtype))
+    return q, ck, positions.to(device=q.device, dtype=torch.int64).contiguous()
+
+
 def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: SparseAttentionConfig, window_offsets=None):
-    """Pooled query-aware block scores, never materialising window scores.
+    """Pooled query-aware block scores.
 
     q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, NB] float32 equal to
     `reference.pool_to_blocks(reference.query_aware_chunk_scores(...), positions, NB, cfg)`.
     window_offsets: [Tq] int or None. Packed sequences: query t belongs to the sequence whose compressed keys
     start at index window_offsets[t], positions count from that sequence's start, and every run of
     `score_tile_tokens(G)` queries starting at a multiple of it lies in one sequence.
+    The fused kernel (`query_aware_block_scores_fused`) never materialises the window scores; a launch
+    of too few programs for the GPU (decode) takes the split path instead, by `score_chunks`.
     """
+    _check_scores(q, compressed_keys, positions)
+    batch, num_queries, _, head_dim = q.shape
+    num_windows, num_kv_heads = compressed_keys.shape[1], compressed_keys.shape[2]
+    if num_queries and num_blocks:
+        group = q.shape[2] // num_kv_heads
+        chunks = score_chunks(num_queries, group, batch, num_kv_heads, num_windows, q.device, window_offsets is not None)
+        if chunks > 1:
+            return query_aware_block_scores_split(q, compressed_keys, positions, num_blocks, cfg, chunks)
+    return query_aware_block_scores_fused(q, compressed_keys, positions, num_blocks, cfg, window_offsets)
+
+
+def query_aware_block_scores_fused(q, compressed_keys, positions, num_blocks, cfg: SparseAttentionConfig, window_offsets=None):
+    """`query_aware_block_scores` by the fused single-pass kernel, whatever the launch size."""
     _check_scores(q, compressed_keys, positions)
     batch, num_queries, _, head_dim = q.shape
     num_windows, num_kv_heads = compressed_keys.shape[1], compressed_keys.shape[2]
     out = torch.empty((batch, num_queries, num_kv_heads, num_blocks), device=q.device, dtype=torch.float32)
     if num_queries == 0 or num_blocks == 0:
         return out
-    q, ck = _last_dim_contiguous(q), _last_dim_contiguous(compressed_keys.to(q.dtype))
-    positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
+    q, ck, positions = _prepare_scores(q, compressed_keys, positions)
     group = q.shape[2] // num_kv_heads
     g_pad = _next_pow2(group)
     tq = score_tile_tokens(group)
@@ -323,6 +527,131 @@ def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: Spa
         HAS_OFFSETS=window_offsets is not None, num_warps=4 if rows * block_w <= 4096 else 8,
     )
     return out
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """The split path's tiling: query tokens per program, compressed keys per step, the key chunks
+    [c * chunk_windows, ...) of passes 1 and 2, and the block chunks [c * chunk_blocks, ...) of the pooling."""
+
+    tile_tokens: int
+    block_w: int
+    chunk_windows: int
+    stat_chunks: int
+    chunk_blocks: int
+    pool_chunks: int
+
+
+POOL_CHUNK_BLOCKS = 64  # blocks per program of the split path's pooling (pass 3)
+
+
+SPLIT_BLOCK_W = 64  # compressed keys per step of passes 1 and 2
+
+
+def split_plan(num_queries, group, num_windows, num_blocks, chunks: int, chunk_windows: int | None = None,
+               chunk_blocks: int | None = None, block_w: int | None = None) -> SplitPlan:
+    """`chunks` key chunks rounded up to whole BLOCK_W steps; explicit chunk sizes (any positive size:
+    tests put chunk edges everywhere) and keys per step (a power of 2 >= 16) override."""
+    tq = split_tile_tokens(group, num_queries)
+    block_w = block_w or SPLIT_BLOCK_W
+    if block_w < 16 or block_w & (block_w - 1):
+        raise ValueError(f"keys per step must be a power of 2 >= 16; got {block_w}")
+    if chunk_windows is None:
+        chunk_windows = triton.cdiv(triton.cdiv(max(num_windows, 1), chunks), block_w) * block_w
+    if chunk_blocks is None:
+        chunk_blocks = POOL_CHUNK_BLOCKS
+    if chunk_windows < 1 or chunk_blocks < 1:
+        raise ValueError(f"chunk sizes must be positive; got {chunk_windows} windows, {chunk_blocks} blocks")
+    return SplitPlan(tq, block_w, chunk_windows, max(1, triton.cdiv(num_windows, chunk_windows)),
+                     chunk_blocks, triton.cdiv(num_blocks, chunk_blocks))
+
+
+def _split_meta(q, num_kv_heads, plan: SplitPlan):
+    group = q.shape[2] // num_kv_heads
+    head_dim = q.shape[3]
+    rows = plan.tile_tokens * _next_pow2(group)
+    return dict(G=group, G_PAD=_next_pow2(group), TQ=plan.tile_tokens, D=head_dim,
+                BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_W=plan.block_w, PRECISION=_dot_precision(q.dtype),
+                num_warps=4 if rows * plan.block_w <= 4096 else 8)
+
+
+def split_chunk_stats(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitPlan):
+    """Pass 1 (inputs prepared by `_prepare_scores`): per-chunk (row max, sum of exp2 relative to it) as two
+    float32 tensors [tiles, B*H, stat_chunks, ROWS]."""
+    batch, num_queries = q.shape[:2]
+    num_windows, num_kv_heads = ck.shape[1], ck.shape[2]
+    meta = _split_meta(q, num_kv_heads, plan)
+    tiles = triton.cdiv(num_queries, plan.tile_tokens)
+    shape = (tiles, batch * num_kv_heads, plan.stat_chunks, plan.tile_tokens * meta["G_PAD"])
+    stat_m = torch.empty(shape, device=q.device, dtype=torch.float32)
+    stat_l = torch.empty(shape, device=q.device, dtype=torch.float32)
+    _qa_chunk_stats_kernel[(tiles, batch * num_kv_heads, plan.stat_chunks)](
+        q, ck, positions, stat_m, stat_l, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        num_queries, num_windows, num_kv_heads, cfg.compress_kernel, cfg.compress_stride, LOG2E / math.sqrt(q.shape[3]),
+        plan.chunk_windows, plan.stat_chunks, **meta,
+    )
+    return stat_m, stat_l
+
+
+def split_window_scores(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitPlan, stat_m, stat_l):
+    """Pass 2: the statistics of all chunks combined, the window scores of every key chunk ->
+    [B, Tq, H, Nc] float32, `reference.query_aware_chunk_scores` wherever a window is complete at the
+    token (the pooling reads nothing else)."""
+    batch, num_queries = q.shape[:2]
+    num_windows, num_kv_heads = ck.shape[1], ck.shape[2]
+    win = torch.empty((batch, num_queries, num_kv_heads, num_windows), device=q.device, dtype=torch.float32)
+    tiles = triton.cdiv(num_queries, plan.tile_tokens)
+    _qa_chunk_windows_kernel[(tiles, batch * num_kv_heads, plan.stat_chunks)](
+        q, ck, positions, stat_m, stat_l, win, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        win.stride(0), win.stride(1), win.stride(2), num_queries, num_windows, num_kv_heads, cfg.compress_kernel,
+        cfg.compress_stride, LOG2E / math.sqrt(q.shape[3]), plan.chunk_windows, stat_m.shape[2],
+        **_split_meta(q, num_kv_heads, plan),
+    )
+    return win
+
+
+def pool_window_scores(win, positions, num_blocks, cfg: SparseAttentionConfig, plan: SplitPlan, out=None):
+    """Pass 3: window scores [B, Tq, H, Nc] -> block scores [B, Tq, H, NB] float32 (`reference.pool_to_blocks`),
+    into `out` when given (contiguous)."""
+    batch, num_queries, num_kv_heads = win.shape[:3]
+    if out is None:
+        out = torch.empty((batch, num_queries, num_kv_heads, num_blocks), device=win.device, dtype=torch.float32)
+    bs, kernel, stride = cfg.block_size, cfg.compress_kernel, cfg.compress_stride
+    width = (bs + kernel - 2) // stride + 2  # windows per block, at most (as `reference.block_window_ranges`)
+    _pool_window_scores_kernel[(batch * num_queries * num_kv_heads, plan.pool_chunks)](
+        win, positions, out, win.stride(0), win.stride(1), win.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        num_queries, num_kv_heads, win.shape[3], num_blocks, bs, kernel, stride, width, plan.chunk_blocks,
+        BLOCKS=_next_pow2(plan.chunk_blocks), WIDTH_PAD=_next_pow2(width),
+    )
+    return out
+
+
+def query_aware_block_scores_split(q, compressed_keys, positions, num_blocks, cfg: SparseAttentionConfig, chunks: int,
+                                   chunk_windows: int | None = None, chunk_blocks: int | None = None,
+                                   block_w: int | None = None):
+    """`query_aware_block_scores` (no packed sequences) by the split path: pass 1, per key chunk, the
+    softmax statistics; pass 2, per key chunk, the window scores normalised by the combined statistics;
+    pass 3 pools them to blocks. `chunks` key chunks (see `split_plan`).
+
+    Against the reference: the row max is exact whatever the order; the softmax denominator is summed per
+    chunk, then across chunks (another order than the fused kernel's or torch's), so window scores differ
+    from them by float32 rounding and a near-tie between two windows may break the other way (the tests'
+    rule: the same -inf pattern, finite scores within atol 1e-6 / rtol 1e-5, selections equal where the
+    reference has no near-tie). Blocks that share their best window tie exactly, as in the reference: the
+    pooling takes the max of stored window scores. The window scores are materialised ([B, Tq, H, Nc]
+    float32, 1.5 MiB at 64K tokens x batch 48 x 2 KV heads): `score_chunks` splits only small launches."""
+    _check_scores(q, compressed_keys, positions)
+    batch, num_queries = q.shape[:2]
+    num_windows, num_kv_heads = compressed_keys.shape[1], compressed_keys.shape[2]
+    shape = (batch, num_queries, num_kv_heads, num_blocks)
+    if num_queries == 0 or num_blocks == 0 or num_windows == 0:
+        return torch.full(shape, float("-inf"), device=q.device, dtype=torch.float32)
+    q, ck, positions = _prepare_scores(q, compressed_keys, positions)
+    plan = split_plan(num_queries, q.shape[2] // num_kv_heads, num_windows, num_blocks, chunks, chunk_windows, chunk_blocks,
+                      block_w)
+    stat_m, stat_l = split_chunk_stats(q, ck, positions, cfg, plan)
+    win = split_window_scores(q, ck, positions, cfg, plan, stat_m, stat_l)
+    return pool_window_scores(win, positions, num_blocks, cfg, plan)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The quality study (issue 9) on one H200, from the repository root, in at most ~9.5 minutes wall time:
+# The quality study (issue 9) on one H200, from the repository root, in at most ~9 minutes wall time:
 #   OUT=<results dir> bash nosa/study/recipes/quality_h200.sh
 # Runs `nosa study quality --config h200` (nosa/study/presets.py): builds the stdlib corpus; trains one
-# dense model at 2K on the whole GPU (shared phase, ~130 s); continues dense, InfLLM-v2, DMA and NOSA from
-# those weights at 16K as four concurrent processes (same data, steps, schedule, seed; <= 240 s); evaluates
-# the four concurrently (perplexity by position, task accuracy at 4K-32K, locality of 256 decode steps
-# through the engine at 16K and 32K) until the study's budget (550 s) minus 25 s; then writes into $OUT:
+# dense model on the whole GPU through three shared phases (copy drill + passkey/NIAH rows at 512 tokens,
+# ~108 s; the mixture with drill rows at 2K, ~60 s, and at 4K, ~42 s); scores those weights on passkey and
+# multikey_niah (shared_eval, in the background); continues dense, InfLLM-v2, DMA and NOSA from them at 16K
+# as four concurrent processes (same data, 220 steps, schedule, seed; ~171 s, <= 190 s + start-up);
+# evaluates the four concurrently (perplexity by position, task accuracy at 4K-32K, locality of 256 decode
+# steps through the engine at 16K and 32K) until the study's budget (535 s) minus 20 s; then writes into $OUT:
 #   summary.json loss.png accuracy.png locality.png traces_nosa.npz traces_infllmv2.npz logs.tar.gz
 # Overridable: P (preset or YAML, default h200), W (work dir for checkpoints, default /tmp/nosa_study_work).
 # The outer `timeout` is only a last resort (the study stops itself); if the study dies before packing,
