@@ -15,7 +15,7 @@ START=$(date +%s)
 left() { echo $(( ${TOTAL:-560} - ($(date +%s) - START) )); }
 TRACES=results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz
 
-timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_gpu.py tests/ops/test_spill.py \
+timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_gpu.py tests/ops/test_spill.py \
   tests/ops/test_kernels_gpu.py >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests exit $? ($(( $(date +%s) - START )) s)"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -8
 
