@@ -46,7 +46,8 @@ SELECT_BY_THRESHOLD = os.environ.get("TRITON_INTERPRET") != "1"
 # ----------------------------------------------------------------------------------------------------------
 # Window means (compressed keys, query-agnostic chunk scores)
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
+# Not specialised: lengths and the strides that follow them (see the note on attention._fwd_kernel).
+@triton.jit(do_not_specialize=["sxb", "sob"])
 def _window_mean_kernel(X, Out, sxb, sxt, sob, son, F, kernel, stride, inv_kernel,
                         KERNEL_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BY_VALUE: tl.constexpr):
     i = tl.program_id(0)
@@ -203,7 +204,8 @@ def _qa_pool_range(q, CK, ck_base, scn, Pos, Out, b, h, tile, sob, sot, soh, m, 
         tl.store(out_rows + jj[None, :], score, mask=(t_tok < Tq)[:, None] & ((jr < BJ) & (jj < j_hi))[None, :])
 
 
-@triton.jit
+# Not specialised: lengths and the strides that follow them (see the note on attention._fwd_kernel).
+@triton.jit(do_not_specialize=["sqb", "scb", "sob", "sot", "soh", "Tq", "Nc", "NB"])
 def _qa_block_scores_kernel(
     Q, CK, Pos, WinOff, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
     Tq, Nc, H, NB, block_size, kernel, stride, qk_scale,
@@ -691,7 +693,8 @@ def _take_best_threshold(key, selected, blocks, count):
     return selected | (take & (blocks * 0 + count > 0))
 
 
-@triton.jit
+# Not specialised: lengths and the strides that follow them (see the note on attention._fwd_kernel).
+@triton.jit(do_not_specialize=["sqab", "sqat", "sqah", "sagb", "sagt", "sagh", "spb", "sph", "spn", "sob", "NB", "Nc"])
 def _select_kernel(
     QA, AG, Prefix, First, Last, Pos, BlockOff, Out,
     sqab, sqat, sqah, sagb, sagt, sagh, spb, sph, spn, sob, sot, soh,
