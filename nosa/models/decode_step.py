@@ -109,10 +109,15 @@ class Workspace:
         yield self.positions
 
     def clear_state(self) -> None:
-        """Forget the rows (a pooled workspace handed to a new cache): pooled agnostic scores back to -inf
-        and positions to 0. Keys, values and windows beyond a row's length are never read."""
+        """Forget the rows (a pooled workspace handed to a new cache): pooled agnostic scores back to -inf,
+        slot tables empty and positions to 0. Keys, values and windows beyond a row's length are never
+        read. The slot tables must be reset too: the plan diffs the new selection against them, so a
+        table left from the previous call would put the same blocks in other slots, and the attention
+        would sum them in another order (other bf16 logits for an identical call)."""
         for blocks in self.agnostic_blocks or ():
             blocks.fill_(float("-inf"))
+        for table in self.table or ():
+            table.fill_(-1)
         self.positions.zero_()
         self.verified = False
 
@@ -142,6 +147,10 @@ class Workspace:
                 self.agnostic[l][:, :nw] = take(other.agnostic[l][:, :nw])
                 self.agnostic_blocks[l].fill_(float("-inf"))
                 self.agnostic_blocks[l][:, :, :nb] = take(other.agnostic_blocks[l][:, :, :nb])
+            # The slot tables name pages of this workspace's own numbering (row * num_blocks + block), which
+            # changes with the capacity: they start empty, as in a new cache, and the next step's plan fills
+            # them from its selection; so a grown or re-batched workspace is filled the same way every time.
+            self.table[l].fill_(-1)
         self.positions.copy_(take(other.positions))
 
 
@@ -202,6 +211,9 @@ class _StepAttention(AttentionBackend):
         slots = ops.LayerSlots(ws.table[l], None, None, ws.page_table)
         token = ops.StepTokens(positions, ws.active, k[:, 0], v[:, 0])
         pages = ops.HostPages(ws.key_pages[l], ws.value_pages[l])
+        # Scratch page 0 (row 0's first block): the scratch page takes the token of a row without a page, and
+        # every row here has one (all rows are active and the capacity is grown before a step needs it), so
+        # nothing is ever written there; a free row, as in the engine, would need a page of its own.
         self.plan(slots, selection, token, pages, ws.plan, ws.slot_page, 0)
         self.inputs(ws.table[l], positions, evict, ws.valid, ws.bias, cfg.block_size)
         out = ops.decode_attention(q[:, 0], pages.k, pages.v, ws.bias, ws.valid, ws.slot_page)

@@ -211,7 +211,7 @@ class NosaForCausalLM(NosaPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if getattr(cache, "keeps_nosa_state", False) and labels is None and inputs_embeds is None:
+        if getattr(cache, "keeps_nosa_state", False) and use_cache and labels is None and inputs_embeds is None:
             # One new token for every row after a prompt (generate's decode step): NosaCache runs the whole
             # step from its state, graph-captured on CUDA; None when this forward is anything else.
             cache.bind(self.model)

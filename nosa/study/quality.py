@@ -285,6 +285,8 @@ def start_shared_eval(study: dict, work: str, logs: str, py: str, deadline: floa
         return None
     limit = float(spec.get("time_limit_s", 60))
     out = os.path.join(work, "shared", "shared_eval.json")
+    if os.path.exists(out):  # a reused work dir: never report an earlier run's result as this one's
+        os.remove(out)
     argv = [py, "-m", "nosa.study.shared_eval", "--checkpoints", json.dumps(checkpoints), "--spec", json.dumps(spec),
             "--out", out, "--deadline", str(min(time.time() + limit, deadline))]
     log = open(os.path.join(logs, "shared_eval.log"), "w")

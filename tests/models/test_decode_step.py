@@ -245,3 +245,24 @@ def test_graphs_are_dropped_when_the_weights_are_other_tensors():
     model.double()
     ws.check_weights(model)
     assert ws.graphs == {} and ws.warm == set() and ws.pool is None
+
+
+def test_a_pooled_workspace_gives_the_logits_of_a_fresh_one():
+    """A dropped cache's workspace is cleared for the next call, slot tables included: the plan diffs each
+    selection against the table, so a table left from the previous call would put the same blocks in other
+    slots and the attention would sum them in another order. Bit-equal scores to a fresh workspace's."""
+    model = tiny_model("nosa")
+    model.model.decode_step.lean_cpu = False  # the engine's ops over slot tables (what CUDA runs)
+    other, other_mask = left_padded([30, 22], seed=3)
+    ids, mask = left_padded([19, 30], seed=7)
+    kw = dict(max_new_tokens=25, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    fresh = model.generate(ids, attention_mask=mask, **kw)  # holds its workspace: the next call gets another
+    warmup = model.generate(other, attention_mask=other_mask, **kw)
+    ws = getattr(warmup, _CACHE_FIELD).ws
+    del warmup
+    gc.collect()
+    pooled = model.generate(ids, attention_mask=mask, **kw)
+    assert getattr(pooled, _CACHE_FIELD).ws is ws  # it did reuse the other prompt's workspace
+    assert torch.equal(fresh.sequences, pooled.sequences)
+    for a, b in zip(fresh.scores, pooled.scores):
+        assert torch.equal(a, b)

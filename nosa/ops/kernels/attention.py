@@ -151,8 +151,10 @@ def _tile_rows(tile, h, Tq, G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.const
 # Lengths and the strides that follow them are not specialised: Triton otherwise compiles a kernel again for
 # every new pattern of its integer arguments' divisibility by 16 (and == 1), and serving's prefill chunks
 # have every length, so each new prompt length could cost compiles of seconds. These arguments only bound
-# loops and masks or index rows; the innermost (contiguous) strides keep their specialisation.
-@triton.jit(do_not_specialize=["Bias", "sbb", "slb", "sLb", "sLh", "scb", "sch", "Tq", "Tk"])
+# loops and masks or index rows; the innermost (contiguous) strides, never passed, keep theirs. sLn is the
+# tile lists' length (the longest list of the launch, data-dependent). Bias: its pointer's 16-byte alignment
+# follows the prompt length (a slice of the eviction workspace) and its loads are strided by sbt anyway.
+@triton.jit(do_not_specialize=["Bias", "sbb", "slb", "sLb", "sLh", "sLn", "scb", "sch", "Tq", "Tk"])
 def _fwd_kernel(
     Q, K, V, Bias, Lists, Counts, Pos, O, Lse,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
