@@ -31,3 +31,30 @@ def cuda_median_ms(fn, warmup: int = 1, reps: int = 10) -> float:
         times.append(start.elapsed_time(end))
     times.sort()
     return times[len(times) // 2]
+
+
+def graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
+    """Per-call GPU time of `fn` replayed from a CUDA graph of `calls` back-to-back calls (median of
+    `reps` replays): decode steps run from graphs, so launch overhead is not part of what is measured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside capture (compiles and autotunes)
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return cuda_median_ms(graph.replay, 2, reps) / calls
+
+
+def hbm_copy_rate(device) -> float:
+    """HBM copy rate in bytes/s (read + write counted), 1 GiB bf16."""
+    a = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = cuda_median_ms(lambda: b.copy_(a), 3, 10)
+    rate = 2 * a.numel() * a.element_size() / (ms * 1e-3)
+    del a, b
+    return rate

@@ -18,39 +18,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nosa.bench.common import cuda_median_ms, write_result
+from nosa.bench.common import cuda_median_ms, graph_ms, hbm_copy_rate, write_result
 from nosa.results.header import machine_header
 from nosa.config import SparseAttentionConfig
 
 # Ceilings measured on the lent H200 (docs: /work/shared/docs/gpu-box.md); the run re-measures HBM copy.
 TENSOR_CORE_TFLOPS = 783.0
-
-
-def _graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
-    """Per-call GPU time of `fn` replayed from a CUDA graph of `calls` back-to-back calls (median of
-    `reps` replays): decode steps run from graphs, so launch overhead is not part of what is measured."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up outside capture (compiles and autotunes)
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return cuda_median_ms(graph.replay, 2, reps) / calls
-
-
-def _copy_bandwidth(device) -> float:
-    """HBM copy rate in bytes/s (read + write counted), 1 GiB bf16."""
-    a = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    ms = cuda_median_ms(lambda: b.copy_(a), 3, 10)
-    rate = 2 * a.numel() * a.element_size() / (ms * 1e-3)
-    del a, b
-    return rate
 
 
 def attended_pairs(indices: torch.Tensor, positions: torch.Tensor, block_size: int, num_keys: int) -> int:
@@ -236,20 +209,20 @@ def _bench_decode(row, length, args, cfg, device, gen, variants: bool):
     valid = torch.ones(batch, slots, h, device=device, dtype=torch.bool)
     nosa_bytes = 2 * ks_.numel() * 2 + bias.numel() * 4 + valid.numel() + 2 * qq.numel() * 2
     row["nosa_decode_bytes"] = nosa_bytes
-    row["nosa_decode_ms"] = _graph_ms(lambda: kd.decode_attention(qq, ks_, vs, bias, valid))
+    row["nosa_decode_ms"] = graph_ms(lambda: kd.decode_attention(qq, ks_, vs, bias, valid))
     row["nosa_decode_gbps"] = nosa_bytes / (row["nosa_decode_ms"] * 1e6)
     if variants:
         # The first version (partials merged by a second kernel) and other slot splits, same inputs.
         row["nosa_decode_variants_ms"] = {
-            "merge_kernel_first": _graph_ms(lambda: kd.decode_attention(qq, ks_, vs, bias, valid, fused_merge=False)),
-            **{f"fused_splits_{n}": _graph_ms(lambda n=n: kd.decode_attention(qq, ks_, vs, bias, valid, splits=n))
+            "merge_kernel_first": graph_ms(lambda: kd.decode_attention(qq, ks_, vs, bias, valid, fused_merge=False)),
+            **{f"fused_splits_{n}": graph_ms(lambda n=n: kd.decode_attention(qq, ks_, vs, bias, valid, splits=n))
                for n in (8, 32)},
         }
     del ks_, vs, bias, valid
     kc = torch.randn(batch, h, length, d, device=device, dtype=dtype, generator=gen)
     vc = torch.randn(batch, h, length, d, device=device, dtype=dtype, generator=gen)
     q4 = qq[:, :, None, :]
-    row["dense_decode_ms"] = _graph_ms(lambda: F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True))
+    row["dense_decode_ms"] = graph_ms(lambda: F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True))
     dense_bytes = 2 * kc.numel() * 2 + 2 * qq.numel() * 2
     row["dense_decode_gbps"] = dense_bytes / (row["dense_decode_ms"] * 1e6)
     row["speedup_decode"] = row["dense_decode_ms"] / row["nosa_decode_ms"]
@@ -310,7 +283,7 @@ def run(args) -> int:
         raise SystemExit("nosa bench kernels needs a CUDA GPU (the kernels are Triton; the reference is not timed)")
     device = torch.device("cuda")
     cfg = SparseAttentionConfig(block_size=args.block_size, topk_blocks=args.topk_blocks)
-    hbm = _copy_bandwidth(device)
+    hbm = hbm_copy_rate(device)
     group = args.heads // args.kv_heads
     fla, fla_missing = (None, "skipped (--skip-fla)") if args.skip_fla else _peer_fla()
     if fla is not None and (group < 16 or group & (group - 1)):

@@ -20,34 +20,10 @@ import time
 
 import torch
 
-from nosa.bench.common import cuda_median_ms, write_result
+from nosa.bench.common import cuda_median_ms, graph_ms, hbm_copy_rate, write_result
 from nosa.config import SparseAttentionConfig
 
 DEFAULT_SHAPES = ("65536:48", "16384:16")
-
-
-def _graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
-    """Per-call GPU time of `fn` replayed from a CUDA graph of `calls` back-to-back calls (median of reps)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return cuda_median_ms(graph.replay, 2, reps) / calls
-
-
-def _copy_bandwidth(device) -> float:
-    """HBM copy rate in bytes/s (read + write counted), 512 MiB bf16."""
-    a = torch.empty(1 << 28, device=device, dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    ms = cuda_median_ms(lambda: b.copy_(a), 3, 10)
-    return 2 * a.numel() * a.element_size() / (ms * 1e-3)
 
 
 def _near_tie_explained(scores, positions, cfg, differ) -> int:
@@ -108,9 +84,9 @@ def _bench_shape(length: int, batch: int, args, cfg: SparseAttentionConfig, devi
     # Timings.
     row["fused_eager_ms"] = cuda_median_ms(fused, args.warmup, args.reps)
     row["split_eager_ms"] = cuda_median_ms(new, args.warmup, args.reps) if chunks > 1 else None
-    row["fused_graph_ms"] = _graph_ms(fused)
+    row["fused_graph_ms"] = graph_ms(fused)
     if chunks > 1:
-        row["split_graph_ms"] = _graph_ms(new)
+        row["split_graph_ms"] = graph_ms(new)
     row["fused_gbps"] = base_bytes / (row["fused_graph_ms"] * 1e6)
     if chunks > 1:
         row["split_gbps"] = row["split_bytes"] / (row["split_graph_ms"] * 1e6)
@@ -118,10 +94,10 @@ def _bench_shape(length: int, batch: int, args, cfg: SparseAttentionConfig, devi
         row["split_hbm_fraction"] = row["split_gbps"] * 1e9 / hbm
     row["fused_hbm_fraction"] = row["fused_gbps"] * 1e9 / hbm
     # The rule against its neighbours: graph time per chunk count.
-    row["split_graph_ms_by_chunks"] = {n: _graph_ms(lambda n=n: new(n)) for n in args.sweep_chunks}
+    row["split_graph_ms_by_chunks"] = {n: graph_ms(lambda n=n: new(n)) for n in args.sweep_chunks}
     # Keys per step of passes 1 and 2 (SPLIT_BLOCK_W = 64): 128 keeps twice the bytes in flight per program.
     row["split_graph_ms_by_chunks_128_keys_per_step"] = {
-        n: _graph_ms(lambda n=n: ks.query_aware_block_scores_split(q, ck, positions, num_blocks, cfg, n, block_w=128))
+        n: graph_ms(lambda n=n: ks.query_aware_block_scores_split(q, ck, positions, num_blocks, cfg, n, block_w=128))
         for n in sorted({max(chunks, 2), 3, 6})}
     del q, ck, want
     torch.cuda.empty_cache()
@@ -136,7 +112,7 @@ def run(args) -> int:
     start = time.time()
     device = torch.device("cuda")
     cfg = SparseAttentionConfig()
-    hbm = _copy_bandwidth(device)
+    hbm = hbm_copy_rate(device)
     shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes]
     parameters = {
         "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": "bfloat16",
