@@ -277,7 +277,7 @@ def _copy_alphabet(tok) -> tuple[list[str], np.ndarray]:
 
 
 def copy_drill(tok, rng, length, depth, copy_fraction: float = 0.8, span_min: int = 8, span_max: int = 32,
-               cue: int = 3) -> TaskSample:
+               cue: int = 3, alphabet: int = 0) -> TaskSample:
     """Training rows where the loss can fall only by content-based copying: uniform random characters of
     COPY_ALPHABET, with spans of span_min..span_max random characters each placed twice, at random offsets
     (both copies of every span land anywhere in the row, so copy distances range over the whole row;
@@ -286,6 +286,8 @@ def copy_drill(tok, rng, length, depth, copy_fraction: float = 0.8, span_min: in
     copy are the cue that finds the first one, and the answer span is the rest of the second copy, so
     the logged answer NLL of this source is the loss of what copying can predict (ln 67 = 4.2 without
     it). `depth` is not used (the spans are everywhere). One numpy draw per part: ~1 ms for 16K tokens.
+    `alphabet` > 0 draws from the first `alphabet` characters of COPY_ALPHABET only (the copies' NLL is
+    then ln(alphabet) unseen; 0 = all of them).
 
     Tokens: each character is encoded alone (exact for the byte tokenizer; a subword tokenizer gets its
     single-character tokens, a non-canonical but valid tokenization)."""
@@ -294,6 +296,10 @@ def copy_drill(tok, rng, length, depth, copy_fraction: float = 0.8, span_min: in
     if not 0 <= cue < span_min <= span_max:
         raise ValueError(f"copy_drill needs 0 <= cue < span_min <= span_max, got {cue}, {span_min}, {span_max}")
     chars, ids = _copy_alphabet(tok)
+    if not 0 <= alphabet <= len(ids) or alphabet == 1:
+        raise ValueError(f"copy_drill needs alphabet 0 (all) or 2..{len(ids)}, got {alphabet}")
+    if alphabet:
+        chars, ids = chars[:alphabet], ids[:alphabet]
     head = [tok.bos_id] if tok.bos_id is not None else []
     body = length - len(head)
     if body < 2 * span_max:

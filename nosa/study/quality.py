@@ -72,7 +72,7 @@ def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
         "corpus_max_tokens": data["corpus_max_tokens"],
         "mixture": phase.get("mixture", data["mixture"]),
         "task_params": phase_task_params(study, phase_index),
-        "task_loss": data.get("task_loss", "answer"),
+        "task_loss": phase.get("task_loss", data.get("task_loss", "answer")),
         "seed": data.get("seed", 0),
         "seq_len": phase["seq_len"],
         "micro_batch_size": phase["micro_batch_size"],

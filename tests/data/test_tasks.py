@@ -139,3 +139,18 @@ def test_copy_drill_distances_cover_the_row_and_params_are_checked():
         _sample("copy_drill", 512, 0.5, span_min=3, cue=3)
     with pytest.raises(ValueError, match="too short"):
         _sample("copy_drill", 40, 0.5)
+
+
+def test_copy_drill_alphabet_restricts_the_characters():
+    from nosa.data.tasks import COPY_ALPHABET
+
+    s = _sample("copy_drill", 512, 0.5, 3, alphabet=16)
+    assert set(TOK.decode(s.input_ids[1:])) == set(COPY_ALPHABET[:16])  # 500 draws hit every one of 16
+    for (start, end), first in zip(s.answer_spans, s.needle_starts):
+        assert s.input_ids[first:first + end - start + 3] == s.input_ids[start - 3:end]
+    full = _sample("copy_drill", 512, 0.5, 3)
+    assert _sample("copy_drill", 512, 0.5, 3, alphabet=0).input_ids == full.input_ids
+    assert set(TOK.decode(full.input_ids[1:])) - set(COPY_ALPHABET[:16])
+    for bad in (1, -1, len(COPY_ALPHABET) + 1):
+        with pytest.raises(ValueError, match="alphabet"):
+            _sample("copy_drill", 512, 0.5, alphabet=bad)

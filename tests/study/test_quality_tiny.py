@@ -141,6 +141,11 @@ def test_config_files_merge_over_a_preset_and_refuse_unknown_options(tmp_path):
     assert first["task_params"]["multikey_niah"] == {"num_queries": 2}
     assert first["task_params"]["kv_recall"] == h200["data"]["task_params"]["kv_recall"]
     assert train_config(h200, "nosa", 3, str(tmp_path))["task_params"]["multikey_niah"] == {"num_queries": 4}
+    # a phase's task_loss replaces data.task_loss for that phase only
+    changed = merge(h200, {})
+    changed["phases"][0]["task_loss"] = "answer" if h200["data"]["task_loss"] == "full" else "full"
+    assert train_config(changed, "nosa", 0, str(tmp_path))["task_loss"] == changed["phases"][0]["task_loss"]
+    assert train_config(changed, "nosa", 1, str(tmp_path))["task_loss"] == h200["data"]["task_loss"]
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         resolve(str(tmp_path / "missing.yaml"))
     assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
