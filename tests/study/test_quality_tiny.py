@@ -138,9 +138,12 @@ def test_config_files_merge_over_a_preset_and_refuse_unknown_options(tmp_path):
     h200 = resolve("h200")
     first = train_config(h200, "nosa", 0, str(tmp_path))
     assert first["mixture"] == h200["phases"][0]["mixture"] and "copy_drill" in first["mixture"]
-    assert first["task_params"]["multikey_niah"] == {"num_queries": 2}
+    assert first["task_params"]["copy_drill"] == {"span_max": 24}
     assert first["task_params"]["kv_recall"] == h200["data"]["task_params"]["kv_recall"]
-    assert train_config(h200, "nosa", 3, str(tmp_path))["task_params"]["multikey_niah"] == {"num_queries": 4}
+    second = train_config(h200, "nosa", 1, str(tmp_path))
+    assert second["task_params"]["multikey_niah"] == {"num_queries": 2} and "copy_drill" not in second["task_params"]
+    last = len(h200["phases"]) - 1
+    assert train_config(h200, "nosa", last, str(tmp_path))["task_params"]["multikey_niah"] == {"num_queries": 4}
     # a phase's task_loss replaces data.task_loss for that phase only
     changed = merge(h200, {})
     changed["phases"][0]["task_loss"] = "answer" if h200["data"]["task_loss"] == "full" else "full"

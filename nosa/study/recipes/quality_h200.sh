@@ -2,9 +2,10 @@
 # The quality study (issue 9) on one H200, from the repository root, in at most ~9 minutes wall time:
 #   OUT=<results dir> bash nosa/study/recipes/quality_h200.sh
 # Runs `nosa study quality --config h200` (nosa/study/presets.py): builds the stdlib corpus; trains one
-# dense model on the whole GPU through three shared phases (copy drill + passkey/NIAH rows at 512 tokens,
-# ~108 s; the mixture with drill rows at 2K, ~60 s, and at 4K, ~42 s); scores those weights on passkey and
-# multikey_niah (shared_eval, in the background); continues dense, InfLLM-v2, DMA and NOSA from them at 16K
+# dense model on the whole GPU through five shared phases (copy drill alone at 64 tokens, ~40 s; drill +
+# passkey/NIAH rows at 256 and 512 tokens, ~20 s each; the mixture with drill rows at 2K, ~50 s, and at 4K,
+# ~33 s; ~12 s start-up each); scores those weights on passkey and multikey_niah (shared_eval, in the
+# background); continues dense, InfLLM-v2, DMA and NOSA from them at 16K
 # as four concurrent processes (same data, 220 steps, schedule, seed; ~171 s, <= 190 s + start-up);
 # evaluates the four concurrently (perplexity by position, task accuracy at 4K-32K, locality of 256 decode
 # steps through the engine at 16K and 32K) until the study's budget (535 s) minus 20 s; then writes into $OUT:
