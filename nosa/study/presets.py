@@ -70,27 +70,26 @@ PRESETS = {
         # needs and what the second run never formed (512-token drill rows, loss on every token: ln 67 for
         # 1,119 steps); on CPU it formed within 400-550 steps on 64-token drill rows with the loss on the
         # copies only, and carried to 256 tokens within ~50 steps. So phase 0a drills copying alone at 64
-        # tokens (span_max 24: two spans of 32 do not fit), 0b and 0c use the skill on passkey and
-        # two-query NIAH rows at 256 and 512 tokens, and phases 1 and 2 lengthen the rows to 2K and 4K with
+        # tokens (span_max 24: two spans of 32 do not fit), 0b and 0c use the skill on passkey rows at 256
+        # tokens (two-query NIAH rows need 384) and on passkey and NIAH rows at 512, and phases 1 and 2 lengthen the rows to 2K and 4K with
         # drill rows still 25% of them; phase 3 is the per-mode 16K phase. Every phase puts the task loss on
         # the answers only (DATA's task_loss), corpus rows keep the language-model loss. Planned wall time
         # on one H200 (run 2: 0.089 s a 512 x 64 step, ~494K tokens/s at 2K, 0.71 s a step for the four 16K
-        # processes, ~12 s start-up per process): ~40 + 20 + 20 + 50 + 33 + 171 s of training, ~95 s of
+        # processes, ~12 s start-up per process; run 3's first try: copying formed at step ~450 of 0a, 0.075 s
+        # a step): ~48 + 20 + 20 + 45 + 33 + 171 s of training, ~95 s of
         # evaluation, under budget_s.
         "phases": [
             {"shared": True, "attn_mode": "dense", "seq_len": 64, "micro_batch_size": 128, "max_steps": 2500,
-             "time_limit_s": 40, "lr": 2e-3, "warmup_steps": 50, "mixture": {"copy_drill": 1.0},
+             "time_limit_s": 48, "lr": 2e-3, "warmup_steps": 50, "mixture": {"copy_drill": 1.0},
              "task_params": {"copy_drill": {"span_max": 24}}},
             {"shared": True, "attn_mode": "dense", "seq_len": 256, "micro_batch_size": 64, "max_steps": 400,
-             "time_limit_s": 20, "lr": 2e-3, "warmup_steps": 20,
-             "mixture": {"copy_drill": 0.6, "passkey": 0.2, "multikey_niah": 0.2},
-             "task_params": {"multikey_niah": {"num_queries": 2}}},
+             "time_limit_s": 20, "lr": 2e-3, "warmup_steps": 20, "mixture": {"copy_drill": 0.7, "passkey": 0.3}},
             {"shared": True, "attn_mode": "dense", "seq_len": 512, "micro_batch_size": 32, "max_steps": 400,
              "time_limit_s": 20, "lr": 2e-3, "warmup_steps": 20,
              "mixture": {"copy_drill": 0.6, "passkey": 0.2, "multikey_niah": 0.2},
              "task_params": {"multikey_niah": {"num_queries": 2}}},
             {"shared": True, "attn_mode": "dense", "seq_len": 2048, "micro_batch_size": 32, "max_steps": 300,
-             "time_limit_s": 50, "lr": 1.5e-3, "warmup_steps": 30, "mixture": LONG_MIXTURE},
+             "time_limit_s": 45, "lr": 1.5e-3, "warmup_steps": 30, "mixture": LONG_MIXTURE},
             {"shared": True, "attn_mode": "dense", "seq_len": 4096, "micro_batch_size": 16, "max_steps": 130,
              "time_limit_s": 33, "lr": 1e-3, "warmup_steps": 15, "mixture": LONG_MIXTURE},
             # 220 steps (the first run had 300): ~156 s at 0.71 s a step; the 57 s saved pay for phases 0

@@ -92,6 +92,25 @@ def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
     return cfg
 
 
+def check_phase_tasks(study: dict) -> None:
+    """Generate one row of every task of every phase's mixture at the phase's seq_len, before anything is
+    trained: a task that does not fit a phase would otherwise stop the study at that phase, after the
+    earlier phases spent their GPU time (nosa.train.loop.check_tasks is the rule)."""
+    from types import SimpleNamespace
+
+    from nosa.data.tokenization import load_tokenizer
+    from nosa.train.loop import check_tasks
+
+    tok = load_tokenizer("byte")
+    for k, phase in enumerate(study["phases"]):
+        cfg = SimpleNamespace(mixture=phase.get("mixture", study["data"]["mixture"]), seq_len=phase["seq_len"],
+                              task_params=phase_task_params(study, k))
+        try:
+            check_tasks(cfg, tok)
+        except ValueError as err:
+            raise ValueError(f"phases[{k}]: {err}") from None
+
+
 def phase_task_params(study: dict, phase_index: int) -> dict:
     """data.task_params with the phase's own task_params merged over it, task by task."""
     params = {task: dict(p) for task, p in study["data"].get("task_params", {}).items()}
@@ -327,6 +346,7 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     study = resolve(config)
     if modes:
         study["modes"] = modes
+    check_phase_tasks(study)
     deadline = began + study["budget_s"]
     os.makedirs(out_dir, exist_ok=True)
     work = os.path.abspath(work_dir or os.path.join(out_dir, "..", "study_work"))

@@ -140,7 +140,7 @@ def test_config_files_merge_over_a_preset_and_refuse_unknown_options(tmp_path):
     assert first["mixture"] == h200["phases"][0]["mixture"] and "copy_drill" in first["mixture"]
     assert first["task_params"]["copy_drill"] == {"span_max": 24}
     assert first["task_params"]["kv_recall"] == h200["data"]["task_params"]["kv_recall"]
-    second = train_config(h200, "nosa", 1, str(tmp_path))
+    second = train_config(h200, "nosa", 2, str(tmp_path))
     assert second["task_params"]["multikey_niah"] == {"num_queries": 2} and "copy_drill" not in second["task_params"]
     last = len(h200["phases"]) - 1
     assert train_config(h200, "nosa", last, str(tmp_path))["task_params"]["multikey_niah"] == {"num_queries": 4}
@@ -149,6 +149,15 @@ def test_config_files_merge_over_a_preset_and_refuse_unknown_options(tmp_path):
     changed["phases"][0]["task_loss"] = "answer" if h200["data"]["task_loss"] == "full" else "full"
     assert train_config(changed, "nosa", 0, str(tmp_path))["task_loss"] == changed["phases"][0]["task_loss"]
     assert train_config(changed, "nosa", 1, str(tmp_path))["task_loss"] == h200["data"]["task_loss"]
+    # every phase's tasks must fit its rows; this is checked before the first phase trains
+    from nosa.study.quality import check_phase_tasks
+
+    check_phase_tasks(h200)
+    check_phase_tasks(resolve("tiny"))
+    short = merge(h200, {})
+    short["phases"][2]["seq_len"] = 256  # the 512-token phase holds two-query NIAH rows (384 tokens)
+    with pytest.raises(ValueError, match=r"phases\[2\]: mixture task 'multikey_niah' cannot be generated at seq_len=256"):
+        check_phase_tasks(short)
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         resolve(str(tmp_path / "missing.yaml"))
     assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
