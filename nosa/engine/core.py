@@ -213,13 +213,14 @@ class EngineCore:
         if self.graphed is not None:
             self.graphed = GraphedDecode(self.runner)
 
-    def _fill_selection_source(self, running: list[Sequence]) -> None:
-        """Ask the selection source for this step's blocks and stage them in the runner's static buffers."""
+    def _fill_selection_source(self, running: list[Sequence], cached: list[int]) -> None:
+        """Ask the selection source for this step's blocks (cached[i]: running[i]'s position) and stage them
+        in the runner's static buffers."""
         if self.selection_source.on_device:
-            self._stage_device_source(running)
+            self._stage_device_source(running, cached)
             return
         runner, cfg = self.runner, self.config
-        steps = [RowStep(s.row, s.request_id, s.cached_tokens) for s in running]
+        steps = [RowStep(s.row, s.request_id, position) for s, position in zip(running, cached)]
         blocks = self.selection_source.selections(steps)
         replace = [False] * self.cache.rows
         if blocks is not None:
@@ -236,12 +237,12 @@ class EngineCore:
                 replace[s.row] = True
         runner.replace_selection.copy_(torch.tensor(replace))
 
-    def _stage_device_source(self, running: list[Sequence]) -> None:
+    def _stage_device_source(self, running: list[Sequence], cached: list[int]) -> None:
         """A device-side source: the step picks each row's selection from the source's table by its position
         (`DecodeAttention.begin`); the host only checks the positions and writes the rows' offsets into the
         table when the running rows change (no copy, no sync while they stay)."""
         source, runner = self.selection_source, self.runner
-        bases = source.row_bases([s.request_id for s in running], [s.cached_tokens for s in running])
+        bases = source.row_bases([s.request_id for s in running], cached)
         if bases is not None:
             table = source.table(self.device)
             if table is not runner.source_table:
@@ -330,7 +331,8 @@ class EngineCore:
             return outputs
         try:
             start = time.perf_counter()
-            logits = self._decode(running, self.cache.rows)[:, : self.sample_vocab]
+            record = self._recording(running)
+            logits = self._decode(running, self.cache.rows, record)[:, : self.sample_vocab]
             rows = [s.row for s in running]
             # Rows 0..n-1 in order (the usual case) are a view; others one gather (an index copy, no sync).
             picked = logits[: len(rows)] if rows == list(range(len(rows))) else \
@@ -342,7 +344,7 @@ class EngineCore:
             self._fail(running, err)
             raise
         self.clock.decoded(len(running), elapsed)
-        selections = self.runner.step_selections.to("cpu", torch.int16) if self._recording(running) else None
+        selections = self.runner.step_selections.to("cpu", torch.int16) if record else None
         for seq, token in zip(running, tokens):
             if selections is not None and seq.selections is not None:
                 seq.selections.append(selections[:, seq.row].clone())
@@ -421,24 +423,24 @@ class EngineCore:
                 del self._requests[seq.request_id]
                 self._finished[seq.request_id] = seq
 
-    def _decode(self, running: list[Sequence], rows: int) -> torch.Tensor:
+    def _decode(self, running: list[Sequence], rows: int, record: bool) -> torch.Tensor:
         # Built as Python lists and staged in one go (`stage_inputs`, no sync): per-element tensor writes
         # cost microseconds each, which at 64 rows added up to a visible share of a ~ms decode step.
         tokens, positions, active = [0] * rows, [0] * rows, [False] * rows
-        for seq in running:
+        cached = [seq.cached_tokens for seq in running]
+        for seq, position in zip(running, cached):
             tokens[seq.row] = seq.output_token_ids[-1]
-            positions[seq.row] = seq.cached_tokens
+            positions[seq.row] = position
             active[seq.row] = True
-        uniform = len({s.cached_tokens for s in running}) == 1
+        uniform = len(set(cached)) == 1
         if uniform:
             # Free rows take the common position so one selection call serves every row; they have no
             # host pages, so nothing of theirs is loaded or written back.
-            positions = [running[0].cached_tokens] * rows
+            positions = [cached[0]] * rows
         tokens, positions, active = self.runner.stage_inputs(tokens, positions, active)
-        record = self._recording(running)
         self.runner.record_selections = record
         if self.selection_source is not None:
-            self._fill_selection_source(running)
+            self._fill_selection_source(running, cached)
         if self.graphed is not None and self._graphs_enabled and self.runner.load_log is None and not record:
             return self.graphed(tokens, positions, active, uniform)
         return self.runner.decode_step(tokens, positions, active, uniform)
