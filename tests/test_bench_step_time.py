@@ -11,12 +11,14 @@ def X(cat, name, ts, dur):
 
 def trace():
     # Step 0: 100 us of host work, a graph launch, kernels 110-150 and 140-170 (overlapping: busy 60) and
-    # 180-200 (gap 10), a D2H sync ending at 205, 15 us of host work after it. Step 1 starts at 230.
+    # 180-200 (gap 10), a D2H copy and the stream sync after it ending at 205, 15 us of host work after it
+    # (an async H2D copy before the launch is no sync). Step 1 starts at 230.
     return [
         X("user_annotation", "step 0", 0, 220),
-        X("cuda_runtime", "cudaGraphLaunch", 100, 5),
+        X("cuda_runtime", "cudaMemcpyAsync", 50, 4),
+        X("cuda_runtime", "cudaGraphLaunch_v10000", 100, 5),
         X("kernel", "a", 110, 40), X("kernel", "b", 140, 30), X("gpu_memcpy", "Memcpy DtoH", 180, 20),
-        X("cuda_runtime", "cudaMemcpyAsync", 175, 30),
+        X("cuda_runtime", "cudaMemcpyAsync", 175, 10), X("cuda_runtime", "cudaStreamSynchronize", 186, 19),
         X("cpu_op", "aten::argmax", 170, 3),
         X("user_annotation", "step 1", 230, 100),
         X("cuda_runtime", "cudaLaunchKernel", 240, 2), X("kernel", "c", 250, 50),

@@ -11,21 +11,29 @@
                    device's own launch gaps)
   idle_outside_us  wall_us - gpu_span_us: the GPU has nothing of this step to run (host work before the launch
                    and after the results came back)
-  host_before_launch_us  step start to the first launch call of the step (cudaGraphLaunch or cudaLaunchKernel,
+  host_before_launch_us  step start to the first launch call of the step (cudaGraphLaunch or a kernel launch,
                    whichever comes first; None without one)
   host_after_sync_us     end of the step's last synchronising call (cudaStreamSynchronize, cudaDeviceSynchronize,
-                   cudaEventSynchronize or cudaMemcpy*) to step end
+                   cudaEventSynchronize or the synchronous cudaMemcpy; an async copy is not one, but PyTorch
+                   follows a blocking copy with cudaStreamSynchronize) to step end
   syncs            those synchronising runtime calls in the step
   kernels          GPU activities in the step
 Pure Python on the trace's dicts, so it is tested on CPU with a made-up trace."""
 
 from __future__ import annotations
 
+import re
 import statistics
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
-LAUNCHES = ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
-SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+         "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
+
+
+def _api(name) -> str:
+    """A runtime call's name without the version suffix some traces carry (cudaGraphLaunch_v10000)."""
+    return re.sub(r"_v\d+$", "", str(name))
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -55,8 +63,8 @@ def step_timeline(events: list[dict], prefix: str = "step") -> list[dict]:
         limit = float(steps[i + 1]["ts"]) if i + 1 < len(steps) else float("inf")
         mine = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in gpu if t0 <= float(e["ts"]) < limit]
         calls = [e for e in runtime if t0 <= float(e["ts"]) <= t1]
-        launches = [e for e in calls if e.get("name") in LAUNCHES]
-        syncs = [e for e in calls if e.get("name") in SYNCS]
+        launches = [e for e in calls if _api(e.get("name")) in LAUNCHES]
+        syncs = [e for e in calls if _api(e.get("name")) in SYNCS]
         span = (max(b for _, b in mine) - min(a for a, _ in mine)) if mine else 0.0
         busy = _union(mine)
         wall = t1 - t0
