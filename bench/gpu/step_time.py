@@ -72,6 +72,16 @@ def profiled(llm, steps: int, graphs: bool, table_rows: int = 30):
     return step_timeline(events), table
 
 
+def smoke_model(max_len: int):
+    """A tiny model with the benchmark's sparsity (block 64, topk 64: what the traces were recorded with)."""
+    from nosa import NosaConfig, NosaForCausalLM
+
+    torch.manual_seed(0)
+    config = NosaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        vocab_size=300, num_hidden_layers=2, max_position_embeddings=max_len, attn_mode="nosa")
+    return NosaForCausalLM(config).eval()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -85,7 +95,11 @@ def main() -> int:
     ap.add_argument("--profile-steps", type=int, default=6)
     ap.add_argument("--traces", default=TRACES)
     ap.add_argument("--commit", default=os.environ.get("NOSA_COMMIT"))
+    ap.add_argument("--smoke", action="store_true", help="the whole flow on CPU with a tiny model at a 16K prompt "
+                                                         "(checks the script, measures nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        args.prompt, args.layers, args.max_batch, args.steps, args.warmup, args.profile_steps = 16384, 2, 2, 2, 1, 2
     os.makedirs(args.out, exist_ok=True)
     variants = (("replay_host", False), ("replay_device", True))
     rounds = 2
@@ -95,13 +109,18 @@ def main() -> int:
     max_len = args.prompt + total
     started = time.perf_counter()
     mapped, description = bench.load_benchmark_traces(args.traces, {"nosa"}, args.prompt, args.layers, total)["nosa"]
-    shared = {"gather": bench.gather_bandwidth(), "hbm_copy_gb_s": bench.hbm_copy_rate()}
-    model = bench.make_model("nosa", args.layers, max_len)
-    budget = bench.equal_memory_budget(types.SimpleNamespace(layers=args.layers, equal_memory_dense_batch=args.dense_batch), max_len)
-    llm = LLM(model, device="cuda", offload=True, max_model_len=max_len, max_num_seqs=args.max_batch,
+    if args.smoke:
+        shared = {"gather": {"pinned_memcpy_gb_s": 1.0}, "hbm_copy_gb_s": 1.0}
+        model, device, budget = smoke_model(max_len), "cpu", None
+        torch.cuda.synchronize = lambda: None
+    else:
+        shared = {"gather": bench.gather_bandwidth(), "hbm_copy_gb_s": bench.hbm_copy_rate()}
+        model, device = bench.make_model("nosa", args.layers, max_len), "cuda"
+        budget = bench.equal_memory_budget(types.SimpleNamespace(layers=args.layers, equal_memory_dense_batch=args.dense_batch), max_len)
+    llm = LLM(model, device=device, offload=True, max_model_len=max_len, max_num_seqs=args.max_batch,
               gpu_memory_budget=budget, cuda_graphs=True, device_cache_blocks=args.cache)
     batch = llm.max_num_seqs
-    running = bench.synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
+    running = bench.synthetic_install(llm, args.prompt, batch, torch.Generator(device=device).manual_seed(1))
     print(f"installed {batch} rows of {args.prompt} tokens in {time.perf_counter() - started:.1f} s", flush=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     floor_args = types.SimpleNamespace(prompt=args.prompt)
