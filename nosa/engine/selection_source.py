@@ -100,6 +100,7 @@ class ReplaySelections(SelectionSource):
         self._table: torch.Tensor | None = None  # the device table, dropped when a trace is added
         self._table_device: torch.device | None = None
         self._offsets: dict[int, int] = {}  # request id -> its trace's first row in the table
+        self._bases = None  # the last row_bases answer: (request ids, bases, latest first, earliest last position)
 
     def add(self, request_id: int, trace: torch.Tensor, first_position: int) -> None:
         """trace: int `[L, S, H, topk_blocks]`, step s the query at position first_position + s; checked
@@ -110,7 +111,7 @@ class ReplaySelections(SelectionSource):
         positions = torch.arange(first_position, first_position + trace.shape[1])
         check_selection(trace, positions, self.block_size, self.topk_blocks, f"trace of request {request_id}")
         self._traces[request_id] = (trace.to(torch.int32), first_position)
-        self._table = None
+        self._table = self._bases = None
         offset = 0
         for rid, (t, _) in self._traces.items():  # the table's rows, in the order `table` stacks them
             self._offsets[rid] = offset
@@ -154,6 +155,13 @@ class ReplaySelections(SelectionSource):
         return self._table
 
     def row_bases(self, request_ids: list[int], positions: list[int]) -> list[int] | None:
+        key = tuple(request_ids)
+        if self._bases is not None and self._bases[0] == key and positions:
+            # The same requests as last time (every step while the batch stays): their offsets stand, and
+            # positions inside [the latest first position, the earliest last one] are inside every trace.
+            _, bases, latest_first, earliest_last = self._bases
+            if latest_first <= min(positions) and max(positions) <= earliest_last:
+                return bases
         if not self._known(request_ids):
             return None
         bases = []
@@ -161,4 +169,7 @@ class ReplaySelections(SelectionSource):
             first = self._traces[request_id][1]
             self._step_of(request_id, position)
             bases.append(self._offsets[request_id] - first)
+        if request_ids:
+            spans = [(self._traces[r][1], self._traces[r][1] + self._traces[r][0].shape[1] - 1) for r in request_ids]
+            self._bases = (key, bases, max(a for a, _ in spans), min(b for _, b in spans))
         return bases

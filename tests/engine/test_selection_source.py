@@ -172,3 +172,25 @@ def test_the_engine_checks_sources_that_did_not_check_themselves():
     with pytest.raises(ValueError, match="outside"):
         llm.generate(prompts(), GREEDY, use_tqdm=False)
     assert llm.num_running == 0 and llm.free_rows == 3  # the failing step's requests were given back
+
+
+def test_row_bases_of_an_unchanged_batch_still_check_every_position():
+    """row_bases answers an unchanged batch from its last answer while the positions lie inside every trace,
+    and still refuses the first position past the shortest one (or before the latest start)."""
+    original, _, _ = run(engine_model("nosa", seed=7), record=True)
+    cfg = engine_model("nosa").config.sparse
+    source = ReplaySelections(cfg.block_size, cfg.topk_blocks)
+    first = original[0].selection_first_position
+    source.add(0, original[0].selections[:, :6], first)
+    source.add(1, original[0].selections[:, :4], first)
+    source.add(2, original[0].selections[:, 1:8], first + 1)
+    bases = source.row_bases([0, 1], [first, first])
+    assert bases == [0 - first, 6 - first]
+    for s in range(1, 4):
+        assert source.row_bases([0, 1], [first + s, first + s]) == bases
+    with pytest.raises(ValueError, match="request 1 is at position"):
+        source.row_bases([0, 1], [first + 4, first + 4])
+    assert source.row_bases([0, 2], [first + 5, first + 5]) == [0 - first, 10 - (first + 1)]
+    with pytest.raises(ValueError, match="request 2 is at position"):
+        source.row_bases([0, 2], [first, first])
+    assert source.row_bases([], []) is None
