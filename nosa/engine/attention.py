@@ -82,6 +82,12 @@ class DecodeAttention(AttentionBackend):
         self.gather = ops.resolve("gather_blocks", slots.table, host.k)
         self.inputs = ops.resolve("attention_inputs", slots.table)
         self.spill = ops.resolve("spill_step", slots.table)
+        # A device-side selection source: every layer's selection of each row at its position, one gather
+        # per step ([R, L, H, K]; rows that do not replay read a clamped, unused entry).
+        self.source_rows = None
+        if runner.source_table is not None:
+            index = (runner.source_base + positions).clamp_(0, runner.source_table.shape[0] - 1)
+            self.source_rows = runner.source_table[index]
 
     def attend(self, layer_idx, q, k, v, eviction):
         runner, l, positions = self.runner, layer_idx, self.positions
@@ -101,10 +107,15 @@ class DecodeAttention(AttentionBackend):
                         cfg.compress_kernel, cfg.compress_stride, cache.block_size)
             agnostic_blocks = cache.agnostic_blocks[l] if cache.agnostic_blocks is not None else None
             selection = ops.select_rows(q[:, 0], cache.compressed[l], agnostic_blocks, positions, cache.max_blocks, cfg, self.uniform)
-            if runner.source_selection is not None:
+            chosen = None
+            if self.source_rows is not None:
+                chosen = self.source_rows[:, l]
+            elif runner.source_selection is not None:
+                chosen = runner.source_selection[l]
+            if chosen is not None:
                 # A selection source (trace replay) overrides the scores' choice after they were computed,
                 # so the step still pays for the selection; everything below runs as usual.
-                selection = torch.where(runner.replace_selection[:, None, None], runner.source_selection[l], selection)
+                selection = torch.where(runner.replace_selection[:, None, None], chosen, selection)
             if runner.record_selections:
                 runner.step_selections[l].copy_(selection)
         slots, host, plan = runner.layer_slots[l], runner.layer_hosts[l], runner.load_plans[l]

@@ -64,6 +64,7 @@ class EngineCore:
         self._next_id = 0
         self.clock = StepClock()
         self.selection_source: SelectionSource | None = None
+        self._staged_rows = None  # (rows, bases) last written to the runner, for a device-side source
 
     @staticmethod
     def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
@@ -207,14 +208,19 @@ class EngineCore:
         if source is not None and not self.config.sparse.is_sparse:
             raise ValueError("attn_mode='dense' attends to every block: there is no selection to replace")
         self.selection_source = source
-        self.runner.use_selection_source(source is not None)
+        self.runner.use_selection_source(source is not None, source is not None and source.on_device)
+        self._staged_rows = None
         if self.graphed is not None:
             self.graphed = GraphedDecode(self.runner)
 
-    def _fill_selection_source(self, running: list[Sequence]) -> None:
-        """Ask the selection source for this step's blocks and stage them in the runner's static buffers."""
+    def _fill_selection_source(self, running: list[Sequence], cached: list[int]) -> None:
+        """Ask the selection source for this step's blocks (cached[i]: running[i]'s position) and stage them
+        in the runner's static buffers."""
+        if self.selection_source.on_device:
+            self._stage_device_source(running, cached)
+            return
         runner, cfg = self.runner, self.config
-        steps = [RowStep(s.row, s.request_id, s.cached_tokens) for s in running]
+        steps = [RowStep(s.row, s.request_id, position) for s, position in zip(running, cached)]
         blocks = self.selection_source.selections(steps)
         replace = [False] * self.cache.rows
         if blocks is not None:
@@ -230,6 +236,30 @@ class EngineCore:
             for s in running:
                 replace[s.row] = True
         runner.replace_selection.copy_(torch.tensor(replace))
+
+    def _stage_device_source(self, running: list[Sequence], cached: list[int]) -> None:
+        """A device-side source: the step picks each row's selection from the source's table by its position
+        (`DecodeAttention.begin`); the host only checks the positions and writes the rows' offsets into the
+        table when the running rows change (no copy, no sync while they stay)."""
+        source, runner = self.selection_source, self.runner
+        bases = source.row_bases([s.request_id for s in running], cached)
+        if bases is not None:
+            table = source.table(self.device)
+            if table is not runner.source_table:
+                runner.source_table = table
+                if self.graphed is not None:  # captured graphs read the old table's address (or none)
+                    self.graphed = GraphedDecode(runner)
+        rows = tuple(s.row for s in running)
+        staged = (rows, tuple(bases) if bases is not None else None)
+        if staged == self._staged_rows:
+            return
+        base, replace = [0] * self.cache.rows, [False] * self.cache.rows
+        if bases is not None:
+            for row, b in zip(rows, bases):
+                base[row], replace[row] = b, True
+        runner.source_base.copy_(torch.tensor(base, dtype=torch.long))
+        runner.replace_selection.copy_(torch.tensor(replace))
+        self._staged_rows = staged
 
     def decode_counters(self) -> dict[str, torch.Tensor]:
         """Blocks loaded host->device, blocks selected, and blocks served from the device cache beyond the
@@ -301,19 +331,24 @@ class EngineCore:
             return outputs
         try:
             start = time.perf_counter()
-            logits = self._decode(running, self.cache.rows)[:, : self.sample_vocab]
-            tokens = sample(logits[[s.row for s in running]], [s.params for s in running], [s.generator for s in running])
+            record = self._recording(running)
+            logits = self._decode(running, self.cache.rows, record)[:, : self.sample_vocab]
+            rows = [s.row for s in running]
+            # Rows 0..n-1 in order (the usual case) are a view; others one gather (an index copy, no sync).
+            picked = logits[: len(rows)] if rows == list(range(len(rows))) else \
+                logits[torch.tensor(rows).to(self.device, non_blocking=True)]
+            tokens = sample(picked, [s.params for s in running], [s.generator for s in running])
             elapsed = time.perf_counter() - start
         except BaseException as err:
             # A step that failed part-way has left some layers' state updated: none of these rows can go on.
             self._fail(running, err)
             raise
         self.clock.decoded(len(running), elapsed)
-        selections = self.runner.step_selections.to("cpu", torch.int16) if self._recording(running) else None
+        selections = self.runner.step_selections.to("cpu", torch.int16) if record else None
         for seq, token in zip(running, tokens):
             if selections is not None and seq.selections is not None:
                 seq.selections.append(selections[:, seq.row].clone())
-            self._append(seq, token, logits[seq.row], eos, outputs)
+            self._append(seq, token, logits[seq.row] if seq.wants_logits else None, eos, outputs)
         return outputs
 
     def _prefill(self, plan: list[tuple[Sequence, int, int]], eos: set[int], outputs: list[StepOutput]) -> None:
@@ -388,25 +423,24 @@ class EngineCore:
                 del self._requests[seq.request_id]
                 self._finished[seq.request_id] = seq
 
-    def _decode(self, running: list[Sequence], rows: int) -> torch.Tensor:
-        # Built as Python lists and moved in one copy: per-element tensor writes cost microseconds each,
-        # which at 64 rows added up to a visible share of a ~ms decode step.
-        tokens, positions, active = [0] * rows, [0] * rows, [0] * rows
-        for seq in running:
+    def _decode(self, running: list[Sequence], rows: int, record: bool) -> torch.Tensor:
+        # Built as Python lists and staged in one go (`stage_inputs`, no sync): per-element tensor writes
+        # cost microseconds each, which at 64 rows added up to a visible share of a ~ms decode step.
+        tokens, positions, active = [0] * rows, [0] * rows, [False] * rows
+        cached = [seq.cached_tokens for seq in running]
+        for seq, position in zip(running, cached):
             tokens[seq.row] = seq.output_token_ids[-1]
-            positions[seq.row] = seq.cached_tokens
-            active[seq.row] = 1
-        uniform = len({s.cached_tokens for s in running}) == 1
+            positions[seq.row] = position
+            active[seq.row] = True
+        uniform = len(set(cached)) == 1
         if uniform:
             # Free rows take the common position so one selection call serves every row; they have no
             # host pages, so nothing of theirs is loaded or written back.
-            positions = [running[0].cached_tokens] * rows
-        packed = torch.tensor([tokens, positions, active], dtype=torch.long).to(self.device)
-        tokens, positions, active = packed[0], packed[1], packed[2].bool()
-        record = self._recording(running)
+            positions = [cached[0]] * rows
+        tokens, positions, active = self.runner.stage_inputs(tokens, positions, active)
         self.runner.record_selections = record
         if self.selection_source is not None:
-            self._fill_selection_source(running)
+            self._fill_selection_source(running, cached)
         if self.graphed is not None and self._graphs_enabled and self.runner.load_log is None and not record:
             return self.graphed(tokens, positions, active, uniform)
         return self.runner.decode_step(tokens, positions, active, uniform)

@@ -1,8 +1,8 @@
 """CUDA graphs for the decode step: the step is captured once per variant (uniform positions or not) over
-static input buffers that are updated in place before each replay. The first call of a variant runs
-eagerly on the same buffers (warm-up: Triton compilation, cuBLAS handles), the second captures, and every
-later call replays. A graph holds the host store's addresses, so when the store grows (`HostStore.version`)
-the graphs are dropped and captured again."""
+static input buffers (the runner's, which `ModelRunner.stage_inputs` writes) updated in place before each
+replay. The first call of a variant runs eagerly on the same buffers (warm-up: Triton compilation, cuBLAS
+handles), the second captures, and every later call replays. A graph holds the host store's addresses, so
+when the store grows (`HostStore.version`) the graphs are dropped and captured again."""
 
 from __future__ import annotations
 
@@ -13,20 +13,18 @@ from nosa.engine.model_runner import ModelRunner
 
 class GraphedDecode:
     def __init__(self, runner: ModelRunner):
-        rows, device = runner.cache.rows, runner.device
         self.runner = runner
-        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
-        self.active = torch.zeros(rows, dtype=torch.bool, device=device)
+        # The runner's static step inputs (`ModelRunner.stage_inputs` writes them): staged inputs need no copy.
+        self.tokens, self.positions, self.active = runner.step_inputs[0], runner.step_inputs[1], runner.step_active
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.warm: set[bool] = set()
         self.pool = None
         self.store_version = runner.store.version
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, uniform: bool) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.active.copy_(active)
+        for static, given in ((self.tokens, tokens), (self.positions, positions), (self.active, active)):
+            if given.data_ptr() != static.data_ptr():
+                static.copy_(given)
         if self.runner.store.version != self.store_version:
             self.graphs.clear()
             # The dropped graphs were the pool's only users: PyTorch frees a private pool with its last

@@ -98,18 +98,50 @@ class ModelRunner:
         # `step_selections` (the selection traces of `record_selections`); forces eager mode.
         self.record_selections = False
         self.step_selections = torch.full((L, R, H, K), -1, dtype=torch.int32, device=self.device) if self.cfg.is_sparse else None
-        # A selection source's blocks for the step (`EngineCore.set_selection_source`; None: no source):
-        # source_selection [L, R, H, topk] replaces the scores' choice where replace_selection [R] is set.
-        # Static buffers filled before the step, so a captured graph reads this step's values.
-        self.source_selection = self.replace_selection = None
+        # A selection source's blocks for the step (`EngineCore.set_selection_source`; None: no source)
+        # replace the scores' choice where replace_selection [R] is set. From the host: source_selection
+        # [L, R, H, topk], filled before each step. On the device (`SelectionSource.on_device`): row r's
+        # selection is source_table[source_base[r] + position of r] (source_table [N, L, H, topk], set when
+        # the source changes; source_base [R] int64, written when the rows change), picked inside the step.
+        # Static buffers, so a captured graph reads this step's values.
+        self.source_selection = self.replace_selection = self.source_base = self.source_table = None
+        # The step's inputs (tokens, positions [2, R] int64; active [R] bool): static, written from the host
+        # lists by `stage_inputs` through pinned buffers without a sync, read by the eager step and the graphs.
+        self.step_inputs = torch.zeros((2, R), dtype=torch.long, device=self.device)
+        self.step_active = torch.zeros(R, dtype=torch.bool, device=self.device)
+        self._pinned = None
+        if self.device.type == "cuda":
+            self._pinned = (torch.zeros((2, R), dtype=torch.long, pin_memory=True),
+                            torch.zeros(R, dtype=torch.bool, pin_memory=True), torch.cuda.Event())
 
-    def use_selection_source(self, enabled: bool) -> None:
-        """Allocate (or drop) the static buffers a selection source fills before each decode step."""
+    def stage_inputs(self, tokens: list[int], positions: list[int], active: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write a step's inputs (R each) into the static buffers; returns (tokens [R], positions [R] int64,
+        active [R] bool) on the device. On CUDA the copies go through pinned buffers and do not wait for the
+        device (the pinned buffers are rewritten only once the previous step's copies have run)."""
+        if self._pinned is None:
+            self.step_inputs.copy_(torch.tensor([tokens, positions], dtype=torch.long))
+            self.step_active.copy_(torch.tensor(active, dtype=torch.bool))
+        else:
+            host_inputs, host_active, copied = self._pinned
+            copied.synchronize()
+            host_inputs.numpy()[:] = (tokens, positions)
+            host_active.numpy()[:] = active
+            self.step_inputs.copy_(host_inputs, non_blocking=True)
+            self.step_active.copy_(host_active, non_blocking=True)
+            copied.record()
+        return self.step_inputs[0], self.step_inputs[1], self.step_active
+
+    def use_selection_source(self, enabled: bool, on_device: bool = False) -> None:
+        """Allocate (or drop) the static buffers a selection source fills before each decode step (on_device:
+        the row offsets into the source's table, which `source_table` is set to before the first step)."""
+        self.source_selection = self.replace_selection = self.source_base = self.source_table = None
         if not enabled:
-            self.source_selection = self.replace_selection = None
             return
         L, R, H = self.step_loads.shape
-        self.source_selection = torch.full((L, R, H, self.cfg.topk_blocks), -1, dtype=torch.int32, device=self.device)
+        if on_device:
+            self.source_base = torch.zeros(R, dtype=torch.long, device=self.device)
+        else:
+            self.source_selection = torch.full((L, R, H, self.cfg.topk_blocks), -1, dtype=torch.int32, device=self.device)
         self.replace_selection = torch.zeros(R, dtype=torch.bool, device=self.device)
 
     @property

@@ -105,6 +105,11 @@ class Sequence:
         return len(self.prompt_token_ids) + self.params.max_tokens - 1
 
     @property
+    def wants_logits(self) -> bool:
+        """Whether `append` reads the step's logits (kept, or for logprobs); otherwise it may be given None."""
+        return self.logits is not None or self.logprobs is not None
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

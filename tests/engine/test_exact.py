@@ -33,6 +33,7 @@ def test_engine_equals_full_forward(mode):
         assert len(out.token_ids) == STEPS and out.finish_reason == "length"
         ref = reference_logits(model, prompt, out.token_ids)
         torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
+        assert out.token_ids == out.logits.argmax(-1).tolist()  # each token sampled from its own row's logits
         assert out.token_ids == ref.argmax(-1).tolist()
     if mode in ("nosa", "infllmv2"):
         # The sparse modes really did evict and reload blocks (the cache is smaller than the context).
@@ -68,3 +69,25 @@ def test_batch_equals_one_at_a_time_and_rows_are_reused():
         _, alone, _ = run(model, max_num_seqs=1, prompts=[prompt], steps=15)
         assert batched[i].token_ids == alone[0].token_ids
         torch.testing.assert_close(batched[i].logits, alone[0].logits, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_out_of_order_sample_their_own_logits():
+    """Requests finishing at different steps leave the running rows out of row order ([1, 0]: the sampler
+    then gathers the rows' logits instead of taking rows 0..n-1 as a view): every request still gets the
+    model forward's tokens and logits."""
+    model = tiny_model("nosa", seed=3)
+    prompts = make_prompts()
+    llm = LLM(model, device="cpu", max_model_len=80, max_num_seqs=2, prefill_chunk=5)
+    lengths = (3, 12, 9, 5)  # request 0 (row 0) finishes first; request 2 takes row 0 behind request 1 on row 1
+    ids = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), return_logits=True)
+           for p, n in zip(prompts, lengths)]
+    orders = set()
+    while llm.has_unfinished():
+        orders.add(tuple(s.row for s in llm.scheduler.decoding))
+        llm.step()
+    assert (1, 0) in orders, f"the rows never ran out of order: {orders}"
+    for rid, prompt in zip(ids, prompts):
+        out = llm.output(rid)
+        ref = reference_logits(model, prompt, out.token_ids)
+        torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
+        assert out.token_ids == out.logits.argmax(-1).tolist()  # each token sampled from its own row's logits

@@ -149,11 +149,13 @@ def test_decode_selection_with_cached_agnostic_pooling_equals_select_for_queries
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("on_device", [True, False])
 @pytest.mark.parametrize("offload", [True, False])
-def test_cuda_device_cache_and_trace_replay_under_graphs(offload, triton_block_ops):
+def test_cuda_device_cache_and_trace_replay_under_graphs(offload, on_device, triton_block_ops):
     """The spill slots (device_cache_blocks) and a replayed selection source run inside the captured graph:
     equal to the model forward (reference attention, fp32), and replaying the recorded selections with graphs
-    gives the recorded run's tokens and loads."""
+    (picked on the device inside the graph, or copied from the host each step) gives the recorded run's
+    tokens and loads."""
     from nosa.engine.selection_source import ReplaySelections
 
     model = tiny_model("nosa").cuda()
@@ -166,7 +168,7 @@ def test_cuda_device_cache_and_trace_replay_under_graphs(offload, triton_block_o
             torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
         recorded = llm.decode_counters()
         replay = LLM(model, device="cuda", offload=offload, max_model_len=80, max_num_seqs=4, device_cache_blocks=size)
-        source = ReplaySelections(model.config.block_size, model.config.topk_blocks)
+        source = ReplaySelections(model.config.block_size, model.config.topk_blocks, on_device=on_device)
         for i, out in enumerate(outs):
             source.add(i, out.selections, out.selection_first_position)
         replay.set_selection_source(source)
