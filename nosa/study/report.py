@@ -105,8 +105,16 @@ def render(summary_path: str = DEFAULT_SUMMARY) -> str:
     study = summary["parameters"]["study"]
     tasks, lengths = study["eval"]["tasks"], study["eval"]["lengths"]
     machine = summary.get("machine", {})
-    phases = ", ".join(f"{p['seq_len']:,} tokens x {p['max_steps']} steps" + (" (shared dense)" if p.get("shared") else "")
-                       for p in study["phases"])
+    done = rows[0].get("phases", []) if rows else []  # the shared phases' records are the same in every row
+
+    def phase_label(k, p):
+        steps = f"{p['max_steps']} steps"
+        if k < len(done) and p.get("shared") and done[k].get("steps_done") is not None:
+            steps = f"{done[k]['steps_done']} of {p['max_steps']} steps" + (
+                " (time limit)" if done[k].get("stopped_by_time_limit") else "")
+        return f"{p['seq_len']:,} tokens x {steps}" + (" (shared dense)" if p.get("shared") else "")
+
+    phases = ", ".join(phase_label(k, p) for k, p in enumerate(study["phases"]))
     m = study["model"]
     return "\n\n".join([
         f"Model: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} query heads x "
