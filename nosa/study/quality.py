@@ -32,6 +32,7 @@ from nosa.study.presets import resolve
 TRACE_MODES = ("nosa", "infllmv2")
 WORK_MARKER = ".nosa_study_work"
 KILL_GRACE_S = 45  # a phase past time_limit_s still saves its checkpoint; startup also takes a while
+POLL_S = 0.1  # how often a running job is checked: each back-to-back job waited up to a whole poll after it ended
 
 
 def _log(msg: str, logf=None) -> None:
@@ -189,7 +190,7 @@ def run_processes(jobs: list[tuple[str, list[str], str]], concurrent: bool, dead
                     status[n] = {"rc": p.returncode, "wall_s": round(time.time() - t0, 1), "killed": True}
                     _log(f"{n} killed at the deadline after {status[n]['wall_s']} s", logf)
                 return
-            time.sleep(1.0)
+            time.sleep(POLL_S)
 
     if concurrent:
         wait({name: launch(name, argv, log) for name, argv, log in jobs})
@@ -319,7 +320,7 @@ def finish_shared_eval(job, logf) -> dict | None:
         return None
     proc = job["proc"]
     while proc.poll() is None and time.time() < job["kill_at"]:
-        time.sleep(0.5)
+        time.sleep(POLL_S)
     killed = proc.poll() is None
     if killed:
         os.killpg(proc.pid, signal.SIGKILL)  # its own session: the process and its children only

@@ -46,7 +46,7 @@ def _case(name, seed=0):
     group, heads, dim, (block, kernel, stride), capacity, positions = SHAPES[name]
     cfg = _cfg(block, kernel, stride)
     g = torch.Generator().manual_seed(seed)
-    batch = 3
+    batch = 2  # two rows: the row stride is exercised; a third row only added interpreter time
     num_windows = ref.num_complete_windows(capacity, kernel, stride)
     num_blocks = -(-capacity // block)
     q = torch.randn(batch, len(positions), group * heads, dim, generator=g)
