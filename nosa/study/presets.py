@@ -71,13 +71,12 @@ PRESETS = {
         # 1,119 steps); on CPU it formed within 400-550 steps on 64-token drill rows with the loss on the
         # copies only, and carried to 256 tokens within ~50 steps. So phase 0a drills copying alone at 64
         # tokens (span_max 24: two spans of 32 do not fit), 0b and 0c use the skill on passkey rows at 256
-        # tokens (two-query NIAH rows need 384) and on passkey and NIAH rows at 512, and phases 1 and 2 lengthen the rows to 2K and 4K with
-        # drill rows still 25% of them; phase 3 is the per-mode 16K phase. Every phase puts the task loss on
-        # the answers only (DATA's task_loss), corpus rows keep the language-model loss. Planned wall time
-        # on one H200 (run 2: 0.089 s a 512 x 64 step, ~494K tokens/s at 2K, 0.71 s a step for the four 16K
-        # processes, ~12 s start-up per process; run 3's first try: copying formed at step ~450 of 0a, 0.075 s
-        # a step): ~48 + 20 + 20 + 45 + 33 + 171 s of training, ~95 s of
-        # evaluation, under budget_s.
+        # tokens (two-query NIAH rows need 384) and on passkey and NIAH rows at 512, then the rows grow to
+        # 2K and 4K with drill rows still 25% of them; the last phase is the per-mode 16K phase. Every phase
+        # puts the task loss on the answers only (DATA's task_loss), corpus rows keep the language-model
+        # loss. Planned wall time on one H200 (run 2: ~494K tokens/s at 2K, 0.71 s a step for the four 16K
+        # processes, ~12 s start-up per process; 0a: ~0.065 s a step, copying formed at step ~450-740):
+        # ~48 + 20 + 20 + 45 + 33 + 171 s of training, ~95 s of evaluation, under budget_s.
         "phases": [
             {"shared": True, "attn_mode": "dense", "seq_len": 64, "micro_batch_size": 128, "max_steps": 2500,
              "time_limit_s": 48, "lr": 2e-3, "warmup_steps": 50, "mixture": {"copy_drill": 1.0},
@@ -92,10 +91,9 @@ PRESETS = {
              "time_limit_s": 45, "lr": 1.5e-3, "warmup_steps": 30, "mixture": LONG_MIXTURE},
             {"shared": True, "attn_mode": "dense", "seq_len": 4096, "micro_batch_size": 16, "max_steps": 130,
              "time_limit_s": 33, "lr": 1e-3, "warmup_steps": 15, "mixture": LONG_MIXTURE},
-            # 220 steps (the first run had 300): ~156 s at 0.71 s a step; the 57 s saved pay for phases 0
-            # and 2 (one 16K step costs as much as ~9 drill steps, and retrieval, not the 16K loss, is what
-            # the first run lacked). The 190 s limit is a backstop that 220 steps of the slowest sparse mode
-            # fit, so every mode trains the same tokens.
+            # 220 steps (the first run had 300): ~156 s at 0.71 s a step, so the shared phases fit in the
+            # call. The 190 s limit is a backstop that 220 steps of the slowest sparse mode fit, so every
+            # mode trains the same tokens.
             {"seq_len": 16384, "micro_batch_size": 2, "max_steps": 220, "time_limit_s": 190, "lr": 1e-3,
              "warmup_steps": 20, "mixture": LONG_MIXTURE},
         ],

@@ -96,18 +96,15 @@ def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
 def check_phase_tasks(study: dict) -> None:
     """Generate one row of every task of every phase's mixture at the phase's seq_len, before anything is
     trained: a task that does not fit a phase would otherwise stop the study at that phase, after the
-    earlier phases spent their GPU time (nosa.train.loop.check_tasks is the rule)."""
-    from types import SimpleNamespace
-
+    earlier phases spent their GPU time (nosa.train.loop.check_mixture_tasks is the rule)."""
     from nosa.data.tokenization import load_tokenizer
-    from nosa.train.loop import check_tasks
+    from nosa.train.loop import check_mixture_tasks
 
     tok = load_tokenizer("byte")
     for k, phase in enumerate(study["phases"]):
-        cfg = SimpleNamespace(mixture=phase.get("mixture", study["data"]["mixture"]), seq_len=phase["seq_len"],
-                              task_params=phase_task_params(study, k))
         try:
-            check_tasks(cfg, tok)
+            check_mixture_tasks(phase.get("mixture", study["data"]["mixture"]), phase_task_params(study, k),
+                                phase["seq_len"], tok)
         except ValueError as err:
             raise ValueError(f"phases[{k}]: {err}") from None
 

@@ -249,14 +249,19 @@ def _check_out_dir(cfg: TrainConfig, overwrite: bool, info: DistInfo) -> None:
 def check_tasks(cfg: TrainConfig, tok: TextTokenizer) -> None:
     """Generate one sample of each task of the mixture at seq_len, so a bad task_params entry or a too
     short seq_len fails now instead of when the first such row is drawn, maybe hours in."""
-    for task, weight in cfg.mixture.items():
+    check_mixture_tasks(cfg.mixture, cfg.task_params, cfg.seq_len, tok)
+
+
+def check_mixture_tasks(mixture: dict, task_params: dict, seq_len: int, tok: TextTokenizer) -> None:
+    """`check_tasks` for a mixture not (yet) in a TrainConfig (the study checks every phase up front)."""
+    for task, weight in mixture.items():
         if task == "corpus" or weight <= 0:
             continue
-        params = cfg.task_params.get(task, {})
+        params = task_params.get(task, {})
         try:
-            generate_task(task, tok, np.random.default_rng(0), cfg.seq_len, 0.5, **params)
+            generate_task(task, tok, np.random.default_rng(0), seq_len, 0.5, **params)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"mixture task {task!r} cannot be generated at seq_len={cfg.seq_len} with "
+            raise ValueError(f"mixture task {task!r} cannot be generated at seq_len={seq_len} with "
                              f"task_params.{task}={params}: {err}") from None
 
 
