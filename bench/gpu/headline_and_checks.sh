@@ -7,32 +7,33 @@
 # 2. Every kernel against its reference on the GPU (tests/ops/test_kernels_gpu.py; 10 of its tests were cut
 #    by the last call's timeout, the split query-aware scores' bf16 test among them).
 # 3. What time is left (PREFILL=1): where a batched prefill's time goes (bench/gpu/prefill_profile.py,
-#    offload on), and whether prompts of new lengths still compile kernels again after do_not_specialize.
+#    offload on), and whether prompts of new lengths still compile kernels again after do_not_specialize;
+#    PREFILL_S: the seconds the kernel tests leave for it (default 0).
 set -uo pipefail
 : "${OUT:?set OUT to the result directory}"
 COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-START=$(date +%s)
-left() { local s=$(( ${TOTAL:-555} - ($(date +%s) - START) - ${1:-0} )); echo $(( s > 1 ? s : 1 )); }
+TOTAL=${TOTAL:-555}
+. "$(dirname "$0")/budget.sh"
 status=0
 TRACES=results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz
 
 timeout 75 python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_gpu.py \
   -k "device_cache_and_trace or graphs_equal_eager or equals_model_forward or offload_off" >"$OUT/gpu_engine_tests.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
-echo "engine tests exit $rc ($(( $(date +%s) - START )) s)"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_engine_tests.log" | tail -6
+echo "engine tests exit $rc ($(elapsed) s)"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_engine_tests.log" | tail -6
 
 timeout $(left 120) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
   --equal-memory-dense-batch 20 --max-batch 48 --commit "$COMMIT" --traces "$TRACES" \
   --equal-configs dense:off,nosa:on:traces,nosa:on:cache128:traces,infllmv2:on:traces,nosa:on:model,infllmv2:on:model,nosa:off:traces,infllmv2:off:traces,nosa:off:model,infllmv2:off:model \
   --profile "$OUT/decode_64k_profile.txt" --name "$OUT/decode_64k_equal_memory" >"$OUT/decode_64k_equal_memory.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
-echo "64K exit $rc ($(( $(date +%s) - START )) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/decode_64k_equal_memory.log" | tail -14
+echo "64K exit $rc ($(elapsed) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/decode_64k_equal_memory.log" | tail -14
 
 timeout $(left ${PREFILL_S:-0}) python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/ops/test_kernels_gpu.py >"$OUT/gpu_kernel_tests.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
-echo "kernel tests exit $rc ($(( $(date +%s) - START )) s)"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_kernel_tests.log" | tail -8
+echo "kernel tests exit $rc ($(elapsed) s)"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_kernel_tests.log" | tail -8
 
 mkdir -p "$OUT/prefill"
 if [ -n "${PREFILL:-}" ]; then
   timeout $(left) python3 bench/gpu/prefill_profile.py "$OUT/prefill" on >"$OUT/prefill_profile.log" 2>&1; rc=$?
-  echo "prefill profile exit $rc ($(( $(date +%s) - START )) s)"; grep -E "steps,|TTFT" "$OUT/prefill_profile.log" | tail -8
+  echo "prefill profile exit $rc ($(elapsed) s)"; grep -E "steps,|TTFT" "$OUT/prefill_profile.log" | tail -8
 fi
 (cd "$OUT" && tar -czf logs.tar.gz *.log prefill && rm -rf *.log prefill)
 ls "$OUT"

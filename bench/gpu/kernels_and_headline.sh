@@ -11,28 +11,27 @@
 set -uo pipefail
 : "${OUT:?set OUT to the result directory}"
 COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-START=$(date +%s)
-# Seconds left of the script's budget, never below 1 (`timeout 0` would mean no limit at all).
-left() { local s=$(( ${TOTAL:-560} - ($(date +%s) - START) - ${1:-0} )); echo $(( s > 1 ? s : 1 )); }
+TOTAL=${TOTAL:-560}
+. "$(dirname "$0")/budget.sh"
 status=0
 TRACES=results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz
 
 timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_gpu.py tests/ops/test_spill.py \
   tests/ops/test_kernels_gpu.py >"$OUT/gpu_tests.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
-echo "gpu tests exit $rc ($(( $(date +%s) - START )) s)"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -8
+echo "gpu tests exit $rc ($(elapsed) s)"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -8
 
 timeout 45 python3 -m nosa.cli bench qa-scores --shapes 65536:48 16384:16 --out-dir "$OUT" --name qa_scores >"$OUT/qa_scores.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
-echo "qa-scores exit $rc ($(( $(date +%s) - START )) s)"; tail -6 "$OUT/qa_scores.log"
+echo "qa-scores exit $rc ($(elapsed) s)"; tail -6 "$OUT/qa_scores.log"
 
 timeout $(left 70) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
   --equal-memory-dense-batch 20 --max-batch 48 --commit "$COMMIT" --traces "$TRACES" \
   --equal-configs dense:off,nosa:on:traces,nosa:on:cache128:traces,infllmv2:on:traces,nosa:on:model,infllmv2:on:model,nosa:off:traces,infllmv2:off:traces,nosa:off:model,infllmv2:off:model \
   --profile "$OUT/decode_64k_profile.txt" --name "$OUT/decode_64k_equal_memory" >"$OUT/decode_64k_equal_memory.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
-echo "64K exit $rc ($(( $(date +%s) - START )) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/decode_64k_equal_memory.log" | tail -14
+echo "64K exit $rc ($(elapsed) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/decode_64k_equal_memory.log" | tail -14
 
 timeout $(left) python3 -m nosa.cli bench generate --shape demo --prompt 4096 --new-tokens 256 --dynamic-new-tokens 16 \
   --repeats 2 --out-dir "$OUT" >"$OUT/generate.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
-echo "generate exit $rc ($(( $(date +%s) - START )) s)"; tail -6 "$OUT/generate.log"
+echo "generate exit $rc ($(elapsed) s)"; tail -6 "$OUT/generate.log"
 (cd "$OUT" && tar -czf logs.tar.gz *.log && rm -f *.log)
 ls "$OUT"
 exit $status
