@@ -17,6 +17,8 @@ changes. Fields:
   shared_eval  retrieval of every shared phase's final weights, measured right after the shared phases
                (nosa.study.shared_eval): tasks, lengths (each phase is also scored at its own seq_len;
                a task too long for a length is left out), depths, samples, batch_size, seed, time_limit_s
+  chain_shared train the shared phases in one process (nosa.study.train_chain; default true) instead of one
+               `nosa train` process each
   concurrent   train (and evaluate) the modes as concurrent processes instead of back to back
   eval         what nosa.study.evaluate measures (lengths, depths, samples, locality lengths and steps)
   budget_s     wall time of the whole study; training phases stop by their time_limit_s, evaluation
@@ -74,12 +76,13 @@ PRESETS = {
         # tokens (two-query NIAH rows need 384) and on passkey and NIAH rows at 512, then the rows grow to
         # 2K and 4K with drill rows still 25% of them; the last phase is the per-mode 16K phase. Every phase
         # puts the task loss on the answers only (DATA's task_loss), corpus rows keep the language-model
-        # loss. Planned wall time on one H200 (run 2: ~494K tokens/s at 2K, 0.71 s a step for the four 16K
-        # processes, ~12 s start-up per process; 0a: ~0.065 s a step, copying formed at step ~450-740):
-        # ~48 + 20 + 20 + 45 + 33 + 171 s of training, ~95 s of evaluation, under budget_s.
+        # loss. Planned wall time on one H200 (run 3: ~460K tokens/s at 2K, ~0.8 s a step for the four 16K
+        # processes, ~14 s start-up per process, so the shared phases run chained in one; 0a: ~0.064 s a
+        # step, copying formed at step ~450-740 of runs so far, 60 s hold ~930):
+        # ~14 + 60 + 20 + 20 + 45 + 30 + 45 + 176 s of training, ~95 s of evaluation, under budget_s.
         "phases": [
             {"shared": True, "attn_mode": "dense", "seq_len": 64, "micro_batch_size": 128, "max_steps": 2500,
-             "time_limit_s": 48, "lr": 2e-3, "warmup_steps": 50, "mixture": {"copy_drill": 1.0},
+             "time_limit_s": 60, "lr": 2e-3, "warmup_steps": 50, "mixture": {"copy_drill": 1.0},
              "task_params": {"copy_drill": {"span_max": 24}}},
             {"shared": True, "attn_mode": "dense", "seq_len": 256, "micro_batch_size": 64, "max_steps": 400,
              "time_limit_s": 20, "lr": 2e-3, "warmup_steps": 20, "mixture": {"copy_drill": 0.7, "passkey": 0.3}},
@@ -89,17 +92,23 @@ PRESETS = {
              "task_params": {"multikey_niah": {"num_queries": 2}}},
             {"shared": True, "attn_mode": "dense", "seq_len": 2048, "micro_batch_size": 32, "max_steps": 300,
              "time_limit_s": 45, "lr": 1.5e-3, "warmup_steps": 30, "mixture": LONG_MIXTURE},
-            {"shared": True, "attn_mode": "dense", "seq_len": 4096, "micro_batch_size": 16, "max_steps": 130,
-             "time_limit_s": 33, "lr": 1e-3, "warmup_steps": 15, "mixture": LONG_MIXTURE},
-            # 220 steps (the first run had 300): ~156 s at 0.71 s a step, so the shared phases fit in the
-            # call. The 190 s limit is a backstop that 220 steps of the slowest sparse mode fit, so every
-            # mode trains the same tokens.
-            {"seq_len": 16384, "micro_batch_size": 2, "max_steps": 220, "time_limit_s": 190, "lr": 1e-3,
+            {"shared": True, "attn_mode": "dense", "seq_len": 4096, "micro_batch_size": 16, "max_steps": 120,
+             "time_limit_s": 30, "lr": 1e-3, "warmup_steps": 15, "mixture": LONG_MIXTURE},
+            # Dense at 8K on the whole GPU (run 3's shared model scored 0 at 16K: what it never saw): ~15M
+            # tokens in 45 s, twice what each mode's 16K phase gets. Sparse modes continue from dense weights
+            # trained past their topk, as a converted dense checkpoint does.
+            {"shared": True, "attn_mode": "dense", "seq_len": 8192, "micro_batch_size": 8, "max_steps": 250,
+             "time_limit_s": 45, "lr": 1e-3, "warmup_steps": 10, "mixture": LONG_MIXTURE},
+            # 220 steps (the first run had 300): ~156-176 s for the four side by side. The 190 s limit is a
+            # backstop that 220 steps of the slowest sparse mode fit, so every mode trains the same tokens.
+            # lr 6e-4 (run 3: 1e-3): run 3's dense model lost 4K passkey in this phase (0.92 -> 0.76).
+            {"seq_len": 16384, "micro_batch_size": 2, "max_steps": 220, "time_limit_s": 190, "lr": 6e-4,
              "warmup_steps": 20, "mixture": LONG_MIXTURE},
         ],
         "shared_eval": {"tasks": ["passkey", "multikey_niah"], "lengths": [2048, 16384], "depths": [0.0, 0.5, 1.0],
                         "samples": 8, "batch_size": 8, "seed": 1234, "time_limit_s": 60},
         "train": {"weight_decay": 0.1, "grad_clip": 1.0, "min_lr_ratio": 0.1, "val_batches": 2, "log_every": 5},
+        "chain_shared": True,
         "concurrent": True,
         "budget_s": 535,
         "reserve_s": 20,
@@ -125,6 +134,7 @@ PRESETS = {
         "train": {"weight_decay": 0.1, "grad_clip": 1.0, "min_lr_ratio": 0.1, "val_batches": 1, "log_every": 1},
         "shared_eval": {"tasks": ["passkey", "multikey_niah"], "lengths": [1024], "depths": [0.5], "samples": 1,
                         "batch_size": 2, "seed": 1234, "time_limit_s": 60},
+        "chain_shared": True,
         "concurrent": False,
         "budget_s": 600,
         "reserve_s": 10,

@@ -2,7 +2,8 @@
 schedule and seed, evaluate each, and write one summary (with the machine header), the plots, the
 selection traces of the sparse modes and one log archive.
 
-Every mode runs `nosa train` (nosa.train.loop) once per curriculum phase, then `nosa.study.evaluate`; the
+Every mode runs `nosa train` (nosa.train.loop) once per curriculum phase, then `nosa.study.evaluate` (the
+shared phases, trained once for all modes, run one after another in one process: nosa.study.train_chain); the
 modes run as concurrent processes (one GPU is shared; a small model leaves most of an H200 idle, and
 running side by side gives every mode the same wall-clock window) or back to back. The whole study is
 time-boxed: each phase stops at its `time_limit_s` (the loop saves and exits), a process still alive
@@ -32,6 +33,7 @@ from nosa.study.presets import resolve
 TRACE_MODES = ("nosa", "infllmv2")
 WORK_MARKER = ".nosa_study_work"
 KILL_GRACE_S = 45  # a phase past time_limit_s still saves its checkpoint; startup also takes a while
+CHAIN_PHASE_OVERHEAD_S = 15  # a chained phase's own set-up and final save (the kill backstop, not a plan)
 POLL_S = 0.1  # how often a running job is checked: each back-to-back job waited up to a whole poll after it ended
 
 
@@ -285,6 +287,31 @@ def mode_row(study: dict, mode: str, work: str, train_status: dict, eval_status:
     return row
 
 
+def write_phase_config(cfg: dict, work: str, owner: str, phase_index: int) -> str:
+    path = os.path.join(work, owner, f"phase{phase_index}.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
+
+
+def run_shared_chain(study: dict, shared_phases: list[int], work: str, logs: str, py: str, deadline: float, logf) -> dict:
+    """Train the shared phases in one process (nosa.study.train_chain: the per-process start-up is paid
+    once). Each phase's file leaves init_path empty after the first, so the chain starts it from the phase
+    before. Returns each phase's status (the chain's process status, with the chain's name)."""
+    paths = []
+    for k in shared_phases:
+        cfg = train_config(study, "shared", k, work)
+        if k > 0:
+            cfg["init_path"] = None  # the chain fills in the previous phase's final checkpoint
+        paths.append(write_phase_config(cfg, work, "shared", k))
+    name = f"shared/phase{shared_phases[0]}-{shared_phases[-1]}"
+    limit = sum(study["phases"][k]["time_limit_s"] + CHAIN_PHASE_OVERHEAD_S for k in shared_phases) + KILL_GRACE_S
+    job = (name, [py, "-m", "nosa.study.train_chain", *paths], os.path.join(logs, "train_shared_chain.log"))
+    st = run_processes([job], False, min(time.time() + limit, deadline), logf)[name]
+    return {f"shared/phase{k}": {**st, "chain": name} for k in shared_phases}
+
+
 def start_shared_eval(study: dict, work: str, logs: str, py: str, deadline: float, logf):
     """Launch nosa.study.shared_eval on every shared phase's final weights, in the background: it runs
     beside the per-mode phases' start-up (a few seconds of GPU work for the h200 preset's cells), and is
@@ -383,23 +410,26 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     alive = list(study["modes"])
     status["derive"] = {}
     shared_eval_job = None
+    shared_phases = [k for k, phase in enumerate(study["phases"]) if phase.get("shared")]
+    chain = study.get("chain_shared", True) and len(shared_phases) > 1
     for k, phase in enumerate(study["phases"]):
-        jobs = []
-        owners = ["shared"] if phase.get("shared") else alive
-        for mode in owners:
-            cfg = train_config(study, mode, k, work)
-            if k > 0 and cfg["init_path"] is None:
-                status["train"][f"{mode}/phase{k}"] = {"skipped": f"phase{k - 1} left no weights to start from"}
-                continue
-            path = os.path.join(work, mode, f"phase{k}.yaml")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                yaml.safe_dump(cfg, f, sort_keys=False)
-            jobs.append((f"{mode}/phase{k}", [py, "-m", "nosa.train.cli", "--config", path],
-                         os.path.join(logs, f"train_{mode}_phase{k}.log")))
-        per_job = phase["time_limit_s"] + KILL_GRACE_S
-        phase_deadline = time.time() + (per_job if study["concurrent"] else per_job * len(jobs))
-        status["train"].update(run_processes(jobs, study["concurrent"], min(phase_deadline, deadline), logf))
+        if chain and phase.get("shared"):
+            if k == shared_phases[0]:
+                status["train"].update(run_shared_chain(study, shared_phases, work, logs, py, deadline, logf))
+        else:
+            jobs = []
+            owners = ["shared"] if phase.get("shared") else alive
+            for mode in owners:
+                cfg = train_config(study, mode, k, work)
+                if k > 0 and cfg["init_path"] is None:
+                    status["train"][f"{mode}/phase{k}"] = {"skipped": f"phase{k - 1} left no weights to start from"}
+                    continue
+                path = write_phase_config(cfg, work, mode, k)
+                jobs.append((f"{mode}/phase{k}", [py, "-m", "nosa.train.cli", "--config", path],
+                             os.path.join(logs, f"train_{mode}_phase{k}.log")))
+            per_job = phase["time_limit_s"] + KILL_GRACE_S
+            phase_deadline = time.time() + (per_job if study["concurrent"] else per_job * len(jobs))
+            status["train"].update(run_processes(jobs, study["concurrent"], min(phase_deadline, deadline), logf))
         last_shared = phase.get("shared") and not study["phases"][k + 1].get("shared")
         if last_shared:  # score the shared weights in the background, then give each mode its copy
             shared_eval_job = start_shared_eval(study, work, logs, py, deadline, logf)

@@ -79,6 +79,20 @@ def test_tiny_study_writes_every_file_and_field(tiny_study):
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
     assert "logs/study.log" in names and any(n.endswith("eval.json") for n in names)
+    # the shared phases ran as one chained process, each phase in its own run dir with its own end record
+    train_status = summary["results"]["status"]["train"]
+    assert [train_status[f"shared/phase{k}"]["chain"] for k in shared_phases] == ["shared/phase0-1"] * 2
+    assert train_status["shared/phase0"]["rc"] == 0 and "logs/train_shared_chain.log" in names
+    assert [p["steps_done"] for p in rows["dense"]["phases"][:2]] == [p["max_steps"] for p in study["phases"][:2]]
+
+
+def test_train_chain_refuses_a_first_phase_with_nothing_to_start_from(tmp_path):
+    from nosa.study.train_chain import run_chain
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"init_from": "nosa", "init_path": None, "out_dir": str(tmp_path / "run")}))
+    with pytest.raises(ValueError, match="no earlier phase in the chain"):
+        run_chain([str(path)])
 
 
 def test_tiny_study_traces_load_with_geometry(tiny_study):

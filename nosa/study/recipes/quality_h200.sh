@@ -2,11 +2,12 @@
 # The quality study (issue 9) on one H200, from the repository root, in at most ~9 minutes wall time:
 #   OUT=<results dir> bash nosa/study/recipes/quality_h200.sh
 # Runs `nosa study quality --config h200` (nosa/study/presets.py): builds the stdlib corpus; trains one
-# dense model on the whole GPU through five shared phases (copy drill alone at 64 tokens, ~48 s; drill +
-# passkey rows at 256 and passkey/NIAH rows at 512 tokens, ~20 s each; the mixture with drill rows at 2K, ~45 s, and at 4K,
-# ~33 s; ~12 s start-up each); scores those weights on passkey and multikey_niah (shared_eval, in the
-# background); continues dense, InfLLM-v2, DMA and NOSA from them at 16K
-# as four concurrent processes (same data, 220 steps, schedule, seed; ~171 s, <= 190 s + start-up);
+# dense model on the whole GPU through six shared phases, chained in one process (copy drill alone at 64
+# tokens, ~60 s; drill + passkey rows at 256 and passkey/NIAH rows at 512 tokens, ~20 s each; the mixture
+# with drill rows at 2K, ~45 s, at 4K, ~30 s, and at 8K, ~45 s; ~14 s start-up once); scores those weights
+# on passkey and multikey_niah (shared_eval, in the background); continues dense, InfLLM-v2, DMA and NOSA
+# from them at 16K as four concurrent processes (same data, 220 steps, schedule, seed; ~176 s, <= 190 s +
+# start-up);
 # evaluates the four concurrently (perplexity by position, task accuracy at 4K-32K, locality of 256 decode
 # steps through the engine at 16K and 32K) until the study's budget (535 s) minus 20 s; then writes into $OUT:
 #   summary.json loss.png accuracy.png locality.png traces_nosa.npz traces_infllmv2.npz logs.tar.gz
