@@ -21,8 +21,12 @@ def register(subparsers) -> None:
     q.add_argument("--config", default=None, help="a preset (h200, tiny) or a YAML file merged over its `preset` (default h200)")
     q.add_argument("--preset", dest="config_preset", help="same as --config with a preset name")
     q.add_argument("--out-dir", default="results/quality", help="where summary.json, plots, traces and logs.tar.gz go")
-    q.add_argument("--work-dir", help="checkpoints and per-mode files (default: <out-dir>/../study_work; deleted first)")
+    q.add_argument("--work-dir", help="checkpoints and per-mode files (default: <out-dir>/../study_work; deleted first unless --resume)")
     q.add_argument("--modes", help="comma list of attn_modes (default: the preset's four)")
+    q.add_argument("--stop-after-phase", type=int, metavar="K",
+                   help="train phases 0..K, write logs.tar.gz and stop, keeping --work-dir for a call with --resume")
+    q.add_argument("--resume", action="store_true",
+                   help="continue the study in --work-dir (same config): train only its unfinished phases, then evaluate")
     q.set_defaults(func=_run)
     r = sub.add_parser("report", help="markdown tables from a study's summary.json (optionally into the README)",
                        description="Training, accuracy and locality tables from a quality study's summary.json.")
@@ -42,7 +46,7 @@ def _run(args) -> int:
             raise ValueError(f"--modes names unknown attn_modes {bad}; known: {list(ATTN_MODES)}")
     from nosa.study.quality import run_study
 
-    run_study(config, args.out_dir, args.work_dir, modes)
+    run_study(config, args.out_dir, args.work_dir, modes, stop_after_phase=args.stop_after_phase, resume=args.resume)
     return 0
 
 

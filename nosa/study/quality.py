@@ -302,10 +302,11 @@ def run_shared_chain(study: dict, shared_phases: list[int], work: str, logs: str
     paths = []
     for k in shared_phases:
         cfg = train_config(study, "shared", k, work)
-        if k > 0:
+        if k != shared_phases[0]:
             cfg["init_path"] = None  # the chain fills in the previous phase's final checkpoint
         paths.append(write_phase_config(cfg, work, "shared", k))
-    name = f"shared/phase{shared_phases[0]}-{shared_phases[-1]}"
+    first, last = shared_phases[0], shared_phases[-1]
+    name = f"shared/phase{first}" if first == last else f"shared/phase{first}-{last}"
     limit = sum(study["phases"][k]["time_limit_s"] + CHAIN_PHASE_OVERHEAD_S for k in shared_phases) + KILL_GRACE_S
     job = (name, [py, "-m", "nosa.study.train_chain", *paths], os.path.join(logs, "train_shared_chain.log"))
     st = run_processes([job], False, min(time.time() + limit, deadline), logf)[name]
@@ -364,30 +365,76 @@ def read_shared_eval(work: str) -> dict | None:
         return json.load(f)
 
 
-def run_study(config: str | None, out_dir: str, work_dir: str | None = None, modes: list[str] | None = None) -> dict:
+# What a resumed study must share with the call that made its work dir (the evaluation and the time budget
+# may differ: they act after, or only on, the call that sets them).
+RESUME_KEYS = ("modes", "model", "data", "phases", "train", "shared_eval", "chain_shared")
+
+
+def phase_finished(work: str, owner: str, phase_index: int, study: dict) -> bool:
+    """The phase's run ended (its end record, also after a time limit) and left a final checkpoint: a
+    resumed study does not train it again."""
+    run = phase_dir(work, owner, phase_index, study)
+    ended = any(r.get("event") == "end" for r in read_jsonl(os.path.join(run, "metrics.jsonl")))
+    return ended and final_checkpoint(run) is not None
+
+
+def open_work_dir(work: str, study: dict, resume: bool) -> None:
+    """A fresh work dir (an earlier study's is deleted), or, with resume, the one an earlier call of the same
+    study left (checked: made by `nosa study`, same RESUME_KEYS)."""
+    made_here = os.path.exists(os.path.join(work, WORK_MARKER))
+    if resume:
+        saved = os.path.join(work, "logs", "study_config.yaml")
+        if not made_here or not os.path.exists(saved):
+            raise ValueError(f"--resume: {work!r} holds no study to resume (run the study's first call with this --work-dir)")
+        with open(saved) as f:
+            before = yaml.safe_load(f)
+        now = yaml.safe_load(yaml.safe_dump(study))
+        changed = [key for key in RESUME_KEYS if before.get(key) != now.get(key)]
+        if changed:
+            raise ValueError(f"--resume: the study's {changed} differ from those {work!r} was trained with; "
+                             f"resume with the same config, or start a new study without --resume")
+        return
+    if os.path.exists(work) and os.listdir(work):
+        # Only a folder an earlier study made is deleted: a mistyped --work-dir must not wipe anything else.
+        if not made_here:
+            raise ValueError(f"work dir {work!r} is not empty and was not made by `nosa study`; choose another --work-dir")
+        shutil.rmtree(work)
+    os.makedirs(os.path.join(work, "logs"))
+    open(os.path.join(work, WORK_MARKER), "w").close()
+
+
+def run_study(config: str | None, out_dir: str, work_dir: str | None = None, modes: list[str] | None = None,
+              stop_after_phase: int | None = None, resume: bool = False) -> dict:
+    """Run the study. `stop_after_phase` k: train phases 0..k (and the shared evaluation, if k is the last
+    shared phase), write logs.tar.gz and stop, leaving the work dir for a later call with `resume`, which
+    trains only the phases not finished yet, then evaluates and writes everything. Together they split a
+    study over two time-limited GPU calls on one machine."""
     from nosa.results.header import write_json_result
 
     began = time.time()
     study = resolve(config)
     if modes:
         study["modes"] = modes
+    if stop_after_phase is not None and not 0 <= stop_after_phase < len(study["phases"]) - 1:
+        raise ValueError(f"--stop-after-phase must be 0..{len(study['phases']) - 2} (the last phase is followed by the "
+                         f"evaluation), got {stop_after_phase}")
     check_phase_tasks(study)
     deadline = began + study["budget_s"]
     os.makedirs(out_dir, exist_ok=True)
     work = os.path.abspath(work_dir or os.path.join(out_dir, "..", "study_work"))
-    if os.path.exists(work) and os.listdir(work):
-        # Only a folder an earlier study made is deleted: a mistyped --work-dir must not wipe anything else.
-        if not os.path.exists(os.path.join(work, WORK_MARKER)):
-            raise ValueError(f"work dir {work!r} is not empty and was not made by `nosa study`; choose another --work-dir")
-        shutil.rmtree(work)
+    open_work_dir(work, study, resume)
     logs = os.path.join(work, "logs")
-    os.makedirs(logs)
-    open(os.path.join(work, WORK_MARKER), "w").close()
-    logf = open(os.path.join(logs, "study.log"), "w")
-    with open(os.path.join(logs, "study_config.yaml"), "w") as f:
-        yaml.safe_dump(study, f, sort_keys=False)
-    _log(f"study: modes {study['modes']}, budget {study['budget_s']} s, concurrent={study['concurrent']}", logf)
+    logf = open(os.path.join(logs, "study.log"), "a" if resume else "w")
+    if not resume:
+        with open(os.path.join(logs, "study_config.yaml"), "w") as f:
+            yaml.safe_dump(study, f, sort_keys=False)
+    _log(f"study: modes {study['modes']}, budget {study['budget_s']} s, concurrent={study['concurrent']}"
+         f"{', resumed' if resume else ''}{f', stops after phase {stop_after_phase}' if stop_after_phase is not None else ''}", logf)
     status = {"train": {}, "eval": {}, "corpus": None}
+    status_path = os.path.join(logs, "status.json")
+    if resume and os.path.exists(status_path):
+        with open(status_path) as f:
+            status["train"] = json.load(f).get("train", {})  # the earlier call's process records
     py = sys.executable
 
     # 1. the corpus, once (every mode reads the same files)
@@ -412,13 +459,25 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     shared_eval_job = None
     shared_phases = [k for k, phase in enumerate(study["phases"]) if phase.get("shared")]
     chain = study.get("chain_shared", True) and len(shared_phases) > 1
+    to_train = shared_phases
+    if resume:
+        to_train = [k for k in shared_phases if not phase_finished(work, "shared", k, study)]
+        _log(f"resume: shared phases finished {sorted(set(shared_phases) - set(to_train))}", logf)
+    if stop_after_phase is not None:  # the chain stops where the call does
+        to_train = [k for k in to_train if k <= stop_after_phase]
     for k, phase in enumerate(study["phases"]):
         if chain and phase.get("shared"):
-            if k == shared_phases[0]:
-                status["train"].update(run_shared_chain(study, shared_phases, work, logs, py, deadline, logf))
+            if to_train and k == to_train[0]:
+                for j in to_train:  # an unfinished phase of the earlier call starts over
+                    shutil.rmtree(phase_dir(work, "shared", j, study), ignore_errors=True)
+                status["train"].update(run_shared_chain(study, to_train, work, logs, py, deadline, logf))
         else:
             jobs = []
             owners = ["shared"] if phase.get("shared") else alive
+            if resume:
+                owners = [o for o in owners if not phase_finished(work, o, k, study)]
+                for o in owners:
+                    shutil.rmtree(phase_dir(work, o, k, study), ignore_errors=True)
             for mode in owners:
                 cfg = train_config(study, mode, k, work)
                 if k > 0 and cfg["init_path"] is None:
@@ -432,7 +491,8 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             status["train"].update(run_processes(jobs, study["concurrent"], min(phase_deadline, deadline), logf))
         last_shared = phase.get("shared") and not study["phases"][k + 1].get("shared")
         if last_shared:  # score the shared weights in the background, then give each mode its copy
-            shared_eval_job = start_shared_eval(study, work, logs, py, deadline, logf)
+            if not (resume and read_shared_eval(work) is not None):  # the earlier call scored them
+                shared_eval_job = start_shared_eval(study, work, logs, py, deadline, logf)
             shared = final_checkpoint(phase_dir(work, "shared", k, study))
             for mode in alive:
                 try:
@@ -445,6 +505,15 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             alive = [m for m in alive if os.path.exists(os.path.join(work, m, "init", "config.json"))]
         elif not phase.get("shared"):
             alive = [m for m in alive if final_checkpoint(phase_dir(work, m, k, study))]
+        if k == stop_after_phase:
+            status["shared_eval"] = finish_shared_eval(shared_eval_job, logf)
+            with open(status_path, "w") as f:
+                json.dump(status, f, indent=1)
+            _log(f"stopped after phase {k} as asked ({round(time.time() - began, 1)} s); "
+                 f"continue with the same config, --work-dir {work} and --resume", logf)
+            logf.close()
+            write_log_archive(out_dir, work, study)
+            return {"stopped_after_phase": k, "work_dir": work, "logs": os.path.join(out_dir, "logs.tar.gz")}
 
     # 3. evaluation of every mode that has weights, until the evaluation deadline (the shared phases'
     #    evaluation, which ran beside the per-mode phases, is collected first)
@@ -498,6 +567,17 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     summary_path = write_json_result(os.path.join(out_dir, "summary.json"), parameters, results)
     _log(f"summary: {summary_path} ({results['study_wall_s']} s)", logf)
     logf.close()
+    with open(status_path, "w") as f:
+        json.dump(status, f, indent=1)
+    write_log_archive(out_dir, work, study)
+    print_table(rows, study)
+    return {"summary": summary_path, "rows": rows}
+
+
+def write_log_archive(out_dir: str, work: str, study: dict) -> None:
+    """logs.tar.gz in out_dir: the study's logs, every phase's config, metrics and train_config, and the
+    evaluations (whatever exists so far)."""
+    logs = os.path.join(work, "logs")
     for extra in filter(None, os.environ.get("NOSA_STUDY_ATTACH", "").split(",")):
         if os.path.isfile(extra):  # e.g. a GPU utilisation log the launcher kept
             shutil.copy(extra, logs)
@@ -515,8 +595,6 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
                     p = os.path.join(work, owner, f"phase{k}", name)
                     if os.path.exists(p):
                         tar.add(p, arcname=f"{owner}/phase{k}/{name}")
-    print_table(rows, study)
-    return {"summary": summary_path, "rows": rows}
 
 
 def print_table(rows: list[dict], study: dict) -> None:

@@ -19,7 +19,12 @@ def tiny_study(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("study")
     out = root / "out"
-    run_study("tiny", str(out), str(root / "work"))
+    # in two calls, as on the GPU machine: the first stops inside the shared chain, the second resumes it
+    first = run_study("tiny", str(out), str(root / "work"), stop_after_phase=0)
+    assert first["stopped_after_phase"] == 0 and sorted(os.listdir(out)) == ["logs.tar.gz"]
+    with pytest.raises(ValueError, match=r"--resume: the study's \['modes'\] differ"):
+        run_study("tiny", str(out), str(root / "work"), modes=["dense"], resume=True)
+    run_study("tiny", str(out), str(root / "work"), resume=True)
     with open(out / "summary.json") as f:
         return out, json.load(f)
 
@@ -81,18 +86,23 @@ def test_tiny_study_writes_every_file_and_field(tiny_study):
     assert "logs/study.log" in names and any(n.endswith("eval.json") for n in names)
     # the shared phases ran as one chained process, each phase in its own run dir with its own end record
     train_status = summary["results"]["status"]["train"]
-    assert [train_status[f"shared/phase{k}"]["chain"] for k in shared_phases] == ["shared/phase0-1"] * 2
+    assert [train_status[f"shared/phase{k}"]["chain"] for k in shared_phases] == ["shared/phase0", "shared/phase1"]
     assert train_status["shared/phase0"]["rc"] == 0 and "logs/train_shared_chain.log" in names
     assert [p["steps_done"] for p in rows["dense"]["phases"][:2]] == [p["max_steps"] for p in study["phases"][:2]]
 
 
-def test_train_chain_refuses_a_first_phase_with_nothing_to_start_from(tmp_path):
+def test_train_chain_and_resume_refuse_what_they_cannot_continue(tmp_path):
+    from nosa.study.quality import run_study
     from nosa.study.train_chain import run_chain
 
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"init_from": "nosa", "init_path": None, "out_dir": str(tmp_path / "run")}))
     with pytest.raises(ValueError, match="no earlier phase in the chain"):
         run_chain([str(path)])
+    with pytest.raises(ValueError, match="holds no study to resume"):
+        run_study("tiny", str(tmp_path / "out"), str(tmp_path / "empty"), resume=True)
+    with pytest.raises(ValueError, match="--stop-after-phase must be 0..1"):
+        run_study("tiny", str(tmp_path / "out"), str(tmp_path / "w"), stop_after_phase=2)
 
 
 def test_tiny_study_traces_load_with_geometry(tiny_study):

@@ -12,6 +12,8 @@
 # steps through the engine at 16K and 32K) until the study's budget (535 s) minus 20 s; then writes into $OUT:
 #   summary.json loss.png accuracy.png locality.png traces_nosa.npz traces_infllmv2.npz logs.tar.gz
 # Overridable: P (preset or YAML, default h200), W (work dir for checkpoints, default /tmp/nosa_study_work).
+# Two calls on one warm machine (a curriculum longer than one call): STOP_AFTER=K trains phases 0..K and
+# brings back only logs.tar.gz; the next call with RESUME=1 (same P and W) trains the rest and evaluates.
 # The outer `timeout` is only a last resort (the study stops itself); if the study dies before packing,
 # the logs are packed here so something still comes back.
 export PYTHONPATH=$PWD
@@ -23,7 +25,10 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 >
 MON=$!
 export NOSA_STUDY_ATTACH=$G
 export NOSA_COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
-timeout -s KILL 565 python3 -m nosa.study.cli quality --config "$P" --out-dir "$OUT" --work-dir "$W" > /tmp/nosa_study.log 2>&1
+EXTRA=()
+[ -n "${STOP_AFTER:-}" ] && EXTRA+=(--stop-after-phase "$STOP_AFTER")
+[ -n "${RESUME:-}" ] && EXTRA+=(--resume)
+timeout -s KILL 565 python3 -m nosa.study.cli quality --config "$P" --out-dir "$OUT" --work-dir "$W" "${EXTRA[@]}" > /tmp/nosa_study.log 2>&1
 RC=$?
 kill $MON 2>/dev/null
 if [ ! -f "$OUT/logs.tar.gz" ]; then
