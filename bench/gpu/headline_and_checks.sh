@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One GPU call (<= 9.5 min wall), after study run 3 (results/quality/traces_*.npz from models that retrieve):
-# 0. GPU tests of the engine paths the host-side step work changed (device trace replay, staged inputs,
-#    sampling views): engine == forward, graphs == eager, device cache + both trace replay paths.
-# 1. The headline, bench/results/decode_64k_equal_memory.json: all 10 configs of decode_64k_equal_memory.sh
-#    (the previous call was cut after 5), with the new traces, and its kernel profile.
-# 2. Every kernel against its reference on the GPU (tests/ops/test_kernels_gpu.py; 10 of its tests were cut
-#    by the last call's timeout, the split query-aware scores' bf16 test among them).
+# One GPU call (<= 9.5 min wall; 2026-12-03's run of all 10 configs took 425 s of its 64K step):
+# 0. GPU tests of the engine paths (device trace replay, staged inputs, sampling views): engine == forward,
+#    graphs == eager, device cache + both trace replay paths (75 s limit: it cut them at 9 passed last time;
+#    the full GPU list passed separately, results/gpu_validation/2026-12-03b/).
+# 1. The headline, bench/results/decode_64k_equal_memory.json: 11 configs, replaying results/quality/traces_*.npz
+#    (study run 4's models since 2026-12-03), now with InfLLM-v2 offloaded at the same 128-block device cache
+#    as NOSA (the fair counterpart of nosa:on:cache128), and its kernel profiles.
+# 2. Every kernel against its reference on the GPU (tests/ops/test_kernels_gpu.py) in what time is left.
 # 3. What time is left (PREFILL=1): where a batched prefill's time goes (bench/gpu/prefill_profile.py,
 #    offload on), and whether prompts of new lengths still compile kernels again after do_not_specialize;
 #    PREFILL_S: the seconds the kernel tests leave for it (default 0).
@@ -23,7 +24,7 @@ echo "engine tests exit $rc ($(elapsed) s)"; grep -E "FAILED|ERROR|passed|failed
 
 timeout $(left 120) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
   --equal-memory-dense-batch 20 --max-batch 48 --commit "$COMMIT" --traces "$TRACES" \
-  --equal-configs dense:off,nosa:on:traces,nosa:on:cache128:traces,infllmv2:on:traces,nosa:on:model,infllmv2:on:model,nosa:off:traces,infllmv2:off:traces,nosa:off:model,infllmv2:off:model \
+  --equal-configs dense:off,nosa:on:traces,nosa:on:cache128:traces,infllmv2:on:traces,infllmv2:on:cache128:traces,nosa:on:model,infllmv2:on:model,nosa:off:traces,infllmv2:off:traces,nosa:off:model,infllmv2:off:model \
   --profile "$OUT/decode_64k_profile.txt" --name "$OUT/decode_64k_equal_memory" >"$OUT/decode_64k_equal_memory.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
 echo "64K exit $rc ($(elapsed) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/decode_64k_equal_memory.log" | tail -14
 

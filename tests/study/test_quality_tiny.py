@@ -160,6 +160,15 @@ def test_config_files_merge_over_a_preset_and_refuse_unknown_options(tmp_path):
     from nosa.study.quality import train_config
 
     h200 = resolve("h200")
+    # the two-call recipe resolves, shares the long phases' mixture, and its tasks fit every phase
+    from nosa.study.presets import LONG_MIXTURE
+    from nosa.study.quality import check_phase_tasks
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "nosa", "study", "recipes", "h200_two_calls.yaml")
+    two_calls = resolve(recipe)
+    assert [p["seq_len"] for p in two_calls["phases"]] == [p["seq_len"] for p in h200["phases"]]
+    assert all(p["mixture"] == LONG_MIXTURE for p in two_calls["phases"][3:])
+    check_phase_tasks(two_calls)
     first = train_config(h200, "nosa", 0, str(tmp_path))
     assert first["mixture"] == h200["phases"][0]["mixture"] and "copy_drill" in first["mixture"]
     assert first["task_params"]["copy_drill"] == {"span_max": 24}
