@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from nosa import ops
+from nosa.ops import reference
 
 
 class EvictionHead(nn.Module):
@@ -30,14 +32,12 @@ class EvictionHead(nn.Module):
             self.A.zero_()
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """v: [B, T, H, D] -> c: [B, T, H] in float32 (float64 for float64 inputs)."""
-        dtype = torch.promote_types(v.dtype, torch.float32)
-        flat = v.reshape(v.shape[0], v.shape[1], -1).to(dtype)
-        weight, bias = self.delta.weight.to(dtype), self.delta.bias.to(dtype)
-        # A product and a row sum per KV head, not F.linear: a matmul rounds a row differently with the number
-        # of rows (and with the row's place among them), so equal value vectors (a repeated token in layer 0)
-        # got scores an ulp apart and the tie between their blocks, which the lower index must decide (spec
-        # sec. 4.5), broke by rounding, differently in a full forward than in the engine's one-token steps.
-        # A row sum gives every row the same additions in the same order, whatever the batch.
-        raw = torch.stack([(flat * weight[h]).sum(-1) for h in range(weight.shape[0])], dim=-1) + bias
-        return self.A.to(dtype) * F.softplus(raw)
+        """v: [B, T, H, D] -> c: [B, T, H] in float32 (float64 for float64 inputs). The arithmetic is
+        `nosa.ops.reference.eviction_scores`; without a gradient to keep (inference: the engine, generate,
+        evaluation) it is dispatched, so on CUDA one Triton launch replaces ~12 small ones per layer; the
+        kernel's result for a row does not depend on the other rows either, so prefill and decode steps
+        still round a token's score alike."""
+        args = (v, self.delta.weight, self.delta.bias, self.A)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+            return reference.eviction_scores(*args)
+        return ops.eviction_scores(*args)

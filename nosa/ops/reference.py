@@ -56,6 +56,21 @@ def window_mean(x: torch.Tensor, kernel: int, stride: int, by_value: bool = Fals
     return (total / kernel).to(x.dtype)
 
 
+def eviction_scores(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """The eviction head (spec sec. 3): v [B, T, H, D], weight [H, H * D], bias [H], A [H] ->
+    c = A * softplus(v_flat @ weight.T + bias) [B, T, H] in float32 (float64 for float64 inputs)."""
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    flat = v.reshape(v.shape[0], v.shape[1], -1).to(dtype)
+    weight, bias = weight.to(dtype), bias.to(dtype)
+    # A product and a row sum per KV head, not F.linear: a matmul rounds a row differently with the number
+    # of rows (and with the row's place among them), so equal value vectors (a repeated token in layer 0)
+    # got scores an ulp apart and the tie between their blocks, which the lower index must decide (spec
+    # sec. 4.5), broke by rounding, differently in a full forward than in the engine's one-token steps.
+    # A row sum gives every row the same additions in the same order, whatever the batch.
+    raw = torch.stack([(flat * weight[h]).sum(-1) for h in range(weight.shape[0])], dim=-1) + bias
+    return A.to(dtype) * F.softplus(raw)
+
+
 def compress_keys(k: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     """Compressed keys ck[i] = mean of k over window i. k: [B, T, H, D] (post-RoPE) -> [B, Nc, H, D]."""
     return window_mean(k, kernel, stride)

@@ -242,3 +242,29 @@ def test_split_block_scores_bf16_match_reference_up_to_near_ties(length, batch, 
         scores = fused[b, t, hh][candidate].sort(descending=True).values
         gap = (scores[cfg.query_aware_quota - 1] - scores[cfg.query_aware_quota]).item()
         assert gap <= 1e-5, f"row {(b, t, hh)} differs but its quota boundary gap is {gap:.3g}"
+
+
+def test_eviction_scores_kernel_on_cuda_matches_float64_and_graphs():
+    # The 8B shape (2 KV heads x 128) and an odd one, bf16 values and parameters as in an inference model:
+    # the kernel computes in float32 like the reference, so it is within float32 rounding of the float64
+    # truth and no further from it than PyTorch's own float32 arithmetic (2x rule); a CUDA graph replays it.
+    from nosa.ops.kernels import eviction as ke
+
+    for B, T, H, D in [(48, 1, 2, 128), (2, 1031, 3, 40)]:
+        g = torch.Generator(device="cuda").manual_seed(B)
+        v = torch.randn(B, T, H, D, device="cuda", generator=g).to(torch.bfloat16)
+        weight = (torch.randn(H, H * D, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+        bias = torch.randn(H, device="cuda", generator=g).to(torch.bfloat16)
+        A = torch.rand(H, device="cuda", generator=g).to(torch.bfloat16)
+        got = ke.eviction_scores(v, weight, bias, A)
+        exact = ref.eviction_scores(v.double(), weight.double(), bias.double(), A.double())
+        torch_f32 = ref.eviction_scores(v, weight, bias, A)
+        err, base = (got.double() - exact).abs().max().item(), (torch_f32.double() - exact).abs().max().item()
+        assert got.dtype == torch.float32 and err <= 2 * base + 1e-6, (err, base)
+    graph, static_v = torch.cuda.CUDAGraph(), v.clone()
+    ke.eviction_scores(static_v, weight, bias, A)  # compiled before capture
+    with torch.cuda.graph(graph):
+        out = ke.eviction_scores(static_v, weight, bias, A)
+    static_v.copy_(v * 2)
+    graph.replay()
+    torch.testing.assert_close(out, ke.eviction_scores(v * 2, weight, bias, A), atol=0, rtol=0)
