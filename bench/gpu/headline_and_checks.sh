@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU call (<= 9.5 min wall; 2026-12-03's run of all 10 configs took 425 s of its 64K step):
-# 0. GPU tests of the engine paths (device trace replay, staged inputs, sampling views): engine == forward,
-#    graphs == eager, device cache + both trace replay paths (75 s limit: it cut them at 9 passed last time;
-#    the full GPU list passed separately, results/gpu_validation/2026-12-03b/).
+# 0. GPU tests of the engine paths and of the kernels added since the last GPU run (the eviction scores, the
+#    fused norm and rotary, one KV head in the engine): engine == forward, graphs == eager, device cache + both
+#    trace replay paths (TEST_S, default 110 s; the full GPU list passed on 2026-12-03 in 180 s,
+#    results/gpu_validation/2026-12-03b/).
 # 1. The headline, bench/results/decode_64k_equal_memory.json: 11 configs, replaying results/quality/traces_*.npz
 #    (study run 4's models since 2026-12-03), now with InfLLM-v2 offloaded at the same 128-block device cache
 #    as NOSA (the fair counterpart of nosa:on:cache128), and its kernel profiles.
@@ -18,8 +19,8 @@ TOTAL=${TOTAL:-555}
 status=0
 TRACES=results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz
 
-timeout 75 python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_gpu.py \
-  -k "device_cache_and_trace or graphs_equal_eager or equals_model_forward or offload_off" >"$OUT/gpu_engine_tests.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
+timeout ${TEST_S:-110} python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_gpu.py tests/ops/test_kernels_gpu.py \
+  -k "device_cache_and_trace or graphs_equal_eager or equals_model_forward or offload_off or one_kv_head or eviction or rms or rotary" >"$OUT/gpu_engine_tests.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
 echo "engine tests exit $rc ($(elapsed) s)"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_engine_tests.log" | tail -6
 
 timeout $(left 120) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
