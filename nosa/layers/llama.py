@@ -8,6 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nosa import ops
+from nosa.ops import reference
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -16,11 +19,12 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as transformers' LlamaRMSNorm (float32 variance, cast back before the weight).
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x32.to(dtype)
+        # `nosa.ops.reference.rms_norm`: transformers' LlamaRMSNorm arithmetic (float32 variance, cast back
+        # before the weight). Without a gradient to keep (the engine, generate, evaluation) it is dispatched:
+        # on CUDA one Triton launch instead of ~7; training keeps the autograd reference.
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return reference.rms_norm(x, self.weight, self.variance_epsilon)
+        return ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
 class SwiGLU(nn.Module):
@@ -74,13 +78,9 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos, sin: [B, T, D]. The result keeps x's dtype: under bf16 autocast the
-    projections are bf16 while cos/sin follow the float32 residual stream, and a silent promotion would
-    hand the attention kernels float32 q and k beside a bf16 v."""
-    return (x * cos[:, :, None] + _rotate_half(x) * sin[:, :, None]).to(x.dtype)
+    """x: [B, T, H, D]; cos, sin: [B, T, D] -> x's dtype (`nosa.ops.reference.apply_rotary`). Dispatched
+    when no gradient is kept (on CUDA one Triton launch instead of ~6), the autograd reference otherwise."""
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        return reference.apply_rotary(x, cos, sin)
+    return ops.apply_rotary(x, cos, sin)

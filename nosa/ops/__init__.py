@@ -27,6 +27,8 @@ sparse_attention = dispatched("sparse_attention")
 nosa_attention = dispatched("nosa_attention")
 decode_attention = dispatched("decode_attention")
 eviction_scores = dispatched("eviction_scores")
+rms_norm = dispatched("rms_norm")
+apply_rotary = dispatched("apply_rotary")
 
 # The decode step's block-cache ops (references in `block_ops`, kernels in `kernels.gather` and `kernels.spill`).
 diff_slot_tables = dispatched("diff_slot_tables")
@@ -45,6 +47,6 @@ __all__ = [
     "BACKENDS", "BLOCK_OPS", "register_kernel", "use_backend", "current_backend", "resolve", "reference", "block_ops",
     "compress_keys", "agnostic_chunk_scores", "query_aware_chunk_scores", "pool_to_blocks", "query_aware_block_scores",
     "select_blocks", "select_for_queries", "sparse_attention", "nosa_attention", "decode_attention",
-    "eviction_scores", "diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "attention_inputs", "all_visible",
+    "eviction_scores", "rms_norm", "apply_rotary", "diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "attention_inputs", "all_visible",
     "HostPages", "LayerSlots", "LoadPlan", "StepTokens", "SpillSlots", "spill_step", "plan_in_place", "slot_table", "select_rows", "ceil_div", "num_blocks",
 ]

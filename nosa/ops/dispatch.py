@@ -26,7 +26,7 @@ REFERENCES: dict[str, object] = {
     name: getattr(reference, name) for name in (
         "compress_keys", "agnostic_chunk_scores", "query_aware_chunk_scores", "pool_to_blocks",
         "query_aware_block_scores", "select_blocks", "select_for_queries", "sparse_attention", "nosa_attention",
-        "decode_attention", "eviction_scores",
+        "decode_attention", "eviction_scores", "rms_norm", "apply_rotary",
     )
 }
 REFERENCES.update({name: getattr(block_ops, name) for name in block_ops.DISPATCHED})

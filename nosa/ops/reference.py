@@ -419,3 +419,28 @@ def decode_attention(
     probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
     out = torch.einsum("bhgs,bshd->bhgd", probs, v_slots.to(dtype))
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Llama blocks' norm and rotary embedding (nosa.layers.llama), here so that they dispatch: on CUDA one
+# Triton launch each (`nosa.ops.kernels.norm_rope`) instead of ~7 and ~6 small PyTorch kernels.
+# ----------------------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: x [..., N], weight [N] -> [..., N] in promote_types(weight, x). Same
+    arithmetic as transformers' LlamaRMSNorm (float32 variance, cast back to x's dtype before the weight)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, D]. The result keeps x's dtype: under bf16 autocast the
+    projections are bf16 while cos/sin follow the float32 residual stream, and a silent promotion would
+    hand the attention kernels float32 q and k beside a bf16 v."""
+    return (x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]).to(x.dtype)

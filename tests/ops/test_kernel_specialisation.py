@@ -5,10 +5,10 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from nosa.ops.kernels import attention, selection  # noqa: E402
+from nosa.ops.kernels import attention, norm_rope, selection  # noqa: E402
 
 KERNELS = [attention._fwd_kernel, selection._window_mean_kernel, selection._qa_block_scores_kernel,
-           selection._select_kernel]
+           selection._select_kernel, norm_rope._rotary_kernel]
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__)

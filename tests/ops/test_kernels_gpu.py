@@ -268,3 +268,72 @@ def test_eviction_scores_kernel_on_cuda_matches_float64_and_graphs():
     static_v.copy_(v * 2)
     graph.replay()
     torch.testing.assert_close(out, ke.eviction_scores(v * 2, weight, bias, A), atol=0, rtol=0)
+
+
+def _rms_norm_float64(x, weight, eps):
+    x64 = x.double()
+    return x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def test_rms_norm_and_rotary_kernels_bf16_on_cuda_within_rule():
+    # bf16 activations and parameters as in an inference model (the norm also with a float32 weight, as
+    # under autocast), the 8B shape's decode rows (hidden 4096; 32 query and 2 KV heads of 128) and an odd
+    # prefill-like shape. 2x rule against the float64 truth: the kernels' error is at most twice that of
+    # PyTorch's own arithmetic (the reference ops on the same bf16 inputs). Rotary rounds exactly where the
+    # reference does (products and sum separately, no FMA): equal to it bit for bit.
+    from nosa.ops.kernels import norm_rope as kn
+
+    for shape in [(48, 1, 4096), (2, 1031, 40)]:
+        g = torch.Generator(device="cuda").manual_seed(shape[-1])
+        x = (torch.randn(shape, device="cuda", generator=g) * 3).to(torch.bfloat16)
+        w32 = 1 + 0.1 * torch.randn(shape[-1], device="cuda", generator=g)
+        for weight in (w32.to(torch.bfloat16), w32):
+            got, torch_ref = kn.rms_norm(x, weight, 1e-5), ref.rms_norm(x, weight, 1e-5)
+            exact = _rms_norm_float64(x, weight, 1e-5)
+            err, base = (got.double() - exact).abs().max().item(), (torch_ref.double() - exact).abs().max().item()
+            assert got.dtype == torch_ref.dtype and err <= 2 * base + 1e-6, (shape, weight.dtype, err, base)
+    for B, T, H, D in [(48, 1, 32, 128), (48, 1, 2, 128), (2, 1031, 3, 40)]:
+        g = torch.Generator(device="cuda").manual_seed(B * T + H)
+        x = torch.randn(B, T, H, D, device="cuda", generator=g).to(torch.bfloat16)
+        freqs = torch.rand(B, T, D // 2, device="cuda", generator=g) * 1000
+        emb = torch.cat((freqs, freqs), dim=-1)
+        for cs_dtype in (torch.bfloat16, torch.float32):
+            cos, sin = emb.cos().to(cs_dtype), emb.sin().to(cs_dtype)
+            got, torch_ref = kn.apply_rotary(x, cos, sin), ref.apply_rotary(x, cos, sin)
+            exact = ref.apply_rotary(x.double(), cos.double(), sin.double())
+            err, base = (got.double() - exact).abs().max().item(), (torch_ref.double() - exact).abs().max().item()
+            assert got.dtype == torch.bfloat16 and err <= 2 * base + 1e-6, ((B, T, H, D), cs_dtype, err, base)
+            assert torch.equal(got, torch_ref), ((B, T, H, D), cs_dtype)
+
+
+def test_rms_norm_and_rotary_layers_dispatch_on_cuda_and_graph():
+    # On CUDA tensors without gradients the layers take the kernels ('auto'), and a CUDA graph of both ops
+    # replays to what they compute eagerly on new inputs.
+    from nosa import ops
+    from nosa.layers import RMSNorm, apply_rotary
+    from nosa.ops.kernels import norm_rope as kn
+
+    norm = RMSNorm(4096, eps=1e-5).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(4096, device="cuda"))
+    h = torch.randn(48, 1, 4096, device="cuda").to(torch.bfloat16)
+    q = torch.randn(48, 1, 32, 128, device="cuda").to(torch.bfloat16)
+    emb = torch.rand(48, 1, 64, device="cuda") * 1000
+    emb = torch.cat((emb, emb), dim=-1)
+    cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+    assert ops.resolve("rms_norm", h, norm.weight) is ops.dispatch._KERNELS["rms_norm"]
+    with torch.no_grad():
+        assert torch.equal(norm(h), kn.rms_norm(h, norm.weight, 1e-5))
+        assert torch.equal(apply_rotary(q, cos, sin), kn.apply_rotary(q, cos, sin))
+        graph = torch.cuda.CUDAGraph()
+        static_h, static_q = h.clone(), q.clone()
+        norm(static_h), apply_rotary(static_q, cos, sin)  # compiled before capture
+        with torch.cuda.graph(graph):
+            out_h = norm(static_h)
+            out_q = apply_rotary(static_q, cos, sin)
+        static_h.copy_(h * 2)
+        static_q.copy_(q * 3)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out_h, kn.rms_norm(h * 2, norm.weight, 1e-5))
+        assert torch.equal(out_q, kn.apply_rotary(q * 3, cos, sin))
