@@ -146,3 +146,23 @@ def test_layers_use_the_kernels_only_without_gradients(monkeypatch):
     (out_norm.sum() + out_rot.square().sum() + out_both.square().sum()).backward()
     assert norm.weight.grad.abs().sum() > 0 and xg.grad.abs().sum() > 0 and hg.grad.abs().sum() > 0
     assert torch.equal(out_rot.detach(), want_rot)
+
+
+def test_engine_with_the_kernels_equals_the_model_with_them(monkeypatch):
+    # Under the kernels in both (as on CUDA, where auto picks them for the forward and the engine alike), the
+    # engine's prefill and one-token steps still equal the model's full forward.
+    from nosa.engine import LLM, SamplingParams
+    from tests.helpers import engine_model, reference_logits
+
+    calls = []
+    monkeypatch.setitem(ops.dispatch._KERNELS, "rms_norm", lambda *a: calls.append(1) or kernels.rms_norm(*a))
+    monkeypatch.setitem(ops.dispatch._KERNELS, "apply_rotary", kernels.apply_rotary)
+    model = engine_model("nosa", seed=3)
+    prompts = [[5, 17, 200, 3, 9, 9, 9, 9, 41, 2, 7], [9, 1, 44]]
+    with ops.use_backend("triton", only=["rms_norm", "apply_rotary"]):
+        llm = LLM(model, device="cpu", offload=True, max_model_len=64, max_num_seqs=2)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False,
+                            return_logits=True)
+        for prompt, out in zip(prompts, outs):
+            torch.testing.assert_close(out.logits, reference_logits(model, prompt, out.token_ids), atol=1e-4, rtol=1e-4)
+    assert calls  # the engine ran the kernel
