@@ -8,6 +8,8 @@ One engine, one install; the selection source is switched between the variants, 
   replay_host    ReplaySelections(on_device=False): the selections stacked on the host and copied over each step
                  (what every step did before the device-side replay)
   replay_device  ReplaySelections(on_device=True): picked on the device inside the graph (the default now)
+  replay_device_unfused  replay_device with RMSNorm and rotary on the PyTorch reference (~26 small kernels a
+                 layer) instead of the fused Triton kernels (nosa.ops.kernels.norm_rope): what the fusion saves
 Per variant and round: `time_decode` (warm-up steps, which capture the graphs again, then timed steps: wall
 time of `llm.step()`, no profiler). In the second round each variant also runs a few steps under
 torch.profiler (CPU + CUDA activity, graphs on), each step wrapped in record_function, and
@@ -22,6 +24,7 @@ and eager steps of replay_device). Usage: python bench/gpu/step_time.py OUT_DIR 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -30,6 +33,7 @@ import types
 
 import torch
 
+from nosa import ops
 from nosa.bench import decode as bench
 from nosa.results.header import write_json_result
 from nosa.bench.step_time import step_timeline, summarise
@@ -37,6 +41,7 @@ from nosa.engine import LLM
 from nosa.engine.selection_source import ReplaySelections
 
 TRACES = "results/quality/traces_nosa.npz"
+FUSED_OPS = ["rms_norm", "apply_rotary"]
 
 
 def attach(llm, request_ids, mapped, prompt_len, on_device):
@@ -101,7 +106,8 @@ def main() -> int:
     if args.smoke:
         args.prompt, args.layers, args.max_batch, args.steps, args.warmup, args.profile_steps = 16384, 2, 2, 2, 1, 2
     os.makedirs(args.out, exist_ok=True)
-    variants = (("replay_host", False), ("replay_device", True))
+    # (name, replay on the device, fused norm and rotary)
+    variants = (("replay_host", False, True), ("replay_device", True, True), ("replay_device_unfused", True, False))
     rounds = 2
     # Steps the traces must cover: every round's warm-up and timed steps, the profiled ones (+1 warm each),
     # the eager profile, and a margin.
@@ -127,26 +133,28 @@ def main() -> int:
     results = {"gather": shared["gather"], "hbm_copy_gb_s": shared["hbm_copy_gb_s"], "batch": batch, "variants": {}}
     tables = []
     for round_index in range(rounds):
-        for name, on_device in variants:
-            attach(llm, running, mapped, args.prompt, on_device)
-            run = bench.time_decode(llm, running, args.warmup, args.steps)
-            run.update({"batch": batch, "offload": True, "weight_bytes": weight_bytes})
-            run.update(bench.floor(run, llm, floor_args, shared["hbm_copy_gb_s"], shared["gather"]["pinned_memcpy_gb_s"]))
-            entry = results["variants"].setdefault(name, {"rounds": []})
-            entry["rounds"].append(run)
-            line = (f"round {round_index} {name:13s} step {run['step_ms_median']:.3f} ms median ({run['step_ms_mean']:.3f} mean)"
-                    f"  {run['tokens_per_s']:.0f} tok/s  floor {run['floor_ms']:.3f} ms  loads/step {run['blocks_loaded_per_step']:.0f}")
-            if round_index == rounds - 1:
-                timeline, table = profiled(llm, args.profile_steps, graphs=True)
-                entry["profiled_graph_steps"] = timeline
-                entry["profiled_graph"] = summary = summarise(timeline)
-                line += (f"\n    profiled (graphs): wall {summary['wall_us']:.0f} us, kernels {summary['kernel_us']:.0f} us "
-                         f"({summary['kernels']:.0f}), busy {summary['busy_us']:.0f}, idle inside {summary['idle_inside_us']:.0f}, "
-                         f"idle outside {summary['idle_outside_us']:.0f}, host before launch {summary['host_before_launch_us']}, "
-                         f"after sync {summary['host_after_sync_us']}, syncs {summary['syncs']}")
-                if on_device:
-                    tables.append(f"== {name}: {args.profile_steps} graphed steps (CPU + CUDA activity)\n{table}")
-            print(line, flush=True)
+        for name, on_device, fused in variants:
+            # attach() drops the graphs: this variant's steps capture them again under its backend.
+            with contextlib.nullcontext() if fused else ops.use_backend("reference", only=FUSED_OPS):
+                attach(llm, running, mapped, args.prompt, on_device)
+                run = bench.time_decode(llm, running, args.warmup, args.steps)
+                run.update({"batch": batch, "offload": True, "weight_bytes": weight_bytes})
+                run.update(bench.floor(run, llm, floor_args, shared["hbm_copy_gb_s"], shared["gather"]["pinned_memcpy_gb_s"]))
+                entry = results["variants"].setdefault(name, {"rounds": []})
+                entry["rounds"].append(run)
+                line = (f"round {round_index} {name:13s} step {run['step_ms_median']:.3f} ms median ({run['step_ms_mean']:.3f} mean)"
+                        f"  {run['tokens_per_s']:.0f} tok/s  floor {run['floor_ms']:.3f} ms  loads/step {run['blocks_loaded_per_step']:.0f}")
+                if round_index == rounds - 1:
+                    timeline, table = profiled(llm, args.profile_steps, graphs=True)
+                    entry["profiled_graph_steps"] = timeline
+                    entry["profiled_graph"] = summary = summarise(timeline)
+                    line += (f"\n    profiled (graphs): wall {summary['wall_us']:.0f} us, kernels {summary['kernel_us']:.0f} us "
+                             f"({summary['kernels']:.0f}), busy {summary['busy_us']:.0f}, idle inside {summary['idle_inside_us']:.0f}, "
+                             f"idle outside {summary['idle_outside_us']:.0f}, host before launch {summary['host_before_launch_us']}, "
+                             f"after sync {summary['host_after_sync_us']}, syncs {summary['syncs']}")
+                    if on_device:
+                        tables.append(f"== {name}: {args.profile_steps} graphed steps (CPU + CUDA activity)\n{table}")
+                print(line, flush=True)
     # Eager steps by kernel (graphs off): the kernel sum the earlier profiles reported, for comparison.
     timeline, table = profiled(llm, 3, graphs=False)
     results["profiled_eager_replay_device"] = summarise(timeline)
@@ -157,8 +165,10 @@ def main() -> int:
         medians = [r["step_ms_median"] for r in entry["rounds"]]
         entry["step_ms_median_of_rounds"] = sorted(medians)[len(medians) // 2] if len(medians) % 2 else sum(medians) / len(medians)
         entry["vs_floor"] = entry["step_ms_median_of_rounds"] / entry["rounds"][-1]["floor_ms"]
-    host, device = (results["variants"][n]["step_ms_median_of_rounds"] for n, _ in variants)
+    host, device, unfused = (results["variants"][n]["step_ms_median_of_rounds"] for n, _, _ in variants)
     results["device_replay_saves_ms"] = host - device
+    results["fused_norm_rotary_saves_ms"] = unfused - device
+    print(f"fused norm and rotary save {unfused - device:.3f} ms a step ({unfused:.3f} -> {device:.3f})", flush=True)
     print(f"replay on the device saves {host - device:.3f} ms a step ({host:.3f} -> {device:.3f}); "
           f"{results['variants']['replay_device']['vs_floor']:.2f}x the floor", flush=True)
     parameters = {"prompt_tokens": args.prompt, "layers": args.layers, "shape": "8B layer shape", **bench.SHAPE_8B,
