@@ -10,8 +10,10 @@ is float64), as PyTorch's elementwise kernels compute half-precision values in f
 from the reference by rounding:
   - rms_norm: the order of the row's sum of squares (a tree over the row; the reference's order is its own),
     which can move the mean by an ulp of float32, and the result by an ulp of its dtype where that ulp
-    crosses a rounding boundary. Everything after the mean (rsqrt, products, casts) is the reference's
-    operation sequence. A row's sum depends on the hidden size only (not on the number of rows), so a
+    crosses a rounding boundary; the mean is the sum times float32 1/N, as PyTorch's CUDA mean forms it
+    (its CPU mean divides by N: another ulp); rsqrt is libdevice's on the GPU (the rsqrtf PyTorch's CUDA
+    rsqrt calls), 1/sqrt under the interpreter. After that (products, casts) it is the reference's operation
+    sequence. A row's sum depends on the hidden size only (not on the number of rows), so a
     token rounds the same in a prefill as in a one-token decode step.
   - apply_rotary: none on the GPU (products and the sum are rounded separately, fp fusion off, so no FMA
     merges them) nor under the interpreter.
