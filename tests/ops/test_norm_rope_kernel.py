@@ -65,11 +65,13 @@ def test_rotary_equals_reference_at_odd_shapes(B, T, H, D, dtype):
 
 
 @pytest.mark.parametrize("x_dtype,cs_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                              (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)])
+                                              (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float64)])
 def test_rotary_promotion_rounds_as_the_reference(x_dtype, cs_dtype):
     # bf16 q, k with float32 cos, sin (autocast training): products and sum in float32, the result bf16;
     # all bf16 (inference): each product and the sum rounded to bf16 as PyTorch's bf16 mul and add do;
-    # float16 x with bf16 cos promotes to float32. Equal bit for bit.
+    # float16 x with bf16 cos promotes to float32; float64 cos computes in float64 and rounds to bf16 through
+    # float32, as PyTorch's double -> BFloat16 does. Equal bit for bit.
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(3, 5, 3, 64, generator=g) * 4).to(x_dtype)
     cos, sin = (t.to(cs_dtype) for t in _angles(3, 5, 64, g))
@@ -166,3 +168,16 @@ def test_engine_with_the_kernels_equals_the_model_with_them(monkeypatch):
         for prompt, out in zip(prompts, outs):
             torch.testing.assert_close(out.logits, reference_logits(model, prompt, out.token_ids), atol=1e-4, rtol=1e-4)
     assert calls  # the engine ran the kernel
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf * 0 in the interpreter
+def test_rms_norm_bf16_with_float64_weight_and_non_finite_values():
+    # x bf16, weight float64: normalised in float32, rounded to bf16, multiplied in float64. A NaN or inf in a
+    # row makes that row NaN in both; the other rows are untouched.
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 96, generator=g).to(torch.bfloat16)
+    x[1, 5], x[2, 7] = float("nan"), float("inf")
+    weight = torch.randn(96, generator=g, dtype=torch.float64)
+    got, want = kernels.rms_norm(x, weight, 1e-6), ref.rms_norm(x, weight, 1e-6)
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)

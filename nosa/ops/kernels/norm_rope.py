@@ -45,12 +45,15 @@ def _warps(elements: int) -> int:
 
 @triton.jit
 def _round_to(v, DTYPE: tl.constexpr):
-    """v (float32 or float64) rounded to DTYPE, kept in v's dtype (exact in it)."""
+    """v (float32 or float64) rounded to DTYPE, kept in v's dtype (exact in it); bfloat16 is kept in float32
+    (the interpreter converts only float32 to bfloat16 by value)."""
     if DTYPE == tl.bfloat16:
-        u = v.to(tl.uint32, bitcast=True)
+        # From float64 through float32, as PyTorch converts a double to BFloat16.
+        v32 = v.to(tl.float32)
+        u = v32.to(tl.uint32, bitcast=True)
         u = u + 0x7FFF + ((u >> 16) & 1)
         r = ((u >> 16) << 16).to(tl.float32, bitcast=True)
-        return tl.where(v != v, v, r)  # NaN stays NaN (the carry could turn a NaN's payload into inf)
+        return tl.where(v32 != v32, v32, r)  # NaN stays NaN (the carry could make a NaN's payload inf)
     else:
         return v.to(DTYPE).to(v.dtype)
 
