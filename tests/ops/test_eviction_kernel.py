@@ -75,6 +75,7 @@ def test_layer_uses_the_kernel_only_without_gradients(monkeypatch):
         calls.append(1)
         return real(*args)
 
+    ops.dispatch._load_kernels()  # first, or loading later would keep the patch and teardown would drop the kernel
     monkeypatch.setitem(ops.dispatch._KERNELS, "eviction_scores", counting)
     want = ref.eviction_scores(v, head.delta.weight, head.delta.bias, head.A)
     with torch.no_grad():

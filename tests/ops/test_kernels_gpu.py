@@ -261,6 +261,13 @@ def test_eviction_scores_kernel_on_cuda_matches_float64_and_graphs():
         torch_f32 = ref.eviction_scores(v, weight, bias, A)
         err, base = (got.double() - exact).abs().max().item(), (torch_f32.double() - exact).abs().max().item()
         assert got.dtype == torch.float32 and err <= 2 * base + 1e-6, (err, base)
+    # the softplus tails (raw far below 0, around the threshold 20, above it) against float64, relative
+    for shift in (-40.0, -16.0, -5.0, 19.9, 20.1, 60.0):
+        v32, w32 = v.float() * 1e-3, weight.float()
+        b32, a32 = torch.full_like(bias, shift, dtype=torch.float32), A.float() + 0.5
+        got = ke.eviction_scores(v32, w32, b32, a32)
+        exact = ref.eviction_scores(v32.double(), w32.double(), b32.double(), a32.double())
+        torch.testing.assert_close(got.double(), exact, atol=0, rtol=2e-5)
     graph, static_v = torch.cuda.CUDAGraph(), v.clone()
     ke.eviction_scores(static_v, weight, bias, A)  # compiled before capture
     with torch.cuda.graph(graph):

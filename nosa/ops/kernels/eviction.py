@@ -32,14 +32,16 @@ def _eviction_scores_kernel(v_ptr, w_ptr, b_ptr, a_ptr, out_ptr, s_row, s_w,
     for h in tl.static_range(H):
         w = tl.load(w_ptr + h * s_w + offs, mask=mask, other=0.0).to(dtype)
         raw = tl.sum(x * w, axis=0) + tl.load(b_ptr + h).to(dtype)
-        # log1p(exp(raw)) without losing small values: log(u) * y / (u - 1) with u = 1 + y is exact to a
-        # few ulps where log(1 + y) would round 1 + y (Goldberg's identity); y itself where u rounds to 1.
-        y = tl.exp(tl.minimum(raw, THRESHOLD))
+        # softplus in float64 (one scalar per head: free): on the GPU float32 exp and log lower to approximate
+        # instructions, whose error near log(1) would dominate small scores. log1p(exp(r)) without losing
+        # small values: log(u) * y / (u - 1) with u = 1 + y (Goldberg's identity); y itself where u rounds to 1.
+        r = raw.to(tl.float64)
+        y = tl.exp(tl.minimum(r, THRESHOLD))
         u = 1.0 + y
         exact = u == 1.0
         soft = tl.where(exact, y, tl.log(u) * (y / tl.where(exact, 1.0, u - 1.0)))
-        soft = tl.where(raw > THRESHOLD, raw, soft)
-        tl.store(out_ptr + row * H + h, tl.load(a_ptr + h).to(dtype) * soft)
+        soft = tl.where(r > THRESHOLD, r, soft)
+        tl.store(out_ptr + row * H + h, (tl.load(a_ptr + h).to(tl.float64) * soft).to(dtype))
 
 
 def eviction_scores(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
