@@ -34,3 +34,18 @@ def test_configs_say_per_row_whether_they_replay_traces():
     for bad in ("dense:off:traces", "nosa:on:traces:model", "nosa:on:trace"):
         with pytest.raises(ValueError, match="bad --configs entry"):
             parse_configs(bad)
+
+
+def test_the_floor_counts_the_embedding_rows_a_step_reads():
+    # An untied input embedding is read for the batch's rows only; a tied one is the LM head, read whole.
+    from nosa.bench.decode import weight_bytes_read_per_step
+    from tests.helpers import engine_model
+
+    untied = engine_model("nosa", tie_word_embeddings=False)
+    total = sum(p.numel() * p.element_size() for p in untied.parameters())
+    embed = untied.get_input_embeddings().weight
+    rows = 3 * embed.shape[1] * embed.element_size()
+    assert weight_bytes_read_per_step(untied, 3) == total - embed.numel() * embed.element_size() + rows
+    tied = engine_model("nosa", tie_word_embeddings=True)
+    assert tied.get_output_embeddings().weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+    assert weight_bytes_read_per_step(tied, 3) == sum(p.numel() * p.element_size() for p in tied.parameters())

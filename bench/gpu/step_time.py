@@ -138,7 +138,8 @@ def main() -> int:
             with contextlib.nullcontext() if fused else ops.use_backend("reference", only=FUSED_OPS):
                 attach(llm, running, mapped, args.prompt, on_device)
                 run = bench.time_decode(llm, running, args.warmup, args.steps)
-                run.update({"batch": batch, "offload": True, "weight_bytes": weight_bytes})
+                run.update({"batch": batch, "offload": True, "weight_bytes": weight_bytes,
+                            "weight_bytes_read_per_step": bench.weight_bytes_read_per_step(model, batch)})
                 run.update(bench.floor(run, llm, floor_args, shared["hbm_copy_gb_s"], shared["gather"]["pinned_memcpy_gb_s"]))
                 entry = results["variants"].setdefault(name, {"rounds": []})
                 entry["rounds"].append(run)

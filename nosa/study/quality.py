@@ -34,7 +34,9 @@ TRACE_MODES = ("nosa", "infllmv2")
 WORK_MARKER = ".nosa_study_work"
 KILL_GRACE_S = 45  # a phase past time_limit_s still saves its checkpoint; startup also takes a while
 CHAIN_PHASE_OVERHEAD_S = 15  # a chained phase's own set-up and final save (the kill backstop, not a plan)
-POLL_S = 0.1  # how often a running job is checked: each back-to-back job waited up to a whole poll after it ended
+POLL_S = 0.1
+OUT_FILES = ("summary.json", "loss.png", "accuracy.png", "locality.png", "traces_nosa.npz", "traces_infllmv2.npz",
+             "logs.tar.gz")  # how often a running job is checked: each back-to-back job waited up to a whole poll after it ended
 
 
 def _log(msg: str, logf=None) -> None:
@@ -356,6 +358,16 @@ def finish_shared_eval(job, logf) -> dict | None:
     return st
 
 
+def shared_eval_current(study: dict, work: str) -> bool:
+    """The saved shared evaluation scored exactly the shared phases' present final weights (a resumed call
+    that trained a shared phase again, or an earlier call that was cut before scoring all of them, is not)."""
+    saved = read_shared_eval(work)
+    if not saved or saved.get("errors") or any(str(x).endswith(": deadline") for x in saved.get("skipped", [])):
+        return False
+    finals = {k: final_checkpoint(phase_dir(work, "shared", k, study)) for k, p in enumerate(study["phases"]) if p.get("shared")}
+    return {e["phase"]: e.get("checkpoint") for e in saved.get("phases", [])} == finals
+
+
 def read_shared_eval(work: str) -> dict | None:
     """The shared phases' retrieval (nosa.study.shared_eval's JSON), or None if it did not run."""
     path = os.path.join(work, "shared", "shared_eval.json")
@@ -371,11 +383,12 @@ RESUME_KEYS = ("modes", "model", "data", "phases", "train", "shared_eval", "chai
 
 
 def phase_finished(work: str, owner: str, phase_index: int, study: dict) -> bool:
-    """The phase's run ended (its end record, also after a time limit) and left a final checkpoint: a
-    resumed study does not train it again."""
+    """The phase's run ended by itself (its end record, also after its time limit, but not after a signal:
+    that end saved part-trained weights) and left a final checkpoint: a resumed study does not train it
+    again, unless a phase before it of the same weights is trained again (run_study)."""
     run = phase_dir(work, owner, phase_index, study)
-    ended = any(r.get("event") == "end" for r in read_jsonl(os.path.join(run, "metrics.jsonl")))
-    return ended and final_checkpoint(run) is not None
+    ends = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r.get("event") == "end"]
+    return bool(ends) and not ends[-1].get("stopped_by_signal") and final_checkpoint(run) is not None
 
 
 def open_work_dir(work: str, study: dict, resume: bool) -> None:
@@ -430,12 +443,22 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             yaml.safe_dump(study, f, sort_keys=False)
     _log(f"study: modes {study['modes']}, budget {study['budget_s']} s, concurrent={study['concurrent']}"
          f"{', resumed' if resume else ''}{f', stops after phase {stop_after_phase}' if stop_after_phase is not None else ''}", logf)
-    status = {"train": {}, "eval": {}, "corpus": None}
+    status = {"train": {}, "eval": {}, "corpus": None, "shared_eval": None}
     status_path = os.path.join(logs, "status.json")
     if resume and os.path.exists(status_path):
         with open(status_path) as f:
-            status["train"] = json.load(f).get("train", {})  # the earlier call's process records
+            earlier = json.load(f)  # the earlier call's process records
+        status["train"], status["shared_eval"] = earlier.get("train", {}), earlier.get("shared_eval")
+    # This call's files replace an earlier call's: a stopped call leaves only logs.tar.gz, never an older
+    # summary, plots or traces beside it.
+    for name in OUT_FILES:
+        if os.path.exists(p := os.path.join(out_dir, name)):
+            os.remove(p)
     py = sys.executable
+
+    def save_status():  # after every phase, so a call killed later still leaves its records to a resume
+        with open(status_path, "w") as f:
+            json.dump(status, f, indent=1)
 
     # 1. the corpus, once (every mode reads the same files)
     try:
@@ -461,8 +484,12 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     chain = study.get("chain_shared", True) and len(shared_phases) > 1
     to_train = shared_phases
     if resume:
-        to_train = [k for k in shared_phases if not phase_finished(work, "shared", k, study)]
+        # From the first unfinished shared phase on, everything trains again (it continues those weights).
+        first = next((k for k in shared_phases if not phase_finished(work, "shared", k, study)), None)
+        to_train = [] if first is None else [k for k in shared_phases if k >= first]
         _log(f"resume: shared phases finished {sorted(set(shared_phases) - set(to_train))}", logf)
+    # owners whose weights this call trains again: each of their later phases trains again too
+    retrained = ({"shared", *study["modes"]} if to_train else set()) if resume else None
     if stop_after_phase is not None:  # the chain stops where the call does
         to_train = [k for k in to_train if k <= stop_after_phase]
     for k, phase in enumerate(study["phases"]):
@@ -475,7 +502,8 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             jobs = []
             owners = ["shared"] if phase.get("shared") else alive
             if resume:
-                owners = [o for o in owners if not phase_finished(work, o, k, study)]
+                owners = [o for o in owners if o in retrained or not phase_finished(work, o, k, study)]
+                retrained.update(owners)
                 for o in owners:
                     shutil.rmtree(phase_dir(work, o, k, study), ignore_errors=True)
             for mode in owners:
@@ -491,7 +519,7 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             status["train"].update(run_processes(jobs, study["concurrent"], min(phase_deadline, deadline), logf))
         last_shared = phase.get("shared") and not study["phases"][k + 1].get("shared")
         if last_shared:  # score the shared weights in the background, then give each mode its copy
-            if not (resume and read_shared_eval(work) is not None):  # the earlier call scored them
+            if not (resume and shared_eval_current(study, work)):  # else the earlier call scored these weights
                 shared_eval_job = start_shared_eval(study, work, logs, py, deadline, logf)
             shared = final_checkpoint(phase_dir(work, "shared", k, study))
             for mode in alive:
@@ -505,10 +533,10 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             alive = [m for m in alive if os.path.exists(os.path.join(work, m, "init", "config.json"))]
         elif not phase.get("shared"):
             alive = [m for m in alive if final_checkpoint(phase_dir(work, m, k, study))]
+        save_status()
         if k == stop_after_phase:
             status["shared_eval"] = finish_shared_eval(shared_eval_job, logf)
-            with open(status_path, "w") as f:
-                json.dump(status, f, indent=1)
+            save_status()
             _log(f"stopped after phase {k} as asked ({round(time.time() - began, 1)} s); "
                  f"continue with the same config, --work-dir {work} and --resume", logf)
             logf.close()
@@ -518,13 +546,17 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     # 3. evaluation of every mode that has weights, until the evaluation deadline (the shared phases'
     #    evaluation, which ran beside the per-mode phases, is collected first)
     eval_deadline = deadline - study["reserve_s"]
-    status["shared_eval"] = finish_shared_eval(shared_eval_job, logf)
+    if shared_eval_job is not None:
+        status["shared_eval"] = finish_shared_eval(shared_eval_job, logf)
     jobs = []
     for mode in study["modes"]:
         ckpt = final_checkpoint(phase_dir(work, mode, len(study["phases"]) - 1, study))
         if ckpt is None:
             status["eval"][mode] = {"skipped": "no final checkpoint"}
             continue
+        for stale in (os.path.join(work, mode, "eval.json"), os.path.join(out_dir, f"traces_{mode}.npz")):
+            if os.path.exists(stale):  # an earlier call's (a resume): never reported as this call's
+                os.remove(stale)
         argv = [py, "-m", "nosa.study.evaluate", "--model", ckpt, "--corpus-dir", os.path.join(work, "corpus"),
                 "--spec", json.dumps(study["eval"]), "--out", os.path.join(work, mode, "eval.json"),
                 "--deadline", str(eval_deadline - 5)]
@@ -567,8 +599,7 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     summary_path = write_json_result(os.path.join(out_dir, "summary.json"), parameters, results)
     _log(f"summary: {summary_path} ({results['study_wall_s']} s)", logf)
     logf.close()
-    with open(status_path, "w") as f:
-        json.dump(status, f, indent=1)
+    save_status()
     write_log_archive(out_dir, work, study)
     print_table(rows, study)
     return {"summary": summary_path, "rows": rows}

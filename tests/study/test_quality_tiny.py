@@ -223,3 +223,30 @@ def test_report_tables_come_from_the_summary(tiny_study, tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="quality-report:start"):
         replace_section(str(readme), README_SECTION, body)
+
+
+def test_resume_rules_for_signal_stops_and_stale_shared_scores(tmp_path):
+    # A phase a signal stopped saved part-trained weights: not finished. The shared evaluation counts only
+    # if it scored every shared phase's present final weights without running out of time.
+    from nosa.study.quality import phase_finished, shared_eval_current
+
+    study = PRESETS["tiny"]
+    run = tmp_path / "shared" / "phase0"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_000002")
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "end", "step": 2, "stopped_by_signal": "SIGTERM"}) + "\n")
+    assert not phase_finished(str(tmp_path), "shared", 0, study)
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "end", "step": 2, "stopped_by_signal": None}) + "\n")
+    assert phase_finished(str(tmp_path), "shared", 0, study) and not phase_finished(str(tmp_path), "shared", 1, study)
+    saved = {"phases": [{"phase": 0, "checkpoint": str(run / "checkpoints" / "step_000002")}], "skipped": [], "errors": {}}
+    (tmp_path / "shared" / "shared_eval.json").write_text(json.dumps(saved))
+    assert not shared_eval_current(study, str(tmp_path))  # phase 1 has no weights it scored
+    run1 = tmp_path / "shared" / "phase1" / "checkpoints" / "step_000003"
+    run1.mkdir(parents=True)
+    (run1.parent / "latest").write_text("step_000003")
+    saved["phases"].append({"phase": 1, "checkpoint": str(run1)})
+    (tmp_path / "shared" / "shared_eval.json").write_text(json.dumps(saved))
+    assert shared_eval_current(study, str(tmp_path))
+    saved["skipped"] = ["phase1/passkey/1024: deadline"]
+    (tmp_path / "shared" / "shared_eval.json").write_text(json.dumps(saved))
+    assert not shared_eval_current(study, str(tmp_path))
