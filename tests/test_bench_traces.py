@@ -12,7 +12,10 @@ def test_each_sparse_mode_gets_its_own_trace_file():
     found = load_benchmark_traces(f"{NOSA},{INFLLMV2}", {"dense", "nosa", "infllmv2"}, 65536, 4, 20)
     assert sorted(found) == ["infllmv2", "nosa"]
     mapped, description = found["infllmv2"]
-    assert description["trace_file"] == INFLLMV2 and len(mapped) == 4 and mapped[0].shape == (4, 20, 2, 64)
+    from nosa.results.traces import load_traces
+
+    recorded = len(load_traces(INFLLMV2)["traces"])  # one mapped trace per recorded prompt (run 4: two)
+    assert description["trace_file"] == INFLLMV2 and len(mapped) == recorded >= 1 and mapped[0].shape == (4, 20, 2, 64)
     assert "l mod 6" in description["layer_map"] and "strictly increasing" in description["position_map"]
 
 
