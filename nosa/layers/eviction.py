@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 
 from nosa import ops
-from nosa.ops import reference
 
 
 class EvictionHead(nn.Module):
@@ -37,7 +36,4 @@ class EvictionHead(nn.Module):
         evaluation) it is dispatched, so on CUDA one Triton launch replaces ~12 small ones per layer; the
         kernel's result for a row does not depend on the other rows either, so prefill and decode steps
         still round a token's score alike."""
-        args = (v, self.delta.weight, self.delta.bias, self.A)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
-            return reference.eviction_scores(*args)
-        return ops.eviction_scores(*args)
+        return ops.eviction_scores(v, self.delta.weight, self.delta.bias, self.A)

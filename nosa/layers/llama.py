@@ -9,7 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nosa import ops
-from nosa.ops import reference
 
 
 class RMSNorm(nn.Module):
@@ -22,8 +21,6 @@ class RMSNorm(nn.Module):
         # `nosa.ops.reference.rms_norm`: transformers' LlamaRMSNorm arithmetic (float32 variance, cast back
         # before the weight). Without a gradient to keep (the engine, generate, evaluation) it is dispatched:
         # on CUDA one Triton launch instead of ~7; training keeps the autograd reference.
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return reference.rms_norm(x, self.weight, self.variance_epsilon)
         return ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
@@ -81,6 +78,4 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, H, D]; cos, sin: [B, T, D] -> x's dtype (`nosa.ops.reference.apply_rotary`). Dispatched
     when no gradient is kept (on CUDA one Triton launch instead of ~6), the autograd reference otherwise."""
-    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
-        return reference.apply_rotary(x, cos, sin)
     return ops.apply_rotary(x, cos, sin)

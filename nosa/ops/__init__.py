@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from nosa.ops import block_ops, reference
 from nosa.ops.block_ops import HostPages, LayerSlots, LoadPlan, SpillSlots, StepTokens, all_visible, slot_table
-from nosa.ops.dispatch import BACKENDS, current_backend, dispatched, register_kernel, resolve, use_backend
+from nosa.ops.dispatch import BACKENDS, current_backend, dispatched, dispatched_without_grad, register_kernel, resolve, use_backend
 from nosa.ops.util import ceil_div, num_blocks
 
 compress_keys = dispatched("compress_keys")
@@ -26,9 +26,10 @@ select_for_queries = dispatched("select_for_queries")
 sparse_attention = dispatched("sparse_attention")
 nosa_attention = dispatched("nosa_attention")
 decode_attention = dispatched("decode_attention")
-eviction_scores = dispatched("eviction_scores")
-rms_norm = dispatched("rms_norm")
-apply_rotary = dispatched("apply_rotary")
+# Inference-time kernels without a backward: the autograd reference wherever a gradient is kept.
+eviction_scores = dispatched_without_grad("eviction_scores")
+rms_norm = dispatched_without_grad("rms_norm")
+apply_rotary = dispatched_without_grad("apply_rotary")
 
 # The decode step's block-cache ops (references in `block_ops`, kernels in `kernels.gather` and `kernels.spill`).
 diff_slot_tables = dispatched("diff_slot_tables")

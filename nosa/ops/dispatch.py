@@ -18,6 +18,8 @@ import dataclasses
 import os
 import threading
 
+import torch
+
 from nosa.ops import block_ops, reference
 
 BACKENDS = ("auto", "reference", "triton")
@@ -133,3 +135,20 @@ def dispatched(name: str):
     op.__name__ = name
     op.__doc__ = reference_fn.__doc__
     return op
+
+
+def dispatched_without_grad(name: str):
+    """Op `name` dispatched as `dispatched` does when autograd records nothing, and the reference itself
+    when it must (grad enabled and a tensor argument requires grad): the kernels of these ops have no
+    backward, so training keeps the autograd reference while inference (the engine, generate, evaluation)
+    takes the kernel on CUDA."""
+    reference_fn, op = REFERENCES[name], dispatched(name)
+
+    def inference_op(*args):
+        if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
+            return reference_fn(*args)
+        return op(*args)
+
+    inference_op.__name__ = name
+    inference_op.__doc__ = reference_fn.__doc__
+    return inference_op

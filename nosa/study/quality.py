@@ -34,9 +34,10 @@ TRACE_MODES = ("nosa", "infllmv2")
 WORK_MARKER = ".nosa_study_work"
 KILL_GRACE_S = 45  # a phase past time_limit_s still saves its checkpoint; startup also takes a while
 CHAIN_PHASE_OVERHEAD_S = 15  # a chained phase's own set-up and final save (the kill backstop, not a plan)
-POLL_S = 0.1
-OUT_FILES = ("summary.json", "loss.png", "accuracy.png", "locality.png", "traces_nosa.npz", "traces_infllmv2.npz",
-             "logs.tar.gz")  # how often a running job is checked: each back-to-back job waited up to a whole poll after it ended
+POLL_S = 0.1  # how often a running job is checked: each back-to-back job waited up to a whole poll after it ended
+# What a study writes to --out-dir (the module docstring's list).
+OUT_FILES = ("summary.json", "loss.png", "accuracy.png", "locality.png", *(f"traces_{m}.npz" for m in TRACE_MODES),
+             "logs.tar.gz")
 
 
 def _log(msg: str, logf=None) -> None:
@@ -554,9 +555,8 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
         if ckpt is None:
             status["eval"][mode] = {"skipped": "no final checkpoint"}
             continue
-        for stale in (os.path.join(work, mode, "eval.json"), os.path.join(out_dir, f"traces_{mode}.npz")):
-            if os.path.exists(stale):  # an earlier call's (a resume): never reported as this call's
-                os.remove(stale)
+        if os.path.exists(stale := os.path.join(work, mode, "eval.json")):
+            os.remove(stale)  # an earlier call's (a resume): never reported as this call's (OUT_FILES: the traces)
         argv = [py, "-m", "nosa.study.evaluate", "--model", ckpt, "--corpus-dir", os.path.join(work, "corpus"),
                 "--spec", json.dumps(study["eval"]), "--out", os.path.join(work, mode, "eval.json"),
                 "--deadline", str(eval_deadline - 5)]
