@@ -1,0 +1,35 @@
+"""Every study recipe YAML under nosa/study/recipes resolves over its preset, and its phases' tasks fit their
+rows (checked before any GPU time is spent on it); the no-drill recipe differs from the two-call recipe only
+in its shared short-row phases (so a comparison of the two runs isolates them)."""
+
+import glob
+import os
+
+import pytest
+
+from nosa.study.presets import LONG_MIXTURE, resolve
+from nosa.study.quality import check_phase_tasks
+
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "nosa", "study", "recipes")
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(RECIPES, "*.yaml"))), ids=os.path.basename)
+def test_recipe_resolves_and_its_tasks_fit(path):
+    study = resolve(path)
+    check_phase_tasks(study)
+    assert study["phases"][-1]["seq_len"] == 16384 and not study["phases"][-1].get("shared")
+
+
+def test_nodrill_recipe_keeps_the_two_call_recipes_long_phases():
+    two_calls = resolve(os.path.join(RECIPES, "h200_two_calls.yaml"))
+    nodrill = resolve(os.path.join(RECIPES, "h200_two_calls_nodrill.yaml"))
+    assert min(p["seq_len"] for p in nodrill["phases"]) == 2048  # no short-row drill phase
+    assert "copy_drill" not in [task for p in nodrill["phases"] for task, w in p["mixture"].items() if w == 1.0]
+    assert all(p["mixture"] == LONG_MIXTURE for p in nodrill["phases"])
+    assert nodrill["phases"][-1] == two_calls["phases"][-1]  # the same 16K phase
+    assert [p["seq_len"] for p in nodrill["phases"][:-1]] == [2048, 4096, 8192]
+    for key in ("model", "data", "modes", "shared_eval", "budget_s"):
+        assert nodrill[key] == two_calls[key]
+    # the time of the dropped phases goes to the 2K-8K phases: the shared training limits stay the same
+    shared = lambda s: sum(p["time_limit_s"] for p in s["phases"] if p.get("shared"))
+    assert shared(nodrill) == shared(two_calls)
