@@ -444,12 +444,18 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             yaml.safe_dump(study, f, sort_keys=False)
     _log(f"study: modes {study['modes']}, budget {study['budget_s']} s, concurrent={study['concurrent']}"
          f"{', resumed' if resume else ''}{f', stops after phase {stop_after_phase}' if stop_after_phase is not None else ''}", logf)
-    status = {"train": {}, "eval": {}, "corpus": None, "shared_eval": None}
+    status = {"train": {}, "eval": {}, "corpus": None, "shared_eval": None, "calls": []}
     status_path = os.path.join(logs, "status.json")
     if resume and os.path.exists(status_path):
         with open(status_path) as f:
             earlier = json.load(f)  # the earlier call's process records
         status["train"], status["shared_eval"] = earlier.get("train", {}), earlier.get("shared_eval")
+        status["calls"] = earlier.get("calls", [])
+    # One record per call of a study split over calls (--stop-after-phase / --resume), so the summary's
+    # wall time covers every call, not only the last.
+    this_call = {"began": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)), "resumed": bool(resume),
+                 "stop_after_phase": stop_after_phase, "wall_s": None}
+    status["calls"].append(this_call)
     # This call's files replace an earlier call's: a stopped call leaves only logs.tar.gz, never an older
     # summary, plots or traces beside it.
     for name in OUT_FILES:
@@ -534,9 +540,11 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             alive = [m for m in alive if os.path.exists(os.path.join(work, m, "init", "config.json"))]
         elif not phase.get("shared"):
             alive = [m for m in alive if final_checkpoint(phase_dir(work, m, k, study))]
+        this_call["wall_s"] = round(time.time() - began, 1)
         save_status()
         if k == stop_after_phase:
             status["shared_eval"] = finish_shared_eval(shared_eval_job, logf)
+            this_call["wall_s"] = round(time.time() - began, 1)
             save_status()
             _log(f"stopped after phase {k} as asked ({round(time.time() - began, 1)} s); "
                  f"continue with the same config, --work-dir {work} and --resume", logf)
@@ -594,7 +602,8 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     results["files"]["plots"] = plots
     results["files"]["traces"] = {m: os.path.basename(p) for m in TRACE_MODES
                                   if os.path.exists(p := os.path.join(out_dir, f"traces_{m}.npz"))}
-    results["study_wall_s"] = round(time.time() - began, 1)
+    results["study_wall_s"] = this_call["wall_s"] = round(time.time() - began, 1)  # this call's
+    results["study_wall_s_all_calls"] = round(sum(c["wall_s"] or 0.0 for c in status["calls"]), 1)
     parameters = {"config": config, "study": study, "work_dir": work}
     summary_path = write_json_result(os.path.join(out_dir, "summary.json"), parameters, results)
     _log(f"summary: {summary_path} ({results['study_wall_s']} s)", logf)
