@@ -127,9 +127,9 @@ PRESETS = {
         "phases": [
             {"shared": True, "attn_mode": "dense", "seq_len": 256, "micro_batch_size": 2, "max_steps": 2,
              "time_limit_s": 60, "lr": 1e-3, "warmup_steps": 1, "mixture": {"copy_drill": 0.5, "passkey": 0.5}},
-            {"shared": True, "attn_mode": "dense", "seq_len": 768, "micro_batch_size": 2, "max_steps": 3,
+            {"shared": True, "attn_mode": "dense", "seq_len": 768, "micro_batch_size": 1, "max_steps": 3,
              "time_limit_s": 60, "lr": 1e-3, "warmup_steps": 1},
-            {"seq_len": 1024, "micro_batch_size": 1, "max_steps": 2, "time_limit_s": 60, "lr": 1e-3, "warmup_steps": 1},
+            {"seq_len": 640, "micro_batch_size": 1, "max_steps": 2, "time_limit_s": 60, "lr": 1e-3, "warmup_steps": 1},
         ],
         "train": {"weight_decay": 0.1, "grad_clip": 1.0, "min_lr_ratio": 0.1, "val_batches": 1, "log_every": 1},
         "shared_eval": {"tasks": ["passkey", "multikey_niah"], "lengths": [1024], "depths": [0.5], "samples": 1,
@@ -138,8 +138,8 @@ PRESETS = {
         "concurrent": False,
         "budget_s": 600,
         "reserve_s": 10,
-        "eval": {"tasks": TASKS, "lengths": [768, 1024], "primary_length": 1024, "depths": [0.5], "samples": 1,
-                 "ppl_len": 1024, "ppl_rows": 2, "ppl_buckets": 4, "batch_size": 2,
+        "eval": {"tasks": TASKS, "lengths": [512, 1024], "primary_length": 1024, "depths": [0.5], "samples": 1,
+                 "ppl_len": 512, "ppl_rows": 2, "ppl_buckets": 4, "batch_size": 2,
                  "locality_lengths": [256, 320], "locality_steps": 4, "seed": 1234},
     },
 }

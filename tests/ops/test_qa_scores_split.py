@@ -36,10 +36,14 @@ SHAPES = {
 
 # (chunks, chunk_windows, chunk_blocks): the default plan; odd sizes that put the key-chunk edges inside a
 # block's windows and the block-chunk edges between blocks that share a window; key chunks long enough
-# that some lie past every short row; two keys and one block per chunk (the decode shape only: the
-# interpreter's cost grows with the programs).
+# that some lie past every short row (at GQA 4 and 16 only: g1_h2_d64 and g16_h2_d128_spec run the same
+# split code with chunk edges inside windows at (None, 13, 3), and this case added ~8 s each under the
+# interpreter); two keys and one block per chunk (the decode shape only: the interpreter's cost grows with
+# the programs).
 CHUNKINGS = [(3, None, None), (None, 13, 3), (None, 40, 5)]
-CASES = [(name, c) for name in SHAPES for c in CHUNKINGS] + [("g16_h1_d64_decode", (None, 2, 1))]
+LONG_CHUNKS_ONLY_AT = ("g4_h1_d128", "g16_h1_d64_decode")
+CASES = ([(name, c) for name in SHAPES for c in CHUNKINGS if c != (None, 40, 5) or name in LONG_CHUNKS_ONLY_AT]
+         + [("g16_h1_d64_decode", (None, 2, 1))])
 
 
 def _case(name, seed=0):
