@@ -36,6 +36,11 @@ def test_tiny_study_writes_every_file_and_field(tiny_study):
     assert summary["machine"]["torch"] and summary["parameters"]["study"]["modes"] == ["dense", "infllmv2", "dma", "nosa"]
     rows = {r["attn_mode"]: r for r in summary["results"]["rows"]}
     assert list(rows) == ["dense", "infllmv2", "dma", "nosa"]
+    # one record per call (the refused resume made none); the wall time covers both calls
+    calls = summary["results"]["status"]["calls"]
+    assert [(c["resumed"], c["stop_after_phase"]) for c in calls] == [(False, 0), (True, None)]
+    assert all(c["wall_s"] > 0 for c in calls) and calls[1]["wall_s"] == summary["results"]["study_wall_s"]
+    assert summary["results"]["study_wall_s_all_calls"] == pytest.approx(sum(c["wall_s"] for c in calls), abs=0.11)
     study = PRESETS["tiny"]
     budget = sum(p["max_steps"] * p["seq_len"] * p["micro_batch_size"] for p in study["phases"])
     for mode, row in rows.items():
