@@ -464,6 +464,7 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
     py = sys.executable
 
     def save_status():  # after every phase, so a call killed later still leaves its records to a resume
+        this_call["wall_s"] = round(time.time() - began, 1)
         with open(status_path, "w") as f:
             json.dump(status, f, indent=1)
 
@@ -540,11 +541,9 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             alive = [m for m in alive if os.path.exists(os.path.join(work, m, "init", "config.json"))]
         elif not phase.get("shared"):
             alive = [m for m in alive if final_checkpoint(phase_dir(work, m, k, study))]
-        this_call["wall_s"] = round(time.time() - began, 1)
         save_status()
         if k == stop_after_phase:
             status["shared_eval"] = finish_shared_eval(shared_eval_job, logf)
-            this_call["wall_s"] = round(time.time() - began, 1)
             save_status()
             _log(f"stopped after phase {k} as asked ({round(time.time() - began, 1)} s); "
                  f"continue with the same config, --work-dir {work} and --resume", logf)
