@@ -8,8 +8,9 @@ changes. Fields:
   data         corpus, mixture, task_params, task_loss, seed: TrainConfig fields shared by every phase
   phases       a curriculum: list of {seq_len, micro_batch_size, max_steps, time_limit_s, lr, warmup_steps}
                and optionally val_every, mixture (replaces data.mixture), task_params (merged over
-               data.task_params, task by task), task_loss (replaces data.task_loss); other keys raise
-               (PHASE_KEYS). Phase k > 0 starts from
+               data.task_params, task by task), task_loss (replaces data.task_loss),
+               stop_at_answer_nll and stop_window_steps (stop the phase once its answers are learnt:
+               nosa/train/answer_target.py); other keys raise (PHASE_KEYS). Phase k > 0 starts from
                phase k - 1's final weights (a fresh optimizer and schedule). A phase with `shared: true` is
                trained once, in its `attn_mode` (default dense), and every mode starts the next phase from
                a copy of the last shared phase's weights (nosa.study.quality.derive_mode_init); shared
@@ -146,7 +147,8 @@ PRESETS = {
 
 
 PHASE_KEYS = {"shared", "attn_mode", "seq_len", "micro_batch_size", "max_steps", "time_limit_s", "lr",
-              "warmup_steps", "val_every", "mixture", "task_params", "task_loss"}
+              "warmup_steps", "val_every", "mixture", "task_params", "task_loss", "stop_at_answer_nll",
+              "stop_window_steps"}
 PHASE_REQUIRED = {"seq_len", "micro_batch_size", "max_steps", "time_limit_s", "lr", "warmup_steps"}
 SHARED_EVAL_KEYS = {"tasks", "lengths", "depths", "samples", "batch_size", "seed", "time_limit_s"}
 

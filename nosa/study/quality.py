@@ -91,6 +91,10 @@ def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
         "progress": False,
         **study.get("train", {}),
     }
+    # Optional: stop the phase once its answers are learnt (nosa/train/answer_target.py).
+    for key in ("stop_at_answer_nll", "stop_window_steps"):
+        if key in phase:
+            cfg[key] = phase[key]
     if phase_index > 0:
         cfg["init_from"] = "nosa"
         cfg["init_path"] = start_weights(study, mode, phase_index, work)
@@ -242,6 +246,7 @@ def mode_row(study: dict, mode: str, work: str, train_status: dict, eval_status:
         tokens = done_steps * phase["seq_len"] * phase["micro_batch_size"] * study.get("train", {}).get("grad_accum", 1)
         info = {"shared": bool(phase.get("shared")), "seq_len": phase["seq_len"], "steps_planned": phase["max_steps"], "steps_done": done_steps,
                 "tokens": tokens, "stopped_by_time_limit": bool(end and end.get("stopped_by_time_limit")),
+                "stopped_by_answer_target": end.get("stopped_by_answer_target") if end else None,
                 "wall_s": end.get("wall_s") if end else None, "process": st}
         vals = [r for r in steps if "val_loss" in r]
         if vals:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from nosa.config import NosaConfig
 from nosa.models import NosaForCausalLM
+from nosa.train.answer_target import AnswerTarget
 from nosa.train.checkpoint import checkpoint_root, find_checkpoint, load_optimizer, read_state, save_checkpoint
 from nosa.train.config import TrainConfig
 from nosa.data.corpus import TokenCorpus, build_corpus, source_path
@@ -220,13 +221,22 @@ def check_resume_config(cfg: TrainConfig, state: dict, world: int, resume_dir: s
     return {k: [saved[k], current[k]] for k in current if k in saved and _plain(saved[k]) != current[k]}
 
 
-def _last_logged_loss(metrics_path: str, step: int):
+def _read_metrics(metrics_path: str) -> list[dict]:
     if not os.path.exists(metrics_path):
-        return None
+        return []
     with open(metrics_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    losses = [r["loss"] for r in records if r.get("step") == step and "event" not in r and "loss" in r]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _last_logged_loss(metrics_path: str, step: int):
+    losses = [r["loss"] for r in _read_metrics(metrics_path) if r.get("step") == step and "event" not in r and "loss" in r]
     return losses[-1] if losses else None
+
+
+def _answer_target_met_at(metrics_path: str, step: int):
+    """The window means with which the run ended at `step` by meeting its answer target, else None."""
+    ends = [r for r in _read_metrics(metrics_path) if r.get("event") == "end" and r.get("step") == step]
+    return ends[-1].get("stopped_by_answer_target") if ends else None
 
 
 def _check_out_dir(cfg: TrainConfig, overwrite: bool, info: DistInfo) -> None:
@@ -296,6 +306,15 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
             return {"event": "end", "step": start_step, "final_checkpoint": resume_dir, "loss": loss,
                     "already_finished": True, "stopped_by_time_limit": False, "wall_s": 0.0,
                     "message": f"{resume_dir} is already at max_steps={cfg.max_steps}; nothing was trained or saved"}
+        run_metrics = os.path.join(os.path.dirname(os.path.dirname(resume_dir)), METRICS_FILE)
+        met = _answer_target_met_at(run_metrics, start_step) if cfg.stop_at_answer_nll else None
+        if met:
+            # The run stopped because its answers were learnt; with the same target it is finished.
+            return {"event": "end", "step": start_step, "final_checkpoint": resume_dir,
+                    "loss": _last_logged_loss(run_metrics, start_step), "already_finished": True,
+                    "stopped_by_time_limit": False, "stopped_by_answer_target": met, "wall_s": 0.0,
+                    "message": f"{resume_dir} already met stop_at_answer_nll (window means {met}); "
+                               "nothing was trained or saved"}
     else:
         _check_out_dir(cfg, overwrite, info)
     model = build_model(cfg, tok, resume_dir).to(info.device)
@@ -348,6 +367,8 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
     began = time.time()
     step = start_step
     last = {}
+    target = AnswerTarget(cfg.stop_at_answer_nll, cfg.stop_window_steps)
+    target_met = False
     while step < cfg.max_steps:
         t0 = time.time()
         lr = learning_rate(step, cfg)
@@ -403,6 +424,10 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
                                 if answers[n + k] > 0}
         answer_acc_by_source = {src: float(answers[2 * n + k] / answers[n + k]) for k, src in enumerate(stream.sources)
                                 if answers[n + k] > 0}
+        if target.active:
+            sums = answers.tolist()
+            target_met = target.update({src: sums[k] for k, src in enumerate(stream.sources)},
+                                       {src: sums[n + k] for k, src in enumerate(stream.sources)})
         elapsed = time.time() - t0
         tokens = rows_per_step * cfg.seq_len
         last = {"step": step, "loss": loss, "loss_by_source": loss_by_source,
@@ -411,7 +436,9 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
                 "elapsed_s": time.time() - began, "rows_consumed": rows_consumed}
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.max_steps):
             last["val_loss"] = validation_loss(wrapped, val_rows, cfg, info)
-        if info.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps or "val_loss" in last):
+        if target_met:  # the step that met the target is always logged, with the window's means
+            last["stopped_by_answer_target"] = target.means()
+        if info.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps or "val_loss" in last or target_met):
             metrics.write(json.dumps(last) + "\n")
             metrics.flush()
         if progress is not None:
@@ -422,7 +449,7 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
         # signal to any process stops all (ones for time, tens for a signal).
         flag = torch.tensor(float(info.is_main and out_of_time) + 10.0 * stop_request.requested, device=info.device)
         flag = float(all_reduce_sum(flag, info))
-        stop = flag > 0
+        stop = flag > 0 or target_met
         if step < cfg.max_steps and not stop and cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(cfg.out_dir, wrapped, optimizer, tok, step, rows_consumed, cfg.to_dict(), info)
         if stop:
@@ -436,7 +463,8 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
     final = save_checkpoint(cfg.out_dir, wrapped, optimizer, tok, step, rows_consumed, cfg.to_dict(), info)
     summary = {"event": "end", "step": step, "final_checkpoint": final, "loss": last.get("loss"),
                "stopped_by_time_limit": bool(last.get("stopped_by_time_limit")),
-               "stopped_by_signal": last.get("stopped_by_signal"), "wall_s": time.time() - began}
+               "stopped_by_signal": last.get("stopped_by_signal"),
+               "stopped_by_answer_target": last.get("stopped_by_answer_target"), "wall_s": time.time() - began}
     if info.is_main:
         metrics.write(json.dumps(summary) + "\n")
         metrics.close()

@@ -33,3 +33,30 @@ def test_nodrill_recipe_keeps_the_two_call_recipes_long_phases():
     # the time of the dropped phases goes to the 2K-8K phases: the shared training limits stay the same
     shared = lambda s: sum(p["time_limit_s"] for p in s["phases"] if p.get("shared"))
     assert shared(nodrill) == shared(two_calls)
+
+
+def test_gate_recipe_adds_a_shared_16k_phase_that_stops_on_learnt_answers():
+    nodrill = resolve(os.path.join(RECIPES, "h200_two_calls_nodrill.yaml"))
+    gate = resolve(os.path.join(RECIPES, "h200_two_calls_gate.yaml"))
+    assert gate["phases"][-1] == nodrill["phases"][-1]  # the same per-mode 16K phase
+    assert [p["seq_len"] for p in gate["phases"]] == [2048, 4096, 8192, 16384, 16384]
+    shared_16k = gate["phases"][3]
+    assert shared_16k["shared"] and shared_16k["attn_mode"] == "dense"
+    assert set(shared_16k["stop_at_answer_nll"]) == {"passkey", "multikey_niah", "kv_recall"}
+    for key in ("model", "data", "modes", "shared_eval", "budget_s"):
+        assert gate[key] == nodrill[key]
+    # call 1 (phases 0-3) fits the study's budget with room for start-up and the shared evaluation
+    assert sum(p["time_limit_s"] for p in gate["phases"][:4]) <= gate["budget_s"] - 100
+
+
+def test_a_phase_target_reaches_the_training_config(tmp_path):
+    from nosa.study.quality import train_config
+    from nosa.train.config import TrainConfig
+
+    gate = resolve(os.path.join(RECIPES, "h200_two_calls_gate.yaml"))
+    cfg = train_config(gate, "shared", 3, str(tmp_path))
+    assert cfg["stop_at_answer_nll"] == {"passkey": 0.3, "multikey_niah": 0.3, "kv_recall": 0.3}
+    assert cfg["stop_window_steps"] == 40
+    cfg["init_path"] = str(tmp_path)  # a checkpoint dir, as the study fills in; only the fields are checked here
+    assert TrainConfig(**cfg).stop_at_answer_nll["kv_recall"] == 0.3
+    assert "stop_at_answer_nll" not in train_config(gate, "nosa", 4, str(tmp_path))
