@@ -17,6 +17,14 @@ README_SECTION = "quality-report"
 DEFAULT_SUMMARY = os.path.join("results", "quality", "summary.json")
 
 
+def _stop_note(phase: dict) -> str:
+    """Why a phase ended before its planned steps, as the tables say it."""
+    if phase.get("stopped_by_answer_target"):
+        means = ", ".join(f"{task} {nll:.2f}" for task, nll in phase["stopped_by_answer_target"].items())
+        return f" (answers learnt: {means})"
+    return " (time limit)" if phase.get("stopped_by_time_limit") else ""
+
+
 def _num(value, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
@@ -43,7 +51,7 @@ def training_table(rows: list[dict]) -> str:
         steps = "-"
         if long_phase:
             p = long_phase[-1]
-            steps = f"{p['steps_done']}/{p['steps_planned']}" + (" (time limit)" if p.get("stopped_by_time_limit") else "")
+            steps = f"{p['steps_done']}/{p['steps_planned']}" + _stop_note(p)
         held = r.get("heldout_loss")
         rel = f"{100 * (held / base - 1):+.1f}%" if isinstance(held, float) and base and r is not dense else "-"
         lines.append(f"| {r['attn_mode']} | {_num(r.get('parameters'), ',')} | {_num(r.get('tokens_trained'), ',')} | {steps} "
@@ -110,8 +118,7 @@ def render(summary_path: str = DEFAULT_SUMMARY) -> str:
     def phase_label(k, p):
         steps = f"{p['max_steps']} steps"
         if k < len(done) and p.get("shared") and done[k].get("steps_done") is not None:
-            steps = f"{done[k]['steps_done']} of {p['max_steps']} steps" + (
-                " (time limit)" if done[k].get("stopped_by_time_limit") else "")
+            steps = f"{done[k]['steps_done']} of {p['max_steps']} steps" + _stop_note(done[k])
         return f"{p['seq_len']:,} tokens x {steps}" + (" (shared dense)" if p.get("shared") else "")
 
     phases = ", ".join(phase_label(k, p) for k, p in enumerate(study["phases"]))
