@@ -42,7 +42,10 @@ def test_tiny_study_writes_every_file_and_field(tiny_study):
     assert all(c["wall_s"] > 0 for c in calls) and calls[1]["wall_s"] == summary["results"]["study_wall_s"]
     assert summary["results"]["study_wall_s_all_calls"] == pytest.approx(sum(c["wall_s"] for c in calls), abs=0.11)
     study = PRESETS["tiny"]
-    budget = sum(p["max_steps"] * p["seq_len"] * p["micro_batch_size"] for p in study["phases"])
+    # phase 0 may stop early by its answer target; it is shared, so every mode trained the same tokens
+    done = [p["steps_done"] for p in rows["dense"]["phases"]]
+    assert done[1:] == [p["max_steps"] for p in study["phases"][1:]]
+    budget = sum(n * p["seq_len"] * p["micro_batch_size"] for n, p in zip(done, study["phases"]))
     for mode, row in rows.items():
         assert row["errors"] == {}, (mode, row["errors"])
         assert row["tokens_trained"] == budget  # same token budget for every mode
@@ -93,7 +96,12 @@ def test_tiny_study_writes_every_file_and_field(tiny_study):
     train_status = summary["results"]["status"]["train"]
     assert [train_status[f"shared/phase{k}"]["chain"] for k in shared_phases] == ["shared/phase0", "shared/phase1"]
     assert train_status["shared/phase0"]["rc"] == 0 and "logs/train_shared_chain.log" in names
-    assert [p["steps_done"] for p in rows["dense"]["phases"][:2]] == [p["max_steps"] for p in study["phases"][:2]]
+    # phase 0 stops by its answer target (met at its first step with a passkey row), phase 1 runs its steps
+    gated = rows["dense"]["phases"][0]
+    assert 0 < gated["stopped_by_answer_target"]["passkey"] <= 100.0 and not gated["stopped_by_time_limit"]
+    assert gated["steps_done"] < study["phases"][0]["max_steps"]
+    assert rows["dense"]["phases"][1]["steps_done"] == study["phases"][1]["max_steps"]
+    assert rows["dense"]["phases"][1]["stopped_by_answer_target"] is None
 
 
 def test_train_chain_and_resume_refuse_what_they_cannot_continue(tmp_path):
@@ -207,6 +215,8 @@ def test_report_tables_come_from_the_summary(tiny_study, tmp_path):
 
     out, summary = tiny_study
     body = render(str(out / "summary.json"))
+    gated = summary["results"]["rows"][0]["phases"][0]
+    assert f"256 tokens x {gated['steps_done']} of 3 steps (answers learnt: passkey " in body
     rows = summary["results"]["rows"]
     for row in rows:  # one training row per mode, with its held-out loss as written in the summary
         assert f"| {row['attn_mode']} | {row['parameters']:,} | {row['tokens_trained']:,} |" in body
