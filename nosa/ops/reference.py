@@ -104,7 +104,8 @@ def query_aware_chunk_scores(
 ) -> torch.Tensor:
     """Query-aware score of every compressed window, summed over the GQA group.
 
-    q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, Nc] float32.
+    q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, Nc] float32 (float64 for
+    float64 inputs).
     For each query head, a softmax of q.ck/sqrt(D) over the windows complete at the query's position
     (window i is complete at t when stride*i + kernel - 1 <= t); windows not yet complete score 0.
     """
@@ -112,8 +113,11 @@ def query_aware_chunk_scores(
     num_kv_heads = compressed_keys.shape[2]
     group = num_q_heads // num_kv_heads
     num_windows = compressed_keys.shape[1]
-    qg = q.float().view(batch, num_queries, num_kv_heads, group, head_dim)
-    logits = torch.einsum("bthgd,bnhd->bthgn", qg, compressed_keys.float()) / math.sqrt(head_dim)
+    # float32 for half inputs, float64 kept: float64 tests compare a one-token step with a full forward,
+    # whose products round differently by shape; in float32 that flips near-tied block scores.
+    dtype = compute_dtype(q)
+    qg = q.to(dtype).view(batch, num_queries, num_kv_heads, group, head_dim)
+    logits = torch.einsum("bthgd,bnhd->bthgn", qg, compressed_keys.to(dtype)) / math.sqrt(head_dim)
     complete = torch.arange(num_windows, device=q.device)[None, :] < num_complete_windows(
         positions + 1, kernel, stride
     )[:, None]  # [Tq, Nc]
@@ -143,7 +147,8 @@ def pool_to_blocks(
     """Block score = max over the windows overlapping the block that are complete at the query's position.
 
     chunk_scores: [B, Tq, H, Nc] (per query) or [B, 1, H, Nc] (query-agnostic, shared by every query);
-    positions: [Tq] -> [B, Tq, H, NB] float32, -inf for a block with no complete window.
+    positions: [Tq] -> [B, Tq, H, NB] float32 (float64 for float64 scores), -inf for a block with no complete
+    window.
     """
     index, valid = block_window_ranges(num_blocks, cfg, chunk_scores.device)
     num_windows = chunk_scores.shape[-1]
@@ -151,8 +156,8 @@ def pool_to_blocks(
     usable = valid[None] & (index[None] < complete_count[:, None, None]) & (index[None] < num_windows)
     if num_windows == 0:
         shape = (chunk_scores.shape[0], positions.shape[0], chunk_scores.shape[2], num_blocks)
-        return torch.full(shape, float("-inf"), device=chunk_scores.device)
-    gathered = chunk_scores.float()[..., index.clamp(max=num_windows - 1)]  # [B, Tq|1, H, NB, W]
+        return torch.full(shape, float("-inf"), dtype=compute_dtype(chunk_scores), device=chunk_scores.device)
+    gathered = chunk_scores.to(compute_dtype(chunk_scores))[..., index.clamp(max=num_windows - 1)]  # [B, Tq|1, H, NB, W]
     gathered = gathered.masked_fill(~usable[None, :, None], float("-inf"))
     return gathered.amax(dim=-1)
 
@@ -162,8 +167,9 @@ def pool_to_blocks(
 # ----------------------------------------------------------------------------------------------------------
 def _best_candidates(scores: torch.Tensor, candidate: torch.Tensor, count) -> torch.Tensor:
     """Mask of the `count` best candidates by score; ties (and -inf scores) go to the lower block index."""
-    lowest = torch.finfo(torch.float32).min
-    key = torch.where(candidate, scores.float().clamp(min=lowest), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    dtype = compute_dtype(scores)
+    lowest = torch.finfo(dtype).min
+    key = torch.where(candidate, scores.to(dtype).clamp(min=lowest), torch.full_like(scores, float("-inf"), dtype=dtype))
     order = torch.argsort(key, dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
@@ -227,7 +233,8 @@ def query_aware_block_scores(
     q: torch.Tensor, compressed_keys: torch.Tensor, positions: torch.Tensor, num_blocks: int, cfg: SparseAttentionConfig
 ) -> torch.Tensor:
     """Query-aware chunk scores pooled to blocks. q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D];
-    positions: [Tq] -> [B, Tq, H, NB] float32 (-inf for a block with no complete window)."""
+    positions: [Tq] -> [B, Tq, H, NB] float32, float64 for float64 inputs (-inf for a block with no complete
+    window)."""
     chunks = query_aware_chunk_scores(q, compressed_keys, positions, cfg.compress_kernel, cfg.compress_stride)
     return pool_to_blocks(chunks, positions, num_blocks, cfg)
 
