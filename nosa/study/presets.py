@@ -178,6 +178,18 @@ def validate(study: dict) -> dict:
         for key in ("mixture", "task_params"):
             if key in phase and not isinstance(phase[key], dict):
                 raise ValueError(f"phases[{k}].{key} must be a mapping, got {phase[key]!r}")
+        if "stop_at_answer_nll" in phase or "stop_window_steps" in phase:
+            # Checked here, before any phase trains: inside the chain it would fail after the earlier
+            # phases had spent their time.
+            from nosa.data.tasks import TASKS
+            from nosa.train.answer_target import validate_thresholds, validate_window
+
+            mixture = phase.get("mixture", study.get("data", {}).get("mixture", {}))
+            try:
+                thresholds = validate_thresholds(phase.get("stop_at_answer_nll", {}), mixture, TASKS)
+                validate_window(phase.get("stop_window_steps"), thresholds, phase["max_steps"])
+            except ValueError as err:
+                raise ValueError(f"phases[{k}]: {err}") from None
     if not seen_unshared:
         raise ValueError("the last phase must be per mode (not shared): it is what each mode is evaluated on")
     shared_eval = study.get("shared_eval")

@@ -242,7 +242,8 @@ def mode_row(study: dict, mode: str, work: str, train_status: dict, eval_status:
         st = train_status.get(f"{'shared' if phase.get('shared') else mode}/phase{k}", {})
         if "parameters" in start:
             row["parameters"] = start["parameters"]
-        done_steps = steps[-1]["step"] if steps else 0
+        # The end record's step: with log_every > 1 a phase cut by its time limit ends after its last logged step.
+        done_steps = end["step"] if end and "step" in end else (steps[-1]["step"] if steps else 0)
         tokens = done_steps * phase["seq_len"] * phase["micro_batch_size"] * study.get("train", {}).get("grad_accum", 1)
         info = {"shared": bool(phase.get("shared")), "seq_len": phase["seq_len"], "steps_planned": phase["max_steps"], "steps_done": done_steps,
                 "tokens": tokens, "stopped_by_time_limit": bool(end and end.get("stopped_by_time_limit")),
@@ -394,7 +395,9 @@ def phase_finished(work: str, owner: str, phase_index: int, study: dict) -> bool
     again, unless a phase before it of the same weights is trained again (run_study)."""
     run = phase_dir(work, owner, phase_index, study)
     ends = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r.get("event") == "end"]
-    return bool(ends) and not ends[-1].get("stopped_by_signal") and final_checkpoint(run) is not None
+    # A signal on the step that met the answer target still leaves a finished phase (the loop saves it).
+    done = bool(ends) and (not ends[-1].get("stopped_by_signal") or bool(ends[-1].get("stopped_by_answer_target")))
+    return done and final_checkpoint(run) is not None
 
 
 def open_work_dir(work: str, study: dict, resume: bool) -> None:

@@ -6,13 +6,32 @@ the budget after. The rule here stops a run once, for every named task, the answ
 last `stop_window_steps` steps is at or below its threshold. The mean is token-weighted over the window
 (sum of answer NLL / answer tokens), so a step with few answers of a task weighs little. A task with no
 answer token in the window has not shown anything yet and keeps the run going. The sums come from the
-all-reduced per-step statistics, so every process decides alike without another collective.
+all-reduced per-step statistics; the loop still takes rank 0's decision through its stop flag, so the
+processes agree even if their sums differed in the last bit.
+
+The window starts empty at every (re)start: a run resumed from a checkpoint trains at least
+`stop_window_steps` more steps before it can stop by its target. A run that ended by meeting its target
+records the thresholds and the window in its end record; resuming it with a target that those window means
+still meet (same window) trains nothing, and with a stricter or different target it trains on.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+
+
+DEFAULT_WINDOW_STEPS = 20
+
+
+def target_still_met(end_record: dict, thresholds: dict[str, float], window_steps: int) -> bool:
+    """Whether a run that ended by meeting its answer target (`end_record`, its metrics' end line) also meets
+    `thresholds` over `window_steps`: the same window, and every named task's recorded mean at or below."""
+    means = end_record.get("stopped_by_answer_target") or {}
+    target = end_record.get("answer_target") or {}
+    if not thresholds or target.get("window_steps") != window_steps:
+        return False
+    return all(means.get(task) is not None and means[task] <= limit for task, limit in thresholds.items())
 
 
 class AnswerTarget:
@@ -55,6 +74,8 @@ def validate_thresholds(thresholds, mixture: dict, tasks) -> dict[str, float]:
         raise ValueError(f"stop_at_answer_nll must be a mapping of task -> answer NLL, got {thresholds!r}")
     out = {}
     for task, limit in thresholds.items():
+        if isinstance(limit, bool):
+            raise ValueError(f"stop_at_answer_nll.{task} must be a number, got {limit!r}")
         if task not in tasks:
             raise ValueError(f"stop_at_answer_nll names {task!r}, which is not a task; tasks: {sorted(tasks)}")
         if mixture.get(task, 0.0) <= 0:
@@ -68,3 +89,18 @@ def validate_thresholds(thresholds, mixture: dict, tasks) -> dict[str, float]:
             raise ValueError(f"stop_at_answer_nll.{task} must be finite and > 0, got {limit!r}")
         out[task] = value
     return out
+
+
+def validate_window(window_steps, thresholds: dict, max_steps: int) -> int | None:
+    """`stop_window_steps`: None (the default window, DEFAULT_WINDOW_STEPS, when there is a target) or an
+    integer from 1 to max_steps (a longer window could never fill, so the target could never be met); refused
+    without a target, where it would be silently ignored."""
+    if window_steps is None:
+        return None
+    if not thresholds:
+        raise ValueError(f"stop_window_steps={window_steps!r} is given without stop_at_answer_nll; "
+                         "it only means something with a target")
+    if isinstance(window_steps, bool) or not isinstance(window_steps, int) or not 1 <= window_steps <= max_steps:
+        raise ValueError(f"stop_window_steps must be an integer from 1 to max_steps={max_steps} (a longer "
+                         f"window never fills), got {window_steps!r}")
+    return window_steps

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from nosa.data.tasks import TASKS
-from nosa.train.answer_target import validate_thresholds
+from nosa.train.answer_target import validate_thresholds, validate_window
 
 INIT_FROM = ("scratch", "nosa", "llama")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -22,7 +22,7 @@ PARALLEL = ("ddp", "fsdp")
 TASK_LOSSES = ("answer", "full")
 # field -> smallest allowed value
 INT_FIELDS = {"seq_len": 2, "max_steps": 1, "micro_batch_size": 1, "grad_accum": 1, "log_every": 1, "val_batches": 1,
-              "warmup_steps": 0, "save_every": 0, "val_every": 0, "seed": 0, "stop_window_steps": 1}
+              "warmup_steps": 0, "save_every": 0, "val_every": 0, "seed": 0}
 # field -> (low, high, low excluded, high excluded)
 FLOAT_FIELDS = {"lr": (0.0, math.inf, True, True), "min_lr_ratio": (0.0, 1.0, False, False),
                 "weight_decay": (0.0, math.inf, False, True), "beta1": (0.0, 1.0, False, True),
@@ -114,7 +114,7 @@ class TrainConfig:
     # task -> answer NLL: stop (and save) once every named task's answers are learnt this well, averaged
     # over the last stop_window_steps steps (nosa/train/answer_target.py says why and how)
     stop_at_answer_nll: dict = field(default_factory=dict)
-    stop_window_steps: int = 20
+    stop_window_steps: int | None = None  # None: answer_target.DEFAULT_WINDOW_STEPS
     progress: bool = True
 
     def __post_init__(self):
@@ -176,6 +176,9 @@ class TrainConfig:
             if not isinstance(params, dict):
                 raise ValueError(f"task_params.{task} must be a mapping of keyword arguments, got {params!r}")
         self.stop_at_answer_nll = validate_thresholds(self.stop_at_answer_nll, self.mixture, TASKS)
+        if isinstance(self.stop_window_steps, str) and self.stop_window_steps.strip().isdigit():
+            self.stop_window_steps = int(self.stop_window_steps)
+        self.stop_window_steps = validate_window(self.stop_window_steps, self.stop_at_answer_nll, self.max_steps)
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of NosaConfig fields, got {type(self.model).__name__}")
         # NosaConfig takes **kwargs (transformers passes bookkeeping through it), so a misspelt field

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from nosa.config import NosaConfig
 from nosa.models import NosaForCausalLM
-from nosa.train.answer_target import AnswerTarget
+from nosa.train.answer_target import DEFAULT_WINDOW_STEPS, AnswerTarget, target_still_met
 from nosa.train.checkpoint import checkpoint_root, find_checkpoint, load_optimizer, read_state, save_checkpoint
 from nosa.train.config import TrainConfig
 from nosa.data.corpus import TokenCorpus, build_corpus, source_path
@@ -233,10 +233,10 @@ def _last_logged_loss(metrics_path: str, step: int):
     return losses[-1] if losses else None
 
 
-def _answer_target_met_at(metrics_path: str, step: int):
-    """The window means with which the run ended at `step` by meeting its answer target, else None."""
+def _answer_target_end(metrics_path: str, step: int) -> dict | None:
+    """The end record with which the run ended at `step` by meeting its answer target, else None."""
     ends = [r for r in _read_metrics(metrics_path) if r.get("event") == "end" and r.get("step") == step]
-    return ends[-1].get("stopped_by_answer_target") if ends else None
+    return ends[-1] if ends and ends[-1].get("stopped_by_answer_target") else None
 
 
 def _check_out_dir(cfg: TrainConfig, overwrite: bool, info: DistInfo) -> None:
@@ -293,6 +293,7 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
     tok = resolve_tokenizer(cfg)
     check_tasks(cfg, tok)
     resume_dir = find_checkpoint(resume, cfg.out_dir) if resume else None
+    window_steps = cfg.stop_window_steps or DEFAULT_WINDOW_STEPS
     start_step, rows_consumed = 0, 0
     metrics_path = os.path.join(cfg.out_dir, METRICS_FILE)
     resume_changes = {}
@@ -307,9 +308,10 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
                     "already_finished": True, "stopped_by_time_limit": False, "wall_s": 0.0,
                     "message": f"{resume_dir} is already at max_steps={cfg.max_steps}; nothing was trained or saved"}
         run_metrics = os.path.join(os.path.dirname(os.path.dirname(resume_dir)), METRICS_FILE)
-        met = _answer_target_met_at(run_metrics, start_step) if cfg.stop_at_answer_nll else None
-        if met:
-            # The run stopped because its answers were learnt; with the same target it is finished.
+        ended = _answer_target_end(run_metrics, start_step) if cfg.stop_at_answer_nll else None
+        if ended and target_still_met(ended, cfg.stop_at_answer_nll, window_steps):
+            # The run stopped because its answers were learnt, as well as this target asks: it is finished.
+            met = ended["stopped_by_answer_target"]
             return {"event": "end", "step": start_step, "final_checkpoint": resume_dir,
                     "loss": _last_logged_loss(run_metrics, start_step), "already_finished": True,
                     "stopped_by_time_limit": False, "stopped_by_answer_target": met, "wall_s": 0.0,
@@ -367,7 +369,7 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
     began = time.time()
     step = start_step
     last = {}
-    target = AnswerTarget(cfg.stop_at_answer_nll, cfg.stop_window_steps)
+    target = AnswerTarget(cfg.stop_at_answer_nll, window_steps)
     target_met = False
     while step < cfg.max_steps:
         t0 = time.time()
@@ -447,15 +449,18 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
         out_of_time = cfg.time_limit_s > 0 and time.time() - began >= cfg.time_limit_s
         # Every process must agree to stop at the same step: rank 0's clock decides the time limit, a
         # signal to any process stops all (ones for time, tens for a signal).
-        flag = torch.tensor(float(info.is_main and out_of_time) + 10.0 * stop_request.requested, device=info.device)
+        # The answer target (hundreds) is rank 0's decision too, though every rank computed it from the same sums.
+        flag = torch.tensor(float(info.is_main and out_of_time) + 10.0 * stop_request.requested
+                            + 100.0 * (info.is_main and target_met), device=info.device)
         flag = float(all_reduce_sum(flag, info))
-        stop = flag > 0 or target_met
+        target_met = flag >= 100
+        stop = flag > 0
         if step < cfg.max_steps and not stop and cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(cfg.out_dir, wrapped, optimizer, tok, step, rows_consumed, cfg.to_dict(), info)
         if stop:
             if flag % 10:
                 last["stopped_by_time_limit"] = True
-            if flag >= 10:
+            if flag % 100 >= 10:
                 last["stopped_by_signal"] = stop_request.signal_name or "signal on another process"
             break
     if progress is not None:
@@ -465,6 +470,8 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
                "stopped_by_time_limit": bool(last.get("stopped_by_time_limit")),
                "stopped_by_signal": last.get("stopped_by_signal"),
                "stopped_by_answer_target": last.get("stopped_by_answer_target"), "wall_s": time.time() - began}
+    if summary["stopped_by_answer_target"]:
+        summary["answer_target"] = {"thresholds": cfg.stop_at_answer_nll, "window_steps": window_steps}
     if info.is_main:
         metrics.write(json.dumps(summary) + "\n")
         metrics.close()

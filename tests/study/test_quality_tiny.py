@@ -251,6 +251,10 @@ def test_resume_rules_for_signal_stops_and_stale_shared_scores(tmp_path):
     (run / "checkpoints" / "latest").write_text("step_000002")
     (run / "metrics.jsonl").write_text(json.dumps({"event": "end", "step": 2, "stopped_by_signal": "SIGTERM"}) + "\n")
     assert not phase_finished(str(tmp_path), "shared", 0, study)
+    # ... unless that step also met the phase's answer target: the phase is then complete
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "end", "step": 2, "stopped_by_signal": "SIGTERM",
+                                                   "stopped_by_answer_target": {"passkey": 0.1}}) + "\n")
+    assert phase_finished(str(tmp_path), "shared", 0, study)
     (run / "metrics.jsonl").write_text(json.dumps({"event": "end", "step": 2, "stopped_by_signal": None}) + "\n")
     assert phase_finished(str(tmp_path), "shared", 0, study) and not phase_finished(str(tmp_path), "shared", 1, study)
     saved = {"phases": [{"phase": 0, "checkpoint": str(run / "checkpoints" / "step_000002")}], "skipped": [], "errors": {}}

@@ -60,3 +60,22 @@ def test_a_phase_target_reaches_the_training_config(tmp_path):
     cfg["init_path"] = str(tmp_path)  # a checkpoint dir, as the study fills in; only the fields are checked here
     assert TrainConfig(**cfg).stop_at_answer_nll["kv_recall"] == 0.3
     assert "stop_at_answer_nll" not in train_config(gate, "nosa", 4, str(tmp_path))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stop_at_answer_nll": {"passkey": -1.0}}, r"phases\[3\]: stop_at_answer_nll.passkey must be finite and > 0"),
+    ({"stop_at_answer_nll": {"mqar": 0.3}, "mixture": {"corpus": 0.5, "passkey": 0.5}}, "does not draw"),
+    ({"stop_window_steps": 0}, r"phases\[3\]: stop_window_steps must be an integer from 1 to max_steps=600"),
+    ({"stop_window_steps": 601}, "from 1 to max_steps=600"),
+    ({"stop_at_answer_nll": {}, "stop_window_steps": 10}, "without stop_at_answer_nll"),
+])
+def test_a_bad_phase_target_is_refused_when_the_study_is_resolved(tmp_path, change, message):
+    import yaml
+
+    with open(os.path.join(RECIPES, "h200_two_calls_gate.yaml")) as f:
+        data = yaml.safe_load(f)
+    data["phases"][3].update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=message):
+        resolve(str(path))

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from nosa.data.tasks import TASKS
-from nosa.train.answer_target import AnswerTarget, validate_thresholds
+from nosa.train.answer_target import AnswerTarget, target_still_met, validate_thresholds
 from nosa.train.config import TrainConfig
 from nosa.train.loop import train
 
@@ -30,6 +30,17 @@ def test_every_named_task_must_meet_its_own_threshold_and_show_answers():
     assert target.means() == {"passkey": pytest.approx(0.1), "kv_recall": None}
     assert not target.update({"passkey": 0.1, "kv_recall": 0.3}, {"passkey": 1.0, "kv_recall": 1.0})
     assert target.update({"passkey": 0.5, "kv_recall": 0.2}, {"passkey": 1.0, "kv_recall": 1.0})  # "at or below"
+
+
+def test_a_recorded_stop_meets_a_target_only_with_its_window_and_every_task_at_or_below():
+    end = {"stopped_by_answer_target": {"passkey": 0.2, "kv_recall": 0.1},
+           "answer_target": {"thresholds": {"passkey": 0.3, "kv_recall": 0.3}, "window_steps": 40}}
+    assert target_still_met(end, {"passkey": 0.3}, 40)  # a looser or smaller target is still met
+    assert target_still_met(end, {"passkey": 0.2, "kv_recall": 0.1}, 40)  # "at or below"
+    assert not target_still_met(end, {"passkey": 0.1}, 40)  # stricter
+    assert not target_still_met(end, {"passkey": 0.3}, 20)  # another window
+    assert not target_still_met(end, {"passkey": 0.3, "mqar": 5.0}, 40)  # a task the window did not measure
+    assert not target_still_met(end, {}, 40) and not target_still_met({}, {"passkey": 0.3}, 40)
 
 
 def test_no_thresholds_never_stops():
@@ -58,7 +69,13 @@ def test_the_config_checks_the_target_and_its_window():
     with pytest.raises(ValueError, match="stop_window_steps"):
         TrainConfig(mixture={"passkey": 1.0}, stop_at_answer_nll={"passkey": 1.0}, stop_window_steps=0)
     cfg = TrainConfig(mixture={"passkey": 1.0}, stop_at_answer_nll={"passkey": "0.5"})  # YAML may give text
-    assert cfg.stop_at_answer_nll == {"passkey": 0.5}
+    assert cfg.stop_at_answer_nll == {"passkey": 0.5} and cfg.stop_window_steps is None  # the default window
+    with pytest.raises(ValueError, match="without stop_at_answer_nll"):
+        TrainConfig(mixture={"passkey": 1.0}, stop_window_steps=10)  # would be silently ignored
+    with pytest.raises(ValueError, match="from 1 to max_steps=50"):
+        TrainConfig(mixture={"passkey": 1.0}, stop_at_answer_nll={"passkey": 1.0}, stop_window_steps=51, max_steps=50)
+    with pytest.raises(ValueError, match="must be a number"):
+        TrainConfig(mixture={"passkey": 1.0}, stop_at_answer_nll={"passkey": True})
 
 
 def _records(out_dir):
@@ -79,9 +96,21 @@ def test_the_loop_stops_once_the_target_is_met_logs_that_step_and_a_resume_train
     assert logged and logged[-1]["stopped_by_answer_target"] == summary["stopped_by_answer_target"]  # off log_every
     assert records[-1]["event"] == "end" and records[-1]["stopped_by_answer_target"] == summary["stopped_by_answer_target"]
     assert os.path.exists(os.path.join(summary["final_checkpoint"], "model.safetensors"))
+    assert records[-1]["answer_target"] == {"thresholds": {"passkey": 100.0}, "window_steps": 3}
     again = train(cfg, device="cpu", resume="latest")
     assert again["already_finished"] and again["step"] == 3 and again["stopped_by_answer_target"]
     assert len(_records(out)) == len(records)  # nothing was trained or logged
+    # A stricter target, another window or another task is not met by what the run recorded: it trains on
+    # (stopped here by the time limit after one step; the checkpoint is copied so each case starts at step 3).
+    import shutil
+    for change in ({"stop_at_answer_nll": {"passkey": 1e-9}}, {"stop_window_steps": 2}):
+        copy = tmp_path / f"copy_{sorted(change)[0]}"
+        shutil.copytree(out, copy)
+        values = dict(max_steps=50, log_every=10, mixture={"corpus": 0.2, "passkey": 0.8},
+                      stop_at_answer_nll={"passkey": 100.0}, stop_window_steps=3, time_limit_s=1e-6)
+        values.update(change)
+        onward = train(_cfg(corpus, copy, **values), device="cpu", resume="latest")
+        assert not onward.get("already_finished") and onward["step"] == 4, change
     # Without the target the same checkpoint trains on: the stop was the target's, not max_steps'.
     onward = train(_cfg(corpus, out, max_steps=50, log_every=10, mixture={"corpus": 0.2, "passkey": 0.8},
                         time_limit_s=1e-6), device="cpu", resume="latest")
