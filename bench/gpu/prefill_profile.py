@@ -51,8 +51,11 @@ def compiled_variants() -> dict[str, int]:
     for info in pkgutil.iter_modules(kernels.__path__):
         module = importlib.import_module(f"nosa.ops.kernels.{info.name}")
         for name, obj in vars(module).items():
-            fn = getattr(obj, "fn", obj)  # an autotuner wraps the JITFunction
-            caches = getattr(fn, "device_caches", None)
+            # A JITFunction holds its own caches; an autotuner (or heuristics) wraps one as `.fn`. (A JITFunction's
+            # own `.fn` is the plain Python function, so looking there first missed every plain kernel.)
+            caches = getattr(obj, "device_caches", None)
+            if not isinstance(caches, dict):
+                caches = getattr(getattr(obj, "fn", None), "device_caches", None)
             if isinstance(caches, dict):
                 n = sum(len(v[0]) if isinstance(v, tuple) else len(v) for v in caches.values())
                 if n:
