@@ -11,6 +11,8 @@ One engine, one install; the selection source is switched between the variants, 
   replay_device_unfused  replay_device with RMSNorm, rotary and the eviction scores on the PyTorch reference
                  (~38 small kernels a layer) instead of the fused Triton kernels (nosa.ops.kernels.norm_rope,
                  .eviction): the step as it was before them, so the difference is what the fusions save
+  replay_device_fused_gather  replay_device with nosa.engine.attention.FUSE_GATHER: decode attention loads the
+                 step's misses from the host pages itself instead of a gather before it (`fused_gather_saves_ms`)
 Per variant and round: `time_decode` (warm-up steps, which capture the graphs again, then timed steps: wall
 time of `llm.step()`, no profiler). In the second round each variant also runs a few steps under
 torch.profiler (CPU + CUDA activity, graphs on), each step wrapped in record_function, and
@@ -38,6 +40,7 @@ from nosa import ops
 from nosa.bench import decode as bench
 from nosa.results.header import write_json_result
 from nosa.bench.step_time import step_timeline, summarise
+import nosa.engine.attention as engine_attention
 from nosa.engine import LLM
 from nosa.engine.selection_source import ReplaySelections
 
@@ -107,8 +110,9 @@ def main() -> int:
     if args.smoke:
         args.prompt, args.layers, args.max_batch, args.steps, args.warmup, args.profile_steps = 16384, 2, 2, 2, 1, 2
     os.makedirs(args.out, exist_ok=True)
-    # (name, replay on the device, fused norm and rotary)
-    variants = (("replay_host", False, True), ("replay_device", True, True), ("replay_device_unfused", True, False))
+    # (name, replay on the device, fused norm and rotary, misses loaded inside decode attention)
+    variants = (("replay_host", False, True, False), ("replay_device", True, True, False),
+                ("replay_device_unfused", True, False, False), ("replay_device_fused_gather", True, True, True))
     rounds = 2
     # Steps the traces must cover: every round's warm-up and timed steps, the profiled ones (+1 warm each),
     # the eager profile, and a margin.
@@ -134,7 +138,8 @@ def main() -> int:
     results = {"gather": shared["gather"], "hbm_copy_gb_s": shared["hbm_copy_gb_s"], "batch": batch, "variants": {}}
     tables = []
     for round_index in range(rounds):
-        for name, on_device, fused in variants:
+        for name, on_device, fused, fuse_gather in variants:
+            engine_attention.FUSE_GATHER = fuse_gather
             # attach() drops the graphs: this variant's steps capture them again under its backend.
             with contextlib.nullcontext() if fused else ops.use_backend("reference", only=FUSED_OPS):
                 attach(llm, running, mapped, args.prompt, on_device)
@@ -158,6 +163,8 @@ def main() -> int:
                         tables.append(f"== {name}: {args.profile_steps} graphed steps (CPU + CUDA activity)\n{table}")
                 print(line, flush=True)
     # Eager steps by kernel (graphs off): the kernel sum the earlier profiles reported, for comparison.
+    engine_attention.FUSE_GATHER = False
+    attach(llm, running, mapped, args.prompt, True)
     timeline, table = profiled(llm, 3, graphs=False)
     results["profiled_eager_replay_device"] = summarise(timeline)
     tables.append(f"== replay_device: 3 eager steps\n{table}")
@@ -167,9 +174,12 @@ def main() -> int:
         medians = [r["step_ms_median"] for r in entry["rounds"]]
         entry["step_ms_median_of_rounds"] = sorted(medians)[len(medians) // 2] if len(medians) % 2 else sum(medians) / len(medians)
         entry["vs_floor"] = entry["step_ms_median_of_rounds"] / entry["rounds"][-1]["floor_ms"]
-    host, device, unfused = (results["variants"][n]["step_ms_median_of_rounds"] for n, _, _ in variants)
+    host, device, unfused, fused_gather = (results["variants"][n]["step_ms_median_of_rounds"] for n, *_ in variants)
     results["device_replay_saves_ms"] = host - device
     results["fused_kernels_save_ms"] = unfused - device
+    results["fused_gather_saves_ms"] = device - fused_gather
+    print(f"loading the misses inside decode attention saves {device - fused_gather:.3f} ms a step "
+          f"({device:.3f} -> {fused_gather:.3f})", flush=True)
     print(f"the fused norm, rotary and eviction kernels save {unfused - device:.3f} ms a step ({unfused:.3f} -> {device:.3f})", flush=True)
     print(f"replay on the device saves {host - device:.3f} ms a step ({host:.3f} -> {device:.3f}); "
           f"{results['variants']['replay_device']['vs_floor']:.2f}x the floor", flush=True)

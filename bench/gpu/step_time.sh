@@ -19,7 +19,7 @@ status=0
 LOG="$OUT/step_time.log"
 
 timeout ${TEST_TIMEOUT:-100} python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_gpu.py tests/ops/test_kernels_gpu.py \
-  -k "device_cache_and_trace or graphs_equal_eager or rms or rotary" >"$LOG" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
+  -k "device_cache_and_trace or graphs_equal_eager or rms or rotary or loading_misses" >"$LOG" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
 echo "gpu tests exit $rc"; grep -E "FAILED|ERROR|passed|failed" "$LOG" | tail -6
 
 timeout ${BENCH_TIMEOUT:-300} python3 bench/gpu/step_time.py "$OUT" >>"$LOG" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1

@@ -13,7 +13,8 @@ store and the row.
   3. `spill_step` (with a device cache beyond the selection; two Triton launches on CUDA) then `plan_step`:
      the slot-table diff, the host->device copies to make, the token appended to its block;
   4. `gather_blocks`: one launch for every miss of the batch (Triton reading pinned host memory on CUDA);
-  5. `attention_inputs` and `decode_attention` over the row's slots.
+  5. `attention_inputs` and `decode_attention` over the row's slots (with FUSE_GATHER, step 4 happens inside
+     it: the attention reads each miss from its host page and writes it into the slot).
 With offload off the store is on the device and holds the only copy (`BlockCache.in_place`): step 3 is
 `plan_in_place` (the same slot table, the store page of each slot, the token written into its page), step
 4 is skipped, and `decode_attention` reads the pages in place through that block table.
@@ -27,6 +28,12 @@ import torch
 
 from nosa import ops
 from nosa.layers import AttentionBackend
+
+# Offload on: load the step's misses inside decode attention (`decode_attention(..., slot_src=...)`) instead
+# of a gather launched before it, so the PCIe reads overlap the attention's HBM reads. Same values, same
+# order: the tokens are the gather path's bit for bit (tests/engine). Off by default until measured on the
+# GPU (bench/gpu/step_time.py times both); read when a step begins, so a captured graph keeps its choice.
+FUSE_GATHER = False
 
 
 class PrefillAttention(AttentionBackend):
@@ -82,6 +89,7 @@ class DecodeAttention(AttentionBackend):
         self.gather = ops.resolve("gather_blocks", slots.table, host.k)
         self.inputs = ops.resolve("attention_inputs", slots.table)
         self.spill = ops.resolve("spill_step", slots.table)
+        self.fuse_gather = FUSE_GATHER and not self.in_place
         # A device-side selection source: every layer's selection of each row at its position, one gather
         # per step ([R, L, H, K]; rows that do not replay read a clamped, unused entry).
         self.source_rows = None
@@ -133,9 +141,14 @@ class DecodeAttention(AttentionBackend):
             out = ops.decode_attention(q[:, 0], host.k, host.v, runner.bias, runner.valid, cache.slot_page)
             return out[:, None]
         self.plan(slots, selection, token, host, plan)
-        # One launch for every miss of the batch. It cannot overlap this layer's compute: what it loads is
-        # known only once this layer's query has selected, and the attention right after reads it.
-        self.gather(host.k, host.v, cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), plan.src_page, plan.dst_page, plan.head)
+        loads = {}
+        if self.fuse_gather:
+            # The attention loads the misses itself (plan.slot_src), overlapping PCIe with its HBM reads.
+            loads = {"host_k": host.k, "host_v": host.v, "slot_src": plan.slot_src}
+        else:
+            # One launch for every miss of the batch, before the attention that reads them: what it loads is
+            # known only once this layer's query has selected.
+            self.gather(host.k, host.v, cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), plan.src_page, plan.dst_page, plan.head)
         self.inputs(slots.table, positions, state, runner.valid, runner.bias, cache.block_size)
-        out = ops.decode_attention(q[:, 0], cache.row_view(l, "k"), cache.row_view(l, "v"), runner.bias, runner.valid)
+        out = ops.decode_attention(q[:, 0], cache.row_view(l, "k"), cache.row_view(l, "v"), runner.bias, runner.valid, **loads)
         return out[:, None]

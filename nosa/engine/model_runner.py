@@ -69,7 +69,7 @@ class ModelRunner:
         self.loaded_rh = torch.zeros((L, R, H), dtype=torch.int64, device=self.device)
         self.selected_rh = torch.zeros((L, R, H), dtype=torch.int64, device=self.device)
         self.load_plans = [ops.LoadPlan(shared.src_page, shared.dst_page, shared.head, self.step_loads[l],
-                                        self.loaded_rh[l], self.selected_rh[l]) for l in range(L)]
+                                        self.loaded_rh[l], self.selected_rh[l], shared.slot_src) for l in range(L)]
         # One copy (offload off): no slots; attention reads the store's pages through cache.slot_page.
         self.layer_slots = [ops.LayerSlots(cache.table[l], None if cache.in_place else cache.slot_k[l],
                                            None if cache.in_place else cache.slot_v[l], cache.page_table) for l in range(L)]

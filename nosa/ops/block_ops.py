@@ -62,7 +62,9 @@ class StepTokens:
 class LoadPlan:
     """What `plan_step` decides, in static buffers. src_page, dst_page: [R*H*K] int32, the gather's
     entries; head: [R*H*K] int32, the KV head of each entry (fixed); loads: [R, H] int32, blocks to load
-    this step; loaded, selected: [R, H] int64 running counters over active rows."""
+    this step; loaded, selected: [R, H] int64 running counters over active rows; slot_src: [R, H, K] int32,
+    the same loads by destination: the host page slot j of (r, h) is loaded from this step, -1 where it
+    loads nothing (what `decode_attention` takes to load the misses itself instead of a gather)."""
 
     src_page: torch.Tensor
     dst_page: torch.Tensor
@@ -70,6 +72,7 @@ class LoadPlan:
     loads: torch.Tensor
     loaded: torch.Tensor
     selected: torch.Tensor
+    slot_src: torch.Tensor
 
     @classmethod
     def allocate(cls, rows: int, heads: int, slots: int, device) -> "LoadPlan":
@@ -80,7 +83,8 @@ class LoadPlan:
                    head.reshape(-1).contiguous(),  # contiguous: an expanded view has stride 0 at one head
                    torch.zeros((rows, heads), dtype=torch.int32, device=device),
                    torch.zeros((rows, heads), dtype=torch.int64, device=device),
-                   torch.zeros((rows, heads), dtype=torch.int64, device=device))
+                   torch.zeros((rows, heads), dtype=torch.int64, device=device),
+                   torch.full((rows, heads, slots), -1, dtype=torch.int32, device=device))
 
 
 def diff_slot_tables(table: torch.Tensor, selected: torch.Tensor):
@@ -228,6 +232,9 @@ def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, 
     dst = torch.where(src >= 0, rows[:, None, None] * K + miss_slot, -1)
     plan.src_page.copy_(src.reshape(-1))
     plan.dst_page.copy_(dst.reshape(-1))
+    # By destination slot: each slot receives at most one load, so the largest of its entries (-1 for none).
+    by_slot = torch.full_like(plan.slot_src, -1)
+    plan.slot_src.copy_(by_slot.scatter_reduce_(2, miss_slot.clamp(min=0).long(), src.to(by_slot.dtype), reduce="amax"))
     count = (src >= 0).sum(-1)
     plan.loads.copy_(count)
     plan.loaded.add_(count * active[:, None])

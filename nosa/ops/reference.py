@@ -398,7 +398,8 @@ def paged_valid(valid: torch.Tensor, block_table: torch.Tensor, block_size: int)
 
 def decode_attention(
     q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, bias_slots: torch.Tensor | None, valid: torch.Tensor,
-    block_table: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None, host_k: torch.Tensor | None = None, host_v: torch.Tensor | None = None,
+    slot_src: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over the device block cache (the NOSI decode step).
 
@@ -409,7 +410,17 @@ def decode_attention(
     Paged (block_table given, the one-copy path with offload off): k_slots, v_slots are the store's pages
     [P, H, bs, D] and block_table [B, H, K] int32 names the page of each slot (-1: none, not attended), so
     the blocks are read in place; the result is the slot path's over the same values, bit for bit.
+    Loading (slot path): host_k, host_v [P, H, bs, D] and slot_src [B, H, K] int32 name the host page each
+    slot loads this step (-1: none); those blocks are copied into k_slots / v_slots (in place) first, so the
+    call is a gather of the step's misses followed by the attention.
     """
+    if slot_src is not None:
+        block = host_k.shape[2]
+        b, h, j = (slot_src >= 0).nonzero(as_tuple=True)
+        tokens = j[:, None] * block + torch.arange(block, device=j.device)  # [n, bs]
+        src = slot_src[b, h, j].long()
+        k_slots[b[:, None], tokens, h[:, None]] = host_k[src, h].to(k_slots.device, k_slots.dtype)
+        v_slots[b[:, None], tokens, h[:, None]] = host_v[src, h].to(v_slots.device, v_slots.dtype)
     if block_table is not None:
         block = k_slots.shape[2]
         valid = paged_valid(valid, block_table, block)

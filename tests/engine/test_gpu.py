@@ -218,3 +218,23 @@ def test_cuda_engine_at_one_kv_head_equals_model_forward(triton_block_ops, mode,
         assert llm.stats().blocks_loaded_per_step > 0  # blocks were evicted and reloaded at decode
     for prompt, out in zip(batch, outs):
         torch.testing.assert_close(out.logits, reference_logits(model, prompt, out.token_ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", [None, 9])
+def test_cuda_engine_loading_misses_in_decode_attention_equals_the_gather_engine(monkeypatch, dtype, cache):
+    """FUSE_GATHER on the GPU (the decode kernel reading pinned host pages inside a CUDA graph, with and
+    without the device cache): the gather engine's tokens, logits and loads bit for bit, in fp32 and bf16."""
+    import nosa.engine.attention as engine_attention
+
+    model = tiny_model("nosa").to("cuda", dtype)
+    runs = []
+    for fuse in (False, True):
+        monkeypatch.setattr(engine_attention, "FUSE_GATHER", fuse)
+        llm = LLM(model, device="cuda", offload=True, max_model_len=80, max_num_seqs=4, device_cache_blocks=cache, dtype=dtype)
+        runs.append((llm.generate(prompts(), GREEDY, use_tqdm=False, return_logits=True), llm.decode_counters(), llm))
+    (want, want_counters, _), (got, got_counters, llm) = runs
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
+    assert torch.equal(got_counters["loaded"], want_counters["loaded"]) and int(want_counters["loaded"].sum()) > 0
+    assert len(llm.graphed.graphs) >= 1

@@ -65,6 +65,11 @@ def test_plan_step_kernel_refuses_index_outputs_it_cannot_write_in_place():
     token = ops.StepTokens(torch.tensor([0, 1]), torch.tensor([True, True]), torch.zeros(R, H, D), torch.zeros(R, H, D))
     host = ops.HostPages(torch.zeros(4, H, bs, D), torch.zeros(4, H, bs, D))
     plan = ops.LoadPlan.allocate(R, H, K, "cpu")
-    bad = ops.LoadPlan(plan.src_page.to(torch.int64), plan.dst_page, plan.head, plan.loads, plan.loaded, plan.selected)
+    bad = ops.LoadPlan(plan.src_page.to(torch.int64), plan.dst_page, plan.head, plan.loads, plan.loaded, plan.selected,
+                       plan.slot_src)
     with pytest.raises(ValueError, match="plan.src_page must be a contiguous torch.int32 tensor of 6 elements"):
+        kernels.plan_step(slots, None, token, host, bad)
+    bad = ops.LoadPlan(plan.src_page, plan.dst_page, plan.head, plan.loads, plan.loaded, plan.selected,
+                       torch.full((R, H, 2 * K), -1, dtype=torch.int32)[..., ::2])  # strided: refused, not read as dense
+    with pytest.raises(ValueError, match="plan.slot_src must be a contiguous torch.int32 tensor of 6 elements"):
         kernels.plan_step(slots, None, token, host, bad)

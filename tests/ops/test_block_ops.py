@@ -188,7 +188,7 @@ def test_plan_step_kernel_equals_reference(dense):
         head = torch.arange(H, dtype=torch.int32)[None, :, None].expand(R, H, K).reshape(-1).contiguous()
         impl.plan_step(ops.LayerSlots(x["table"], x["slot_k"], x["slot_v"], x["page_table"]), x["selection"],
                        ops.StepTokens(x["positions"], x["active"], x["k"], x["v"]), ops.HostPages(x["store_k"], x["store_v"]),
-                       ops.LoadPlan(src, dst, head, loads, loaded, selected))
+                       ops.LoadPlan(src, dst, head, loads, loaded, selected, torch.full((R, H, K), -7, dtype=torch.int32)))
         outs.append((x["table"], src, dst, loads, loaded, selected, x["slot_k"], x["slot_v"], x["store_k"], x["store_v"]))
     for got, want in zip(outs[1], outs[0]):
         assert torch.equal(got, want)
@@ -278,7 +278,7 @@ def test_plan_in_place_leaves_plan_steps_table_and_writes_the_token_into_its_pag
     def plan(x):
         return ops.LoadPlan(torch.full((R * H * K,), -1, dtype=torch.int32), torch.full((R * H * K,), -1, dtype=torch.int32),
                             head, torch.full((R, H), -7, dtype=torch.int32), torch.full((R, H), 5, dtype=torch.int64),
-                            torch.full((R, H), 3, dtype=torch.int64))
+                            torch.full((R, H), 3, dtype=torch.int64), torch.full((R, H, K), -1, dtype=torch.int32))
 
     ref_plan = plan(want)
     block_ops.plan_step(ops.LayerSlots(want["table"], want["slot_k"], want["slot_v"], want["page_table"]), want["selection"],

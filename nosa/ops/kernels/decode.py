@@ -42,17 +42,22 @@ CHUNK_ALIGN = 128
 
 # restore_value: autotuning runs the kernel several times; each run must start from the caller's zeroed
 # arrival counts (reset_to_zero would leave the last benchmark run's counts for the real call).
-@triton.autotune(configs=_partial_configs(), key=["S", "chunk", "G", "D", "FUSED_MERGE", "PAGED"],
+@triton.autotune(configs=_partial_configs(), key=["S", "chunk", "G", "D", "FUSED_MERGE", "PAGED", "HOST"],
                  restore_value=["Arrivals"])
 @triton.jit
 def _decode_partial_kernel(
-    Q, K, V, Bias, Valid, Table, PartO, PartM, PartL, Arrivals, Out,
+    Q, K, V, Bias, Valid, Table, PartO, PartM, PartL, Arrivals, Out, HostK, HostV, SlotSrc,
     sqb, sqh, skb, sks, skh, svb, svs, svh, sbb, sbs, sbh, svlb, svls, svlh, stb, sth, sob, soh,
-    S, H, chunk, qk_scale,
+    shp, sht, shh, S, H, NSLOT, chunk, qk_scale,
     G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr, SPLIT_PAD: tl.constexpr,
-    PAGED: tl.constexpr, BS: tl.constexpr,
+    PAGED: tl.constexpr, BS: tl.constexpr, HOST: tl.constexpr,
 ):
+    # HOST (slot path only): the misses of this step are read from the host pages [P, H, BS, D] (shp, sht, shh:
+    # page, token, head strides) named by SlotSrc [B, H, NSLOT] (-1: the slot already holds its block) and
+    # written into their slots as they are read, instead of by a gather launched before: the same values in
+    # the same order, so the result is the gather-then-attend path's bit for bit, and the PCIe reads of some
+    # programs run while others stream slots from HBM.
     # FUSED_MERGE: the last program of a (row, head) to finish (counted in Arrivals, zeroed by the caller)
     # merges the partials itself, instead of a second kernel launch.
     # PAGED: K, V are the store's pages [P, H, BS, D] (skb, svb: page strides; sks, svs: token strides) and
@@ -87,7 +92,16 @@ def _decode_partial_kernel(
             k_row = b * skb + s * sks
             v_row = b * svb + s * svs
         kv_mask = in_range[:, None] & d_ok[None, :]
-        k = tl.load(K + k_row[:, None] + h * skh + d[None, :], mask=kv_mask, other=0.0)
+        if HOST:
+            src = tl.load(SlotSrc + bh * NSLOT + s // BS, mask=in_range, other=-1)
+            from_host = (src >= 0)[:, None] & kv_mask
+            from_slot = (src < 0)[:, None] & kv_mask
+            h_row = tl.maximum(src, 0).to(tl.int64) * shp + (s % BS) * sht
+            k = tl.load(K + k_row[:, None] + h * skh + d[None, :], mask=from_slot, other=0.0)
+            k = tl.where(from_host, tl.load(HostK + h_row[:, None] + h * shh + d[None, :], mask=from_host, other=0.0), k)
+            tl.store(K + k_row[:, None] + h * skh + d[None, :], k, mask=from_host)
+        else:
+            k = tl.load(K + k_row[:, None] + h * skh + d[None, :], mask=kv_mask, other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             bias = tl.load(Bias + b * sbb + s * sbs + h * sbh, mask=in_range, other=0.0).to(tl.float32)
@@ -98,7 +112,12 @@ def _decode_partial_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(logits - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_row[:, None] + h * svh + d[None, :], mask=kv_mask, other=0.0)
+        if HOST:
+            v = tl.load(V + v_row[:, None] + h * svh + d[None, :], mask=from_slot, other=0.0)
+            v = tl.where(from_host, tl.load(HostV + h_row[:, None] + h * shh + d[None, :], mask=from_host, other=0.0), v)
+            tl.store(V + v_row[:, None] + h * svh + d[None, :], v, mask=from_host)
+        else:
+            v = tl.load(V + v_row[:, None] + h * svh + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     part = (bh * nsplit + split) * ROWS + g
@@ -168,6 +187,32 @@ def _sm_count(device_index: int) -> int:
 FUSED_MERGE = True
 
 
+def _check_host_loads(k_slots, v_slots, host_k, host_v, slot_src, paged, batch, num_slots, num_kv_heads, dtype):
+    """None when the call loads nothing itself; else True, once the host pages and slot_src fit the slots
+    (the kernel writes into k_slots / v_slots, so they must be the caller's own tensors, not a converted copy)."""
+    given = [x is not None for x in (host_k, host_v, slot_src)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("decode_attention: host_k, host_v and slot_src go together")
+    if paged:
+        raise ValueError("decode_attention: loading misses (slot_src) is for the slot path, not the paged one")
+    if host_k.dim() != 4 or host_k.shape != host_v.shape or host_k.stride() != host_v.stride():
+        raise ValueError(f"decode_attention: host_k, host_v must be pages [P, H, bs, D] with equal strides; got "
+                         f"{tuple(host_k.shape)}, {tuple(host_v.shape)}")
+    pages, heads, block, head_dim = host_k.shape
+    if heads != num_kv_heads or head_dim != k_slots.shape[3] or num_slots % block:
+        raise ValueError(f"decode_attention: host pages {tuple(host_k.shape)} do not fit slots {tuple(k_slots.shape)}")
+    if slot_src.shape != (batch, num_kv_heads, num_slots // block) or slot_src.dtype != torch.int32 or not slot_src.is_contiguous():
+        raise ValueError(f"decode_attention: slot_src must be contiguous int32 [B, H, K] = "
+                         f"[{batch}, {num_kv_heads}, {num_slots // block}]; got {tuple(slot_src.shape)} {slot_src.dtype}")
+    for name, t in (("k_slots", k_slots), ("v_slots", v_slots), ("host_k", host_k), ("host_v", host_v)):
+        if t.dtype != dtype or t.stride(-1) != 1:
+            raise ValueError(f"decode_attention: with slot_src, {name} must be {dtype} with a contiguous last dim "
+                             f"(the kernel writes the loaded blocks into the slots); got {t.dtype}, stride {t.stride()}")
+    return True
+
+
 def _check_block_table(q, pages, block_table):
     """(slots S, KV heads H, block size) of a paged call, or ValueError naming what does not fit."""
     if pages.dim() != 4 or block_table.dim() != 3:
@@ -183,14 +228,15 @@ def _check_block_table(q, pages, block_table):
 
 
 def decode_attention(q, k_slots, v_slots, bias_slots, valid, block_table=None, splits: int | None = None,
-                     fused_merge: bool | None = None):
+                     fused_merge: bool | None = None, host_k=None, host_v=None, slot_src=None):
     """Triton version of `nosa.ops.reference.decode_attention`.
 
     q: [B, Hq, D]; k_slots, v_slots: [B, S, H, D]; bias_slots: [B, S, H] or None; valid: [B, S, H] bool
     -> [B, Hq, D] in q's dtype. Paged (block_table [B, H, K] given): k_slots, v_slots are the store's pages
     [P, H, bs, D], read in place through the table (S = K * bs). `splits`: chunks of the slot axis
     (default: sized for occupancy). `fused_merge`: merge the chunks in the last program of each (row,
-    head) (default FUSED_MERGE) or in a second kernel.
+    head) (default FUSED_MERGE) or in a second kernel. host_k, host_v, slot_src (slot path): load this
+    step's misses inside the kernel (see the kernel's HOST), writing them into k_slots / v_slots.
     """
     if q.dim() != 3 or k_slots.dim() != 4 or k_slots.shape != v_slots.shape:
         raise ValueError(f"q must be [B, Hq, D] and k_slots, v_slots [B, S, H, D]; got {tuple(q.shape)}, {tuple(k_slots.shape)}, {tuple(v_slots.shape)}")
@@ -207,6 +253,7 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, block_table=None, s
         raise ValueError(f"valid must be [B, S, H] = [{batch}, {num_slots}, {num_kv_heads}]; got {tuple(valid.shape)}")
     if bias_slots is not None and bias_slots.shape != valid.shape:
         raise ValueError(f"bias_slots must be [B, S, H] = {tuple(valid.shape)}; got {tuple(bias_slots.shape)}")
+    host = _check_host_loads(k_slots, v_slots, host_k, host_v, slot_src, paged, batch, num_slots, num_kv_heads, q.dtype)
     group = num_q_heads // num_kv_heads
     out_dtype = q.dtype
     rows = max(16, _next_pow2(group))
@@ -249,12 +296,19 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, block_table=None, s
         k_strides = (k_slots.stride(0), k_slots.stride(1), k_slots.stride(2))
         v_strides = (v_slots.stride(0), v_slots.stride(1), v_slots.stride(2))
         table_strides = (0, 0)
+    if host is None:
+        host_args, host_strides, num_blocks = (valid_u8, valid_u8, valid_u8), (0, 0, 0), 1  # never read
+    else:
+        host_args = (host_k, host_v, slot_src)
+        host_strides = (host_k.stride(0), host_k.stride(2), host_k.stride(1))  # page, token, head
+        num_blocks, block = slot_src.shape[-1], host_k.shape[2]
     _decode_partial_kernel[(batch * num_kv_heads, splits)](
-        q, k_slots, v_slots, bias_arg, valid_u8, table, part_o, part_m, part_l, arrivals, out,
+        q, k_slots, v_slots, bias_arg, valid_u8, table, part_o, part_m, part_l, arrivals, out, *host_args,
         q.stride(0), q.stride(1), *k_strides, *v_strides, *bias_strides, *valid_u8.stride(), *table_strides,
-        out.stride(0), out.stride(1), num_slots, num_kv_heads, chunk, LOG2E / math.sqrt(head_dim),
+        out.stride(0), out.stride(1), *host_strides, num_slots, num_kv_heads, num_blocks, chunk,
+        LOG2E / math.sqrt(head_dim),
         G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, HAS_BIAS=bias_slots is not None, PRECISION=precision,
-        FUSED_MERGE=fused, SPLIT_PAD=split_pad, PAGED=paged, BS=block,
+        FUSED_MERGE=fused, SPLIT_PAD=split_pad, PAGED=paged, BS=block, HOST=host is not None,
     )
     if not fused:
         _decode_merge_kernel[(batch * num_kv_heads,)](

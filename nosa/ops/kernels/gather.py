@@ -306,7 +306,7 @@ def _plan_diff(Table, Sel, s_sel_r, s_sel_h, pid, r, h, own, offs, inside, K, DE
 
 @triton.jit
 def _plan_step_kernel(
-    Table, Sel, s_sel_r, s_sel_h, Pages, Pos, Active, Src, Dst, Loads, Loaded, Selected,
+    Table, Sel, s_sel_r, s_sel_h, Pages, Pos, Active, Src, Dst, Loads, Loaded, Selected, SlotSrc,
     K_new, s_kn_r, s_kn_h, V_new, s_vn_r, s_vn_h,
     SlotK, SlotV, s_sp, s_st, s_sh, s_sd, StoreK, StoreV, s_gp, s_gh, s_gt, s_gd,
     H, K, NB,
@@ -331,6 +331,9 @@ def _plan_step_kernel(
     dst = tl.where(src >= 0, r * K + slot_of_miss, -1)
     tl.store(Src + pid * K + offs, src, mask=inside)
     tl.store(Dst + pid * K + offs, dst.to(tl.int32), mask=inside)
+    # The same loads by destination slot ([slot j, entry i]: entry i loads into slot j; at most one per slot).
+    into = (src[None, :] >= 0) & (slot_of_miss[None, :] == offs[:, None])
+    tl.store(SlotSrc + pid * K + offs, tl.max(tl.where(into, src[None, :], -1), axis=1).to(tl.int32), mask=inside)
     loads = tl.sum((src >= 0).to(tl.int32), axis=0)
     tl.store(Loads + pid, loads)
     tl.store(Table + pid * K + offs, new_table, mask=inside)
@@ -377,7 +380,8 @@ def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, 
                                   ("plan.dst_page", plan.dst_page, entries, torch.int32),
                                   ("plan.loads", plan.loads, rows * heads, torch.int32),
                                   ("plan.loaded", plan.loaded, rows * heads, torch.int64),
-                                  ("plan.selected", plan.selected, rows * heads, torch.int64)):
+                                  ("plan.selected", plan.selected, rows * heads, torch.int64),
+                                  ("plan.slot_src", plan.slot_src, entries, torch.int32)):
         _index_out("plan_step", name, t, numel, dtype)
     positions = _index("plan_step", "token.positions", token.positions, rows, torch.int64)
     if token.active.dtype != torch.bool or token.active.numel() != rows or not token.active.is_contiguous():
@@ -392,7 +396,7 @@ def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, 
     block_d = triton.next_power_of_2(head_dim)
     _plan_step_kernel[(rows * heads,)](
         table, sel, sel.stride(0), sel.stride(1), page_table, positions, token.active.view(torch.uint8),
-        plan.src_page, plan.dst_page, plan.loads, plan.loaded, plan.selected,
+        plan.src_page, plan.dst_page, plan.loads, plan.loaded, plan.selected, plan.slot_src,
         k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
         slot_k, slot_v, slot_k.stride(0), slot_k.stride(1), slot_k.stride(2), slot_k.stride(3),
         store_k, store_v, store_k.stride(0), store_k.stride(1), store_k.stride(2), store_k.stride(3),
