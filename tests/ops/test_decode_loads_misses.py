@@ -10,7 +10,6 @@ from nosa.ops import block_ops
 from nosa.ops import kernels
 from nosa.ops import reference as ref
 from nosa.ops.kernels import decode as kd
-from nosa.ops.kernels import gather as kg
 
 
 def _case(batch, h, d, num_slots, block, pages, dtype, seed):
