@@ -34,7 +34,10 @@ def test_configs_say_per_row_whether_they_replay_traces():
     traces = {"nosa": object()}
     assert [uses_traces(c[4], traces) for c in configs[1:]] == [True, False, True, True]
     assert not uses_traces(None, {})
-    for bad in ("dense:off:traces", "nosa:on:traces:model", "nosa:on:trace"):
+    fused = parse_configs("nosa:on:cache128:traces:fusegather,nosa:on:cache128:traces")
+    assert [c[5] for c in fused] == [True, False] and fused[0][:5] == fused[1][:5]
+    for bad in ("dense:off:traces", "nosa:on:traces:model", "nosa:on:trace", "nosa:off:fusegather",
+                "nosa:on:fusegather:fusegather"):
         with pytest.raises(ValueError, match="bad --configs entry"):
             parse_configs(bad)
 

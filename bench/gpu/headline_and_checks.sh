@@ -4,9 +4,10 @@
 #    fused norm and rotary, one KV head in the engine): engine == forward, graphs == eager, device cache + both
 #    trace replay paths (TEST_S, default 110 s; the full GPU list passed on 2026-12-03 in 180 s,
 #    results/gpu_validation/2026-12-03b/).
-# 1. The headline, bench/results/decode_64k_equal_memory.json: 11 configs, replaying results/quality/traces_*.npz
-#    (study run 4's models since 2026-12-03), now with InfLLM-v2 offloaded at the same 128-block device cache
-#    as NOSA (the fair counterpart of nosa:on:cache128), and its kernel profiles.
+# 1. The headline, bench/results/decode_64k_equal_memory.json: 12 configs, replaying results/quality/traces_*.npz
+#    (study run 4's models since 2026-12-03), with InfLLM-v2 offloaded at the same 128-block device cache
+#    as NOSA (the fair counterpart of nosa:on:cache128), NOSA's cache-128 row again with the misses loaded
+#    inside decode attention (:fusegather, nosa.engine.attention.FUSE_GATHER), and its kernel profiles.
 # 2. Every kernel against its reference on the GPU (tests/ops/test_kernels_gpu.py) in what time is left.
 # 3. What time is left (PREFILL=1): where a batched prefill's time goes (bench/gpu/prefill_profile.py,
 #    offload on), and whether prompts of new lengths still compile kernels again after do_not_specialize;
@@ -20,12 +21,12 @@ status=0
 TRACES=results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz
 
 timeout ${TEST_S:-110} python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_gpu.py tests/ops/test_kernels_gpu.py \
-  -k "device_cache_and_trace or graphs_equal_eager or equals_model_forward or offload_off or one_kv_head or eviction or rms or rotary" >"$OUT/gpu_engine_tests.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
+  -k "device_cache_and_trace or graphs_equal_eager or equals_model_forward or offload_off or one_kv_head or eviction or rms or rotary or loading_misses" >"$OUT/gpu_engine_tests.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
 echo "engine tests exit $rc ($(elapsed) s)"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_engine_tests.log" | tail -6
 
 timeout $(left 120) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
   --equal-memory-dense-batch 20 --max-batch 48 --commit "$COMMIT" --traces "$TRACES" \
-  --equal-configs dense:off,nosa:on:traces,nosa:on:cache128:traces,infllmv2:on:traces,infllmv2:on:cache128:traces,nosa:on:model,infllmv2:on:model,nosa:off:traces,infllmv2:off:traces,nosa:off:model,infllmv2:off:model \
+  --equal-configs dense:off,nosa:on:traces,nosa:on:cache128:traces,nosa:on:cache128:traces:fusegather,infllmv2:on:traces,infllmv2:on:cache128:traces,nosa:on:model,infllmv2:on:model,nosa:off:traces,infllmv2:off:traces,nosa:off:model,infllmv2:off:model \
   --profile "$OUT/decode_64k_profile.txt" --name "$OUT/decode_64k_equal_memory" >"$OUT/decode_64k_equal_memory.log" 2>&1; rc=$?; [ $rc -eq 0 ] || status=1
 echo "64K exit $rc ($(elapsed) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/decode_64k_equal_memory.log" | tail -14
 

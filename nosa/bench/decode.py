@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=64, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (CUDA graph capture)")
     p.add_argument("--configs", default=None,
-                   help="comma-separated attn_mode:on|off[:eager]; the first is the baseline (default: "
+                   help=f"comma-separated {CONFIG_FORM}; the first is the baseline (default: "
                         "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager)")
     p.add_argument("--equal-configs", default=None,
                    help="configs of the equal-memory comparison (default: dense:off,infllmv2:off,nosa:on,nosa:off,infllmv2:on)")
@@ -296,26 +296,34 @@ def decode_steps(args) -> int:
     return args.warmup + args.steps + 8
 
 
+CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN][:traces|:model][:fusegather]"
+
+
 def parse_configs(spec: str):
-    """'attn_mode:on|off[:eager][:cacheN][:traces|:model]' entries -> (mode, offload, eager, device_cache_blocks or
-    None, selection). selection is "traces" (replay the --traces file of its mode), "model" (the random weights'
-    own scores) or None (unsaid: traces when --traces is given, else the model), so one run can hold both kinds
-    of row side by side."""
+    """CONFIG_FORM entries -> (mode, offload, eager, device_cache_blocks or None, selection, fuse_gather).
+    selection is "traces" (replay the --traces file of its mode), "model" (the random weights' own scores) or
+    None (unsaid: traces when --traces is given, else the model), so one run can hold both kinds of row side
+    by side; fusegather (offload on): decode attention loads the misses itself
+    (nosa.engine.attention.FUSE_GATHER), so a run can time it beside the gather path."""
     configs = []
     for item in spec.split(","):
         fields = item.split(":")
         extra = fields[2:]
         cache = [f for f in extra if f.startswith("cache")]
         selection = [f for f in extra if f in ("traces", "model")]
+        single = ("eager", "fusegather")
         ok = (len(fields) >= 2 and fields[1] in ("on", "off") and len(cache) <= 1 and len(selection) <= 1
-              and all(f == "eager" or f in cache or f in selection for f in extra) and extra.count("eager") <= 1
-              and all(f[5:].isdigit() for f in cache))
+              and all(f in single or f in cache or f in selection for f in extra)
+              and all(extra.count(f) <= 1 for f in single) and all(f[5:].isdigit() for f in cache))
+        if ok and "fusegather" in extra and fields[1] != "on":
+            ok = False  # with offload off nothing is loaded
         if not ok or ((cache or selection) and fields[0] == "dense"):
-            raise ValueError(f"bad --configs entry {item!r}: expected attn_mode:on|off[:eager][:cacheN][:traces|:model] "
+            raise ValueError(f"bad --configs entry {item!r}: expected {CONFIG_FORM} "
                              f"(cacheN: N device cache blocks per (layer, sequence, KV head); traces/model: replay the "
-                             f"--traces file or use the weights' own selection; both for sparse modes only)")
+                             f"--traces file or use the weights' own selection, both for sparse modes only; "
+                             f"fusegather: with offload on only)")
         configs.append((fields[0], fields[1] == "on", "eager" in extra, int(cache[0][5:]) if cache else None,
-                        selection[0] if selection else None))
+                        selection[0] if selection else None, "fusegather" in extra))
     return configs
 
 
@@ -327,6 +335,8 @@ def uses_traces(selection: str | None, traces: dict) -> bool:
 def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, models: dict, traces: dict) -> None:
     """One comparison (fixed batch, or equal device memory), written to bench/results/<name>.json."""
     from nosa.engine import LLM
+
+    import nosa.engine.attention as engine_attention
 
     configs = parse_configs(spec)
     max_len = args.prompt + decode_steps(args)
@@ -365,7 +375,8 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         print(f"wrote {path}{'' if complete else ' (partial)'}", flush=True)
 
     runs = []
-    for mode, offload, eager, cache_blocks, selection_kind in configs:
+    for mode, offload, eager, cache_blocks, selection_kind, fuse_gather in configs:
+        engine_attention.FUSE_GATHER = fuse_gather  # read as each step begins: this config's graphs keep it
         if mode not in models:
             models[mode] = make_model(mode, args.layers, max_len)  # weights are read-only: shared by the suites
         model = models[mode]
@@ -385,6 +396,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
             attach_traces(llm, running, traces[mode][0], args.prompt)
             selection = f"trace-driven: {traces[mode][1]['trace_file']}"
         run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
+               "fuse_gather": fuse_gather,
                "selection": selection, "device_cache_blocks": llm.cache.slots + llm.cache.spill_blocks if mode != "dense" else None,
                "batch_from": "fixed" if not equal_memory else "engine budget",
                **time_decode(llm, running, args.warmup, args.steps),
@@ -405,13 +417,14 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
             run["profiled_to"] = args.profile if count == 0 else f"{stem}_{count}{ext}"
             profile_steps(llm, running, run["profiled_to"])
             shared["profiled"] = count + 1
-        print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''}"
+        print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''}{' fusegather' if fuse_gather else ''}"
               f"{' traces' if selection.startswith('trace') else ''} batch {batch:3d} "
               f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (floor {run['floor_ms']:.2f})  "
               f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
         del llm, running
         torch.cuda.empty_cache()
         save(runs, configs, complete=False)
+    engine_attention.FUSE_GATHER = False
     save(runs, configs, complete=True)
 
 
@@ -435,7 +448,7 @@ def main(args) -> int:
         print(err)
         return 2
     traces = {}
-    wanted = [(mode, sel) for _, spec, _ in suites for mode, *_, sel in parse_configs(spec)]
+    wanted = [(config[0], config[4]) for _, spec, _ in suites for config in parse_configs(spec)]
     if any(sel == "traces" for _, sel in wanted) and not args.traces:
         print("a config asks for :traces but no --traces file is given")
         return 2

@@ -74,6 +74,8 @@ def decode_table(path: str) -> str:
         mode = ("on" if r["offload"] else "off") + ("" if r.get("cuda_graphs", True) else " (eager)")
         if r.get("device_cache_blocks") and r["device_cache_blocks"] > params.get("topk_blocks", 64):
             mode += f", cache {r['device_cache_blocks']}"
+        if r.get("fuse_gather"):
+            mode += ", loads in attention"
         selection = f" {_selection_kind(r) if r['attn_mode'] != 'dense' else '-'} |" if mixed else ""
         rows.append(
             f"| {r['attn_mode']} | {mode} |{selection} {batch} | {r.get('batch_from', 'fixed')} | {r['tokens_per_s']:.0f} "
