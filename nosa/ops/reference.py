@@ -418,9 +418,9 @@ def decode_attention(
         block = host_k.shape[2]
         b, h, j = (slot_src >= 0).nonzero(as_tuple=True)
         tokens = j[:, None] * block + torch.arange(block, device=j.device)  # [n, bs]
-        src = slot_src[b, h, j].long()
-        k_slots[b[:, None], tokens, h[:, None]] = host_k[src, h].to(k_slots.device, k_slots.dtype)
-        v_slots[b[:, None], tokens, h[:, None]] = host_v[src, h].to(v_slots.device, v_slots.dtype)
+        src, head = slot_src[b, h, j].long().to(host_k.device), h.to(host_k.device)  # host pages may be pinned CPU
+        k_slots[b[:, None], tokens, h[:, None]] = host_k[src, head].to(k_slots.device, k_slots.dtype)
+        v_slots[b[:, None], tokens, h[:, None]] = host_v[src, head].to(v_slots.device, v_slots.dtype)
     if block_table is not None:
         block = k_slots.shape[2]
         valid = paged_valid(valid, block_table, block)

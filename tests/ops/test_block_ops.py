@@ -186,13 +186,15 @@ def test_plan_step_kernel_equals_reference(dense):
         loads = torch.full((R, H), -7, dtype=torch.int32)
         loaded, selected = torch.full((R, H), 5, dtype=torch.int64), torch.full((R, H), 3, dtype=torch.int64)
         head = torch.arange(H, dtype=torch.int32)[None, :, None].expand(R, H, K).reshape(-1).contiguous()
+        slot_src = torch.full((R, H, K), -7, dtype=torch.int32)
         impl.plan_step(ops.LayerSlots(x["table"], x["slot_k"], x["slot_v"], x["page_table"]), x["selection"],
                        ops.StepTokens(x["positions"], x["active"], x["k"], x["v"]), ops.HostPages(x["store_k"], x["store_v"]),
-                       ops.LoadPlan(src, dst, head, loads, loaded, selected, torch.full((R, H, K), -7, dtype=torch.int32)))
-        outs.append((x["table"], src, dst, loads, loaded, selected, x["slot_k"], x["slot_v"], x["store_k"], x["store_v"]))
+                       ops.LoadPlan(src, dst, head, loads, loaded, selected, slot_src))
+        outs.append((x["table"], src, dst, loads, loaded, selected, x["slot_k"], x["slot_v"], x["store_k"], x["store_v"], slot_src))
     for got, want in zip(outs[1], outs[0]):
         assert torch.equal(got, want)
-    table, src, dst, loads, loaded, selected, slot_k, _, store_k, _ = outs[0]
+    table, src, dst, loads, loaded, selected, slot_k, _, store_k, _, slot_src = outs[0]
+    assert int((slot_src >= 0).sum()) == int((src >= 0).sum())  # every load by its slot, none invented
     assert int(loads.sum()) > 0 and bool((src[dst < 0] < 0).all())
     assert not torch.equal(store_k, base["store_k"])  # the row at a block end wrote its tail block back
     assert torch.equal(loaded[2], torch.full((H,), 5)) and torch.equal(selected[2], torch.full((H,), 3))  # inactive row

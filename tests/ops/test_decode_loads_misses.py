@@ -38,14 +38,19 @@ def _entries(slot_src, num_slots):
     return slot_src[b, h, j], (b * num_slots + j).int(), h.int()
 
 
-@pytest.mark.parametrize("impl", ["reference", "kernel"])
+@pytest.mark.parametrize("impl,splits,fused_merge", [("reference", None, None), ("kernel", None, True),
+                                                     ("kernel", 3, True), ("kernel", 3, False)])
 @pytest.mark.parametrize("batch,h,d,num_slots,block,dtype", [
     (2, 2, 64, 6, 16, torch.float32),
     (3, 1, 32, 5, 8, torch.float16),   # one KV head, GQA 4
+    (1, 2, 32, 20, 24, torch.float32),  # 480 slot tokens: with 3 splits, chunks of 256 cut a block in two
 ])
-def test_loading_inside_the_attention_equals_gather_then_attend(impl, batch, h, d, num_slots, block, dtype):
+def test_loading_inside_the_attention_equals_gather_then_attend(impl, splits, fused_merge, batch, h, d, num_slots, block, dtype):
+    import functools
+
     q, slot_k, slot_v, host_k, host_v, slot_src, bias, valid = _case(batch, h, d, num_slots, block, 40, dtype, 3)
-    attend = ref.decode_attention if impl == "reference" else kd.decode_attention
+    attend = ref.decode_attention if impl == "reference" else functools.partial(kd.decode_attention, splits=splits,
+                                                                                fused_merge=fused_merge)
     # the gather path
     k1, v1 = slot_k.clone(), slot_v.clone()
     src, dst, head = _entries(slot_src, num_slots)
@@ -102,11 +107,12 @@ def test_plan_steps_slot_src_names_exactly_its_gather_entries(impl):
     assert int(take.sum()) > 0 and torch.equal(plan.slot_src, want)
 
 
-@pytest.mark.parametrize("mode", ["nosa", "infllmv2", "dense"])
+@pytest.mark.parametrize("mode,cache", [("nosa", None), ("infllmv2", None), ("dense", None), ("nosa", 9), ("infllmv2", 9)])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_engine_loading_misses_in_the_attention_equals_the_gather_engine(mode, backend, monkeypatch):
+def test_engine_loading_misses_in_the_attention_equals_the_gather_engine(mode, cache, backend, monkeypatch):
     """The engine with FUSE_GATHER gives the gather engine's tokens, logits and load counts bit for bit,
-    on the reference ops and on the Triton kernels (interpreter), through several block boundaries."""
+    on the reference ops and on the Triton kernels (interpreter), through several block boundaries, with and
+    without the device cache beyond the selection (its spill step runs before the loads)."""
     import nosa.engine.attention as engine_attention
     from nosa.engine import LLM, SamplingParams
 
@@ -116,15 +122,45 @@ def test_engine_loading_misses_in_the_attention_equals_the_gather_engine(mode, b
     g = torch.Generator().manual_seed(6)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (23, 30)]  # past topk 6 x block 4
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    results = []
+    results, calls = [], []
+    real = ops.decode_attention
+
+    def spy(*args, **kwargs):  # which path each decode attention call took
+        calls.append(kwargs.get("slot_src") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "decode_attention", spy)
     for fuse in (False, True):
         monkeypatch.setattr(engine_attention, "FUSE_GATHER", fuse)
+        calls.clear()
         with ops.use_backend(backend, only=ops.BLOCK_OPS + ("decode_attention",)):
-            llm = LLM(model, device="cpu", max_model_len=48, max_num_seqs=2)
+            llm = LLM(model, device="cpu", max_model_len=48, max_num_seqs=2, device_cache_blocks=cache)
             results.append((llm.generate(prompts, params, use_tqdm=False, return_logits=True), llm.stats()))
+        assert calls and all(c == fuse for c in calls)  # every decode step took the path asked for
     (ref_out, ref_stats), (got, stats) = results
     for a, b in zip(ref_out, got):
         assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
     assert stats.blocks_loaded_per_step == ref_stats.blocks_loaded_per_step
     if mode != "dense":  # dense selects every block: its slots hold them all, nothing is loaded at decode
         assert ref_stats.blocks_loaded_per_step > 0
+
+
+def test_dense_plan_step_kernel_takes_a_long_context():
+    """Dense mode plans every block of the context (K = all blocks, no cap): its slot_src must not need a
+    [K, K] matrix (at K = 1,100 it would pass Triton's tensor size limit)."""
+    R, H, K, bs, D, P = 1, 1, 1100, 2, 4, 1200
+    g = torch.Generator().manual_seed(3)
+    base = dict(table=torch.full((R, H, K), -1, dtype=torch.int32), page_table=torch.randperm(P, generator=g)[:K].int()[None],
+                positions=torch.tensor([K * bs - 5]), active=torch.tensor([True]), k=torch.randn(R, H, D, generator=g),
+                v=torch.randn(R, H, D, generator=g), slot_k=torch.zeros(R * K, bs, H, D), slot_v=torch.zeros(R * K, bs, H, D),
+                store_k=torch.randn(P, H, bs, D, generator=g), store_v=torch.randn(P, H, bs, D, generator=g))
+    base["table"][0, 0, :600] = torch.arange(600, dtype=torch.int32)  # 600 blocks resident, the rest to load
+    plans = []
+    for impl in (block_ops, kernels):
+        x = {n: t.clone() for n, t in base.items()}
+        plan = ops.LoadPlan.allocate(R, H, K, "cpu")
+        impl.plan_step(ops.LayerSlots(x["table"], x["slot_k"], x["slot_v"], x["page_table"]), None,
+                       ops.StepTokens(x["positions"], x["active"], x["k"], x["v"]), ops.HostPages(x["store_k"], x["store_v"]), plan)
+        plans.append(plan)
+    loads = int((plans[0].slot_src >= 0).sum())
+    assert torch.equal(plans[1].slot_src, plans[0].slot_src) and loads == int(plans[0].loads.sum()) > 400

@@ -331,9 +331,14 @@ def _plan_step_kernel(
     dst = tl.where(src >= 0, r * K + slot_of_miss, -1)
     tl.store(Src + pid * K + offs, src, mask=inside)
     tl.store(Dst + pid * K + offs, dst.to(tl.int32), mask=inside)
-    # The same loads by destination slot ([slot j, entry i]: entry i loads into slot j; at most one per slot).
-    into = (src[None, :] >= 0) & (slot_of_miss[None, :] == offs[:, None])
-    tl.store(SlotSrc + pid * K + offs, tl.max(tl.where(into, src[None, :], -1), axis=1).to(tl.int32), mask=inside)
+    # The same loads by destination slot (at most one per slot). Dense: entry i is slot i already (and K, every
+    # block of the context, is too wide for a [K, K] matrix); else [slot j, entry i]: entry i loads into slot j.
+    if DENSE:
+        by_slot = src
+    else:
+        into = (src[None, :] >= 0) & (slot_of_miss[None, :] == offs[:, None])
+        by_slot = tl.max(tl.where(into, src[None, :], -1), axis=1)
+    tl.store(SlotSrc + pid * K + offs, by_slot.to(tl.int32), mask=inside)
     loads = tl.sum((src >= 0).to(tl.int32), axis=0)
     tl.store(Loads + pid, loads)
     tl.store(Table + pid * K + offs, new_table, mask=inside)
