@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     q.add_argument("--modes", help="comma list of attn_modes (default: the preset's four)")
     q.add_argument("--stop-after-phase", type=int, metavar="K",
                    help="train phases 0..K, write logs.tar.gz and stop, keeping --work-dir for a call with --resume")
+    q.add_argument("--seed", type=int, default=None,
+                   help="replace the config's data seed (model initialisation and rows, the same for every mode): "
+                        "another run of the same recipe")
     q.add_argument("--resume", action="store_true",
                    help="continue the study in --work-dir (same config): train only its unfinished phases, then evaluate")
     q.set_defaults(func=_run)
@@ -46,7 +49,8 @@ def _run(args) -> int:
             raise ValueError(f"--modes names unknown attn_modes {bad}; known: {list(ATTN_MODES)}")
     from nosa.study.quality import run_study
 
-    run_study(config, args.out_dir, args.work_dir, modes, stop_after_phase=args.stop_after_phase, resume=args.resume)
+    run_study(config, args.out_dir, args.work_dir, modes, stop_after_phase=args.stop_after_phase, resume=args.resume,
+              seed=args.seed)
     return 0
 
 

@@ -126,10 +126,11 @@ def phase_task_params(study: dict, phase_index: int) -> dict:
     return params
 
 
-def derive_mode_init(shared_checkpoint: str, mode: str, dst: str) -> dict:
+def derive_mode_init(shared_checkpoint: str, mode: str, dst: str, seed: int = 0) -> dict:
     """The shared weights as a model of attn_mode `mode`: every weight copied; the eviction head, which
     dma and nosa add, starts as a fresh model's (A = 0: no bias, so the sparse model starts from the
-    shared model's attention scores). Saved with the tokenizer as a loadable model directory."""
+    shared model's attention scores). Saved with the tokenizer as a loadable model directory. `seed`: the
+    study's data seed, which initialises the fresh head's other weights."""
     import torch
 
     from nosa.config import NosaConfig
@@ -139,7 +140,7 @@ def derive_mode_init(shared_checkpoint: str, mode: str, dst: str) -> dict:
     src = NosaForCausalLM.from_pretrained(shared_checkpoint, dtype=torch.float32, local_files_only=True)
     fields = {k: v for k, v in src.config.to_dict().items() if k in NosaConfig().to_dict() and not k.startswith("_")}
     fields.update(attn_mode=mode)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = NosaForCausalLM(NosaConfig(**fields)).float()
     result = model.load_state_dict(src.state_dict(), strict=False)
     missing = [k for k in result.missing_keys if ".eviction." not in k]
@@ -425,18 +426,29 @@ def open_work_dir(work: str, study: dict, resume: bool) -> None:
     open(os.path.join(work, WORK_MARKER), "w").close()
 
 
-def run_study(config: str | None, out_dir: str, work_dir: str | None = None, modes: list[str] | None = None,
-              stop_after_phase: int | None = None, resume: bool = False) -> dict:
-    """Run the study. `stop_after_phase` k: train phases 0..k (and the shared evaluation, if k is the last
-    shared phase), write logs.tar.gz and stop, leaving the work dir for a later call with `resume`, which
-    trains only the phases not finished yet, then evaluates and writes everything. Together they split a
-    study over two time-limited GPU calls on one machine."""
-    from nosa.results.header import write_json_result
-
-    began = time.time()
+def study_for_run(config: str | None, modes: list[str] | None = None, seed: int | None = None) -> dict:
+    """The resolved study with the command line's overrides: the modes, and the data seed."""
     study = resolve(config)
     if modes:
         study["modes"] = modes
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
+        study["data"]["seed"] = seed
+    return study
+
+
+def run_study(config: str | None, out_dir: str, work_dir: str | None = None, modes: list[str] | None = None,
+              stop_after_phase: int | None = None, resume: bool = False, seed: int | None = None) -> dict:
+    """Run the study. `stop_after_phase` k: train phases 0..k (and the shared evaluation, if k is the last
+    shared phase), write logs.tar.gz and stop, leaving the work dir for a later call with `resume`, which
+    trains only the phases not finished yet, then evaluates and writes everything. Together they split a
+    study over two time-limited GPU calls on one machine. `seed` replaces the config's data seed (the model's
+    initialisation and the rows of every phase, the same for every mode): another run of the same recipe."""
+    from nosa.results.header import write_json_result
+
+    began = time.time()
+    study = study_for_run(config, modes, seed)
     if stop_after_phase is not None and not 0 <= stop_after_phase < len(study["phases"]) - 1:
         raise ValueError(f"--stop-after-phase must be 0..{len(study['phases']) - 2} (the last phase is followed by the "
                          f"evaluation), got {stop_after_phase}")
@@ -542,7 +554,7 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
                 try:
                     if shared is None:
                         raise RuntimeError(f"the shared phase{k} left no checkpoint")
-                    status["derive"][mode] = derive_mode_init(shared, mode, os.path.join(work, mode, "init"))
+                    status["derive"][mode] = derive_mode_init(shared, mode, os.path.join(work, mode, "init"), study["data"].get("seed", 0))
                 except Exception as err:
                     status["derive"][mode] = {"error": f"{type(err).__name__}: {err}"}
                     _log(f"derive {mode} failed: {err}", logf)

@@ -79,3 +79,19 @@ def test_a_bad_phase_target_is_refused_when_the_study_is_resolved(tmp_path, chan
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ValueError, match=message):
         resolve(str(path))
+
+
+def test_a_seed_makes_another_run_of_the_same_recipe(tmp_path):
+    """--seed replaces the data seed that every phase's training config takes; bad seeds are refused before
+    anything trains."""
+    from nosa.study.quality import run_study, study_for_run, train_config
+
+    with pytest.raises(ValueError, match="--seed must be an integer >= 0"):
+        run_study("tiny", str(tmp_path / "out"), str(tmp_path / "w"), seed=-1)
+    path = os.path.join(RECIPES, "h200_two_calls_gate.yaml")
+    default = study_for_run(path)
+    assert train_config(default, "shared", 0, str(tmp_path))["seed"] == default["data"].get("seed", 0) != 7
+    seeded = study_for_run(path, seed=7)
+    assert {train_config(seeded, "shared", k, str(tmp_path))["seed"] for k in range(4)} == {7}
+    assert {k: v for k, v in seeded["data"].items() if k != "seed"} == {k: v for k, v in default["data"].items() if k != "seed"}
+    assert study_for_run(path, modes=["dense", "nosa"], seed=7)["modes"] == ["dense", "nosa"]

@@ -14,6 +14,7 @@
 # Overridable: P (preset or YAML, default h200), W (work dir for checkpoints, default /tmp/nosa_study_work).
 # Two calls on one warm machine (a curriculum longer than one call): STOP_AFTER=K trains phases 0..K and
 # brings back only logs.tar.gz; the next call with RESUME=1 (same P and W) trains the rest and evaluates.
+# SEED=N: another run of the same recipe (the data seed: model initialisation and rows); give it to both calls.
 # The outer `timeout` is only a last resort (the study stops itself); if the study dies before packing,
 # the logs are packed here so something still comes back.
 export PYTHONPATH=$PWD
@@ -31,6 +32,7 @@ pkill -9 -f 'nosa\.(train\.cli|study\.(cli|train_chain|evaluate|shared_eval))' 2
 EXTRA=()
 [ -n "${STOP_AFTER:-}" ] && EXTRA+=(--stop-after-phase "$STOP_AFTER")
 [ -n "${RESUME:-}" ] && EXTRA+=(--resume)
+[ -n "${SEED:-}" ] && EXTRA+=(--seed "$SEED")
 timeout -s KILL 565 python3 -m nosa.study.cli quality --config "$P" --out-dir "$OUT" --work-dir "$W" "${EXTRA[@]}" > /tmp/nosa_study.log 2>&1
 RC=$?
 pkill -9 -f 'nosa\.(train\.cli|study\.(cli|train_chain|evaluate|shared_eval))' 2>/dev/null
