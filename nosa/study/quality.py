@@ -426,6 +426,26 @@ def open_work_dir(work: str, study: dict, resume: bool) -> None:
     open(os.path.join(work, WORK_MARKER), "w").close()
 
 
+def answer_target_note(work: str, owner: str, phase_index: int, study: dict) -> str:
+    """One line on whether a phase with `stop_at_answer_nll` met it, so the log of a call that stops after
+    that phase says whether the next call is worth its time."""
+    run = phase_dir(work, owner, phase_index, study)
+    records = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    end = next((r for r in reversed(records) if r.get("event") == "end"), None)
+    target = study["phases"][phase_index]["stop_at_answer_nll"]
+    name = f"phase {phase_index} ({owner})"
+    if end is None:
+        return f"{name}: no end record, so its answer target {target} is not known to be met"
+    if end.get("stopped_by_answer_target"):
+        means = ", ".join(f"{t} {v:.3f}" for t, v in end["stopped_by_answer_target"].items())
+        return f"{name}: answer target met at step {end['step']} (window means {means})"
+    last = [r for r in records if "answer_nll_by_source" in r]
+    seen = {t: round(v, 3) for t, v in (last[-1]["answer_nll_by_source"] if last else {}).items() if t in target}
+    why = "its time limit" if end.get("stopped_by_time_limit") else "a signal" if end.get("stopped_by_signal") else "max_steps"
+    return (f"{name}: answer target {target} NOT met; ended at step {end['step']} by {why} "
+            f"(last logged answer NLL {seen or 'none of the target tasks'})")
+
+
 def study_for_run(config: str | None, modes: list[str] | None = None, seed: int | None = None) -> dict:
     """The resolved study with the command line's overrides: the modes, and the data seed."""
     study = resolve(config)
@@ -561,6 +581,9 @@ def run_study(config: str | None, out_dir: str, work_dir: str | None = None, mod
             alive = [m for m in alive if os.path.exists(os.path.join(work, m, "init", "config.json"))]
         elif not phase.get("shared"):
             alive = [m for m in alive if final_checkpoint(phase_dir(work, m, k, study))]
+        if phase.get("stop_at_answer_nll"):
+            for owner in (["shared"] if phase.get("shared") else alive):
+                _log(answer_target_note(work, owner, k, study), logf)
         save_status()
         if k == stop_after_phase:
             status["shared_eval"] = finish_shared_eval(shared_eval_job, logf)

@@ -92,6 +92,9 @@ def test_tiny_study_writes_every_file_and_field(tiny_study):
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
     assert "logs/study.log" in names and any(n.endswith("eval.json") for n in names)
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        study_log = tar.extractfile("logs/study.log").read().decode()
+    assert "phase 0 (shared): answer target met at step" in study_log  # the gated phase's outcome, logged
     # the shared phases ran as one chained process, each phase in its own run dir with its own end record
     train_status = summary["results"]["status"]["train"]
     assert [train_status[f"shared/phase{k}"]["chain"] for k in shared_phases] == ["shared/phase0", "shared/phase1"]

@@ -23,3 +23,24 @@ def test_a_phase_stopped_by_its_answer_target_is_reported_with_the_window_means(
     assert "2,048 tokens x 720 of 750 steps (time limit) (shared dense)" in body  # untouched phases as before
     path.write_text(json.dumps(summary))
     assert "answers learnt" not in render(str(path))  # run 6 itself had no target
+
+
+def test_the_study_log_says_whether_a_gated_phase_met_its_target(tmp_path):
+    from nosa.study.quality import answer_target_note, phase_dir
+    from nosa.study.presets import PRESETS
+
+    study = copy.deepcopy(PRESETS["tiny"])
+    run = phase_dir(str(tmp_path), "shared", 0, study)
+    os.makedirs(run)
+    path = os.path.join(run, "metrics.jsonl")
+    assert "no end record" in answer_target_note(str(tmp_path), "shared", 0, study)
+    steps = [{"step": 3, "loss": 1.0, "answer_nll_by_source": {"passkey": 0.91, "copy_drill": 2.0}},
+             {"event": "end", "step": 3, "stopped_by_time_limit": True, "stopped_by_answer_target": None}]
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in steps) + "\n")
+    note = answer_target_note(str(tmp_path), "shared", 0, study)
+    assert "NOT met; ended at step 3 by its time limit" in note and "{'passkey': 0.91}" in note
+    with open(path, "a") as f:  # a later (resumed) run of the phase that met it: the last end record counts
+        f.write(json.dumps({"event": "end", "step": 5, "stopped_by_answer_target": {"passkey": 0.25}}) + "\n")
+    assert answer_target_note(str(tmp_path), "shared", 0, study) == \
+        "phase 0 (shared): answer target met at step 5 (window means passkey 0.250)"
