@@ -181,11 +181,22 @@ def summarise(results: list[dict], wall_s: float) -> dict:
     }
 
 
+# Where a slow start goes (nosa/serve/metrics.py): recorded for the warm-up and for the measured load apart.
+WARMUP_COUNTERS = ("nosa_engine_host_store_growths_total", "nosa_engine_graph_eager_warmups_total",
+                   "nosa_engine_graph_captures_total", "nosa_engine_graph_dropped_by_store_growth_total")
+
+
+def counter_deltas(before: dict, after: dict) -> dict:
+    names = [n.removeprefix("nosa_") for n in WARMUP_COUNTERS] + ["engine_decode_steps_total", "engine_prefill_tokens_total"]
+    return {n.removeprefix("engine_").removesuffix("_total"): after.get(n, 0) - before.get(n, 0) for n in names}
+
+
 def server_metrics(url: str) -> dict:
     import httpx
 
     wanted = ("nosa_engine_hit_rate", "nosa_engine_bytes_host_to_device_total", "nosa_engine_decode_tokens_per_second",
-              "nosa_engine_decode_steps_total", "nosa_engine_num_pages", "nosa_generation_tokens_total")
+              "nosa_engine_decode_steps_total", "nosa_engine_num_pages", "nosa_generation_tokens_total",
+              "nosa_engine_prefill_tokens_total", *WARMUP_COUNTERS)
     values = {}
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
         name, _, value = line.partition(" ")
@@ -238,9 +249,14 @@ def main(args) -> int:
         server = ServerProcess(model_dir, config == "on", args, max_model_len, log_path)
         try:
             server.wait_ready(args.startup_timeout)
+            start = server_metrics(server.url)
+            warmup_began = time.perf_counter()
             if warmup:
                 asyncio.run(run_load(server.url, warmup, args.clients))
+            warmup_s = time.perf_counter() - warmup_began
             before = server_metrics(server.url)
+            warm = counter_deltas(start, before)
+            print(f"offload {config}: warm-up of {len(warmup)} requests took {warmup_s:.1f} s: {warm}", flush=True)
             results, wall_s = asyncio.run(run_load(server.url, requests, args.clients))
             after = server_metrics(server.url)
         finally:
@@ -251,7 +267,9 @@ def main(args) -> int:
                              "bytes_host_to_device": after.get("engine_bytes_host_to_device_total", 0) - before.get("engine_bytes_host_to_device_total", 0),
                              "engine_decode_tokens_per_s": after.get("engine_decode_tokens_per_second"),
                              "decode_steps": after.get("engine_decode_steps_total", 0) - before.get("engine_decode_steps_total", 0),
-                             "host_pages": after.get("engine_num_pages")}
+                             "host_pages": after.get("engine_num_pages"),
+                             "warmup": {"requests": len(warmup), "wall_s": warmup_s, **warm},
+                             "load": counter_deltas(before, after)}
         runs.append(summary)
         t, i = summary["ttft_s"], summary["itl_s"]
         print(f"offload {config}: {summary['output_tokens_per_s']:.1f} tok/s, {summary['requests_per_s']:.2f} req/s, "

@@ -56,7 +56,8 @@ class EngineCore:
         self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len, device_cache_blocks,
                                 in_place=not offload)
         self.runner = ModelRunner(model, self.cache, self.store)
-        self.graphed = GraphedDecode(self.runner) if (cuda_graphs and device.type == "cuda") else None
+        self.graph_events = {"eager_warmups": 0, "captures": 0, "dropped_by_store_growth": 0}  # see GraphedDecode
+        self.graphed = GraphedDecode(self.runner, self.graph_events) if (cuda_graphs and device.type == "cuda") else None
         self._graphs_enabled = True
         self.scheduler = Scheduler(self.memory.rows, self.store, cfg.block_size, max_model_len, self.memory.workspace_tokens)
         self._requests: dict[int, Sequence] = {}  # unfinished (waiting or running), by request id
@@ -211,7 +212,7 @@ class EngineCore:
         self.runner.use_selection_source(source is not None, source is not None and source.on_device)
         self._staged_rows = None
         if self.graphed is not None:
-            self.graphed = GraphedDecode(self.runner)
+            self.graphed = GraphedDecode(self.runner, self.graph_events)
 
     def _fill_selection_source(self, running: list[Sequence], cached: list[int]) -> None:
         """Ask the selection source for this step's blocks (cached[i]: running[i]'s position) and stage them
@@ -248,7 +249,7 @@ class EngineCore:
             if table is not runner.source_table:
                 runner.source_table = table
                 if self.graphed is not None:  # captured graphs read the old table's address (or none)
-                    self.graphed = GraphedDecode(runner)
+                    self.graphed = GraphedDecode(runner, self.graph_events)
         rows = tuple(s.row for s in running)
         staged = (rows, tuple(bases) if bases is not None else None)
         if staged == self._staged_rows:

@@ -12,8 +12,12 @@ from nosa.engine.model_runner import ModelRunner
 
 
 class GraphedDecode:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, events: dict | None = None):
         self.runner = runner
+        # Counts that outlive this object (the engine replaces it when a selection source changes): eager
+        # warm-up steps, captures, and the times a grown host store dropped every graph. Warm-up steps and
+        # captures are slow, so they are what a server's first requests should be checked for.
+        self.events = events if events is not None else {"eager_warmups": 0, "captures": 0, "dropped_by_store_growth": 0}
         # The runner's static step inputs (`ModelRunner.stage_inputs` writes them): staged inputs need no copy.
         self.tokens, self.positions, self.active = runner.step_inputs[0], runner.step_inputs[1], runner.step_active
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -26,6 +30,7 @@ class GraphedDecode:
             if given.data_ptr() != static.data_ptr():
                 static.copy_(given)
         if self.runner.store.version != self.store_version:
+            self.events["dropped_by_store_growth"] += bool(self.graphs or self.warm)
             self.graphs.clear()
             # The dropped graphs were the pool's only users: PyTorch frees a private pool with its last
             # graph, and capturing into a freed pool's id fails an internal assert (seen on the H200 when
@@ -39,6 +44,7 @@ class GraphedDecode:
             return logits
         if uniform not in self.warm:
             self.warm.add(uniform)
+            self.events["eager_warmups"] += 1
             return self.runner.decode_step(self.tokens, self.positions, self.active, uniform)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
@@ -47,5 +53,6 @@ class GraphedDecode:
             logits = self.runner.decode_step(self.tokens, self.positions, self.active, uniform)
         self.pool = graph.pool()
         self.graphs[uniform] = (graph, logits)
+        self.events["captures"] += 1
         graph.replay()
         return logits

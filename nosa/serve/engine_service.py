@@ -281,6 +281,8 @@ class EngineService:
             "decode_tokens_per_s": stats.decode_tokens_per_s, "prefill_tokens": stats.prefill_tokens,
             "hit_rate": sum(hit) / len(hit) if hit else 1.0,
             "bytes_host_to_device": stats.bytes_host_to_device,
+            "host_store_growths": llm.store.version,
+            **{f"graph_{key}": n for key, n in llm.graph_events.items()},
         }
 
     def _publish(self, outputs) -> None:

@@ -88,6 +88,8 @@ def test_cuda_graphs_survive_the_host_store_growing_between_steps():
         versions[graphs] = llm.store.version
     assert versions[True] >= 2, "the store did not grow between requests: the test lost its point"
     assert results[True] == results[False]
+    events = llm.graph_events  # the graphed engine's (the last one built): the growths dropped its graphs
+    assert events["dropped_by_store_growth"] >= 1 and events["eager_warmups"] >= events["captures"] >= 1
 
 
 def test_device_kv_does_not_grow_with_context_on_cuda():

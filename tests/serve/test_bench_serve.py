@@ -26,3 +26,7 @@ def test_bench_serve_runs_a_load_on_the_cpu(tmp_path):
     (run,) = data["results"]
     assert run["requests"] == 5 and run["errors"] == 0 and run["exact_lengths"] and run["offload"] is True
     assert run["output_tokens"] > 0 and run["ttft_s"]["p50"] > 0
+    # the warm-up and the load are accounted apart: growths of the host store and CUDA graph work (none on CPU)
+    warm, load = run["server"]["warmup"], run["server"]["load"]
+    assert warm["requests"] == 3 and warm["wall_s"] > 0 and warm["prefill_tokens"] > 0 and load["decode_steps"] > 0
+    assert warm["host_store_growths"] >= 1 and warm["graph_captures"] == load["graph_captures"] == 0

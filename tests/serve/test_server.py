@@ -64,6 +64,12 @@ def test_models_health_and_metrics(server, client):
     for name in ("nosa_requests_total", "nosa_time_to_first_token_seconds_bucket", "nosa_generation_tokens_total",
                  "nosa_engine_hit_rate", "nosa_engine_bytes_host_to_device_total", "nosa_engine_decode_tokens_per_second"):
         assert name in metrics.text
+    # What a slow start is checked for: host store growths (the engine's own count) and decode graph work (none
+    # on the CPU, where the step runs without CUDA graphs)
+    counters = engine_counters(server)
+    assert counters["nosa_engine_host_store_growths_total"] == server.llm.store.version
+    assert counters["nosa_engine_graph_captures_total"] == counters["nosa_engine_graph_eager_warmups_total"] == 0
+    assert counters["nosa_engine_graph_dropped_by_store_growth_total"] == 0
 
 
 def test_completions_equal_llm_generate_with_usage(client, reference):
