@@ -11,7 +11,7 @@ import torch
 
 from nosa.engine.block_cache import BlockCache
 from nosa.engine.budget import DEFAULT_MAX_PREFILL_TOKENS, device_bytes, plan_memory
-from nosa.engine.cuda_graph import GraphedDecode
+from nosa.engine.cuda_graph import GraphedDecode, new_graph_events
 from nosa.engine.host_store import HostStore
 from nosa.engine.model_runner import ModelRunner, PrefillChunk
 from nosa.engine.sampling import SamplingParams, sample
@@ -56,7 +56,7 @@ class EngineCore:
         self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len, device_cache_blocks,
                                 in_place=not offload)
         self.runner = ModelRunner(model, self.cache, self.store)
-        self.graph_events = {"eager_warmups": 0, "captures": 0, "dropped_by_store_growth": 0}  # see GraphedDecode
+        self.graph_events = new_graph_events()
         self.graphed = GraphedDecode(self.runner, self.graph_events) if (cuda_graphs and device.type == "cuda") else None
         self._graphs_enabled = True
         self.scheduler = Scheduler(self.memory.rows, self.store, cfg.block_size, max_model_len, self.memory.workspace_tokens)

@@ -11,13 +11,17 @@ import torch
 from nosa.engine.model_runner import ModelRunner
 
 
+def new_graph_events() -> dict:
+    return {"eager_warmups": 0, "captures": 0, "dropped_by_store_growth": 0}
+
+
 class GraphedDecode:
-    def __init__(self, runner: ModelRunner, events: dict | None = None):
+    def __init__(self, runner: ModelRunner, events: dict):
         self.runner = runner
-        # Counts that outlive this object (the engine replaces it when a selection source changes): eager
-        # warm-up steps, captures, and the times a grown host store dropped every graph. Warm-up steps and
-        # captures are slow, so they are what a server's first requests should be checked for.
-        self.events = events if events is not None else {"eager_warmups": 0, "captures": 0, "dropped_by_store_growth": 0}
+        # The engine's counts (`new_graph_events`), kept across the GraphedDecode objects it replaces when a
+        # selection source changes: eager warm-up steps, captures, and the times a grown host store dropped
+        # every graph. Warm-ups and captures are slow: what a server's first requests are checked for.
+        self.events = events
         # The runner's static step inputs (`ModelRunner.stage_inputs` writes them): staged inputs need no copy.
         self.tokens, self.positions, self.active = runner.step_inputs[0], runner.step_inputs[1], runner.step_active
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

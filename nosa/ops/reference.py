@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nosa.config import SparseAttentionConfig
+from nosa.ops.block_ops import gather_blocks
 from nosa.ops.util import ceil_div
 
 # Chunking budget: score tensors of one query chunk hold at most this many float32 elements, so memory
@@ -415,12 +416,12 @@ def decode_attention(
     call is a gather of the step's misses followed by the attention.
     """
     if slot_src is not None:
-        block = host_k.shape[2]
+        # The gather's own copy, into the slots seen as pages [B*K, H, bs, D] (view: raises rather than copy).
+        batch, _, slots = slot_src.shape
+        _, heads, block, dim = host_k.shape
         b, h, j = (slot_src >= 0).nonzero(as_tuple=True)
-        tokens = j[:, None] * block + torch.arange(block, device=j.device)  # [n, bs]
-        src, head = slot_src[b, h, j].long().to(host_k.device), h.to(host_k.device)  # host pages may be pinned CPU
-        k_slots[b[:, None], tokens, h[:, None]] = host_k[src, head].to(k_slots.device, k_slots.dtype)
-        v_slots[b[:, None], tokens, h[:, None]] = host_v[src, head].to(v_slots.device, v_slots.dtype)
+        pages = [t.view(batch * slots, block, heads, dim).transpose(1, 2) for t in (k_slots, v_slots)]
+        gather_blocks(host_k, host_v, *pages, slot_src[b, h, j], b * slots + j, h)
     if block_table is not None:
         block = k_slots.shape[2]
         valid = paged_valid(valid, block_table, block)

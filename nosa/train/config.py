@@ -176,8 +176,8 @@ class TrainConfig:
             if not isinstance(params, dict):
                 raise ValueError(f"task_params.{task} must be a mapping of keyword arguments, got {params!r}")
         self.stop_at_answer_nll = validate_thresholds(self.stop_at_answer_nll, self.mixture, TASKS)
-        if isinstance(self.stop_window_steps, str) and self.stop_window_steps.strip().isdigit():
-            self.stop_window_steps = int(self.stop_window_steps)
+        if self.stop_window_steps is not None:  # text from YAML converted like every integer field
+            self.stop_window_steps = _integer("stop_window_steps", self.stop_window_steps, 1)
         self.stop_window_steps = validate_window(self.stop_window_steps, self.stop_at_answer_nll, self.max_steps)
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of NosaConfig fields, got {type(self.model).__name__}")

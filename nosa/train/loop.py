@@ -301,22 +301,18 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
         state = read_state(resume_dir)
         start_step, rows_consumed = state["step"], state["rows_consumed"]
         resume_changes = check_resume_config(cfg, state, info.world, resume_dir)
-        if start_step >= cfg.max_steps:
-            # Nothing to train: say so, and leave the checkpoint and the metrics as they are.
-            loss = _last_logged_loss(os.path.join(os.path.dirname(os.path.dirname(resume_dir)), METRICS_FILE), start_step)
-            return {"event": "end", "step": start_step, "final_checkpoint": resume_dir, "loss": loss,
-                    "already_finished": True, "stopped_by_time_limit": False, "wall_s": 0.0,
-                    "message": f"{resume_dir} is already at max_steps={cfg.max_steps}; nothing was trained or saved"}
         run_metrics = os.path.join(os.path.dirname(os.path.dirname(resume_dir)), METRICS_FILE)
         ended = _answer_target_end(run_metrics, start_step) if cfg.stop_at_answer_nll else None
-        if ended and target_still_met(ended, cfg.stop_at_answer_nll, window_steps):
-            # The run stopped because its answers were learnt, as well as this target asks: it is finished.
-            met = ended["stopped_by_answer_target"]
+        # A run that stopped because its answers were learnt, as well as this target asks, is finished too.
+        met = ended["stopped_by_answer_target"] if ended and target_still_met(ended, cfg.stop_at_answer_nll, window_steps) else None
+        if start_step >= cfg.max_steps or met:
+            # Nothing to train: say so, and leave the checkpoint and the metrics as they are.
+            why = (f"is already at max_steps={cfg.max_steps}" if start_step >= cfg.max_steps
+                   else f"already met stop_at_answer_nll (window means {met})")
             return {"event": "end", "step": start_step, "final_checkpoint": resume_dir,
                     "loss": _last_logged_loss(run_metrics, start_step), "already_finished": True,
                     "stopped_by_time_limit": False, "stopped_by_answer_target": met, "wall_s": 0.0,
-                    "message": f"{resume_dir} already met stop_at_answer_nll (window means {met}); "
-                               "nothing was trained or saved"}
+                    "message": f"{resume_dir} {why}; nothing was trained or saved"}
     else:
         _check_out_dir(cfg, overwrite, info)
     model = build_model(cfg, tok, resume_dir).to(info.device)

@@ -40,6 +40,16 @@ def _partial_configs(interpret: bool | None = None):
 CHUNK_ALIGN = 128
 
 
+@triton.jit
+def _slot_or_host(slot_ptrs, host_ptrs, from_slot, from_host):
+    """A key or value tile: from the slots where they hold the block, else from its host page, which is then
+    written into the slot (the gather's copy, done where the attention reads it)."""
+    x = tl.load(slot_ptrs, mask=from_slot, other=0.0)
+    x = tl.where(from_host, tl.load(host_ptrs, mask=from_host, other=0.0), x)
+    tl.store(slot_ptrs, x, mask=from_host)
+    return x
+
+
 # restore_value: autotuning runs the kernel several times; each run must start from the caller's zeroed
 # arrival counts (reset_to_zero would leave the last benchmark run's counts for the real call).
 # HOST is not in the key: the variant that loads the misses itself takes the config tuned for the same shape
@@ -99,9 +109,8 @@ def _decode_partial_kernel(
             from_host = (src >= 0)[:, None] & kv_mask
             from_slot = (src < 0)[:, None] & kv_mask
             h_row = tl.maximum(src, 0).to(tl.int64) * shp + (s % BS) * sht
-            k = tl.load(K + k_row[:, None] + h * skh + d[None, :], mask=from_slot, other=0.0)
-            k = tl.where(from_host, tl.load(HostK + h_row[:, None] + h * shh + d[None, :], mask=from_host, other=0.0), k)
-            tl.store(K + k_row[:, None] + h * skh + d[None, :], k, mask=from_host)
+            host_at = h_row[:, None] + h * shh + d[None, :]
+            k = _slot_or_host(K + k_row[:, None] + h * skh + d[None, :], HostK + host_at, from_slot, from_host)
         else:
             k = tl.load(K + k_row[:, None] + h * skh + d[None, :], mask=kv_mask, other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -115,9 +124,7 @@ def _decode_partial_kernel(
         p = tl.exp2(logits - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HOST:
-            v = tl.load(V + v_row[:, None] + h * svh + d[None, :], mask=from_slot, other=0.0)
-            v = tl.where(from_host, tl.load(HostV + h_row[:, None] + h * shh + d[None, :], mask=from_host, other=0.0), v)
-            tl.store(V + v_row[:, None] + h * svh + d[None, :], v, mask=from_host)
+            v = _slot_or_host(V + v_row[:, None] + h * svh + d[None, :], HostV + host_at, from_slot, from_host)
         else:
             v = tl.load(V + v_row[:, None] + h * svh + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -190,11 +197,12 @@ FUSED_MERGE = True
 
 
 def _check_host_loads(k_slots, v_slots, host_k, host_v, slot_src, paged, batch, num_slots, num_kv_heads, dtype):
-    """None when the call loads nothing itself; else True, once the host pages and slot_src fit the slots
-    (the kernel writes into k_slots / v_slots, so they must be the caller's own tensors, not a converted copy)."""
+    """Whether the call loads misses itself: False with none of host_k, host_v, slot_src; True once they fit
+    the slots (the kernel writes into k_slots / v_slots, so they must be the caller's own tensors, not a
+    converted copy)."""
     given = [x is not None for x in (host_k, host_v, slot_src)]
     if not any(given):
-        return None
+        return False
     if not all(given):
         raise ValueError("decode_attention: host_k, host_v and slot_src go together")
     if paged:
@@ -298,7 +306,7 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, block_table=None, s
         k_strides = (k_slots.stride(0), k_slots.stride(1), k_slots.stride(2))
         v_strides = (v_slots.stride(0), v_slots.stride(1), v_slots.stride(2))
         table_strides = (0, 0)
-    if host is None:
+    if not host:
         host_args, host_strides, num_blocks = (valid_u8, valid_u8, valid_u8), (0, 0, 0), 1  # never read
     else:
         host_args = (host_k, host_v, slot_src)
@@ -310,7 +318,7 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, block_table=None, s
         out.stride(0), out.stride(1), *host_strides, num_slots, num_kv_heads, num_blocks, chunk,
         LOG2E / math.sqrt(head_dim),
         G=group, ROWS=rows, D=head_dim, BLOCK_D=block_d, HAS_BIAS=bias_slots is not None, PRECISION=precision,
-        FUSED_MERGE=fused, SPLIT_PAD=split_pad, PAGED=paged, BS=block, HOST=host is not None,
+        FUSED_MERGE=fused, SPLIT_PAD=split_pad, PAGED=paged, BS=block, HOST=host,
     )
     if not fused:
         _decode_merge_kernel[(batch * num_kv_heads,)](
