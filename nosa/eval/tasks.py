@@ -12,6 +12,8 @@ import torch
 
 from nosa.data.tasks import TASKS, generate_task
 from nosa.data.tokenization import TextTokenizer
+from nosa.eval.locality import recording
+from nosa.eval.source_selection import SourceCounts, count_sources
 
 
 @torch.no_grad()
@@ -34,11 +36,30 @@ def answer_hits(model, samples, device, autocast=None) -> list[list[bool]]:
     return hits
 
 
+def answer_hits_and_sources(model, samples, device, autocast=None) -> tuple[list[list[bool]], SourceCounts]:
+    """`answer_hits` and, from the same forward, whether each answer token's source block was selected
+    (`nosa.eval.source_selection`). Sparse models only; samples of one length (one unpadded forward)."""
+    cfg = model.config.sparse
+    if not cfg.is_sparse:
+        raise ValueError("source selection needs a sparse attn_mode (nosa, dma or infllmv2), not dense")
+    if len({len(s.input_ids) for s in samples}) != 1:
+        raise ValueError("answer_hits_and_sources takes samples of one length")
+    with recording(model) as layers:
+        hits = answer_hits(model, samples, device, autocast)
+        logs = [layer.selection_log for layer in layers]
+    if any(len(log) != 1 or log[0].shape[0] != len(samples) for log in logs):
+        raise RuntimeError("expected one selection of the whole batch per layer from an unpadded forward")
+    return hits, count_sources(samples, hits, [log[0] for log in logs], cfg)
+
+
 def evaluate_tasks(model, tok: TextTokenizer, tasks, lengths, depths, samples_per_cell: int, device,
-                   autocast=None, batch_size: int = 4, seed: int = 1234, task_params: dict | None = None) -> dict:
+                   autocast=None, batch_size: int = 4, seed: int = 1234, task_params: dict | None = None,
+                   check_sources: bool = False) -> dict:
     """{task: {'grid': [{length, depth, accuracy, answers}], 'by_length': {L: ...}, 'by_depth': {d: ...},
     'accuracy': overall}}. Samples are seeded by (seed, task, length, depth, index): reproducible, and
-    disjoint from training rows, which are seeded by (train seed, 0, row)."""
+    disjoint from training rows, which are seeded by (train seed, 0, row). check_sources (sparse models):
+    every grid cell and by_length entry also gets 'source_selection', whether the selection held the blocks
+    the answers are copied from (`nosa.eval.source_selection.SourceCounts.as_dict`)."""
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
@@ -56,15 +77,35 @@ def evaluate_tasks(model, tok: TextTokenizer, tasks, lengths, depths, samples_pe
                     for i in range(samples_per_cell)
                 ]
                 correct = answers = 0
+                sources = None
                 for start in range(0, len(samples), batch_size):
-                    for row_hits in answer_hits(model, samples[start : start + batch_size], device, autocast):
+                    batch = samples[start : start + batch_size]
+                    if check_sources:
+                        hits, counts = answer_hits_and_sources(model, batch, device, autocast)
+                        if sources is None:
+                            sources = counts
+                        else:
+                            sources.merge(counts)
+                    else:
+                        hits = answer_hits(model, batch, device, autocast)
+                    for row_hits in hits:
                         correct += sum(row_hits)
                         answers += len(row_hits)
                 grid.append({"length": length, "depth": depth, "correct": correct, "answers": answers,
-                             "accuracy": correct / answers})
+                             "accuracy": correct / answers, **({"sources": sources} if sources is not None else {})})
+        by_length = _marginal(grid, "length")
+        if check_sources:
+            for n, entry in by_length.items():
+                cells = [cell["sources"] for cell in grid if str(cell["length"]) == n]
+                merged = SourceCounts(cells[0].num_layers, cells[0].num_kv_heads)
+                for counts in cells:
+                    merged.merge(counts)
+                entry["source_selection"] = merged.as_dict()
+            for cell in grid:
+                cell["source_selection"] = cell.pop("sources").as_dict()
         results[task] = {
             "grid": grid,
-            "by_length": _marginal(grid, "length"),
+            "by_length": by_length,
             "by_depth": _marginal(grid, "depth"),
             "accuracy": sum(g["correct"] for g in grid) / sum(g["answers"] for g in grid),
         }

@@ -179,6 +179,12 @@ def _best_candidates(scores: torch.Tensor, candidate: torch.Tensor, count) -> to
     return candidate & (rank < count)
 
 
+def forced_blocks(blocks: torch.Tensor, own_block: torch.Tensor, cfg: SparseAttentionConfig) -> torch.Tensor:
+    """Whether `blocks` are forced into the selection of a query whose own block is `own_block` (tensors that
+    broadcast): the sinks, the own block and the `window_blocks` before it, among the visible blocks."""
+    return (blocks <= own_block) & ((blocks < cfg.sink_blocks) | (blocks >= own_block - cfg.window_blocks))
+
+
 def select_blocks(
     query_block_scores: torch.Tensor,
     agnostic_block_scores: torch.Tensor | None,
@@ -199,7 +205,7 @@ def select_blocks(
     blocks = torch.arange(num_blocks, device=device)
     own_block = torch.div(positions, cfg.block_size, rounding_mode="floor")
     visible = blocks[None, :] <= own_block[:, None]  # [Tq, NB]
-    forced = visible & ((blocks[None, :] < cfg.sink_blocks) | (blocks[None, :] >= own_block[:, None] - cfg.window_blocks))
+    forced = forced_blocks(blocks[None, :], own_block[:, None], cfg)
     candidate = (visible & ~forced)[None, :, None, :].expand_as(query_block_scores)
     picks = _best_candidates(query_block_scores, candidate, cfg.query_aware_quota)
     if agnostic_block_scores is None:

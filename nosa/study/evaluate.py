@@ -3,7 +3,9 @@
 Parts, in the order that matters most when time runs short (each part's result is written to the JSON
 file as soon as it is done, so a run cut by the deadline still returns what it measured):
   1. held-out loss and perplexity by position bucket (nosa.eval.perplexity) at the training length
-  2. task accuracy at the primary length (16K: the issue's bar), then locality at the first locality length
+  2. task accuracy at the primary length (16K: the issue's bar), then locality at the first locality length;
+     for sparse modes the same forward also records whether each answer token's source block was selected
+     (nosa.eval.source_selection)
   3. task accuracy at the other lengths, locality at the other locality lengths
 Locality: greedy decoding of `locality_steps` tokens THROUGH THE ENGINE (nosa.engine.LLM with
 record_selections=True) after a prompt of held-out text and one of a task input (a multikey_niah sample
@@ -178,11 +180,15 @@ def main(argv=None) -> int:
         def run():
             bs = max(1, spec["batch_size"] * spec["ppl_len"] // max(length, spec["ppl_len"]))
             res = evaluate_tasks(model, tok, spec["tasks"], [length], spec["depths"], spec["samples"], device,
-                                 autocast(), bs, spec.get("seed", 1234), spec.get("task_params", {}))
+                                 autocast(), bs, spec.get("seed", 1234), spec.get("task_params", {}),
+                                 check_sources=sparse.is_sparse)
             for task, table in res.items():
-                result["tasks"].setdefault(task, {})[str(length)] = {
-                    "accuracy": table["accuracy"], "correct": sum(g["correct"] for g in table["grid"]),
-                    "answers": sum(g["answers"] for g in table["grid"]), "by_depth": table["by_depth"]}
+                cell = {"accuracy": table["accuracy"], "correct": sum(g["correct"] for g in table["grid"]),
+                        "answers": sum(g["answers"] for g in table["grid"]), "by_depth": table["by_depth"]}
+                if sparse.is_sparse:
+                    # Whether the selection held the blocks the answers copy from (why a sparse mode misses).
+                    cell["source_selection"] = table["by_length"][str(length)]["source_selection"]
+                result["tasks"].setdefault(task, {})[str(length)] = cell
         return run
 
     result["locality"] = {}

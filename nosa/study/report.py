@@ -1,8 +1,8 @@
 """`nosa study report`: markdown tables from a quality study's summary.json (results/quality/), printed or
 written into the README's `quality-report` section, so the README's quality figures come from the file.
 
-Three tables: training and loss (with each sparse mode's held-out loss against dense), task accuracy by
-context length, and locality of decoding through the engine (overlap gamma between consecutive steps'
+Tables: training and loss (with each sparse mode's held-out loss against dense), task accuracy by
+context length, where sparse modes found the answers' sources (when measured), and locality of decoding through the engine (overlap gamma between consecutive steps'
 selections, newly needed blocks per (layer, sequence, KV head) per step, and violations of the spec's bound).
 """
 
@@ -69,6 +69,27 @@ def accuracy_table(rows: list[dict], tasks: list[str], lengths: list[int]) -> st
     return "\n".join(lines)
 
 
+def source_table(rows: list[dict], tasks: list[str], lengths: list[int]) -> str | None:
+    """Sparse modes: how often the selection held the block each answer token is copied from. None when no
+    row has these figures (summaries written before they were measured)."""
+    lines = ["| attn_mode | task | length | answer tokens | source forced | source selected | lowest layer "
+             "| highest layer | in right answers | in wrong answers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for task in tasks:
+            for n in lengths:
+                src = ((r.get("accuracy_detail") or {}).get(task, {}).get(str(n)) or {}).get("source_selection")
+                if not src or not src.get("answer_tokens"):
+                    continue  # not measured, or no answer whose copy stands in the context (variable_tracking)
+                layers = [x for x in src.get("selected_by_layer", []) if isinstance(x, (int, float))]
+                lines.append(
+                    f"| {r['attn_mode']} | {task} | {token_label(n)} | {src['answer_tokens']} | {_num(src.get('forced'), '.2f')} "
+                    f"| {_num(src.get('selected'), '.2f')} | {_num(min(layers) if layers else None, '.2f')} "
+                    f"| {_num(max(layers) if layers else None, '.2f')} | {_num(src.get('selected_in_correct_answers'), '.2f')} "
+                    f"| {_num(src.get('selected_in_wrong_answers'), '.2f')} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 def locality_table(rows: list[dict], lengths: list[int]) -> str:
     lines = ["| attn_mode | prompt | steps | gamma mean | gamma p5 | gamma min | bound | new blocks mean | p95 | max "
              "| violations |",
@@ -106,6 +127,16 @@ def shared_eval_line(summary: dict) -> str | None:
             "is a digit guessed): " + "; ".join(parts) + ".")
 
 
+def _source_section(rows, tasks, lengths) -> str | None:
+    table = source_table(rows, tasks, lengths)
+    if table is None:
+        return None
+    return ("Where sparse modes find the answers (nosa.eval.source_selection): of the (answer token, layer, KV head) "
+            "triples, how often the block holding that token's copy in the context was selected, over all layers, in "
+            "the lowest and highest layer, and within answers the model got right and wrong; \"source forced\" is the "
+            "share of answer tokens whose source block the selection always holds (sink, own block, window):\n\n" + table)
+
+
 def render(summary_path: str = DEFAULT_SUMMARY) -> str:
     with open(summary_path) as f:
         summary = json.load(f)
@@ -130,6 +161,7 @@ def render(summary_path: str = DEFAULT_SUMMARY) -> str:
         *filter(None, [shared_eval_line(summary)]),
         "Training and loss (held-out loss at 16K tokens of held-out text):\n\n" + training_table(rows),
         "Task accuracy (every answer token the argmax), by context length:\n\n" + accuracy_table(rows, tasks, lengths),
+        *filter(None, [_source_section(rows, tasks, lengths)]),
         "Locality of decoding through the engine (256 steps after held-out text and after a task input; new blocks "
         "per (layer, sequence, KV head) per step):\n\n" + locality_table(rows, study["eval"].get("locality_lengths", [])),
         f"_{os.path.basename(summary_path)}: {machine.get('gpu') or machine.get('cpu')}, torch {machine.get('torch')}, "

@@ -225,8 +225,23 @@ def test_report_tables_come_from_the_summary(tiny_study, tmp_path):
         assert f"| {row['attn_mode']} | {row['parameters']:,} | {row['tokens_trained']:,} |" in body
         assert f"{row['heldout_loss']:.3f}" in body
     study = summary["parameters"]["study"]
+    accuracy = body.split("Task accuracy")[1].split("\n\n")[1]
     for task in study["eval"]["tasks"]:
-        assert body.count(f"| {task} |") == len(rows)
+        assert accuracy.count(f"| {task} |") == len(rows)
+    # the sparse modes' answer sources, one line per (mode, task, length), from the same forward as the accuracy
+    sources = body.split("Where sparse modes find the answers")[1].split("\n\n")[1]
+    for row in rows:
+        for task, by_length in row["accuracy_detail"].items():
+            for length, cell in by_length.items():
+                src = cell.get("source_selection")
+                assert (src is not None) == (row["attn_mode"] != "dense")
+                if src is None:
+                    continue
+                line = f"| {row['attn_mode']} | {task} | {token_label(int(length))} | {src['answer_tokens']} |"
+                if task == "variable_tracking":  # its answer (the chain's names) stands nowhere as one run
+                    assert src["answer_tokens"] == 0 and src["selected"] is None and line not in sources
+                else:
+                    assert 0.0 <= src["selected"] <= 1.0 and len(src["selected_by_layer"]) == 2 and line in sources
     shared = summary["results"]["shared_eval"]["phases"][-1]
     cell = shared["tasks"]["passkey"]["1024"]
     assert f"after phase {shared['phase']} (768 rows): " in body and f"passkey@1K {cell['accuracy']:.2f} ({cell['answer_nll']:.2f})" in body
