@@ -55,3 +55,15 @@ def test_a_run_mixing_trace_driven_and_model_scored_rows_labels_each_row(tmp_pat
     assert "| selection |" in text
     assert "| dense | off | - | 8 |" in text and "| nosa | on | traces | 8 | fixed | 300 | 3.00x |" in text
     assert "| nosa | on | model | 8 | fixed | 200 |" in text and "| nosa | on, cache 128 | traces | 8 |" in text
+
+
+def test_kernels_table_names_the_backward_variant_each_file_timed(tmp_path):
+    from nosa.bench.report import kernels_table
+
+    base = dict(tokens=4096, nosa_selection_ms=1.0, nosa_fwd_bwd_ms=5.0)
+    write_result("kernels", {}, [dict(base, nosa_fwd_bwd_atomic_ms=5.5)], directory=str(tmp_path))
+    new = kernels_table(str(tmp_path / "kernels.json"))
+    assert "| atomic dk/dv ms |" in new and "| 5.50 |" in new and "default fixed-order (deterministic)" in new
+    write_result("kernels", {}, [dict(base, nosa_fwd_bwd_deterministic_ms=4.75)], directory=str(tmp_path))
+    old = kernels_table(str(tmp_path / "kernels.json"))
+    assert "| deterministic ms |" in old and "| 4.75 |" in old and "atomics (the default when measured)" in old

@@ -203,21 +203,31 @@ def test_deterministic_backward_matches_reference_and_repeats_bit_identically(ba
         assert err <= 10 * tol * max(1.0, g_ref.abs().max().item()), f"d{name}: max error {err:.3g}"
 
 
-def test_deterministic_mode_of_torch_selects_the_fixed_order_path(monkeypatch):
-    """deterministic=None follows torch.use_deterministic_algorithms."""
+def test_fixed_order_backward_is_the_default_and_atomics_are_refused_in_torchs_deterministic_mode(monkeypatch):
+    """deterministic=None (the default) takes the fixed-order dk/dv path, with torch's deterministic mode on
+    or off; False takes the atomic one, and is refused while torch's deterministic mode is on."""
     seen = []
     real = ka.backward_dkv
     monkeypatch.setattr(ka, "backward_dkv", lambda *a: seen.append(a[-1]) or real(*a))
     q, k, v = torch.randn(1, 9, 2, 64), torch.randn(1, 9, 1, 64), torch.randn(1, 9, 1, 64)
     indices = torch.zeros(1, 9, 1, 1, dtype=torch.int32)
+
+    def backward(**kw):
+        leaf = q.clone().requires_grad_()
+        ka.sparse_attention(leaf, k, v, None, indices, torch.arange(9), 4, **kw).sum().backward()
+
     for mode in (False, True):
         torch.use_deterministic_algorithms(mode)
         try:
-            leaf = q.clone().requires_grad_()
-            ka.sparse_attention(leaf, k, v, None, indices, torch.arange(9), 4).sum().backward()
+            backward()
+            if mode:
+                with pytest.raises(RuntimeError, match="forbids"):
+                    backward(deterministic=False)
+            else:
+                backward(deterministic=False)
         finally:
             torch.use_deterministic_algorithms(False)
-    assert seen == [False, True]
+    assert seen == [True, False, True]
 
 
 def test_tuning_rejects_unknown_knobs():

@@ -547,12 +547,12 @@ def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_s
     return dq
 
 
-def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens, deterministic=False):
+def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size, tile_tokens, deterministic=True):
     """(dk, dv [B, Tk, H, D], dbias [B, Tk, H]) float32 from the inverted selection (`invert_selection`).
 
-    deterministic=False: segments add into the outputs with float32 atomics (fastest; the summation order,
-    hence the last bits, vary run to run). deterministic=True: each segment writes its partial sums to its
-    own slot (4 * segments * BLOCK_N * (2 * BLOCK_D + 1) bytes of scratch, about 1.2 GB at 64K tokens of
+    deterministic=False: segments add into the outputs with float32 atomics (no scratch; the summation
+    order, hence the last bits, vary run to run). deterministic=True (the default; measured faster, see
+    `sparse_attention`): each segment writes its partial sums to its own slot (4 * segments * BLOCK_N * (2 * BLOCK_D + 1) bytes of scratch, about 1.2 GB at 64K tokens of
     the 8B shape) and `_dkv_reduce_kernel` adds them per key block in segment order: bit-reproducible.
     """
     batch, num_queries, _, head_dim = q.shape
@@ -611,7 +611,7 @@ def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size,
 
 
 def sparse_attention_backward(do, q, k, v, bias, o, lse, lists, counts, block_indices, positions, block_size, tile_tokens,
-                              deterministic=False):
+                              deterministic=True):
     """(dq, dk, dv, dbias) for the forward above, in the inputs' dtypes. dbias is None without a bias.
     deterministic: dk, dv and dbias without atomics (bit-reproducible; see `backward_dkv`)."""
     do = _last_dim_contiguous(do)
@@ -663,9 +663,12 @@ def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return
     q: [B, Tq, Hq, D]; k, v: [B, Tk, H, D]; bias: [B, Tk, H] or None; block_indices: [B, Tq, H, K] int32;
     positions: [Tq] -> o [B, Tq, Hq, D] (and lse [B, Tq, Hq] float32 with return_lse). Differentiable in
     q, k, v and bias. `tile_tokens` (queries sharing one program) defaults to `default_tile_tokens(G)`.
-    `deterministic`: the backward sums dk, dv and dbias in a fixed order instead of with atomics, so the
-    gradients are bit-identical run to run (slower). None (default) follows
-    `torch.use_deterministic_algorithms`, so the fastest path runs unless determinism was asked for.
+    `deterministic`: True (and None, the default) sums dk, dv and dbias in a fixed order, so gradients are
+    bit-identical run to run; it was also the faster backward in every row of bench/results/kernels.json
+    (0.95-0.99x the atomic path's forward+backward at 4K-64K, the dk/dv kernel 0.89x at 32K), at the cost of
+    a transient scratch buffer (`backward_dkv`: ~1.2 GB at 64K tokens of the 8B shape). False adds segments
+    with float32 atomics (no scratch; the last bits vary run to run), which torch's deterministic mode
+    (`torch.use_deterministic_algorithms(True)`) refuses.
     """
     _check_inputs(q, k, v, bias, block_indices, positions, block_size)
     group = q.shape[2] // k.shape[2]
@@ -674,7 +677,10 @@ def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return
     if not 1 <= tile_tokens <= MAX_TILE_TOKENS:
         raise ValueError(f"tile_tokens must be in 1..{MAX_TILE_TOKENS}, got {tile_tokens}")
     if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        deterministic = True
+    if not deterministic and torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError("sparse_attention(deterministic=False) sums gradients with atomics, which "
+                           "torch.use_deterministic_algorithms(True) forbids; pass deterministic=True or None")
     if q.shape[0] == 0 or q.shape[1] == 0:
         o = q * 0  # keeps the autograd graph for empty batches
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)

@@ -49,7 +49,8 @@ def nosa_attention(q, k, v, eviction, cfg: SparseAttentionConfig, max_chunk_elem
     (and the selected blocks [B, Tq, H, K] int32 with return_indices; None in dense mode).
     Differentiable in q, k, v and eviction (through the attention bias only). `tile_tokens`: queries per
     attention program (default by GQA group, see `attention.default_tile_tokens`). `deterministic`:
-    bit-reproducible gradients (see `attention.sparse_attention`; None follows torch's deterministic mode)."""
+    fixed-order, bit-reproducible gradients (True or None, the default; False: atomics, see
+    `attention.sparse_attention`)."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
     num_queries, num_keys = q.shape[1], k.shape[1]
