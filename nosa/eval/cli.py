@@ -196,8 +196,10 @@ def run(args) -> int:
         save()
     if tasks:
         t0 = time.time()
+        # Sparse models: by_length also says whether the selection held each answer's source block.
         results["tasks"] = evaluate_tasks(model, tok, tasks, lengths, depths, args.samples, device,
-                                          autocast(), args.batch_size, args.seed, task_params)
+                                          autocast(), args.batch_size, args.seed, task_params,
+                                          check_sources=model.config.sparse.is_sparse)
         timings["tasks"] = time.time() - t0
         save()
     if locality_ids is not None:

@@ -136,6 +136,10 @@ def test_nosa_eval_end_to_end(corpus, tmp_path):
     assert {"machine", "parameters", "perplexity", "tasks", "locality", "timings_s"} <= set(result)
     assert len(result["perplexity"]["buckets"]) == 4
     assert set(result["tasks"]) == {"passkey", "variable_tracking"}
+    # a sparse model: where its selection held the pass key's block, per layer (2 layers)
+    sources = result["tasks"]["passkey"]["by_length"]["400"]["source_selection"]
+    assert sources["answer_tokens"] == 5 and len(sources["selected_by_layer"]) == 2
+    assert result["tasks"]["variable_tracking"]["by_length"]["400"]["source_selection"]["answers_without_source"] == 1
     assert len(result["locality"]["per_layer"]) == 2
     assert os.path.getsize(tmp_path / "ev" / "r.png") > 1000
 

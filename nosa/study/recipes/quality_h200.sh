@@ -17,7 +17,7 @@
 # SEED=N: another run of the same recipe (the data seed: model initialisation and rows); give it to both calls.
 # The outer `timeout` is only a last resort (the study stops itself); if the study dies before packing,
 # the logs are packed here so something still comes back.
-export PYTHONPATH=$PWD
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # keeps packages installed elsewhere (e.g. /tmp/site wheels)
 : "${OUT:?set OUT to the results directory}"
 P=${P:-h200}; W=${W:-/tmp/nosa_study_work}
 mkdir -p "$OUT"
