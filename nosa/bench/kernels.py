@@ -79,8 +79,11 @@ def _bench_nosa(row, q, k, v, eviction, grad_out, positions, cfg, args, group):
     row["atomic_cost"] = row["nosa_fwd_bwd_atomic_ms"] / row["nosa_fwd_bwd_ms"]
     threshold = ks.SELECT_BY_THRESHOLD
     try:
+        # The composition by counting threshold beside the default arg-max one (files before 2026-12-04
+        # timed arg-max as the variant: nosa_selection_argmax_ms).
+        ks.SELECT_BY_THRESHOLD = True
+        row["nosa_selection_threshold_ms"] = _ms(lambda: kp.select_all(q, k, eviction, positions, cfg), args, length)
         ks.SELECT_BY_THRESHOLD = False
-        row["nosa_selection_argmax_ms"] = _ms(lambda: kp.select_all(q, k, eviction, positions, cfg), args, length)
         with ka.tuning(fused_delta=False, dkv_autotune=False):
             row["nosa_fwd_bwd_first_version_ms"] = _ms(lambda: nosa_fwd_bwd(False), args, length)
     finally:
@@ -215,8 +218,9 @@ def _bench_decode(row, length, args, cfg, device, gen, variants: bool):
         # The first version (partials merged by a second kernel) and other slot splits, same inputs.
         row["nosa_decode_variants_ms"] = {
             "merge_kernel_first": graph_ms(lambda: kd.decode_attention(qq, ks_, vs, bias, valid, fused_merge=False)),
+            # around the default split count (8 here since PROGRAMS_PER_SM = 4; 16 before, 32 measured slower)
             **{f"fused_splits_{n}": graph_ms(lambda n=n: kd.decode_attention(qq, ks_, vs, bias, valid, splits=n))
-               for n in (8, 32)},
+               for n in (4, 8, 16, 32)},
         }
     del ks_, vs, bias, valid
     kc = torch.randn(batch, h, length, d, device=device, dtype=dtype, generator=gen)
@@ -300,7 +304,7 @@ def run(args) -> int:
                  "bias; fla (fla-core's NSA selected attention, ParallelNSAFunction) runs on NOSA's block indices "
                  "without a bias (it has none), selection excluded; dense SDPA gets GQA heads expanded outside the "
                  "timing; FLOPs per attended pair and head dim: fwd 4, fwd+bwd 14 (flash-attention convention, for "
-                 "both methods); *_first_version_ms = the same call with the earlier pieces (arg-max composition, "
+                 "both methods); *_first_version_ms = the same call with the earlier pieces (arg-max composition, now the default again; "
                  "delta by PyTorch, fixed 4-warp 1-stage dk/dv launch); NOSA's fwd+bwd and dk/dv figures are the default fixed-order (deterministic) backward, *_atomic_ms the same with float32 atomics (deterministic=False); "
                  "decode bytes = K+V+bias+valid+q+o; decode times are per call from CUDA-graph replays of 20 "
                  "back-to-back calls (launch overhead excluded, as in the engine).",

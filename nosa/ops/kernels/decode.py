@@ -178,10 +178,17 @@ def _decode_merge_kernel(
                     G, ROWS, D, BLOCK_D, SPLIT_PAD)
 
 
+# Programs per SM the slot axis is split for. bench/results/kernels.json (H200, 32 rows x 2 KV heads x 4096
+# slots, bf16, CUDA graphs): 8 splits (~4 programs per SM) 46.1 us, 16 (~8 per SM, the earlier default)
+# 53.0 us, 32 splits 65.5 us: past a few programs per SM, each extra split costs its partial's round trip
+# and merge more than the added parallelism gains.
+PROGRAMS_PER_SM = 4
+
+
 def _num_splits(batch_heads: int, num_slots: int, sm_count: int) -> int:
-    # Enough programs for ~8 per SM (memory-level parallelism: decode is a pure stream of K and V), but
-    # never chunks shorter than two aligned tiles.
-    want = max(1, (8 * sm_count + batch_heads - 1) // batch_heads)
+    # Enough programs for PROGRAMS_PER_SM per SM (memory-level parallelism: decode is a pure stream of K
+    # and V), but never chunks shorter than two aligned tiles.
+    want = max(1, (PROGRAMS_PER_SM * sm_count + batch_heads - 1) // batch_heads)
     most = max(1, num_slots // (2 * CHUNK_ALIGN))
     return max(1, min(want, most, 64))
 
