@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from nosa.bench.common import write_result
 from nosa.results.header import machine_header
 from nosa.bench.report import README_END, README_START, render, update_readme
@@ -67,3 +69,17 @@ def test_kernels_table_names_the_backward_variant_each_file_timed(tmp_path):
     write_result("kernels", {}, [dict(base, nosa_fwd_bwd_deterministic_ms=4.75)], directory=str(tmp_path))
     old = kernels_table(str(tmp_path / "kernels.json"))
     assert "| deterministic ms |" in old and "| 4.75 |" in old and "atomics (the default when measured)" in old
+
+
+def test_tile_sharing_splits_a_union_by_who_selected_each_block():
+    from nosa.bench.kernels import tile_sharing
+    from nosa.ops.kernels.attention import build_tile_lists
+
+    # 9 queries, tiles of 4 (the third, one token, is left out); block 0 in every row, then per token
+    # either a block of its own or block 5 shared by two tokens of the tile
+    own = [[0, 1], [0, 2], [0, 5], [0, 5], [0, 6], [0, 7], [0, 8], [0, 9], [0, 3]]
+    indices = torch.tensor(own, dtype=torch.int32).view(1, 9, 1, 2)
+    lists, counts = build_tile_lists(indices, 4)
+    got = tile_sharing(lists, counts, 4, 9)
+    # tile 0: {0: all, 1, 2: one token, 5: two}; tile 1: {0: all, 6, 7, 8, 9: one token}
+    assert got == {"union": 4.5, "in_every_token": 1.0, "one_token_only": 3.0}

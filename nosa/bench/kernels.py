@@ -34,6 +34,21 @@ def attended_pairs(indices: torch.Tensor, positions: torch.Tensor, block_size: i
     return int(torch.where(blk >= 0, (end - start).clamp(min=0), 0).sum())
 
 
+def tile_sharing(lists: torch.Tensor, counts: torch.Tensor, tile_tokens: int, num_queries: int) -> dict:
+    """How the union of a query tile's blocks splits (`attention.build_tile_lists` output for num_queries
+    tokens, whole tiles only): mean entries, entries every token of the tile selected (no masked rows:
+    sinks, window, most of the agnostic fill) and entries one token alone selected (at 4 tokens a tile, 3/4
+    of their rows masked: the union's waste)."""
+    whole = num_queries // tile_tokens
+    lists, counts = lists[..., :whole, :], counts[..., :whole]
+    valid = torch.arange(lists.shape[-1], device=lists.device) < counts[..., None]
+    bits = torch.where(valid, lists & 0xFFFF, 0)
+    selected_by = sum((bits >> i) & 1 for i in range(tile_tokens))
+    return {"union": float(counts.float().mean()),
+            "in_every_token": float(((selected_by == tile_tokens) & valid).sum(-1).float().mean()),
+            "one_token_only": float(((selected_by == 1) & valid).sum(-1).float().mean())}
+
+
 def _peer_fla():
     """fla-core's NSA selected-attention autograd function, or (None, reason) when it cannot be imported."""
     try:
@@ -92,6 +107,7 @@ def _bench_nosa(row, q, k, v, eviction, grad_out, positions, cfg, args, group):
     tile_tokens = ka.effective_tile_tokens(group, tile_tokens)
     lists, counts = ka.build_tile_lists(indices, tile_tokens)
     row["nosa_tile_union_blocks"] = float(counts.float().mean())
+    row["nosa_tile_sharing"] = tile_sharing(lists, counts, tile_tokens, length)
     row["nosa_lists_ms"] = _ms(lambda: ka.build_tile_lists(indices, tile_tokens), args, length)
     row["nosa_attn_fwd_kernel_ms"] = _ms(
         lambda: ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size, tile_tokens), args, length)
