@@ -65,7 +65,7 @@ def test_kernels_table_names_the_backward_variant_each_file_timed(tmp_path):
     base = dict(tokens=4096, nosa_selection_ms=1.0, nosa_fwd_bwd_ms=5.0)
     write_result("kernels", {}, [dict(base, nosa_fwd_bwd_atomic_ms=5.5)], directory=str(tmp_path))
     new = kernels_table(str(tmp_path / "kernels.json"))
-    assert "| atomic dk/dv ms |" in new and "| 5.50 |" in new and "default fixed-order (deterministic)" in new
+    assert "| atomic fwd+bwd ms |" in new and "| 5.50 |" in new and "default fixed-order (deterministic)" in new
     write_result("kernels", {}, [dict(base, nosa_fwd_bwd_deterministic_ms=4.75)], directory=str(tmp_path))
     old = kernels_table(str(tmp_path / "kernels.json"))
     assert "| deterministic ms |" in old and "| 4.75 |" in old and "atomics (the default when measured)" in old

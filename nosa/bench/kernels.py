@@ -321,7 +321,7 @@ def run(args) -> int:
                  "without a bias (it has none), selection excluded; dense SDPA gets GQA heads expanded outside the "
                  "timing; FLOPs per attended pair and head dim: fwd 4, fwd+bwd 14 (flash-attention convention, for "
                  "both methods); *_first_version_ms = the same call with the earlier pieces (arg-max composition, now the default again; "
-                 "delta by PyTorch, fixed 4-warp 1-stage dk/dv launch); NOSA's fwd+bwd and dk/dv figures are the default fixed-order (deterministic) backward, *_atomic_ms the same with float32 atomics (deterministic=False); "
+                 "delta by PyTorch, fixed 4-warp 1-stage dk/dv launch); NOSA's fwd+bwd and dk/dv figures are the default fixed-order (deterministic) backward, *_atomic_ms the same with float32 atomics (deterministic=False); nosa_dkv_sweep_ms times the fixed-order dk/dv kernel (files before 2026-12-04: the atomic one); "
                  "decode bytes = K+V+bias+valid+q+o; decode times are per call from CUDA-graph replays of 20 "
                  "back-to-back calls (launch overhead excluded, as in the engine).",
     }

@@ -34,7 +34,7 @@ def kernels_table(path: str) -> str:
     variant_key = "nosa_fwd_bwd_atomic_ms" if atomic_variant else "nosa_fwd_bwd_deterministic_ms"
     rows = [
         "| tokens | selection ms | NOSA fwd+bwd ms | SDPA fwd+bwd ms | fwd+bwd speed-up | fla NSA fwd+bwd ms | vs fla "
-        f"| {'atomic dk/dv ms' if atomic_variant else 'deterministic ms'} | NOSA tensor-core share | SDPA tensor-core share | NOSA decode µs | SDPA decode µs "
+        f"| {'atomic fwd+bwd ms' if atomic_variant else 'deterministic ms'} | NOSA tensor-core share | SDPA tensor-core share | NOSA decode µs | SDPA decode µs "
         "| decode speed-up | decode HBM share |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

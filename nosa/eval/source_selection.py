@@ -20,16 +20,29 @@ from nosa.ops.reference import forced_blocks
 
 
 def source_start(sample, span: tuple[int, int]) -> int | None:
-    """Where the copy of the answer `span` begins in the context before the first answer (its last
-    occurrence there), or None when the answer's tokens do not stand there as one run."""
+    """Where the copy of the answer `span` begins in the tokens before it (its last occurrence there), or
+    None when the answer's tokens do not stand there as one run. The answer is encoded apart from the
+    needle's text, so with a subword tokenizer its tokens may differ from the needle's and it has no source;
+    the study's byte tokens always match."""
     start, end = span
     answer = sample.input_ids[start:end]
-    context = sample.input_ids[: sample.context_end()]
+    context = sample.input_ids[:start]
     width = len(answer)
     for at in range(len(context) - width, -1, -1):
         if context[at : at + width] == answer:
             return at
     return None
+
+
+def answer_sources(sample, span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(queries, sources) int64 [n]: the query position predicting each answer token (token j is predicted
+    at j - 1) and the position of that token's copy in the context; None without a source."""
+    src = source_start(sample, span)
+    if src is None:
+        return None
+    start, end = span
+    queries = torch.arange(start - 1, end - 1)
+    return queries, src + (queries + 1 - start)
 
 
 @dataclass
@@ -82,12 +95,12 @@ def count_sources(samples, hits: list[list[bool]], selections: list[torch.Tensor
     counts = SourceCounts(len(selections), selections[0].shape[2])
     for row, sample in enumerate(samples):
         for (start, end), correct in zip(sample.answer_spans, hits[row]):
-            src = source_start(sample, (start, end))
-            if src is None:
+            found = answer_sources(sample, (start, end))
+            if found is None:
                 counts.answers_without_source += 1
                 continue
-            queries = torch.arange(start - 1, end - 1)  # the query predicting token j is j - 1
-            needed = (src + (queries + 1 - start)) // cfg.block_size  # block of the copy of each token
+            queries, sources = found
+            needed = sources // cfg.block_size  # the block holding each token's copy
             forced = forced_blocks(needed, queries // cfg.block_size, cfg)
             # [L, n, H]: whether (layer, token, KV head) selected the needed block
             chosen = torch.stack([(sel[row, queries.to(sel.device)].cpu() == needed[:, None, None]).any(-1)

@@ -72,8 +72,8 @@ def accuracy_table(rows: list[dict], tasks: list[str], lengths: list[int]) -> st
 def source_table(rows: list[dict], tasks: list[str], lengths: list[int]) -> str | None:
     """Sparse modes: how often the selection held the block each answer token is copied from. None when no
     row has these figures (summaries written before they were measured)."""
-    lines = ["| attn_mode | task | length | answer tokens | source forced | source selected | lowest layer "
-             "| highest layer | in right answers | in wrong answers |",
+    lines = ["| attn_mode | task | length | answer tokens | source forced | source selected | min over layers "
+             "| max over layers | in right answers | in wrong answers |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for task in tasks:
@@ -133,7 +133,7 @@ def _source_section(rows, tasks, lengths) -> str | None:
         return None
     return ("Where sparse modes find the answers (nosa.eval.source_selection): of the (answer token, layer, KV head) "
             "triples, how often the block holding that token's copy in the context was selected, over all layers, in "
-            "the lowest and highest layer, and within answers the model got right and wrong; \"source forced\" is the "
+            "the layer where that was rarest and where it was most common, and within answers the model got right and wrong; \"source forced\" is the "
             "share of answer tokens whose source block the selection always holds (sink, own block, window):\n\n" + table)
 
 

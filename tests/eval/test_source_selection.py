@@ -8,7 +8,7 @@ import torch
 from nosa import NosaConfig, NosaForCausalLM
 from nosa.data.tasks import generate_task
 from nosa.data.tokenization import load_tokenizer
-from nosa.eval.source_selection import SourceCounts, count_sources, source_start
+from nosa.eval.source_selection import SourceCounts, answer_sources, count_sources, source_start
 from nosa.eval.tasks import answer_hits_and_sources, evaluate_tasks
 
 TOK = load_tokenizer("byte")
@@ -23,6 +23,11 @@ def test_source_is_the_needles_copy_of_the_answer(task):
             width = span[1] - span[0]
             assert src is not None and src + width <= sample.context_end()
             assert sample.input_ids[src : src + width] == sample.input_ids[span[0] : span[1]]
+            # token by token: the query before answer token j, and j's own copy (not j - 1's)
+            queries, sources = answer_sources(sample, span)
+            ids = torch.tensor(sample.input_ids)
+            assert torch.equal(queries + 1, torch.arange(*span)) and torch.equal(ids[sources], ids[queries + 1])
+            assert not torch.equal(ids[sources], ids[queries])
     passkey = generate_task("passkey", TOK, np.random.default_rng(0), 700, 0.5)
     # the pass key stands in its needle, right after "The pass key is "
     assert source_start(passkey, passkey.answer_spans[0]) == passkey.needle_starts[0] + len("The pass key is ")

@@ -223,11 +223,16 @@ def test_fixed_order_backward_is_the_default_and_atomics_are_refused_in_torchs_d
             if mode:
                 with pytest.raises(RuntimeError, match="forbids"):
                     backward(deterministic=False)
+                with torch.no_grad():  # no backward, no atomics: nothing to refuse
+                    ka.sparse_attention(q, k, v, None, indices, torch.arange(9), 4, deterministic=False)
+                torch.use_deterministic_algorithms(True, warn_only=True)
+                with pytest.warns(UserWarning, match="forbids"):
+                    backward(deterministic=False)
             else:
                 backward(deterministic=False)
         finally:
             torch.use_deterministic_algorithms(False)
-    assert seen == [True, False, True]
+    assert seen == [True, False, True, False]
 
 
 def test_tuning_rejects_unknown_knobs():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -664,11 +665,12 @@ def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return
     positions: [Tq] -> o [B, Tq, Hq, D] (and lse [B, Tq, Hq] float32 with return_lse). Differentiable in
     q, k, v and bias. `tile_tokens` (queries sharing one program) defaults to `default_tile_tokens(G)`.
     `deterministic`: True (and None, the default) sums dk, dv and dbias in a fixed order, so gradients are
-    bit-identical run to run; it was also the faster backward in every row of bench/results/kernels.json
-    (0.95-0.99x the atomic path's forward+backward at 4K-64K, the dk/dv kernel 0.89x at 32K), at the cost of
-    a transient scratch buffer (`backward_dkv`: ~1.2 GB at 64K tokens of the 8B shape). False adds segments
-    with float32 atomics (no scratch; the last bits vary run to run), which torch's deterministic mode
-    (`torch.use_deterministic_algorithms(True)`) refuses.
+    bit-identical run to run, and was no slower than the atomic path in the one run that timed both
+    (bench/results/kernels.json at 7a6541b: 0.95-0.99x its forward+backward at 4K-64K, the dk/dv kernel
+    0.89x at 32K; 10 repetitions, to be re-measured on the current kernels), at the cost of a transient
+    scratch buffer during the backward (`backward_dkv`: ~1.2 GB at 64K tokens of the 8B shape). False adds
+    segments with float32 atomics (no scratch; the last bits vary run to run), which torch's deterministic
+    mode refuses when a gradient is needed (a warning with warn_only=True).
     """
     _check_inputs(q, k, v, bias, block_indices, positions, block_size)
     group = q.shape[2] // k.shape[2]
@@ -678,9 +680,15 @@ def sparse_attention(q, k, v, bias, block_indices, positions, block_size, return
         raise ValueError(f"tile_tokens must be in 1..{MAX_TILE_TOKENS}, got {tile_tokens}")
     if deterministic is None:
         deterministic = True
-    if not deterministic and torch.are_deterministic_algorithms_enabled():
-        raise RuntimeError("sparse_attention(deterministic=False) sums gradients with atomics, which "
-                           "torch.use_deterministic_algorithms(True) forbids; pass deterministic=True or None")
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, bias))
+    if not deterministic and needs_grad and torch.are_deterministic_algorithms_enabled():
+        # As torch does for its own nondeterministic ops: an error, or a warning in warn_only mode.
+        message = ("sparse_attention(deterministic=False) sums gradients with atomics, which "
+                   "torch.use_deterministic_algorithms(True) forbids; pass deterministic=True or None")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message, stacklevel=2)
+        else:
+            raise RuntimeError(message)
     if q.shape[0] == 0 or q.shape[1] == 0:
         o = q * 0  # keeps the autograd graph for empty batches
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
