@@ -13,13 +13,11 @@ element forward, 14 forward+backward) or of the HBM ceiling (decode: bytes read 
 from __future__ import annotations
 
 import json
-import math
 
 import torch
 import torch.nn.functional as F
 
 from nosa.bench.common import cuda_median_ms, graph_ms, hbm_copy_rate, write_result
-from nosa.results.header import machine_header
 from nosa.config import SparseAttentionConfig
 
 # Ceilings measured on the lent H200 (docs: /work/shared/docs/gpu-box.md); the run re-measures HBM copy.

@@ -80,7 +80,7 @@ class DecodeAttention(AttentionBackend):
         resolved once per step, not per layer."""
         runner = self.runner
         self.positions, self.active, self.uniform = positions, active, uniform
-        slots, host, plan = runner.layer_slots[0], runner.layer_hosts[0], runner.load_plans[0]
+        slots, host = runner.layer_slots[0], runner.layer_hosts[0]
         # Resolved on the slot table, a device tensor in both paths (the one-copy path has no slots).
         self.stage = ops.resolve("stage_window", slots.table)
         self.commit = ops.resolve("commit_window", slots.table)

@@ -29,7 +29,7 @@ from nosa.train.config import TrainConfig
 from nosa.data.corpus import TokenCorpus, build_corpus, source_path
 from nosa.train.interrupt import StopRequest, stop_on_signals
 from nosa.train.distributed import (DistInfo, all_reduce_sum, barrier, cleanup, init_distributed,
-                                    skip_gradient_sync, unwrap, wrap_model)
+                                    skip_gradient_sync, wrap_model)
 from nosa.data.packing import CorpusRows, MixtureStream, step_row_indices
 from nosa.data.tasks import generate_task
 from nosa.data.tokenization import TextTokenizer, load_tokenizer
