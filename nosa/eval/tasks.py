@@ -67,9 +67,14 @@ def evaluate_tasks(model, tok: TextTokenizer, tasks, lengths, depths, samples_pe
         raise ValueError(f"samples_per_cell must be >= 1, got {samples_per_cell}")
     model.eval()
     results = {}
+
+    def no_sources():
+        return SourceCounts(model.config.num_hidden_layers, model.config.num_key_value_heads)
+
     for t_index, task in enumerate(tasks):
-        grid = []
+        grid, sources_by_length = [], {}
         for length in lengths:
+            length_sources = no_sources()
             for d_index, depth in enumerate(depths):
                 samples = [
                     generate_task(task, tok, np.random.default_rng([seed, 7, t_index, length, d_index, i]), length,
@@ -77,32 +82,28 @@ def evaluate_tasks(model, tok: TextTokenizer, tasks, lengths, depths, samples_pe
                     for i in range(samples_per_cell)
                 ]
                 correct = answers = 0
-                sources = None
+                cell_sources = no_sources()
                 for start in range(0, len(samples), batch_size):
                     batch = samples[start : start + batch_size]
                     if check_sources:
                         hits, counts = answer_hits_and_sources(model, batch, device, autocast)
-                        if sources is None:
-                            sources = counts
-                        else:
-                            sources.merge(counts)
+                        cell_sources.merge(counts)
+                        length_sources.merge(counts)
                     else:
                         hits = answer_hits(model, batch, device, autocast)
                     for row_hits in hits:
                         correct += sum(row_hits)
                         answers += len(row_hits)
-                grid.append({"length": length, "depth": depth, "correct": correct, "answers": answers,
-                             "accuracy": correct / answers, **({"sources": sources} if sources is not None else {})})
+                cell = {"length": length, "depth": depth, "correct": correct, "answers": answers,
+                        "accuracy": correct / answers}
+                if check_sources:
+                    cell["source_selection"] = cell_sources.as_dict()
+                grid.append(cell)
+            sources_by_length[str(length)] = length_sources
         by_length = _marginal(grid, "length")
         if check_sources:
             for n, entry in by_length.items():
-                cells = [cell["sources"] for cell in grid if str(cell["length"]) == n]
-                merged = SourceCounts(cells[0].num_layers, cells[0].num_kv_heads)
-                for counts in cells:
-                    merged.merge(counts)
-                entry["source_selection"] = merged.as_dict()
-            for cell in grid:
-                cell["source_selection"] = cell.pop("sources").as_dict()
+                entry["source_selection"] = sources_by_length[n].as_dict()
         results[task] = {
             "grid": grid,
             "by_length": by_length,

@@ -552,9 +552,10 @@ def backward_dkv(do, q, k, v, bias, lse, delta, inverted, positions, block_size,
     """(dk, dv [B, Tk, H, D], dbias [B, Tk, H]) float32 from the inverted selection (`invert_selection`).
 
     deterministic=False: segments add into the outputs with float32 atomics (no scratch; the summation
-    order, hence the last bits, vary run to run). deterministic=True (the default; measured faster, see
-    `sparse_attention`): each segment writes its partial sums to its own slot (4 * segments * BLOCK_N * (2 * BLOCK_D + 1) bytes of scratch, about 1.2 GB at 64K tokens of
-    the 8B shape) and `_dkv_reduce_kernel` adds them per key block in segment order: bit-reproducible.
+    order, hence the last bits, vary run to run). deterministic=True (the default; no slower where measured,
+    see `sparse_attention`): each segment writes its partial sums to its own slot (4 * segments * BLOCK_N *
+    (2 * BLOCK_D + 1) bytes of scratch, about 1.2 GB at 64K tokens of the 8B shape) and `_dkv_reduce_kernel`
+    adds them per key block in segment order: bit-reproducible.
     """
     batch, num_queries, _, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
