@@ -119,6 +119,8 @@ def _bench_nosa(row, q, k, v, eviction, grad_out, positions, cfg, args, group):
     row["nosa_dq_kernel_ms"] = _ms(  # with delta = rowsum(dO o) computed inside (the default)
         lambda: ka.backward_dq(grad_out, q, k, v, eviction, lse, delta, lists, counts, positions, cfg.block_size,
                                tile_tokens, o=o), args, length)
+    _bench_descriptors(row, ka, q, k, v, eviction, grad_out, positions, cfg, args, lists, counts, o, lse, delta,
+                       tile_tokens, nosa_fwd_bwd)
     inverted = ka.invert_selection(indices, num_blocks)
 
     def dkv(deterministic=True):
@@ -146,6 +148,32 @@ def _bench_nosa(row, q, k, v, eviction, grad_out, positions, cfg, args, group):
     del leaves, o, lse, lists, counts, inverted, delta
     torch.cuda.empty_cache()
     return indices
+
+
+def _bench_descriptors(row, ka, q, k, v, eviction, grad_out, positions, cfg, args, lists, counts, o, lse, delta,
+                       tile_tokens, nosa_fwd_bwd):
+    """The forward and dq kernels with K/V blocks loaded through tensor descriptors (bulk copies on
+    Hopper; `attention.tuning(descriptors=True)`), beside the pointer loads timed above, and how far their
+    output is from the pointer path's. A compile or launch failure is recorded, not raised."""
+    length = q.shape[1]
+    meta, _ = ka._meta(q, k, cfg.block_size, tile_tokens)
+    row["nosa_descriptors_possible"] = ka.kv_descriptors(k, v, meta["BLOCK_N"], meta["BLOCK_D"]) is not None
+    if not row["nosa_descriptors_possible"]:
+        return
+    try:
+        with ka.tuning(descriptors=True):
+            o_desc, _ = ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size, tile_tokens)
+            row["nosa_desc_fwd_max_abs_diff"] = float((o_desc.float() - o.float()).abs().max())
+            del o_desc
+            row["nosa_attn_fwd_kernel_desc_ms"] = _ms(
+                lambda: ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size,
+                                                    tile_tokens), args, length)
+            row["nosa_dq_kernel_desc_ms"] = _ms(
+                lambda: ka.backward_dq(grad_out, q, k, v, eviction, lse, delta, lists, counts, positions,
+                                       cfg.block_size, tile_tokens, o=o), args, length)
+            row["nosa_fwd_bwd_desc_ms"] = _ms(nosa_fwd_bwd, args, length)
+    except Exception as err:  # noqa: BLE001 - a variant failing must not lose the default's figures
+        row["descriptors_error"] = f"{type(err).__name__}: {err}"[:500]
 
 
 def _bench_fla(row, fla, q, k, v, grad_out, indices, cfg, args):
@@ -320,7 +348,7 @@ def run(args) -> int:
                  "timing; FLOPs per attended pair and head dim: fwd 4, fwd+bwd 14 (flash-attention convention, for "
                  "both methods); *_first_version_ms = the same call with the earlier pieces (arg-max composition, now the default again; "
                  "delta by PyTorch, fixed 4-warp 1-stage dk/dv launch); NOSA's fwd+bwd and dk/dv figures are the default fixed-order (deterministic) backward, *_atomic_ms the same with float32 atomics (deterministic=False); nosa_dkv_sweep_ms times the fixed-order dk/dv kernel (files before 2026-12-04: the atomic one); "
-                 "decode bytes = K+V+bias+valid+q+o; decode times are per call from CUDA-graph replays of 20 "
+                 "*_desc_ms = the forward / dq kernels (and the whole fwd+bwd) with K/V blocks loaded through tensor descriptors (tuning(descriptors=True)); decode bytes = K+V+bias+valid+q+o; decode times are per call from CUDA-graph replays of 20 "
                  "back-to-back calls (launch overhead excluded, as in the engine).",
     }
     rows = []

@@ -257,3 +257,52 @@ def test_benchmarked_variants_match_reference(knobs):
     _, _, grads_ref = _run(ref.sparse_attention, q, k, v, bias, indices, positions, block, grad_out)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tq,tk,hq,h,d,block,tile", [
+    (29, 29, 8, 2, 64, 8, 4),     # T not a multiple of the block: the last block's descriptor load runs past Tk
+    (23, 37, 6, 2, 40, 12, None),  # block 12 < BLOCK_N 16 (the load takes 4 keys of the next block), D 40 < BLOCK_D
+])
+def test_descriptor_loads_equal_pointer_loads(tq, tk, hq, h, d, block, tile):
+    """tuning(descriptors=True) loads K/V blocks through tensor descriptors: the same values, so the same
+    outputs and gradients bit for bit, and both equal to the reference."""
+    cfg = SparseAttentionConfig(block_size=block, topk_blocks=4, sink_blocks=1, window_blocks=1, query_blocks=1,
+                                compress_kernel=4, compress_stride=2)
+    q, k, v = torch.randn(2, tq, hq, d), torch.randn(2, tk, h, d), torch.randn(2, tk, h, d)
+    bias = torch.randn(2, tk, h)
+    positions = torch.arange(tk - tq, tk)
+    indices = _selection(q, k, bias, cfg, positions)
+    grad_out = torch.randn(2, tq, hq, d)
+    meta, _ = ka._meta(q, k, block, tile or ka.default_tile_tokens(hq // h))
+    assert ka.kv_descriptors(k, v, meta["BLOCK_N"], meta["BLOCK_D"]) is not None
+    o, lse, grads = _run(ka.sparse_attention, q, k, v, bias, indices, positions, block, grad_out, tile_tokens=tile)
+    with ka.tuning(descriptors=True):
+        o_d, lse_d, grads_d = _run(ka.sparse_attention, q, k, v, bias, indices, positions, block, grad_out, tile_tokens=tile)
+    assert torch.equal(o, o_d) and torch.equal(lse, lse_d)
+    for g, g_d in zip(grads, grads_d):
+        assert torch.equal(g, g_d)
+    o_ref, _, grads_ref = _run(ref.sparse_attention, q, k, v, bias, indices, positions, block, grad_out)
+    torch.testing.assert_close(o_d, o_ref, atol=2e-5, rtol=2e-5)
+    for g, g_ref in zip(grads_d, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_descriptors_refuse_layouts_the_bulk_copy_cannot_describe():
+    """Misaligned bases and strides that are not 16-byte multiples get no descriptor (the kernels then take
+    their pointer loads, which `tuning(descriptors=True)` falls back to)."""
+    k = torch.randn(1, 20, 2, 64)
+    assert ka.kv_descriptors(k, k, 16, 64) is not None
+    odd_stride = torch.randn(1, 20, 2, 67)[..., :64]  # row stride 67 floats = 268 bytes
+    assert ka.kv_descriptors(odd_stride, k, 16, 64) is None
+    shifted = torch.randn(1 * 20 * 2 * 64 + 1)[1:].view(1, 20, 2, 64)  # base 4 bytes past an aligned one
+    if shifted.data_ptr() % 16:
+        assert ka.kv_descriptors(k, shifted, 16, 64) is None
+    # And the kernels still give the reference's result on such inputs with the knob on.
+    cfg = SparseAttentionConfig(block_size=4, topk_blocks=4, sink_blocks=1, window_blocks=1, query_blocks=1,
+                                compress_kernel=4, compress_stride=2)
+    q = torch.randn(1, 20, 4, 64)
+    positions = torch.arange(20)
+    indices = _selection(q, odd_stride, None, cfg, positions)
+    with ka.tuning(descriptors=True):
+        o = ka.sparse_attention(q, odd_stride, k, None, indices, positions, 4)
+    torch.testing.assert_close(o, ref.sparse_attention(q, odd_stride, k, None, indices, positions, 4), atol=2e-5, rtol=2e-5)

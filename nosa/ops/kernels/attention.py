@@ -149,6 +149,19 @@ def _tile_rows(tile, h, Tq, G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.const
     return t, h * G + g, ti, valid
 
 
+@triton.jit
+def _load_kv_block(X, XDesc, b32, b, blk, keys, h, d, sxb, sxt, sxh, mask, block_size,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_DESC: tl.constexpr):
+    """Keys (or values) of block `blk` of head h of sequence b: [BLOCK_N, BLOCK_D]. Rows past the sequence
+    and columns past the head dim are zeros either way; with a descriptor, rows of the next block when
+    block_size < BLOCK_N are real keys, which every caller masks (key_ok) as the pointer path does."""
+    if USE_DESC:
+        x = tl.reshape(XDesc.load([b32, blk * block_size, h, 0]), [BLOCK_N, BLOCK_D])
+    else:
+        x = tl.load(X + b * sxb + keys[:, None] * sxt + h * sxh + d[None, :], mask=mask, other=0.0)
+    return x
+
+
 # Lengths and the strides that follow them are not specialised: Triton otherwise compiles a kernel again for
 # every new pattern of its integer arguments' divisibility by 16 (and == 1), and serving's prefill chunks
 # have every length, so each new prompt length could cost compiles of seconds. These arguments only bound
@@ -157,13 +170,16 @@ def _tile_rows(tile, h, Tq, G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.const
 # follows the prompt length (a slice of the eviction workspace) and its loads are strided by sbt anyway.
 @triton.jit(do_not_specialize=["Bias", "sbb", "slb", "sLb", "sLh", "sLn", "scb", "sch", "Tq", "Tk"])
 def _fwd_kernel(
-    Q, K, V, Bias, Lists, Counts, Pos, O, Lse,
+    Q, K, V, Bias, Lists, Counts, Pos, O, Lse, KDesc, VDesc,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
     sLb, sLh, sLn, scb, sch,
     Tq, Tk, H, block_size, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    USE_DESC: tl.constexpr,
 ):
+    # USE_DESC: K and V blocks come through tensor descriptors (KDesc, VDesc: `kv_descriptors`; bulk
+    # copies on Hopper) instead of per-thread pointer loads; same values, so the same result.
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -186,7 +202,8 @@ def _fwd_kernel(
         row_in = ((entry >> ti) & 1) != 0
         keys = blk * block_size + n
         key_ok = (n < block_size) & (keys < Tk)
-        k = tl.load(K + b * skb + keys[:, None] * skt + h * skh + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _load_kv_block(K, KDesc, bh // H, b, blk, keys, h, d, skb, skt, skh, key_ok[:, None] & d_ok[None, :],
+                           block_size, BLOCK_N, BLOCK_D, USE_DESC)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             bias = tl.load(Bias + b * sbb + keys * sbt + h * sbh, mask=key_ok, other=0.0).to(tl.float32)
@@ -198,7 +215,8 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + keys[:, None] * svt + h * svh + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        v = _load_kv_block(V, VDesc, bh // H, b, blk, keys, h, d, svb, svt, svh, key_ok[:, None] & d_ok[None, :],
+                           block_size, BLOCK_N, BLOCK_D, USE_DESC)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     has = l_i > 0
@@ -211,13 +229,13 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, Bias, Lists, Counts, Pos, DO, Lse, Delta, DQ, O,
+    Q, K, V, Bias, Lists, Counts, Pos, DO, Lse, Delta, DQ, O, KDesc, VDesc,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sbh, sob, sot, soh, slb, slt, slh,
     sLb, sLh, sLn, scb, sch, s_ob, s_ot, s_oh,
     Tq, Tk, H, block_size, qk_scale, sm_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    FUSED_DELTA: tl.constexpr,
+    FUSED_DELTA: tl.constexpr, USE_DESC: tl.constexpr,
 ):
     # DQ shares q's strides (sq*), DO has so*, O s_o*; Lse and Delta share sl*. FUSED_DELTA: this kernel
     # computes delta = rowsum(dO * O) from its own tiles and writes it for the dk/dv kernel, instead of a
@@ -252,8 +270,8 @@ def _bwd_dq_kernel(
         keys = blk * block_size + n
         key_ok = (n < block_size) & (keys < Tk)
         kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * skb + keys[:, None] * skt + h * skh + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + keys[:, None] * svt + h * svh + d[None, :], mask=kv_mask, other=0.0)
+        k = _load_kv_block(K, KDesc, bh // H, b, blk, keys, h, d, skb, skt, skh, kv_mask, block_size, BLOCK_N, BLOCK_D, USE_DESC)
+        v = _load_kv_block(V, VDesc, bh // H, b, blk, keys, h, d, svb, svt, svh, kv_mask, block_size, BLOCK_N, BLOCK_D, USE_DESC)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             bias = tl.load(Bias + b * sbb + keys * sbt + h * sbh, mask=key_ok, other=0.0).to(tl.float32)
@@ -468,10 +486,11 @@ def tuning(**overrides):
     `{fwd,dq,dkv}_warps`, `{fwd,dq,dkv}_stages`, `dkv_tokens` (query tokens per dk/dv step, default the
     tile's), `dkv_segment` (tokens per dk/dv program), `fused_delta` (False: delta = rowsum(dO o) by
     PyTorch before the dq kernel, the first version), `dkv_autotune` (False: the fixed 4 warps / 1 stage
-    launch of the first version; any dkv_tokens/warps/stages pins the launch too). Unknown names are an
-    error."""
+    launch of the first version; any dkv_tokens/warps/stages pins the launch too), `descriptors` (True: the
+    forward and dq kernels load K/V blocks through tensor descriptors where `kv_descriptors` allows).
+    Unknown names are an error."""
     known = ({f"{k}_{w}" for k in ("fwd", "dq", "dkv") for w in ("warps", "stages")}
-             | {"dkv_tokens", "dkv_segment", "fused_delta", "dkv_autotune"})
+             | {"dkv_tokens", "dkv_segment", "fused_delta", "dkv_autotune", "descriptors"})
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown tuning knobs {sorted(unknown)}; known: {sorted(known)}")
@@ -498,6 +517,30 @@ def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def kv_descriptors(k, v, block_n: int, block_d: int):
+    """Tensor descriptors over k and v [B, Tk, H, D] whose loads are one key block of one head
+    ([1, block_n, 1, block_d], zeros past the sequence and the head dim), or None where a descriptor cannot
+    describe them: the bulk-copy unit needs a 16-byte aligned base, 16-byte multiples for every stride but
+    the last, and a contiguous last dimension. Off by default (`tuning(descriptors=True)`) until a GPU run
+    has timed it against the pointer loads."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # Triton before tensor descriptors
+        return None
+    for x in (k, v):
+        size = x.element_size()
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any((st * size) % 16 for st in x.stride()[:-1]):
+            return None
+    block = [1, block_n, 1, block_d]
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in (k, v))
+
+
+def _descriptor_args(k, v, meta) -> tuple:
+    """(KDesc, VDesc, USE_DESC) for the forward and dq launches."""
+    descs = kv_descriptors(k, v, meta["BLOCK_N"], meta["BLOCK_D"]) if _tuned("descriptors", False) else None
+    return (None, None, False) if descs is None else (*descs, True)
+
+
 def sparse_attention_forward(q, k, v, bias, lists, counts, positions, block_size, tile_tokens):
     """o [B, Tq, Hq, D] (q's dtype) and lse [B, Tq, Hq] float32 from prepared tile lists."""
     batch, num_queries, num_q_heads, head_dim = q.shape
@@ -508,14 +551,15 @@ def sparse_attention_forward(q, k, v, bias, lists, counts, positions, block_size
     bias_arg = bias if bias is not None else q
     bias_strides = bias.stride() if bias is not None else (0, 0, 0)
     grid = (lists.shape[2], batch * num_kv_heads)
+    k_desc, v_desc, use_desc = _descriptor_args(k, v, meta)
     _fwd_kernel[grid](
-        q, k, v, bias_arg, lists, counts, positions, o, lse,
+        q, k, v, bias_arg, lists, counts, positions, o, lse, k_desc, v_desc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *bias_strides,
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
         num_queries, k.shape[1], num_kv_heads, block_size, LOG2E / math.sqrt(head_dim),
-        HAS_BIAS=bias is not None, **meta, **_launch_opts("fwd", meta["ROWS"], head_dim),
+        HAS_BIAS=bias is not None, USE_DESC=use_desc, **meta, **_launch_opts("fwd", meta["ROWS"], head_dim),
     )
     return o, lse
 
@@ -538,12 +582,14 @@ def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_s
     dq = torch.empty_like(q)
     scale = 1.0 / math.sqrt(head_dim)
     o_arg = o if o is not None else q
+    k_desc, v_desc, use_desc = _descriptor_args(k, v, meta)
     _bwd_dq_kernel[(lists.shape[2], batch * num_kv_heads)](
-        q, k, v, bias if bias is not None else q, lists, counts, positions, do, lse, delta, dq, o_arg,
+        q, k, v, bias if bias is not None else q, lists, counts, positions, do, lse, delta, dq, o_arg, k_desc, v_desc,
         *_strides(q, k, v, bias, do, lse), lists.stride(0), lists.stride(1), lists.stride(2),
         counts.stride(0), counts.stride(1), o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
         num_queries, num_keys, num_kv_heads, block_size, LOG2E * scale, scale,
-        HAS_BIAS=bias is not None, FUSED_DELTA=o is not None, **meta, **_launch_opts("dq", meta["ROWS"], head_dim),
+        HAS_BIAS=bias is not None, FUSED_DELTA=o is not None, USE_DESC=use_desc, **meta,
+        **_launch_opts("dq", meta["ROWS"], head_dim),
     )
     return dq
 
