@@ -88,3 +88,10 @@ class ByteTokenizer:
         if data.get("kind") != cls.kind:
             raise ValueError(f"{path} describes a {data.get('kind')!r} tokenizer, expected {cls.kind!r}")
         return cls()
+
+
+def decode_text(tokenizer, ids) -> str:
+    """Generated token ids as text, special tokens (end of sequence, padding) left out: what a response
+    carries. transformers' tokenizers keep them unless told (`skip_special_tokens` defaults to False there;
+    ByteTokenizer drops them by default)."""
+    return tokenizer.decode(ids, skip_special_tokens=True)

@@ -14,8 +14,8 @@ from nosa.engine.budget import DEFAULT_MAX_PREFILL_TOKENS, device_bytes, plan_me
 from nosa.engine.cuda_graph import GraphedDecode, new_graph_events
 from nosa.engine.host_store import HostStore
 from nosa.engine.model_runner import ModelRunner, PrefillChunk
-from nosa.engine.sampling import SamplingParams, sample
-from nosa.engine.scheduler import Scheduler
+from nosa.engine.sampling import SamplingParams, sample_rows
+from nosa.engine.scheduler import AdmissionRefused, Scheduler
 from nosa.engine.selection_source import RowStep, SelectionSource, check_selection
 from nosa.engine.sequence import RequestOutput, Sequence, StepOutput, parse_prompt
 from nosa.engine.stats import EngineStats, StepClock
@@ -319,7 +319,12 @@ class EngineCore:
         engine stays usable."""
         eos = self._eos_ids()
         outputs: list[StepOutput] = []
-        for seq in self.scheduler.admit():
+        try:
+            admitted = self.scheduler.admit()
+        except AdmissionRefused as refused:  # only the request the host store can never hold fails
+            admitted = refused.admitted
+            self._fail_one(refused.seq, refused.error, outputs)
+        for seq in admitted:
             try:
                 seq.prefill = self.runner.begin_prefill(seq.prompt_token_ids)
             except Exception as err:  # its workspace could not be allocated: only this request fails
@@ -338,7 +343,7 @@ class EngineCore:
             # Rows 0..n-1 in order (the usual case) are a view; others one gather (an index copy, no sync).
             picked = logits[: len(rows)] if rows == list(range(len(rows))) else \
                 logits[torch.tensor(rows).to(self.device, non_blocking=True)]
-            tokens = sample(picked, [s.params for s in running], [s.generator for s in running])
+            tokens = sample_rows(picked, [s.params for s in running], [s.generator for s in running])
             elapsed = time.perf_counter() - start
         except BaseException as err:
             # A step that failed part-way has left some layers' state updated: none of these rows can go on.
@@ -347,6 +352,9 @@ class EngineCore:
         self.clock.decoded(len(running), elapsed)
         selections = self.runner.step_selections.to("cpu", torch.int16) if record else None
         for seq, token in zip(running, tokens):
+            if isinstance(token, Exception):  # this row's sampling failed: it alone finishes with 'error'
+                self._fail_one(seq, token, outputs)
+                continue
             if selections is not None and seq.selections is not None:
                 seq.selections.append(selections[:, seq.row].clone())
             self._append(seq, token, logits[seq.row] if seq.wants_logits else None, eos, outputs)
@@ -387,14 +395,13 @@ class EngineCore:
             done.append((seq, logits[: self.sample_vocab]))
         tokens = []
         if done:
-            try:
-                tokens = sample(torch.stack([logits for _, logits in done]), [s.params for s, _ in done], [s.generator for s, _ in done])
-            except Exception as err:  # installed but without a first token: they cannot decode
-                for seq, _ in done:
-                    self._fail_one(seq, err, outputs)
-                done = []
+            tokens = sample_rows(torch.stack([logits for _, logits in done]), [s.params for s, _ in done],
+                                 [s.generator for s, _ in done])
         self.clock.prefilled(sum(end - begin for (_, begin, end), _ in results), time.perf_counter() - start)
         for (seq, logits), token in zip(done, tokens):
+            if isinstance(token, Exception):  # installed but without a first token: it cannot decode
+                self._fail_one(seq, token, outputs)
+                continue
             self._append(seq, token, logits, eos, outputs)
 
     def _fail_one(self, seq: Sequence, err: Exception, outputs: list[StepOutput]) -> None:

@@ -103,8 +103,10 @@ class HostStore:
         old = self.allocated_pages
         target = min(self.num_pages, max(needed, 2 * old))
         available = available_host_memory()
-        if available is not None and (target - old) * self.bytes_per_page > available:
-            target = needed  # doubling does not fit: take exactly what the admitted requests need
+        if available is not None and target * self.bytes_per_page > available:
+            # Doubling does not fit (the new store must fit whole beside the old one, see below): take
+            # exactly what the admitted requests need.
+            target = needed
         new_bytes = target * self.bytes_per_page
         if available is not None and new_bytes > available:
             # The old store stays alive while it is copied, so the whole new one must fit beside it.

@@ -6,12 +6,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Temperatures below this sample greedily (as vLLM does): dividing float32 logits by a smaller one underflows
+# the divisor to 0 (NaN scores) or leaves a one-hot distribution anyway.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How one request is decoded.
 
-    temperature: 0 means greedy (argmax); > 0 samples from softmax(logits / temperature).
+    temperature: 0 (or below MIN_TEMPERATURE, 1e-5) means greedy (argmax); otherwise samples from
+    softmax(logits / temperature).
     top_k: keep the k most likely tokens (-1 or 0: all). top_p: keep the smallest set whose probability
     reaches top_p (1.0: all). seed: a per-request generator, so a request's samples do not depend on the
     other requests of the batch. max_tokens: tokens to generate at most. stop: strings that end the
@@ -56,7 +61,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -82,10 +87,23 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
     """logits: [B, V] -> B token ids. Greedy rows share one argmax (one device sync for the batch)."""
-    tokens = torch.argmax(logits, dim=-1).tolist()
+    tokens = sample_rows(logits, params, generators)
+    for token in tokens:
+        if isinstance(token, Exception):
+            raise token
+    return tokens
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int | Exception]:
+    """As `sample`, but a row whose sampling raises (non-finite logits, say) gets its exception in place of a
+    token, so the engine fails that request alone and the rest of the batch goes on."""
+    tokens: list = torch.argmax(logits, dim=-1).tolist()
     for row, p in enumerate(params):
         if not p.greedy:
-            tokens[row] = sample_row(logits[row], p, generators[row])
+            try:
+                tokens[row] = sample_row(logits[row], p, generators[row])
+            except Exception as err:  # noqa: BLE001 - handed to the caller, which fails this request alone
+                tokens[row] = err
     return tokens
 
 

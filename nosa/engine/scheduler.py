@@ -12,8 +12,18 @@ import time
 from collections import deque
 
 from nosa import ops
-from nosa.engine.host_store import HostStore
+from nosa.engine.host_store import HostMemoryError, HostStore
 from nosa.engine.sequence import Sequence
+
+
+class AdmissionRefused(Exception):
+    """The first waiting request can never be admitted: the host store cannot grow to its pages and no
+    running request is left whose finishing would free pages. `admitted`: the requests admitted before it
+    in the same call (they run); `seq` and `error`: the refused one, still waiting, and why."""
+
+    def __init__(self, admitted: list[Sequence], seq: Sequence, error: HostMemoryError):
+        super().__init__(str(error))
+        self.admitted, self.seq, self.error = admitted, seq, error
 
 
 class Scheduler:
@@ -97,11 +107,21 @@ class Scheduler:
         return [s for s in self.running.values() if s not in self.prefilling]
 
     def admit(self) -> list[Sequence]:
-        """Admit waiting requests while rows and pages allow."""
+        """Admit waiting requests while rows and pages allow. When the host store cannot grow to the next
+        request's pages (the machine lacks the memory), it keeps waiting, first in line, while others run:
+        their pages come back to the store when they finish, and reusing them needs no growth. With nothing
+        running it could wait forever: AdmissionRefused."""
         admitted = []
-        while (seq := self.admit_next()) is not None:
+        while True:
+            try:
+                seq = self.admit_next()
+            except HostMemoryError as err:
+                if self.running:
+                    return admitted
+                raise AdmissionRefused(admitted, self.waiting[0], err) from err
+            if seq is None:
+                return admitted
             admitted.append(seq)
-        return admitted
 
     def finish(self, seq: Sequence) -> None:
         self.prefill_done(seq)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nosa.engine.sampling import SamplingParams, token_logprobs
+from nosa.tokenizer import decode_text
 
 
 @dataclass
@@ -81,7 +82,8 @@ class Sequence:
         self.pages: list[int] = []
         self.prefill = None  # the engine's PrefillState while the prompt is being prefilled
         self.finish_reason: str | None = None
-        self.text: str | None = None
+        self.text: str | None = None  # kept current only with stop strings; set at the end (see `append`)
+        self._tokenizer = None  # the one `append` was given
         self.error: str | None = None
         self.logits: list[torch.Tensor] | None = [] if keep_logits else None
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
@@ -126,8 +128,12 @@ class Sequence:
             logprobs = [token_logprobs(logits, token, self.params.logprobs)]
             self.logprobs.extend(logprobs)
         p = self.params
-        if tokenizer is not None:
-            self.text = tokenizer.decode(self.output_token_ids)
+        self._tokenizer = tokenizer
+        if tokenizer is not None and p.stop_strings:
+            # Stop strings are looked for in the text after every token. Without them the text is decoded
+            # once, when the request finishes: decoding all tokens at every step costs O(n^2) over a long
+            # generation.
+            self.text = decode_text(tokenizer, self.output_token_ids)
             for stop in p.stop_strings:
                 cut = self.text.find(stop)
                 if cut >= 0:
@@ -142,6 +148,8 @@ class Sequence:
                 self.finish_reason = "length"
         if self.finish_reason is not None:
             self.finished_at = now
+            if tokenizer is not None and not p.stop_strings:
+                self.text = decode_text(tokenizer, self.output_token_ids)
         # The step API speaks OpenAI's vocabulary: an end-of-sequence token is a "stop".
         reason = "stop" if self.finish_reason == "eos" else self.finish_reason
         return StepOutput(self.request_id, [token], self.finished, reason, logprobs)
@@ -150,6 +158,11 @@ class Sequence:
         """The request was dropped by an error of the engine (its row and pages are given back)."""
         self.finish_reason, self.error = "error", message
         self.finished_at = time.perf_counter()
+        if self._tokenizer is not None and not self.params.stop_strings:
+            try:  # the text so far, as with stop strings; the error already says why it ended
+                self.text = decode_text(self._tokenizer, self.output_token_ids)
+            except Exception:  # noqa: BLE001 - a token the tokenizer refuses may be why it failed
+                pass
 
     def output(self) -> RequestOutput:
         prefill_s = (self.first_token_at - self.admitted_at) if self.first_token_at else 0.0

@@ -142,7 +142,10 @@ def create_app(service: EngineService, tokenizer, model_name: str) -> FastAPI:
     async def chat_completions(request: Request):
         req = await _parse(request, ChatCompletionRequest)
         check_model(req)
-        prompt = chat_prompt_ids(tokenizer, [(m.role, m.text()) for m in req.messages])
+        try:
+            prompt = chat_prompt_ids(tokenizer, [(m.role, m.text()) for m in req.messages])
+        except Exception as err:  # noqa: BLE001 - the template refused these messages (jinja2 TemplateError, ...)
+            raise ApiError(400, f"the model's chat template rejected the messages: {err}", "messages") from err
         # Without a limit, a chat reply may use the rest of the context (what OpenAI does).
         max_tokens = req.token_budget(default=max(1, llm.max_model_len - len(prompt)))
         k = (req.top_logprobs or 0) if req.logprobs else None
@@ -153,12 +156,9 @@ def create_app(service: EngineService, tokenizer, model_name: str) -> FastAPI:
                   want_logprobs: bool):
         endpoint = request.url.path
         events: asyncio.Queue = asyncio.Queue()
-        choices = []
         try:
-            for i, prompt in enumerate(prompts):
-                choices += await service.submit(prompt, params, events, first_index=i * len(params))
+            choices = await service.submit(prompts, params, events)
         except BaseException as err:
-            service.abort(choices)
             if isinstance(err, ValueError):  # the engine's reason: too long, over the budgets, bad token ids
                 raise ApiError(400, str(err)) from None
             if isinstance(err, QueueFull):

@@ -96,6 +96,7 @@ class EngineService:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.fatal: BaseException | None = None
+        self.snapshot_timeout_s = 5.0  # how long /metrics waits for the engine's figures
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -115,34 +116,42 @@ class EngineService:
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
     # ------------------------------------------------------------------------------------ event loop side
-    async def submit(self, prompt_ids: list[int], params: list[SamplingParams], events: asyncio.Queue,
-                     first_index: int = 0) -> list[Choice]:
-        """Queue one prompt's choices (one engine request each) whose events go to `events`, indexed from
-        `first_index`. Raises ValueError with the engine's reason if they can never run, QueueFull if the
-        queue is full under 'reject'."""
+    async def submit(self, prompts: list[list[int]], params: list[SamplingParams], events: asyncio.Queue) -> list[Choice]:
+        """Queue a request's choices: for each prompt, one engine request per entry of `params` (OpenAI's n),
+        indexed prompt by prompt; their events go to `events`. All or none: raises ValueError with the
+        engine's reason if one can never run, QueueFull if they do not fit the queue under 'reject' (the
+        whole request is checked against max_queue at once, as n choices of one prompt are)."""
         if not self.alive:
             raise ServiceStopped("the engine is not running")
-        n = len(params)
+        n = len(prompts) * len(params)
         await self._wait_for_room(n)
-        choices = [Choice(-1, len(prompt_ids), first_index + i, events) for i in range(n)]
+        choices = [Choice(-1, len(prompt), i * len(params) + j, events)
+                   for i, prompt in enumerate(prompts) for j in range(len(params))]
         self._queued += n
         future: Future = Future()
-        self._commands.put(("add", prompt_ids, params, choices, future))
+        self._commands.put(("add", prompts, params, choices, future))
         try:
             ids = await asyncio.wrap_future(future)
         except BaseException:
             self._queued -= n
+            # Cancelled (the client left) after the engine thread took the command: whatever it added
+            # has nobody to deliver to, so it is aborted as soon as it exists.
+            future.add_done_callback(self._abort_orphans)
             await self._notify_room()
             raise
         for choice, request_id in zip(choices, ids):
             choice.request_id = request_id
         return choices
 
+    def _abort_orphans(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._commands.put(("abort", list(future.result())))
+
     async def _wait_for_room(self, n: int) -> None:
         if self.max_queue is None:
             return
         if n > self.max_queue:
-            raise ValueError(f"n={n} choices can never fit a queue of max_queue={self.max_queue}")
+            raise ValueError(f"{n} choices (prompts x n) can never fit a queue of max_queue={self.max_queue}")
         if self._queued + n <= self.max_queue:
             return
         if self.queue_full == "reject":
@@ -172,8 +181,11 @@ class EngineService:
             self._commands.put(("abort", [c.request_id for c in pending]))
             self._loop.create_task(self._notify_room())
 
-    async def engine_snapshot(self, timeout: float = 5.0) -> dict:
-        """Accounting and statistics read by the engine thread between two steps (never concurrently)."""
+    async def engine_snapshot(self, timeout: float | None = None) -> dict:
+        """Accounting and statistics read by the engine thread between two steps (never concurrently);
+        asyncio.TimeoutError after `timeout` (default `snapshot_timeout_s`) when a long step (a first
+        compile, a graph capture) holds the thread, with the engine unharmed."""
+        timeout = self.snapshot_timeout_s if timeout is None else timeout
         future: Future = Future()
         self._commands.put(("snapshot", future))
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
@@ -245,11 +257,16 @@ class EngineService:
     def _apply(self, command) -> None:
         kind = command[0]
         if kind == "add":
-            _, prompt_ids, params, choices, future = command
+            _, prompts, params, choices, future = command
+            # False if the caller gave up (cancelled) before this command ran: then nothing is added.
+            # Answering a cancelled future raises InvalidStateError, which would kill this thread.
+            if not future.set_running_or_notify_cancel():
+                return
             ids = []
             try:
-                for p in params:
-                    ids.append(self.llm.add_request(prompt_ids, p))
+                for prompt_ids in prompts:
+                    for p in params:
+                        ids.append(self.llm.add_request(prompt_ids, p))
             except Exception as err:
                 for request_id in ids:  # all of a request's choices or none
                     self.llm.abort(request_id)
@@ -264,6 +281,8 @@ class EngineService:
                     self.llm.abort(request_id)
         elif kind == "snapshot":
             future = command[1]
+            if not future.set_running_or_notify_cancel():  # the scrape timed out and left
+                return
             try:
                 future.set_result(self._snapshot())
             except Exception as err:

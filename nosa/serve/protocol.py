@@ -37,6 +37,16 @@ def _refused(fields: tuple[str, ...], message: str):
     return field_validator(*fields)(classmethod(refuse))
 
 
+def _null_is_default(*fields: str):
+    """A before-validator: an explicit JSON null in these fields means their default. OpenAI's schema lets
+    them be null, and the official client sends null for every argument a caller passes as None."""
+
+    def default_for_null(cls, value, info: ValidationInfo):
+        return cls.model_fields[info.field_name].get_default(call_default_factory=True) if value is None else value
+
+    return field_validator(*fields, mode="before")(classmethod(default_for_null))
+
+
 def _needs(field: str, other: str, message: str):
     """A field validator: `field` may only be given (not None) when the earlier field `other` is true."""
 
@@ -90,6 +100,8 @@ class _Sampling(BaseModel):
     _no_logit_bias = _refused(("logit_bias",), "logit_bias is not supported by this server")
 
     _options_need_stream = _needs("stream_options", "stream", "stream_options is only allowed when stream is true")
+    _nulls = _null_is_default("n", "temperature", "top_p", "stream", "presence_penalty", "frequency_penalty",
+                              "ignore_eos")
 
     @property
     def include_usage(self) -> bool:
@@ -116,6 +128,7 @@ class CompletionRequest(_Sampling):
             raise ValueError("token-id prompts must not be empty")
         return value
 
+    _completion_nulls = _null_is_default("max_tokens", "echo")
     _no_echo = _refused(("echo",), "echo is not supported by this server")
     _no_suffix = _refused(("suffix",), "suffix is not supported by this server")
 
@@ -167,6 +180,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     tools: list | None = None
 
+    _chat_nulls = _null_is_default("logprobs")
     _top_needs_logprobs = _needs("top_logprobs", "logprobs", "top_logprobs needs logprobs to be true")
     _no_tools = _refused(("tools",), "tools are not supported by this server")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from nosa.tokenizer import TOKENIZER_FILE, ByteTokenizer
+from nosa.tokenizer import TOKENIZER_FILE, ByteTokenizer, decode_text
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -79,21 +79,22 @@ class IncrementalText:
         if self.stopped:
             return ""
         self.ids.extend(new_ids)
-        text = self.tokenizer.decode(self.ids) if self.tokenizer is not None else ""
+        text = decode_text(self.tokenizer, self.ids) if self.tokenizer is not None else ""
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped, final, text = True, True, text[:cut]
         self.text = text
         safe = len(text)
         if not final:
-            if text.endswith(REPLACEMENT_CHAR):
-                safe = len(text.rstrip(REPLACEMENT_CHAR))
-            # The longest tail of the text that is a proper prefix of some stop string might still grow
-            # into it: keep it back until the next token decides.
+            # An unfinished character is held back, and so is the longest tail before it that is a proper
+            # prefix of some stop string: the next tokens may complete the stop string (through that
+            # character too, so the prefix test must look at the text before it).
+            complete = text.rstrip(REPLACEMENT_CHAR) if text.endswith(REPLACEMENT_CHAR) else text
+            safe = len(complete)
             for stop in self.stop:
-                for length in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:length]):
-                        safe = min(safe, len(text) - length)
+                for length in range(min(len(stop) - 1, len(complete)), 0, -1):
+                    if complete.endswith(stop[:length]):
+                        safe = min(safe, len(complete) - length)
                         break
         safe = max(safe, self.sent)
         delta, self.sent = text[self.sent:safe], safe

@@ -181,3 +181,42 @@ def test_dense_mode_records_no_selections():
     llm = LLM(tiny_model("dense"), device="cpu", max_model_len=64)
     out = llm.generate(prompts()[0], GREEDY, use_tqdm=False, record_selections=True)[0]
     assert out.selections is None and out.selection_first_position is None
+
+
+def test_a_request_whose_sampling_fails_fails_alone_in_prefill_and_in_decode(model, monkeypatch):
+    """Before, the batched sampling of a step raised for all of its rows at once: one request's bad sample
+    (non-finite probabilities) failed every request prefilled or decoded beside it."""
+    from nosa.engine import sampling
+
+    poisoned = SamplingParams(temperature=0.7, seed=1, max_tokens=10, ignore_eos=True)
+    real_sample_row = sampling.sample_row
+    calls = {"n": 0}
+
+    def fail_for_poisoned(logits, params, generator):
+        if params is poisoned:
+            calls["n"] += 1
+            if calls["n"] == when["call"]:
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_sample_row(logits, params, generator)
+
+    monkeypatch.setattr(sampling, "sample_row", fail_for_poisoned)
+    expected = [o.token_ids for o in make_llm(model).generate(prompts()[:2], GREEDY, use_tqdm=False)]
+    for when in ({"call": 1}, {"call": 3}):  # at the first token (prefill), at a later decode step
+        calls["n"] = 0
+        llm = make_llm(model, max_num_seqs=3)
+        outs = llm.generate(prompts()[:2] + [prompts()[2]], [GREEDY, GREEDY, poisoned], use_tqdm=False,
+                            raise_on_error=False)
+        assert [o.token_ids for o in outs[:2]] == expected
+        assert outs[2].finish_reason == "error" and "inf, nan" in outs[2].error
+        assert len(outs[2].token_ids) == when["call"] - 1
+        assert idle(llm)
+
+
+def test_a_temperature_too_small_for_float32_samples_greedily():
+    """1e-46 underflows to 0 in float32 (NaN scores before); below MIN_TEMPERATURE sampling is greedy."""
+    from nosa.engine.sampling import MIN_TEMPERATURE, sample
+
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=t) for t in (1e-46, MIN_TEMPERATURE / 2, 0)]
+    assert sample(logits, params, [None] * 3) == logits.argmax(-1).tolist()
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).greedy
