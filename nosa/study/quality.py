@@ -65,6 +65,16 @@ def start_weights(study: dict, mode: str, phase_index: int, work: str) -> str | 
     return final_checkpoint(phase_dir(work, mode, phase_index - 1, study))
 
 
+PHASE_SEED_STRIDE = 1000
+
+
+def phase_seed(data_seed: int, phase_index: int) -> int:
+    """The training seed of one phase: phase 0 keeps the data seed (the model's initialisation and its rows),
+    each later phase draws fresh rows. One seed for every phase replayed the earlier phases' rows, the same
+    keys and answers, wherever two phases share a length (the gate phase and the per-mode phase at 16K)."""
+    return data_seed + PHASE_SEED_STRIDE * phase_index
+
+
 def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
     """The TrainConfig mapping of one mode's phase: shared model, data and optimisation; only attn_mode,
     out_dir and the warm start differ between modes. A shared phase trains attn_mode `phase.attn_mode`
@@ -79,7 +89,7 @@ def train_config(study: dict, mode: str, phase_index: int, work: str) -> dict:
         "mixture": phase.get("mixture", data["mixture"]),
         "task_params": phase_task_params(study, phase_index),
         "task_loss": phase.get("task_loss", data.get("task_loss", "answer")),
-        "seed": data.get("seed", 0),
+        "seed": phase_seed(data.get("seed", 0), phase_index),
         "seq_len": phase["seq_len"],
         "micro_batch_size": phase["micro_batch_size"],
         "max_steps": phase["max_steps"],
@@ -245,7 +255,8 @@ def mode_row(study: dict, mode: str, work: str, train_status: dict, eval_status:
             row["parameters"] = start["parameters"]
         # The end record's step: with log_every > 1 a phase cut by its time limit ends after its last logged step.
         done_steps = end["step"] if end and "step" in end else (steps[-1]["step"] if steps else 0)
-        tokens = done_steps * phase["seq_len"] * phase["micro_batch_size"] * study.get("train", {}).get("grad_accum", 1)
+        tokens_per_step = phase["seq_len"] * phase["micro_batch_size"] * study.get("train", {}).get("grad_accum", 1)
+        tokens = done_steps * tokens_per_step
         info = {"shared": bool(phase.get("shared")), "seq_len": phase["seq_len"], "steps_planned": phase["max_steps"], "steps_done": done_steps,
                 "tokens": tokens, "stopped_by_time_limit": bool(end and end.get("stopped_by_time_limit")),
                 "stopped_by_answer_target": end.get("stopped_by_answer_target") if end else None,
@@ -264,7 +275,7 @@ def mode_row(study: dict, mode: str, work: str, train_status: dict, eval_status:
             row["errors"][f"phase{k}"] = f"no end record (process {st})"
         row["phases"].append(info)
         for r in steps:
-            curve.append({"tokens": tokens_before + r["step"] * phase["seq_len"] * phase["micro_batch_size"],
+            curve.append({"tokens": tokens_before + r["step"] * tokens_per_step,
                           "phase": k, "loss": r["loss"], "corpus_loss": (r.get("loss_by_source") or {}).get("corpus"),
                           "val_loss": r.get("val_loss"), "answer_nll_by_source": r.get("answer_nll_by_source")})
         tokens_before += tokens

@@ -444,19 +444,19 @@ def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / elapsed:,.0f}")
         out_of_time = cfg.time_limit_s > 0 and time.time() - began >= cfg.time_limit_s
         # Every process must agree to stop at the same step: rank 0's clock decides the time limit, a
-        # signal to any process stops all (ones for time, tens for a signal).
-        # The answer target (hundreds) is rank 0's decision too, though every rank computed it from the same sums.
-        flag = torch.tensor(float(info.is_main and out_of_time) + 10.0 * stop_request.requested
-                            + 100.0 * (info.is_main and target_met), device=info.device)
-        flag = float(all_reduce_sum(flag, info))
-        target_met = flag >= 100
-        stop = flag > 0
+        # signal to any process stops all, and the answer target is rank 0's decision too (though every rank
+        # computed it from the same sums). One summed vector, one entry per reason: packing them into the
+        # digits of one number lost a signal that reached a multiple of 10 processes.
+        flags = torch.tensor([float(info.is_main and out_of_time), float(stop_request.requested),
+                              float(info.is_main and target_met)], device=info.device)
+        timed_out, signalled, target_met = (bool(x > 0) for x in all_reduce_sum(flags, info).tolist())
+        stop = timed_out or signalled or target_met
         if step < cfg.max_steps and not stop and cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(cfg.out_dir, wrapped, optimizer, tok, step, rows_consumed, cfg.to_dict(), info)
         if stop:
-            if flag % 10:
+            if timed_out:
                 last["stopped_by_time_limit"] = True
-            if flag % 100 >= 10:
+            if signalled:
                 last["stopped_by_signal"] = stop_request.signal_name or "signal on another process"
             break
     if progress is not None:

@@ -82,8 +82,9 @@ def test_a_bad_phase_target_is_refused_when_the_study_is_resolved(tmp_path, chan
 
 
 def test_a_seed_makes_another_run_of_the_same_recipe(tmp_path):
-    """--seed replaces the data seed that every phase's training config takes; bad seeds are refused before
-    anything trains."""
+    """--seed replaces the data seed that every phase's training seed derives from (phase 0 takes it as it is,
+    later phases draw other rows: the gate phase and the per-mode phase, both at 16K, must not replay the
+    same keys); bad seeds are refused before anything trains."""
     from nosa.study.quality import run_study, study_for_run, train_config
 
     with pytest.raises(ValueError, match="--seed must be an integer >= 0"):
@@ -92,6 +93,7 @@ def test_a_seed_makes_another_run_of_the_same_recipe(tmp_path):
     default = study_for_run(path)
     assert train_config(default, "shared", 0, str(tmp_path))["seed"] == default["data"].get("seed", 0) != 7
     seeded = study_for_run(path, seed=7)
-    assert {train_config(seeded, "shared", k, str(tmp_path))["seed"] for k in range(4)} == {7}
+    assert [train_config(seeded, "shared", k, str(tmp_path))["seed"] for k in range(4)] == [7, 1007, 2007, 3007]
+    assert train_config(seeded, "nosa", 4, str(tmp_path))["seed"] == 4007
     assert {k: v for k, v in seeded["data"].items() if k != "seed"} == {k: v for k, v in default["data"].items() if k != "seed"}
     assert study_for_run(path, modes=["dense", "nosa"], seed=7)["modes"] == ["dense", "nosa"]

@@ -334,3 +334,20 @@ def test_the_log_follows_the_task_answers_apart_from_the_row(corpus, tmp_path, t
         assert record["answer_nll_by_source"]["passkey"] == pytest.approx(record["loss_by_source"]["passkey"], rel=1e-6)
     else:  # the row's loss also covers the haystack, which a random model predicts no better than the answer
         assert record["answer_nll_by_source"]["passkey"] != pytest.approx(record["loss_by_source"]["passkey"], rel=1e-3)
+
+
+def test_a_signal_on_every_one_of_ten_processes_still_stops_as_a_signal(corpus, tmp_path, monkeypatch):
+    """The stop flags are summed over processes; with ten processes all signalled (simulated by scaling the
+    sum by 10), the stop must still read as a signal, not as the answer target or a time limit."""
+    import signal
+    import nosa.train.loop as loop
+    from nosa.train.distributed import DistInfo
+    from nosa.train.interrupt import StopRequest
+
+    monkeypatch.setattr(loop, "all_reduce_sum", lambda t, info: t.mul_(10))  # ten identical processes
+    stop = StopRequest()
+    stop.signum = signal.SIGTERM
+    cfg = _cfg(corpus, tmp_path / "run", max_steps=5, val_every=0)
+    summary = loop._train(cfg, None, DistInfo(0, 1, 0, torch.device("cpu")), stop_request=stop)
+    assert summary["step"] == 1 and summary["stopped_by_signal"] == "SIGTERM"
+    assert not summary.get("stopped_by_answer_target") and not summary.get("stopped_by_time_limit")
