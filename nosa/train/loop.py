@@ -172,13 +172,22 @@ def validation_loss(model, rows: CorpusRows, cfg: TrainConfig, info: DistInfo) -
     model.eval()
     count = validation_row_count(len(rows), cfg, info.world)
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)
-    for start in range(info.rank * cfg.micro_batch_size, count, info.world * cfg.micro_batch_size):
-        batch = [rows.row(j) for j in range(start, min(start + cfg.micro_batch_size, count))]
+    per_round = info.world * cfg.micro_batch_size
+    # Every process runs the same number of forwards: under FSDP each forward is a collective, so a process
+    # with one forward fewer (the last round's rows ran out before its turn) would leave the others waiting
+    # forever. Such a process runs row 0 again and adds nothing.
+    for round_start in range(0, count, per_round):
+        start = round_start + info.rank * cfg.micro_batch_size
+        indices = list(range(start, min(start + cfg.micro_batch_size, count)))
+        counted = bool(indices)
+        batch = [rows.row(j) for j in (indices or [0])]
         ids = torch.stack([torch.from_numpy(b[0]) for b in batch]).to(info.device)
         labels = torch.stack([torch.from_numpy(b[1]) for b in batch]).to(info.device)
         with autocast_context(cfg, info.device):
-            totals[0] += token_loss_sum(model, ids, labels).double()
-        totals[1] += (labels[:, 1:] != -100).sum()
+            loss_sum = token_loss_sum(model, ids, labels).double()
+        if counted:
+            totals[0] += loss_sum
+            totals[1] += (labels[:, 1:] != -100).sum()
     all_reduce_sum(totals, info)
     model.train()
     return float(totals[0] / totals[1].clamp(min=1))
@@ -198,11 +207,19 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
+def _same_for_resume(key: str, saved, current) -> bool:
+    # The mixture's order is part of its meaning: each row's uniform draw maps to the sources in that order
+    # (nosa.data.packing.MixtureStream), so {a, b} and {b, a} give other rows though they compare equal as dicts.
+    if key == "mixture" and isinstance(saved, dict) and isinstance(current, dict):
+        return list(_plain(saved).items()) == list(current.items())
+    return _plain(saved) == current
+
+
 def check_resume_config(cfg: TrainConfig, state: dict, world: int, resume_dir: str) -> dict:
     """Refuse a resume whose config breaks exact resume; returns the harmless changes {field: [old, new]}."""
     saved = state.get("config") or {}
     current = _plain(cfg.to_dict())
-    refused = {k: [saved[k], current[k]] for k in RESUME_FIXED if k in saved and _plain(saved[k]) != current[k]}
+    refused = {k: [saved[k], current[k]] for k in RESUME_FIXED if k in saved and not _same_for_resume(k, saved[k], current[k])}
     saved_rows = state.get("world_size", 1) * saved.get("micro_batch_size", cfg.micro_batch_size) * saved.get("grad_accum", cfg.grad_accum)
     rows = world * cfg.micro_batch_size * cfg.grad_accum
     if saved_rows != rows:

@@ -236,6 +236,37 @@ def test_validation_rows_do_not_depend_on_how_the_batch_is_split(corpus, monkeyp
     assert float(split[0]) == pytest.approx(float(totals[0][0]), rel=1e-6)
 
 
+def test_every_process_runs_the_same_number_of_validation_forwards(corpus, monkeypatch):
+    """Under FSDP each forward is a collective: with fewer rows than world x micro-batch x val_batches, the
+    processes whose turn the rows do not reach must still run a forward (adding nothing), or the others hang."""
+    import nosa.train.loop as loop
+    from nosa import NosaConfig, NosaForCausalLM
+    from nosa.data.corpus import TokenCorpus
+    from nosa.train.distributed import DistInfo
+    from nosa.data.packing import CorpusRows
+
+    rows = CorpusRows(TokenCorpus(os.path.join(corpus, "val")), 64, False, 0)
+    available = len(rows)
+    world, mb = 5, 2
+    assert 0 < available % (world * mb) <= mb * (world - 1), available  # the last round ends before the last rank's turn
+    forwards, totals = {}, []
+    real_loss_sum = loop.token_loss_sum
+    monkeypatch.setattr(loop, "all_reduce_sum", lambda t, info: totals.append(t.clone()) or t)
+    torch.manual_seed(0)
+    model = NosaForCausalLM(NosaConfig(**MODEL)).float()
+    cpu = torch.device("cpu")
+    cfg = _cfg(corpus, "unused", seq_len=64, micro_batch_size=mb, val_batches=10 ** 6)  # more than the split holds
+    for rank in range(world):
+        monkeypatch.setattr(loop, "token_loss_sum", lambda *a, rank=rank: forwards.update({rank: forwards.get(rank, 0) + 1}) or real_loss_sum(*a))
+        loop.validation_loss(model, rows, cfg, DistInfo(rank, world, rank, cpu))
+    assert len(set(forwards.values())) == 1 and forwards[0] == -(-available // (world * mb)), forwards
+    split = sum(totals)
+    totals.clear()
+    loop.validation_loss(model, rows, _cfg(corpus, "unused", seq_len=64, micro_batch_size=available, val_batches=1), DistInfo(0, 1, 0, cpu))
+    assert float(split[1]) == float(totals[0][1]) == available * 63  # every row counted once, the repeats not at all
+    assert float(split[0]) == pytest.approx(float(totals[0][0]), rel=1e-6)
+
+
 def test_no_validation_needs_no_val_split(corpus, tmp_path):
     import shutil
 
@@ -276,7 +307,8 @@ def test_resume_refuses_changes_that_break_it_and_logs_the_others(corpus, tmp_pa
     train(_cfg(corpus, tmp_path / "run", **base), device="cpu")
     step1 = str(tmp_path / "run" / "checkpoints" / "step_000001")
     for change, name in ((dict(seed=2), "seed"), (dict(micro_batch_size=1), "rows_per_step"), (dict(max_steps=3), "max_steps"),
-                         (dict(mixture={"corpus": 1.0}), "mixture"), (dict(lr=1e-3), "lr")):
+                         (dict(mixture={"corpus": 1.0}), "mixture"), (dict(lr=1e-3), "lr"),
+                         (dict(mixture={"passkey": 0.3, "corpus": 0.7}), "mixture")):  # same weights, other order: other rows
         with pytest.raises(ValueError, match=f"cannot resume.*{name}"):
             train(_cfg(corpus, tmp_path / "other", **{**base, **change}), resume=step1, device="cpu")
     # the same global batch split differently (1 x 2 x accum 1 -> 1 x 1 x accum 2) and harmless fields are fine
