@@ -95,3 +95,48 @@ def decode_text(tokenizer, ids) -> str:
     carries. transformers' tokenizers keep them unless told (`skip_special_tokens` defaults to False there;
     ByteTokenizer drops them by default)."""
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDecoder:
+    """The text of generated ids as they arrive, at a cost per token that does not grow with the output:
+    each `push` decodes only the ids since the last text it settled, with the ids before that as context
+    (a tokenizer may render a token differently at the start of a text, e.g. SentencePiece's leading space),
+    and takes what that context's own text does not already hold. A text that ends in U+FFFD waits for more
+    ids: it is usually a character whose remaining bytes are in the next tokens (at the end it is kept as it
+    is). Decoding all ids again at every token, as before, cost O(n^2) over a long generation.
+
+    `text` is what has been settled; `push` returns what it added."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._context = 0  # ids[_context:_settled] is the context of the next decode
+        self._settled = 0  # ids before this are in `text`
+        self._context_text = ""
+
+    def push(self, new_ids, final: bool = False) -> str:
+        self.ids.extend(new_ids)
+        if len(self.ids) == self._settled:
+            return ""
+        window = decode_text(self.tokenizer, self.ids[self._context:])
+        if not final and (window.endswith(REPLACEMENT_CHAR) or len(window) <= len(self._context_text)):
+            return ""  # an unfinished character, or ids that add no text yet (special tokens, a partial piece)
+        # The context's own text is a prefix of the window's for the tokenizers we know; were it not, the
+        # settled text stays as sent and the window's tail past that length is what is new.
+        added = window[len(self._context_text):]
+        self.text += added
+        self._context, self._settled = self._settled, len(self.ids)
+        self._context_text = decode_text(self.tokenizer, self.ids[self._context:self._settled])
+        return added
+
+
+
+def first_stop(text: str, stops, searched: int = 0) -> int:
+    """Where the first of `stops` begins in `text`, or -1. `searched`: a length of `text` already searched
+    without a match, so only matches that end past it are looked for (a tail, not the whole text)."""
+    found = [text.find(stop, max(0, searched - len(stop) + 1)) for stop in stops if stop]
+    return min((i for i in found if i >= 0), default=-1)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nosa.engine.sampling import SamplingParams, token_logprobs
-from nosa.tokenizer import decode_text
+from nosa.tokenizer import IncrementalDecoder, decode_text, first_stop
 
 
 @dataclass
@@ -84,6 +84,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.text: str | None = None  # kept current only with stop strings; set at the end (see `append`)
         self._tokenizer = None  # the one `append` was given
+        self._decoder: IncrementalDecoder | None = None  # with stop strings: the text as tokens arrive
+        self._cut_by_stop_string = False
         self.error: str | None = None
         self.logits: list[torch.Tensor] | None = [] if keep_logits else None
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
@@ -130,15 +132,12 @@ class Sequence:
         p = self.params
         self._tokenizer = tokenizer
         if tokenizer is not None and p.stop_strings:
-            # Stop strings are looked for in the text after every token. Without them the text is decoded
-            # once, when the request finishes: decoding all tokens at every step costs O(n^2) over a long
-            # generation.
-            self.text = decode_text(tokenizer, self.output_token_ids)
-            for stop in p.stop_strings:
-                cut = self.text.find(stop)
-                if cut >= 0:
-                    self.text = self.text[:cut]
-                    self.finish_reason = "stop"
+            # Stop strings are looked for in the text after every token, decoded incrementally (the new
+            # tokens only) and searched only where a new match can end. Without them the text is decoded
+            # once, when the request finishes.
+            if self._decoder is None:
+                self._decoder = IncrementalDecoder(tokenizer)
+            self._cut_at_stop([token])
         if self.finish_reason is None:
             if token in self.stop_token_ids:
                 self.finish_reason = "stop"
@@ -150,9 +149,21 @@ class Sequence:
             self.finished_at = now
             if tokenizer is not None and not p.stop_strings:
                 self.text = decode_text(tokenizer, self.output_token_ids)
+            elif self._decoder is not None and not self._cut_by_stop_string:
+                self._cut_at_stop([], final=True)  # the text of an unfinished character (U+FFFD) at the end
         # The step API speaks OpenAI's vocabulary: an end-of-sequence token is a "stop".
         reason = "stop" if self.finish_reason == "eos" else self.finish_reason
         return StepOutput(self.request_id, [token], self.finished, reason, logprobs)
+
+    def _cut_at_stop(self, new_ids: list[int], final: bool = False) -> None:
+        searched = len(self._decoder.text)
+        self._decoder.push(new_ids, final)
+        self.text = self._decoder.text
+        cut = first_stop(self.text, self.params.stop_strings, searched)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.finish_reason = "stop"
+            self._cut_by_stop_string = True
 
     def fail(self, message: str) -> None:
         """The request was dropped by an error of the engine (its row and pages are given back)."""

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import os
 
-from nosa.tokenizer import TOKENIZER_FILE, ByteTokenizer, decode_text
-
-REPLACEMENT_CHAR = "\ufffd"
-
+from nosa.tokenizer import TOKENIZER_FILE, ByteTokenizer, IncrementalDecoder, first_stop
 
 def load_tokenizer(model_dir: str):
     """The tokenizer saved beside the model: nosa's ByteTokenizer, else a local transformers tokenizer
@@ -63,38 +60,37 @@ def token_bytes(tokenizer, token_id: int) -> list[int]:
 
 class IncrementalText:
     """The text of one choice as its tokens arrive: `push(new_ids)` returns the text that is now safe to
-    send. Held back: an unfinished UTF-8 character (it decodes as U+FFFD until its last byte arrives) and a
-    tail that could still become a stop string. When a stop string appears the text ends before it and
-    `stopped` is set (the stop string itself is never sent, as with OpenAI)."""
+    send. Held back: an unfinished UTF-8 character (nosa.tokenizer.IncrementalDecoder waits for its last
+    byte) and a tail that could still become a stop string. When a stop string appears the text ends before
+    it and `stopped` is set (the stop string itself is never sent, as with OpenAI). Each push costs what its
+    new tokens cost, not what the whole text does."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
         self.stop = list(stop)
-        self.ids: list[int] = []
+        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
         self.sent = 0  # characters of the text already returned
         self.stopped = False
         self.text = ""
 
     def push(self, new_ids: list[int], final: bool = False) -> str:
-        if self.stopped:
+        if self.stopped or self.decoder is None:
             return ""
-        self.ids.extend(new_ids)
-        text = decode_text(self.tokenizer, self.ids) if self.tokenizer is not None else ""
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        searched = len(self.decoder.text)
+        self.decoder.push(new_ids, final)
+        text = self.decoder.text
+        cut = first_stop(text, self.stop, searched)
         if cut >= 0:
             self.stopped, final, text = True, True, text[:cut]
         self.text = text
         safe = len(text)
         if not final:
-            # An unfinished character is held back, and so is the longest tail before it that is a proper
-            # prefix of some stop string: the next tokens may complete the stop string (through that
-            # character too, so the prefix test must look at the text before it).
-            complete = text.rstrip(REPLACEMENT_CHAR) if text.endswith(REPLACEMENT_CHAR) else text
-            safe = len(complete)
+            # The longest tail that is a proper prefix of some stop string is held back: the next tokens may
+            # complete the stop string.
             for stop in self.stop:
-                for length in range(min(len(stop) - 1, len(complete)), 0, -1):
-                    if complete.endswith(stop[:length]):
-                        safe = min(safe, len(complete) - length)
+                for length in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:length]):
+                        safe = min(safe, len(text) - length)
                         break
         safe = max(safe, self.sent)
         delta, self.sent = text[self.sent:safe], safe
