@@ -83,3 +83,56 @@ def test_tile_sharing_splits_a_union_by_who_selected_each_block():
     got = tile_sharing(lists, counts, 4, 9)
     # tile 0: {0: all, 1, 2: one token, 5: two}; tile 1: {0: all, 6, 7, 8, 9: one token}
     assert got == {"union": 4.5, "in_every_token": 1.0, "one_token_only": 3.0}
+
+
+def test_batch_chosen_by_names_the_max_batch_cap_when_the_budget_would_admit_more():
+    from nosa.bench.decode import batch_chosen_by
+
+    assert batch_chosen_by(16) == "fixed"
+    # budget 1000, workspace 100, 90 per row: 10 rows fit
+    assert batch_chosen_by(10, max_batch=48, budget=1000, row_bytes=90, workspace=100) == "engine budget"
+    assert batch_chosen_by(10, max_batch=10, budget=1000, row_bytes=90, workspace=100) == "engine budget"  # both agree
+    assert batch_chosen_by(8, max_batch=8, budget=1000, row_bytes=90, workspace=100) == "max_batch cap (budget fits 10)"
+
+
+def _equal_memory_row(mode, offload, batch, tokens, row_bytes, **extra):
+    return dict(attn_mode=mode, offload=offload, batch=batch, batch_from="engine budget", tokens_per_s=tokens,
+                step_ms_median=1.0, floor_ms=0.5, blocks_loaded_per_step_per_layer_seq_head=1.0, hit_rate_per_layer=[0.9],
+                ratio_vs_baseline=tokens / 100, device_bytes_per_row_charged=row_bytes, device_workspace_bytes_charged=100,
+                **extra)
+
+
+def test_report_relabels_rows_the_max_batch_cap_decided_and_names_the_cap(tmp_path):
+    # Files written before the label said "engine budget" for every equal-memory row.
+    params = {"mode": "equal device memory", "gpu_memory_budget": 1000, "max_batch": 8, "layers": 2}
+    rows = [_equal_memory_row("dense", False, 3, 100.0, 300), _equal_memory_row("nosa", True, 8, 250.0, 50)]
+    write_result("decode_cap", params, {"decode": rows}, directory=str(tmp_path))
+    text = render(str(tmp_path))
+    assert "| dense | off | 3 | engine budget | 100 | 1.00x |" in text
+    assert "| nosa | on | 8 | max_batch cap (budget fits 18) | 250 | 2.50x |" in text
+    assert "max_batch=8" in text and "reference ms" in text and "not a lower bound" in text
+
+
+def test_report_leads_with_the_one_copy_dense_ratio_where_the_file_has_that_row(tmp_path):
+    params = {"mode": "equal device memory", "gpu_memory_budget": 1000, "max_batch": 64, "layers": 2}
+    one_copy = _equal_memory_row("dense", False, 7, 200.0, 300)
+    one_copy["batch_from"] = "single-copy dense (not engine-admitted)"
+    rows = [_equal_memory_row("dense", False, 3, 100.0, 300), _equal_memory_row("nosa", True, 27, 300.0, 30), one_copy]
+    write_result("decode_two_copies", params, {"decode": rows, "baseline": {"attn_mode": "dense", "batch": 3}},
+                 directory=str(tmp_path))
+    text = render(str(tmp_path))
+    assert "| vs one-copy dense | vs two-copy dense (engine-admitted) |" in text
+    assert "| nosa | on | 27 | engine budget | 300 | 1.50x | 3.00x |" in text
+    assert "admitted 3 dense rows; the one-copy dense row ran 7 rows" in text
+
+
+def test_kernels_note_says_decode_excludes_selection_and_which_composition_was_timed(tmp_path):
+    from nosa.bench.report import kernels_table
+
+    base = dict(tokens=4096, nosa_selection_ms=1.0, nosa_fwd_bwd_ms=5.0, nosa_fwd_bwd_atomic_ms=5.5)
+    write_result("kernels", {}, [dict(base, nosa_selection_argmax_ms=0.8)], directory=str(tmp_path))
+    old = kernels_table(str(tmp_path / "kernels.json"))
+    assert "counting-threshold composition, this run's default" in old and "0.80 ms at 4,096 tokens" in old
+    assert "decode attention speed-up (no selection)" in old and "selection (query-aware scores, composition)" in old
+    write_result("kernels", {}, [dict(base, nosa_selection_threshold_ms=1.2)], directory=str(tmp_path))
+    assert "counting-threshold" not in kernels_table(str(tmp_path / "kernels.json"))

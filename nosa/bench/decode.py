@@ -230,14 +230,31 @@ def weight_bytes_read_per_step(model, batch: int) -> int:
     return total
 
 
+def batch_chosen_by(batch: int, max_batch: int | None = None, budget: int | None = None,
+                    row_bytes: int | None = None, workspace: int | None = None) -> str:
+    """What decided a row's batch (the result's `batch_from`): "fixed" without a budget (fixed-batch mode);
+    under a budget "engine budget" where the budget admits no more rows than the batch, and
+    "max_batch cap (budget fits N)" where the batch is the cap and the budget would admit N > it (the
+    engine admits min(max_batch, (budget - workspace) // row_bytes) rows, `nosa.engine.budget`)."""
+    if budget is None:
+        return "fixed"
+    fits = (budget - workspace) // row_bytes
+    if max_batch is not None and batch >= max_batch and fits > batch:
+        return f"max_batch cap (budget fits {fits})"
+    return "engine budget"
+
+
 def floor(run: dict, llm, args, hbm_gb_s: float, pcie_gb_s: float) -> dict:
-    """The step's floor (gpu-box.md): max(HBM bytes / HBM rate, PCIe bytes / PCIe rate). HBM bytes: the
-    weights a step reads (`weight_bytes_read_per_step`) and the K/V the attention reads (every token in
-    dense mode, at most topk x block_size tokens per sequence and KV head otherwise)."""
+    """The step's reference time (the `floor_*` keys; gpu-box.md calls it the floor): max(HBM bytes / HBM
+    rate, PCIe bytes / PCIe rate) at the rates measured in the same run (a device copy, a pinned memcpy).
+    It is not a lower bound: a kernel can read faster than the copy measures (dense SDPA decode read at
+    1.06x it at 64K in bench/results/kernels.json). HBM bytes: the weights a step reads
+    (`weight_bytes_read_per_step`) and the K/V the attention reads (every token in dense mode, at most
+    topk x block_size tokens per sequence and KV head otherwise)."""
     cfg = llm.config
     tokens = args.prompt if not cfg.sparse.is_sparse else min(args.prompt, cfg.sparse.selection_tokens)
     kv_bytes = 2 * cfg.num_hidden_layers * run["batch"] * tokens * cfg.num_key_value_heads * cfg.head_dim * 2
-    # A lower bound: reads at the copy's combined read+write rate (gpu-box.md quotes HBM that way).
+    # At the copy's combined read+write rate (gpu-box.md quotes HBM that way): a reference, not a bound.
     weights = run.get("weight_bytes_read_per_step", run["weight_bytes"])
     hbm_ms = (weights + kv_bytes) / hbm_gb_s / 1e6
     pcie_ms = run["host_to_device_bytes_per_step"] / pcie_gb_s / 1e6 if run["offload"] else 0.0
@@ -398,7 +415,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
                "fuse_gather": fuse_gather,
                "selection": selection, "device_cache_blocks": llm.cache.slots + llm.cache.spill_blocks if mode != "dense" else None,
-               "batch_from": "fixed" if not equal_memory else "engine budget",
+               "batch_from": batch_chosen_by(batch, args.max_batch, budget, row_bytes, workspace) if equal_memory else "fixed",
                **time_decode(llm, running, args.warmup, args.steps),
                # Offload off: the device store is the one copy of the KV (no slots); on: the selection slots.
                "device_kv_bytes_per_seq": (llm.cache.allocated_bytes()["kv_slots"] + (0 if offload else llm.store.capacity_bytes)) // batch,
@@ -419,7 +436,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
             shared["profiled"] = count + 1
         print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''}{' fusegather' if fuse_gather else ''}"
               f"{' traces' if selection.startswith('trace') else ''} batch {batch:3d} "
-              f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (floor {run['floor_ms']:.2f})  "
+              f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (reference {run['floor_ms']:.2f})  "
               f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
         del llm, running
         torch.cuda.empty_cache()

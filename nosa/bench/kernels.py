@@ -1,11 +1,12 @@
 """`nosa bench kernels`: NOSA's Triton kernels against dense causal SDPA, side by side in one run.
 
-For each context length: forward, forward+backward (selection included) and decode time of one attention
-layer at the 8B shape (32 query heads, 2 KV heads, head_dim 128, spec sec. 2 defaults), the same for
-torch's scaled_dot_product_attention (causal, GQA heads expanded beforehand so it takes its fastest path)
-and for fla-core's NSA selected-attention kernel on the same block indices (when importable), the
-atomic (non-deterministic) backward and the first version of the changed pieces side by side, the speed-ups, a
-breakdown of where NOSA's time goes, and the achieved fraction of the tensor-core ceiling
+For each context length: forward, forward+backward (selection included) and decode time (the attention
+call over the selected slots alone, selection excluded) of one attention layer at the 8B shape (32 query
+heads, 2 KV heads, head_dim 128, spec sec. 2 defaults), the same for torch's scaled_dot_product_attention
+(causal, GQA heads expanded beforehand so it takes its fastest path) and for fla-core's NSA
+selected-attention kernel on the same block indices (when importable), the atomic (non-deterministic)
+backward and the first version of the changed pieces side by side, the speed-ups, a breakdown of where
+NOSA's time goes, and the achieved fraction of the tensor-core ceiling
 (attention FLOPs in the flash-attention convention: 4 per attended (query head, key) pair and head-dim
 element forward, 14 forward+backward) or of the HBM ceiling (decode: bytes read and written).
 """
@@ -349,7 +350,8 @@ def run(args) -> int:
                  "both methods); *_first_version_ms = the same call with the earlier pieces (arg-max composition, now the default again; "
                  "delta by PyTorch, fixed 4-warp 1-stage dk/dv launch); NOSA's fwd+bwd and dk/dv figures are the default fixed-order (deterministic) backward, *_atomic_ms the same with float32 atomics (deterministic=False); nosa_dkv_sweep_ms times the fixed-order dk/dv kernel (files before 2026-12-04: the atomic one); "
                  "*_desc_ms = the forward / dq kernels (and the whole fwd+bwd) with K/V blocks loaded through tensor descriptors (tuning(descriptors=True)); decode bytes = K+V+bias+valid+q+o; decode times are per call from CUDA-graph replays of 20 "
-                 "back-to-back calls (launch overhead excluded, as in the engine).",
+                 "back-to-back calls (launch overhead excluded, as in the engine) of the attention over the slots alone: "
+                 "NOSA's decode-time selection and the engine's bookkeeping are not timed (speedup_decode is the attention's).",
     }
     rows = []
     path = None
