@@ -27,15 +27,18 @@ MON=$!
 export NOSA_STUDY_ATTACH=$G
 export NOSA_COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 # Leftovers of an earlier call on this machine (the study's children run in their own sessions, so an outer
-# kill does not reach them) must not write into the work dir beside this call's processes.
-pkill -9 -f 'nosa\.(train\.cli|study\.(cli|train_chain|evaluate|shared_eval))' 2>/dev/null
+# kill does not reach them) must not write into the work dir beside this call's processes. The pattern is
+# anchored at the Python executable: unanchored, it also matched the calling shell whenever its command line
+# named one of these modules (a `python3 -c "import nosa.study.cli"` check before this script), and killed it.
+STUDY_PROCS='^[^ ]*python[0-9.]* -m nosa\.(train\.cli|study\.(cli|train_chain|evaluate|shared_eval))'
+pkill -9 -f "$STUDY_PROCS" 2>/dev/null
 EXTRA=()
 [ -n "${STOP_AFTER:-}" ] && EXTRA+=(--stop-after-phase "$STOP_AFTER")
 [ -n "${RESUME:-}" ] && EXTRA+=(--resume)
 [ -n "${SEED:-}" ] && EXTRA+=(--seed "$SEED")
 timeout -s KILL 565 python3 -m nosa.study.cli quality --config "$P" --out-dir "$OUT" --work-dir "$W" "${EXTRA[@]}" > /tmp/nosa_study.log 2>&1
 RC=$?
-pkill -9 -f 'nosa\.(train\.cli|study\.(cli|train_chain|evaluate|shared_eval))' 2>/dev/null
+pkill -9 -f "$STUDY_PROCS" 2>/dev/null
 kill $MON 2>/dev/null
 if [ ! -f "$OUT/logs.tar.gz" ]; then
   cp /tmp/nosa_study.log "$G" "$W/logs/" 2>/dev/null
