@@ -4,6 +4,8 @@ figures (a name error or a broken variant would otherwise surface only on the GP
 
 import types
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +13,14 @@ from nosa.bench import kernels as bench_kernels
 from nosa.config import SparseAttentionConfig
 
 
-def test_nosa_row_runs_every_variant(monkeypatch):
+@pytest.mark.parametrize("descriptors_default", [False, True])
+def test_nosa_row_runs_every_variant(monkeypatch, descriptors_default):
+    """descriptors_default: the arm beside the default's figures is the other K/V load (on the GPU the
+    default depends on the device: `descriptors_by_default`)."""
+    from nosa.ops.kernels import attention as ka
+
+    monkeypatch.setattr(ka, "descriptors_by_default", lambda device: descriptors_default)
+    arm = "pointer" if descriptors_default else "desc"
     timed = []
     monkeypatch.setattr(bench_kernels, "_ms", lambda fn, args, length: (fn(), timed.append(fn), 1.0)[2])
     cfg = SparseAttentionConfig(block_size=8, topk_blocks=6, sink_blocks=1, window_blocks=1, query_blocks=2,
@@ -26,9 +35,11 @@ def test_nosa_row_runs_every_variant(monkeypatch):
     assert indices.shape == (1, length, h, cfg.topk_blocks)
     for key in ("nosa_selection_ms", "nosa_fwd_bwd_ms", "nosa_fwd_bwd_atomic_ms", "nosa_selection_threshold_ms",
                 "nosa_fwd_bwd_first_version_ms", "nosa_attn_fwd_kernel_ms", "nosa_dq_kernel_ms", "nosa_dkv_kernel_ms",
-                "nosa_attn_fwd_kernel_desc_ms", "nosa_dq_kernel_desc_ms", "nosa_fwd_bwd_desc_ms", "nosa_dkv_atomic_kernel_ms"):
+                f"nosa_attn_fwd_kernel_{arm}_ms", f"nosa_dq_kernel_{arm}_ms", f"nosa_fwd_bwd_{arm}_ms",
+                "nosa_dkv_atomic_kernel_ms"):
         assert row[key] == 1.0, key
     assert "descriptors_error" not in row and row["nosa_descriptors_possible"]
+    assert row["nosa_descriptors_default"] is descriptors_default
     # The descriptor loads read the same values: the same forward output under the interpreter.
     assert row["nosa_desc_fwd_max_abs_diff"] == 0.0
     assert set(row["nosa_dkv_sweep_ms"]) >= {"autotuned", "4w1s_64rows_first"}

@@ -98,7 +98,7 @@ def _bench_nosa(row, q, k, v, eviction, grad_out, positions, cfg, args, group):
         ks.SELECT_BY_THRESHOLD = True
         row["nosa_selection_threshold_ms"] = _ms(lambda: kp.select_all(q, k, eviction, positions, cfg), args, length)
         ks.SELECT_BY_THRESHOLD = False
-        with ka.tuning(fused_delta=False, dkv_autotune=False):
+        with ka.tuning(fused_delta=False, dkv_autotune=False, descriptors=False):
             row["nosa_fwd_bwd_first_version_ms"] = _ms(lambda: nosa_fwd_bwd(False), args, length)
     finally:
         ks.SELECT_BY_THRESHOLD = threshold
@@ -153,26 +153,30 @@ def _bench_nosa(row, q, k, v, eviction, grad_out, positions, cfg, args, group):
 
 def _bench_descriptors(row, ka, q, k, v, eviction, grad_out, positions, cfg, args, lists, counts, o, lse, delta,
                        tile_tokens, nosa_fwd_bwd):
-    """The forward and dq kernels with K/V blocks loaded through tensor descriptors (bulk copies on
-    Hopper; `attention.tuning(descriptors=True)`), beside the pointer loads timed above, and how far their
-    output is from the pointer path's. A compile or launch failure is recorded, not raised."""
+    """The forward and dq kernels (and the whole forward+backward) with the K/V loads the default did not
+    take, beside the default's figures timed above: tensor descriptors (`nosa_*_desc_ms`, bulk copies on
+    Hopper) where the default is pointer loads, pointer loads (`nosa_*_pointer_ms`) where the default is
+    descriptors (`attention.descriptors_by_default`), and how far the two forward outputs are apart. A
+    compile or launch failure is recorded, not raised."""
     length = q.shape[1]
     meta, _ = ka._meta(q, k, cfg.block_size, tile_tokens)
     row["nosa_descriptors_possible"] = ka.kv_descriptors(k, v, meta["BLOCK_N"], meta["BLOCK_D"]) is not None
+    row["nosa_descriptors_default"] = default = ka.descriptors_by_default(q.device)
     if not row["nosa_descriptors_possible"]:
         return
+    arm = "pointer" if default else "desc"
     try:
-        with ka.tuning(descriptors=True):
-            o_desc, _ = ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size, tile_tokens)
-            row["nosa_desc_fwd_max_abs_diff"] = float((o_desc.float() - o.float()).abs().max())
-            del o_desc
-            row["nosa_attn_fwd_kernel_desc_ms"] = _ms(
+        with ka.tuning(descriptors=not default):
+            o_other, _ = ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size, tile_tokens)
+            row["nosa_desc_fwd_max_abs_diff"] = float((o_other.float() - o.float()).abs().max())
+            del o_other
+            row[f"nosa_attn_fwd_kernel_{arm}_ms"] = _ms(
                 lambda: ka.sparse_attention_forward(q, k, v, eviction, lists, counts, positions, cfg.block_size,
                                                     tile_tokens), args, length)
-            row["nosa_dq_kernel_desc_ms"] = _ms(
+            row[f"nosa_dq_kernel_{arm}_ms"] = _ms(
                 lambda: ka.backward_dq(grad_out, q, k, v, eviction, lse, delta, lists, counts, positions,
                                        cfg.block_size, tile_tokens, o=o), args, length)
-            row["nosa_fwd_bwd_desc_ms"] = _ms(nosa_fwd_bwd, args, length)
+            row[f"nosa_fwd_bwd_{arm}_ms"] = _ms(nosa_fwd_bwd, args, length)
     except Exception as err:  # noqa: BLE001 - a variant failing must not lose the default's figures
         row["descriptors_error"] = f"{type(err).__name__}: {err}"[:500]
 
@@ -349,7 +353,7 @@ def run(args) -> int:
                  "timing; FLOPs per attended pair and head dim: fwd 4, fwd+bwd 14 (flash-attention convention, for "
                  "both methods); *_first_version_ms = the same call with the earlier pieces (arg-max composition, now the default again; "
                  "delta by PyTorch, fixed 4-warp 1-stage dk/dv launch); NOSA's fwd+bwd and dk/dv figures are the default fixed-order (deterministic) backward, *_atomic_ms the same with float32 atomics (deterministic=False); nosa_dkv_sweep_ms times the fixed-order dk/dv kernel (files before 2026-12-04: the atomic one); "
-                 "*_desc_ms = the forward / dq kernels (and the whole fwd+bwd) with K/V blocks loaded through tensor descriptors (tuning(descriptors=True)); decode bytes = K+V+bias+valid+q+o; decode times are per call from CUDA-graph replays of 20 "
+                 "the default loads K/V through tensor descriptors on compute capability >= 9 (nosa_descriptors_default); *_pointer_ms there, *_desc_ms elsewhere = the forward / dq kernels (and the whole fwd+bwd) with the other loads; decode bytes = K+V+bias+valid+q+o; decode times are per call from CUDA-graph replays of 20 "
                  "back-to-back calls (launch overhead excluded, as in the engine) of the attention over the slots alone: "
                  "NOSA's decode-time selection and the engine's bookkeeping are not timed (speedup_decode is the attention's).",
     }

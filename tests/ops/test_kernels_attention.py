@@ -287,6 +287,32 @@ def test_descriptor_loads_equal_pointer_loads(tq, tk, hq, h, d, block, tile):
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
 
 
+def test_descriptors_are_the_default_on_hopper_and_later_only(monkeypatch):
+    """Tensor descriptors are taken when `tuning` says nothing on CUDA devices of capability >= 9 (timed faster
+    there) and nowhere else; `tuning(descriptors=False)` still forces the pointer loads."""
+    assert not ka.descriptors_by_default(torch.device("cpu"))
+    for capability, wanted in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert ka.descriptors_by_default(torch.device("cuda", 0)) is wanted, capability
+    # The launch follows the rule: with the rule saying yes, the forward asks for descriptors, and the knob
+    # overrides it either way.
+    asked = []
+    real = ka.kv_descriptors
+    monkeypatch.setattr(ka, "kv_descriptors", lambda *a: (asked.append(True), real(*a))[1])
+    cfg = SparseAttentionConfig(block_size=8, topk_blocks=4, sink_blocks=1, window_blocks=1, query_blocks=1,
+                                compress_kernel=4, compress_stride=2)
+    q, k, v = torch.randn(1, 24, 4, 32), torch.randn(1, 24, 2, 32), torch.randn(1, 24, 2, 32)
+    positions = torch.arange(24)
+    indices = _selection(q, k, None, cfg, positions)
+    for by_default, knob, expect in ((False, None, False), (True, None, True), (True, False, False), (False, True, True)):
+        monkeypatch.setattr(ka, "descriptors_by_default", lambda device, d=by_default: d)
+        asked.clear()
+        with ka.tuning(descriptors=knob):
+            o = ka.sparse_attention(q, k, v, None, indices, positions, 8)
+        assert bool(asked) is expect, (by_default, knob)
+        torch.testing.assert_close(o, ref.sparse_attention(q, k, v, None, indices, positions, 8), atol=2e-5, rtol=2e-5)
+
+
 def test_descriptors_refuse_layouts_the_bulk_copy_cannot_describe():
     """Misaligned bases and strides that are not 16-byte multiples get no descriptor (the kernels then take
     their pointer loads, which `tuning(descriptors=True)` falls back to)."""

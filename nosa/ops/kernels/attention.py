@@ -487,7 +487,8 @@ def tuning(**overrides):
     tile's), `dkv_segment` (tokens per dk/dv program), `fused_delta` (False: delta = rowsum(dO o) by
     PyTorch before the dq kernel, the first version), `dkv_autotune` (False: the fixed 4 warps / 1 stage
     launch of the first version; any dkv_tokens/warps/stages pins the launch too), `descriptors` (True: the
-    forward and dq kernels load K/V blocks through tensor descriptors where `kv_descriptors` allows).
+    forward and dq kernels load K/V blocks through tensor descriptors where `kv_descriptors` allows; False:
+    pointer loads; unset: `descriptors_by_default`).
     Unknown names are an error."""
     known = ({f"{k}_{w}" for k in ("fwd", "dq", "dkv") for w in ("warps", "stages")}
              | {"dkv_tokens", "dkv_segment", "fused_delta", "dkv_autotune", "descriptors"})
@@ -521,8 +522,8 @@ def kv_descriptors(k, v, block_n: int, block_d: int):
     """Tensor descriptors over k and v [B, Tk, H, D] whose loads are one key block of one head
     ([1, block_n, 1, block_d], zeros past the sequence and the head dim), or None where a descriptor cannot
     describe them: the bulk-copy unit needs a 16-byte aligned base, 16-byte multiples for every stride but
-    the last, and a contiguous last dimension. Off by default (`tuning(descriptors=True)`) until a GPU run
-    has timed it against the pointer loads."""
+    the last, and a contiguous last dimension. Used where `descriptors_by_default` says so, or as
+    `tuning(descriptors=...)` forces."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:  # Triton before tensor descriptors
@@ -535,9 +536,23 @@ def kv_descriptors(k, v, block_n: int, block_d: int):
     return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in (k, v))
 
 
+def descriptors_by_default(device) -> bool:
+    """Whether the forward and dq kernels load K/V through tensor descriptors when `tuning` does not say:
+    on CUDA devices of compute capability 9 or more (Hopper's bulk-copy unit). There the H100 run of
+    2026-12-07 (bench/results/kernels_h100.json) timed them 6-9% faster than the pointer loads over the whole
+    forward+backward at 16K-128K (equal at 4K), with the same forward output and the bf16 rule kept by every
+    gradient (tests/ops/test_kernels_gpu.py). Elsewhere (older GPUs, the CPU interpreter) nothing was timed,
+    so the pointer loads stay."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _descriptor_args(k, v, meta) -> tuple:
     """(KDesc, VDesc, USE_DESC) for the forward and dq launches."""
-    descs = kv_descriptors(k, v, meta["BLOCK_N"], meta["BLOCK_D"]) if _tuned("descriptors", False) else None
+    wanted = _tuned("descriptors", None)
+    if wanted is None:
+        wanted = descriptors_by_default(k.device)
+    descs = kv_descriptors(k, v, meta["BLOCK_N"], meta["BLOCK_D"]) if wanted else None
     return (None, None, False) if descs is None else (*descs, True)
 
 
