@@ -18,6 +18,9 @@ TOKENIZER_FILE = "nosa_tokenizer.json"
 class ByteTokenizer:
     kind = "byte"
     num_bytes = 256
+    # The text of ids after any context is what they add to it (bytes, decoded as UTF-8 with replacement):
+    # IncrementalDecoder needs no decode of everything at the end.
+    decodes_by_window = True
 
     def __init__(self):
         self.pad_token_id = 256
@@ -100,43 +103,174 @@ def decode_text(tokenizer, ids) -> str:
 REPLACEMENT_CHAR = "\ufffd"
 
 
+def _rewrites_across_tokens(tokenizer) -> bool:
+    """Whether the tokenizer's decode changes text on both sides of a token boundary, so that the text of
+    the new ids after a short context is not what they add to the whole: transformers' clean-up of
+    tokenization spaces (BERT style: "it ' s" -> "it's", a space removed before text already settled)."""
+    return bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+
+
 class IncrementalDecoder:
     """The text of generated ids as they arrive, at a cost per token that does not grow with the output:
     each `push` decodes only the ids since the last text it settled, with the ids before that as context
     (a tokenizer may render a token differently at the start of a text, e.g. SentencePiece's leading space),
-    and takes what that context's own text does not already hold. A text that ends in U+FFFD waits for more
-    ids: it is usually a character whose remaining bytes are in the next tokens (at the end it is kept as it
-    is). Decoding all ids again at every token, as before, cost O(n^2) over a long generation.
+    and takes what that context's own text does not already hold. Decoding all ids again at every token
+    cost O(n^2) over a long generation.
 
-    `text` is what has been settled; `push` returns what it added."""
+    - `text`: the settled text. `pending`: what the unsettled ids show so far, an unfinished character's
+      U+FFFD left out; it may still change. Settling waits while the new text ends in U+FFFD (usually a
+      character whose remaining bytes are in the next tokens) or is empty (special ids, a partial piece), for
+      at most `max_unsettled` ids; after that, or when `final`, the text is taken as it is.
+    - Where the context's text is not a prefix of the window's (a byte-fallback decoder turning a run of
+      bytes into one U+FFFD, or any decode that rewrites across the boundary), everything is decoded again
+      and the settled text becomes that whole decode. Tokenizers whose decode is known to rewrite text
+      across tokens (`clean_up_tokenization_spaces`) are decoded whole at every push: correct, and O(n^2).
+      A rewrite may change text already settled: `rewritten` is then set, and `push` returns only what
+      extends the common prefix. Once `final`, `text` is the decode of all ids at once.
+    - `searched`: the length of `text + pending` that the last push left unchanged, which a stop string
+      search after every push has already covered; `find_stop` searches only where a new match can end."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, max_unsettled: int = 64):
         self.tokenizer = tokenizer
+        self.max_unsettled = max_unsettled
+        self.whole = _rewrites_across_tokens(tokenizer)
         self.ids: list[int] = []
-        self.text = ""
+        self.pending = ""
+        self.searched = 0
+        self.rewritten = False
+        self.rewritten_by_last_push = False
+        self._pieces: list[str] = []  # the settled text in pieces, joined when asked for
+        self._length = 0
+        self._stable = 0
         self._context = 0  # ids[_context:_settled] is the context of the next decode
         self._settled = 0  # ids before this are in `text`
         self._context_text = ""
 
+    @property
+    def text(self) -> str:
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    @property
+    def settled_length(self) -> int:
+        return self._length
+
+    @property
+    def stable_length(self) -> int:
+        """How much of `text` no later push is expected to rewrite: all of it, except where the decode is
+        whole (`clean_up_tokenization_spaces`), whose clean-up can still change the last settled piece
+        (" '" followed by "s" becomes "'s"). A stream sends no further than this until the end."""
+        return self._stable if self.whole else self._length
+
+    def tail(self, start: int) -> str:
+        """text[start:], at the cost of the tail's pieces."""
+        out, length = [], self._length
+        for piece in reversed(self._pieces):
+            if length <= start:
+                break
+            out.append(piece)
+            length -= len(piece)
+        return "".join(reversed(out))[max(0, start - length):]
+
     def push(self, new_ids, final: bool = False) -> str:
+        """Adds ids; returns the text they settled (possibly none yet)."""
         self.ids.extend(new_ids)
+        self.rewritten_by_last_push = False
+        old_length, old_pending = self._length, self.pending
         if len(self.ids) == self._settled:
-            return ""
-        window = decode_text(self.tokenizer, self.ids[self._context:])
-        if not final and (window.endswith(REPLACEMENT_CHAR) or len(window) <= len(self._context_text)):
-            return ""  # an unfinished character, or ids that add no text yet (special tokens, a partial piece)
-        # The context's own text is a prefix of the window's for the tokenizers we know; were it not, the
-        # settled text stays as sent and the window's tail past that length is what is new.
-        added = window[len(self._context_text):]
-        self.text += added
-        self._context, self._settled = self._settled, len(self.ids)
-        self._context_text = decode_text(self.tokenizer, self.ids[self._context:self._settled])
+            added = ""
+            self.pending = ""
+        else:
+            added = self._advance(final)
+        if final and not self.whole and not getattr(self.tokenizer, "decodes_by_window", False):
+            # One decode of everything, once: a byte-fallback decoder renders a run of byte ids as a unit, and
+            # a run of invalid ones can reach back past any window.
+            added += self._rewrite_to(decode_text(self.tokenizer, self.ids))
+        if self.rewritten_by_last_push:
+            return added
+        # Unchanged by this push: the settled text before it, and as much of its pending text as still stands.
+        new_tail = added + self.pending
+        same = next((n for n, (a, b) in enumerate(zip(old_pending, new_tail)) if a != b), min(len(old_pending), len(new_tail)))
+        self.searched = old_length + same
         return added
 
+    def find_stop(self, stops) -> int:
+        """Where in `text + pending` the first stop string to complete begins (`first_stop`), or -1,
+        looking only where a match can end past `searched`."""
+        longest = max((len(s) for s in stops if s), default=0)
+        if not longest:
+            return -1
+        start = max(0, self.searched - longest + 1)
+        found = first_stop(self.tail(start) + self.pending, stops, self.searched - start)
+        return found + start if found >= 0 else -1
+
+    def _advance(self, final: bool) -> str:
+        window = decode_text(self.tokenizer, self.ids[self._context:])
+        if not window.startswith(self._context_text):
+            return self._decode_whole(final, window if self._context == 0 else None)
+        new = window[len(self._context_text):]
+        if self._waits(new, final):
+            self.pending = new.rstrip(REPLACEMENT_CHAR)
+            return ""
+        self._settle(new)
+        return new
+
+    def _waits(self, new: str, final: bool) -> bool:
+        unfinished = not new or new.endswith(REPLACEMENT_CHAR)
+        return unfinished and not final and len(self.ids) - self._settled < self.max_unsettled
+
+    def _decode_whole(self, final: bool, whole: str | None = None) -> str:
+        if whole is None:
+            whole = decode_text(self.tokenizer, self.ids)
+        settled = self.text
+        extends = whole.startswith(settled)
+        if self._waits(whole[len(settled):] if extends else whole, final):
+            # e.g. a byte-fallback decoder shows a valid byte before an unfinished character as U+FFFD too
+            # until the character completes: wait for it before deciding what changed.
+            self.pending = whole[len(settled):].rstrip(REPLACEMENT_CHAR) if extends else ""
+            return ""
+        return self._rewrite_to(whole)
+
+    def _rewrite_to(self, whole: str) -> str:
+        """Makes `whole` the settled text of every id so far; returns what it adds when it extends the settled
+        text, else "" (`rewritten` says so)."""
+        settled = self.text
+        if whole == settled:
+            if self._settled < len(self.ids):
+                self._settle("")  # ids that add no text
+            return ""
+        if whole.startswith(settled):
+            new = whole[len(settled):]
+            self._settle(new)
+            return new
+        same = next((n for n, (a, b) in enumerate(zip(settled, whole)) if a != b), min(len(settled), len(whole)))
+        self._pieces, self._length = [whole[:same]], same
+        self._settle(whole[same:])
+        self.rewritten = self.rewritten_by_last_push = True
+        self.searched = same
+        return ""
+
+    def _settle(self, new: str) -> None:
+        self._stable = self._length
+        self._pieces.append(new)
+        self._length += len(new)
+        self._context = 0 if self.whole else self._settled
+        self._settled = len(self.ids)
+        self._context_text = self.text if self.whole else decode_text(self.tokenizer, self.ids[self._context:self._settled])
+        self.pending = ""
 
 
 def first_stop(text: str, stops, searched: int = 0) -> int:
-    """Where the first of `stops` begins in `text`, or -1. `searched`: a length of `text` already searched
-    without a match, so only matches that end past it are looked for (a tail, not the whole text)."""
-    found = [text.find(stop, max(0, searched - len(stop) + 1)) for stop in stops if stop]
-    return min((i for i in found if i >= 0), default=-1)
+    """Where the first of `stops` to complete begins in `text`, or -1: the match that ends first, the longest
+    of those ending together (as if the text arrived one character at a time, so the answer does not depend
+    on how the text was split into tokens). `searched`: a length of `text` already searched without a match,
+    so only matches that end past it are looked for (a tail, not the whole text)."""
+    best = None
+    for stop in stops:
+        if not stop:
+            continue
+        at = text.find(stop, max(0, searched - len(stop) + 1))
+        if at >= 0 and (best is None or (at + len(stop), at) < (best[0] + best[1], best[0])):
+            best = (at, len(stop))
+    return best[0] if best else -1

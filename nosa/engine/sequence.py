@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nosa.engine.sampling import SamplingParams, token_logprobs
-from nosa.tokenizer import IncrementalDecoder, decode_text, first_stop
+from nosa.tokenizer import IncrementalDecoder, decode_text
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Sequence:
         self.pages: list[int] = []
         self.prefill = None  # the engine's PrefillState while the prompt is being prefilled
         self.finish_reason: str | None = None
-        self.text: str | None = None  # kept current only with stop strings; set at the end (see `append`)
+        self.text: str | None = None  # set when the request finishes (see `append`)
         self._tokenizer = None  # the one `append` was given
         self._decoder: IncrementalDecoder | None = None  # with stop strings: the text as tokens arrive
         self._cut_by_stop_string = False
@@ -151,17 +151,18 @@ class Sequence:
                 self.text = decode_text(tokenizer, self.output_token_ids)
             elif self._decoder is not None and not self._cut_by_stop_string:
                 self._cut_at_stop([], final=True)  # the text of an unfinished character (U+FFFD) at the end
+                self.text = self._decoder.text
         # The step API speaks OpenAI's vocabulary: an end-of-sequence token is a "stop".
         reason = "stop" if self.finish_reason == "eos" else self.finish_reason
         return StepOutput(self.request_id, [token], self.finished, reason, logprobs)
 
     def _cut_at_stop(self, new_ids: list[int], final: bool = False) -> None:
-        searched = len(self._decoder.text)
+        """Pushes the new ids into the text and ends the request at the first stop string to complete (in the
+        settled text or the pending one, so a stop string is seen in the token that completes it)."""
         self._decoder.push(new_ids, final)
-        self.text = self._decoder.text
-        cut = first_stop(self.text, self.params.stop_strings, searched)
+        cut = self._decoder.find_stop(self.params.stop_strings)
         if cut >= 0:
-            self.text = self.text[:cut]
+            self.text = (self._decoder.text + self._decoder.pending)[:cut]
             self.finish_reason = "stop"
             self._cut_by_stop_string = True
 
@@ -169,11 +170,18 @@ class Sequence:
         """The request was dropped by an error of the engine (its row and pages are given back)."""
         self.finish_reason, self.error = "error", message
         self.finished_at = time.perf_counter()
-        if self._tokenizer is not None and not self.params.stop_strings:
-            try:  # the text so far, as with stop strings; the error already says why it ended
+        if self._tokenizer is None or self._cut_by_stop_string:
+            return
+        try:  # the text so far, an unfinished character included; the error already says why it ended
+            if self._decoder is not None:
+                self._cut_at_stop([], final=True)
+                if not self._cut_by_stop_string:
+                    self.text = self._decoder.text
+            else:
                 self.text = decode_text(self._tokenizer, self.output_token_ids)
-            except Exception:  # noqa: BLE001 - a token the tokenizer refuses may be why it failed
-                pass
+        except Exception:  # noqa: BLE001 - a token the tokenizer refuses may be why it failed
+            pass
+        self.finish_reason = "error"  # a stop string found in the held tail does not hide the error
 
     def output(self) -> RequestOutput:
         prefill_s = (self.first_token_at - self.admitted_at) if self.first_token_at else 0.0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from nosa.tokenizer import TOKENIZER_FILE, ByteTokenizer, IncrementalDecoder, first_stop
+from nosa.tokenizer import TOKENIZER_FILE, ByteTokenizer, IncrementalDecoder
 
 def load_tokenizer(model_dir: str):
     """The tokenizer saved beside the model: nosa's ByteTokenizer, else a local transformers tokenizer
@@ -62,8 +62,12 @@ class IncrementalText:
     """The text of one choice as its tokens arrive: `push(new_ids)` returns the text that is now safe to
     send. Held back: an unfinished UTF-8 character (nosa.tokenizer.IncrementalDecoder waits for its last
     byte) and a tail that could still become a stop string. When a stop string appears the text ends before
-    it and `stopped` is set (the stop string itself is never sent, as with OpenAI). Each push costs what its
-    new tokens cost, not what the whole text does."""
+    it and `stopped` is set (the stop string itself is never sent, as with OpenAI); the stop string is the
+    first one to complete as the text grows (`first_stop`), looked for in the pending text too, so a stop
+    string is seen in the token that completes it even when that token also starts an unfinished character.
+    Each push costs what its new tokens cost, not what the whole text does. `text` is the whole text (for a
+    response that is not streamed); with a tokenizer whose decode rewrites earlier text (the decoder's
+    `rewritten`), the streamed pieces are what was known when each was sent and may differ from it."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
@@ -71,27 +75,38 @@ class IncrementalText:
         self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
         self.sent = 0  # characters of the text already returned
         self.stopped = False
-        self.text = ""
+        self._cut = -1
+
+    @property
+    def text(self) -> str:
+        if self.decoder is None:
+            return ""
+        text = self.decoder.text + (self.decoder.pending if self.stopped else "")
+        return text[:self._cut] if self.stopped else text
 
     def push(self, new_ids: list[int], final: bool = False) -> str:
         if self.stopped or self.decoder is None:
             return ""
-        searched = len(self.decoder.text)
-        self.decoder.push(new_ids, final)
-        text = self.decoder.text
-        cut = first_stop(text, self.stop, searched)
+        decoder = self.decoder
+        decoder.push(new_ids, final)
+        end = decoder.settled_length if final else decoder.stable_length
+        cut = decoder.find_stop(self.stop)
         if cut >= 0:
-            self.stopped, final, text = True, True, text[:cut]
-        self.text = text
-        safe = len(text)
+            self.stopped, self._cut, final, end = True, cut, True, cut
+        safe = end
         if not final:
-            # The longest tail that is a proper prefix of some stop string is held back: the next tokens may
-            # complete the stop string.
+            # The longest tail of the text so far (pending included) that is a proper prefix of some stop
+            # string is held back: the next tokens may complete the stop string.
+            longest = max((len(stop) for stop in self.stop), default=0)
+            visible_end = decoder.settled_length + len(decoder.pending)
+            start = max(0, visible_end - longest)
+            tail = decoder.tail(start) + decoder.pending
             for stop in self.stop:
-                for length in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:length]):
-                        safe = min(safe, len(text) - length)
+                for length in range(min(len(stop) - 1, len(tail)), 0, -1):
+                    if tail.endswith(stop[:length]):
+                        safe = min(safe, visible_end - length)
                         break
         safe = max(safe, self.sent)
-        delta, self.sent = text[self.sent:safe], safe
+        visible = decoder.tail(self.sent) + (decoder.pending if self.stopped else "")
+        delta, self.sent = visible[:safe - self.sent], safe
         return delta

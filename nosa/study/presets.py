@@ -156,6 +156,13 @@ PHASE_REQUIRED = {"seq_len", "micro_batch_size", "max_steps", "time_limit_s", "l
 SHARED_EVAL_KEYS = {"tasks", "lengths", "depths", "samples", "batch_size", "seed", "time_limit_s"}
 
 
+# TrainConfig fields the study fills in for each phase from the phase, `data` and the work dir.
+STUDY_SET_TRAIN_KEYS = frozenset({
+    "seed", "seq_len", "micro_batch_size", "max_steps", "time_limit_s", "lr", "warmup_steps", "out_dir", "model",
+    "corpus_dir", "corpus_source", "corpus_max_tokens", "mixture", "task_params", "task_loss", "init_from",
+    "init_path", "stop_at_answer_nll", "stop_window_steps"})
+
+
 def validate(study: dict) -> dict:
     """Refuse phase and shared_eval keys the study does not know (a misspelt key would otherwise be
     silently ignored and the run would train something else than the config says)."""
@@ -192,6 +199,12 @@ def validate(study: dict) -> dict:
                 raise ValueError(f"phases[{k}]: {err}") from None
     if not seen_unshared:
         raise ValueError("the last phase must be per mode (not shared): it is what each mode is evaluated on")
+    # `train` is merged last into every phase's TrainConfig: a key the study sets per phase would silently
+    # replace it in every phase (a `seed` there undid each phase's own seed).
+    overriding = sorted(set(study.get("train") or {}) & STUDY_SET_TRAIN_KEYS)
+    if overriding:
+        raise ValueError(f"train: {overriding} are set by the study for each phase (phases[k] and data); "
+                         f"set them there, not in train")
     shared_eval = study.get("shared_eval")
     if shared_eval is not None:
         if not isinstance(shared_eval, dict):

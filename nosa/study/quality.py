@@ -398,7 +398,9 @@ def read_shared_eval(work: str) -> dict | None:
 
 # What a resumed study must share with the call that made its work dir (the evaluation and the time budget
 # may differ: they act after, or only on, the call that sets them).
-RESUME_KEYS = ("modes", "model", "data", "phases", "train", "shared_eval", "chain_shared")
+# `phase_seed_stride` records how each phase's seed derives from the data seed (phase_seed): a work dir made
+# before that rule (no such key) trained its phases on other seeds, and is not resumed under this one.
+RESUME_KEYS = ("modes", "model", "data", "phases", "train", "shared_eval", "chain_shared", "phase_seed_stride")
 
 
 def phase_finished(work: str, owner: str, phase_index: int, study: dict) -> bool:
@@ -460,6 +462,7 @@ def answer_target_note(work: str, owner: str, phase_index: int, study: dict) -> 
 def study_for_run(config: str | None, modes: list[str] | None = None, seed: int | None = None) -> dict:
     """The resolved study with the command line's overrides: the modes, and the data seed."""
     study = resolve(config)
+    study["phase_seed_stride"] = PHASE_SEED_STRIDE
     if modes:
         study["modes"] = modes
     if seed is not None:

@@ -287,3 +287,31 @@ def test_resume_rules_for_signal_stops_and_stale_shared_scores(tmp_path):
     saved["skipped"] = ["phase1/passkey/1024: deadline"]
     (tmp_path / "shared" / "shared_eval.json").write_text(json.dumps(saved))
     assert not shared_eval_current(study, str(tmp_path))
+
+
+def test_a_train_option_the_study_sets_per_phase_is_refused(tmp_path):
+    """`train` is merged last into every phase's config: a `seed` there replaced each phase's own seed."""
+    bad = tmp_path / "seed.yaml"
+    bad.write_text("preset: tiny\ntrain: {seed: 5, weight_decay: 0.0}\n")
+    with pytest.raises(ValueError, match=r"train: \['seed'\] are set by the study for each phase"):
+        resolve(str(bad))
+    fine = tmp_path / "wd.yaml"
+    fine.write_text("preset: tiny\ntrain: {weight_decay: 0.0}\n")
+    assert resolve(str(fine))["train"]["weight_decay"] == 0.0
+
+
+def test_a_work_dir_made_under_the_earlier_seed_rule_is_not_resumed(tmp_path):
+    """Before each phase had its own seed (phase_seed), every phase used the data seed: a work dir of then,
+    resumed now, would mix the two rules. Its saved config has no phase_seed_stride."""
+    from nosa.study.quality import WORK_MARKER, open_work_dir, study_for_run
+
+    study = study_for_run("tiny")
+    work = tmp_path / "w"
+    (work / "logs").mkdir(parents=True)
+    (work / WORK_MARKER).write_text("")
+    earlier = {k: v for k, v in study.items() if k != "phase_seed_stride"}
+    (work / "logs" / "study_config.yaml").write_text(yaml.safe_dump(earlier))
+    with pytest.raises(ValueError, match=r"\['phase_seed_stride'\] differ"):
+        open_work_dir(str(work), study, resume=True)
+    (work / "logs" / "study_config.yaml").write_text(yaml.safe_dump(study))
+    open_work_dir(str(work), study, resume=True)
