@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterable, Sequence
 
 import torch
@@ -106,8 +107,24 @@ REPLACEMENT_CHAR = "\ufffd"
 def _rewrites_across_tokens(tokenizer) -> bool:
     """Whether the tokenizer's decode changes text on both sides of a token boundary, so that the text of
     the new ids after a short context is not what they add to the whole: transformers' clean-up of
-    tokenization spaces (BERT style: "it ' s" -> "it's", a space removed before text already settled)."""
-    return bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    tokenization spaces (BERT style: "it ' s" -> "it's", a space removed before text already settled).
+    transformers 5 skips the clean-up for BPE models unless forced (the flag is then inert)."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    force = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", None)
+    if force is None:  # a transformers without the BPE exception cleans up for every model
+        return True
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return bool(force) or type(getattr(backend, "model", None)).__name__ != "BPE"
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# How far back the context may reach to start outside a run of byte tokens, or to render as some text.
+_MAX_CONTEXT_WALK = 64
+_MAX_EMPTY_CONTEXT_WALK = 8
+# Clean-up patterns (" n't", " 've", " ' ") start at most this many characters before the text's end that a
+# later token completes them at: a stream holds them back (`stable_length`).
+_CLEANUP_REACH = 4
 
 
 class IncrementalDecoder:
@@ -121,9 +138,11 @@ class IncrementalDecoder:
       U+FFFD left out; it may still change. Settling waits while the new text ends in U+FFFD (usually a
       character whose remaining bytes are in the next tokens) or is empty (special ids, a partial piece), for
       at most `max_unsettled` ids; after that, or when `final`, the text is taken as it is.
-    - Where the context's text is not a prefix of the window's (a byte-fallback decoder turning a run of
-      bytes into one U+FFFD, or any decode that rewrites across the boundary), everything is decoded again
-      and the settled text becomes that whole decode. Tokenizers whose decode is known to rewrite text
+    - The context starts outside any run of byte ids (`<0xHH>` tokens, which a byte-fallback decoder renders
+      as a unit), at most 64 ids back, and renders as some text. Where the context's text is still not a
+      prefix of the window's (an invalid byte run turning valid bytes before it into U+FFFD, or any decode
+      that rewrites across the boundary), everything is decoded again once the window no longer ends in an
+      unfinished character, and the settled text becomes that whole decode. Tokenizers whose decode is known to rewrite text
       across tokens (`clean_up_tokenization_spaces`) are decoded whole at every push: correct, and O(n^2).
       A rewrite may change text already settled: `rewritten` is then set, and `push` returns only what
       extends the common prefix. Once `final`, `text` is the decode of all ids at once.
@@ -141,7 +160,7 @@ class IncrementalDecoder:
         self.rewritten_by_last_push = False
         self._pieces: list[str] = []  # the settled text in pieces, joined when asked for
         self._length = 0
-        self._stable = 0
+        self._byte_tokens: dict[int, bool] = {}
         self._context = 0  # ids[_context:_settled] is the context of the next decode
         self._settled = 0  # ids before this are in `text`
         self._context_text = ""
@@ -159,9 +178,10 @@ class IncrementalDecoder:
     @property
     def stable_length(self) -> int:
         """How much of `text` no later push is expected to rewrite: all of it, except where the decode is
-        whole (`clean_up_tokenization_spaces`), whose clean-up can still change the last settled piece
-        (" '" followed by "s" becomes "'s"). A stream sends no further than this until the end."""
-        return self._stable if self.whole else self._length
+        whole (`clean_up_tokenization_spaces`), whose clean-up can still change the last few characters
+        (" '" followed by "s" becomes "'s", "do n '" followed by "t" "don't"). A stream sends no further than
+        this until the end."""
+        return max(0, self._length - _CLEANUP_REACH) if self.whole else self._length
 
     def tail(self, start: int) -> str:
         """text[start:], at the cost of the tail's pieces."""
@@ -201,13 +221,21 @@ class IncrementalDecoder:
         longest = max((len(s) for s in stops if s), default=0)
         if not longest:
             return -1
-        start = max(0, self.searched - longest + 1)
+        # The search runs over the settled tail and the pending text after it: it cannot start past the
+        # settled text's end (pending text that the last push left alone may be longer than any stop).
+        start = min(max(0, self.searched - longest + 1), self._length)
         found = first_stop(self.tail(start) + self.pending, stops, self.searched - start)
         return found + start if found >= 0 else -1
 
     def _advance(self, final: bool) -> str:
         window = decode_text(self.tokenizer, self.ids[self._context:])
-        if not window.startswith(self._context_text):
+        extends = window.startswith(self._context_text)
+        if not extends and self._waits(window, final):
+            # An unfinished character (a byte-fallback decoder shows the whole byte run as U+FFFD meanwhile):
+            # wait for it before asking the whole decode what changed.
+            self.pending = ""
+            return ""
+        if not extends:
             return self._decode_whole(final, window if self._context == 0 else None)
         new = window[len(self._context_text):]
         if self._waits(new, final):
@@ -252,13 +280,40 @@ class IncrementalDecoder:
         return ""
 
     def _settle(self, new: str) -> None:
-        self._stable = self._length
         self._pieces.append(new)
         self._length += len(new)
-        self._context = 0 if self.whole else self._settled
-        self._settled = len(self.ids)
-        self._context_text = self.text if self.whole else decode_text(self.tokenizer, self.ids[self._context:self._settled])
+        previous, self._settled = self._settled, len(self.ids)
+        if self.whole:
+            self._context, self._context_text = 0, self.text
+        else:
+            self._context, self._context_text = self._context_start(previous)
         self.pending = ""
+
+    def _context_start(self, start: int) -> tuple[int, str]:
+        """Where the next window starts: at the last settled piece, moved back (a) out of a run of byte ids,
+        which a byte-fallback decoder renders as a unit (a valid byte before an invalid one becomes U+FFFD
+        too), so the window holds the whole run as the whole decode does, and (b) until the context renders
+        as some text (an empty context, e.g. a space the decoder strips at a text's start, proves nothing)."""
+        start = min(start, max(0, self._settled - 1))  # a rewrite at the end may settle no new id
+        if getattr(self.tokenizer, "decodes_by_window", False):
+            return start, decode_text(self.tokenizer, self.ids[start:self._settled])
+        floor = max(0, start - _MAX_CONTEXT_WALK)
+        while start > floor and self._is_byte_token(self.ids[start]):
+            start -= 1
+        text = decode_text(self.tokenizer, self.ids[start:self._settled])
+        floor = max(0, start - _MAX_EMPTY_CONTEXT_WALK)  # ids that render as nothing (padding) stay cheap
+        while start > floor and not text:
+            start -= 1
+            text = decode_text(self.tokenizer, self.ids[start:self._settled])
+        return start, text
+
+    def _is_byte_token(self, token: int) -> bool:
+        known = self._byte_tokens.get(token)
+        if known is None:
+            convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+            piece = convert(token) if convert is not None else None
+            known = self._byte_tokens[token] = isinstance(piece, str) and bool(_BYTE_TOKEN.fullmatch(piece))
+        return known
 
 
 def first_stop(text: str, stops, searched: int = 0) -> int:

@@ -19,7 +19,7 @@ def test_nosa_row_runs_every_variant(monkeypatch, descriptors_default):
     default depends on the device: `descriptors_by_default`)."""
     from nosa.ops.kernels import attention as ka
 
-    monkeypatch.setattr(ka, "descriptors_by_default", lambda device: descriptors_default)
+    monkeypatch.setattr(ka, "descriptors_by_default", lambda device, dtype=None: descriptors_default)
     arm = "pointer" if descriptors_default else "desc"
     timed = []
     monkeypatch.setattr(bench_kernels, "_ms", lambda fn, args, length: (fn(), timed.append(fn), 1.0)[2])

@@ -124,7 +124,7 @@ def _cleanup_wordlevel(cleanup: bool):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = {"<unk>": 0, "</s>": 1, "a": 2, "'": 3, "b": 4, ".": 5, "s": 6, "n't": 7}
+    words = {"<unk>": 0, "</s>": 1, "a": 2, "'": 3, "b": 4, ".": 5, "s": 6, "n't": 7, "do": 8, "n": 9, "t": 10}
     inner = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="</s>", unk_token="<unk>",
@@ -164,8 +164,9 @@ def test_a_tokenizer_that_cleans_up_spaces_gives_the_text_of_decoding_everything
     rng = random.Random(0)
     tokenizer = _cleanup_wordlevel(True)
     assert decode_text(tokenizer, [2, 3, 6]) == "a's"
-    for _ in range(300):
-        ids = [rng.randrange(2, 8) for _ in range(rng.randrange(1, 12))]
+    for trial in range(400):
+        # "do n ' t" -> "don't": the clean-up reaches back two tokens
+        ids = [8, 9, 3, 10] if trial == 0 else [rng.randrange(2, 11) for _ in range(rng.randrange(1, 12))]
         whole = decode_text(tokenizer, ids)
         seq = _sequence(["zzz"], max_tokens=len(ids))
         for token in ids:
@@ -248,3 +249,87 @@ def test_a_failed_request_with_stop_strings_keeps_its_unfinished_character():
         seq.append(token, None, {258}, TOK)
     seq.fail("boom")
     assert seq.finish_reason == "error" and seq.text == "a\ufffd" == decode_text(TOK, seq.output_token_ids)
+
+
+def test_a_stop_string_after_pending_text_longer_than_it_is_cut_where_it_begins():
+    """find_stop searched from past the settled text's end when the pending text was longer than the stop
+    and unchanged: the cut came out too late and the stop string stayed in the text."""
+    streamer = IncrementalText(TOK, ["b"])
+    pieces = [streamer.push(list(b"a\xe2")), streamer.push(list(b"\x82\xacb\xc3")), streamer.push(list(b"\xa9"), final=True)]
+    assert streamer.stopped and streamer.text == "".join(pieces) == "a€"
+
+    class Multibyte(ByteTokenizer):  # 300: b"ab" + a lead byte; 301: the rest of "€", "cd", a lead byte
+        def decode(self, ids, skip_special_tokens=True):
+            raw = b"".join(b"ab\xe2" if i == 300 else b"\x82\xaccd\xe2" if i == 301 else bytes([i]) for i in ids)
+            return raw.decode("utf-8", errors="replace")
+
+    seq = _sequence(["d"])
+    for token in (300, 301):
+        seq.append(token, None, {258}, Multibyte())
+    assert seq.finish_reason == "stop" and seq.text == "ab€c"
+
+
+def test_a_context_that_renders_as_nothing_does_not_hide_a_rewrite():
+    """A space byte the decoder strips at a text's start made the window's context "", which every window
+    starts with: 'é ��' was kept where the whole decode reads 'é��x' (an invalid byte run after the space
+    turns it into U+FFFD too)."""
+    tokenizer = _byte_fallback_llama_style()
+    ids = [263, 3 + 0x20, 3 + 0xC3, 262]  # é, <0x20>, <0xC3>, x
+    assert decode_text(tokenizer, ids) == "é\ufffd\ufffdx"
+    seq = _sequence(["x"])
+    for token in ids:
+        seq.append(token, None, {2}, tokenizer)
+    assert seq.finish_reason == "stop" and seq.text == "é\ufffd\ufffd"
+    streamer = IncrementalText(tokenizer, ["x"])
+    for token in ids:
+        streamer.push([token])
+    assert streamer.stopped and streamer.text == "é\ufffd\ufffd"
+
+
+def test_byte_fallback_text_costs_about_the_same_per_token_however_long():
+    """Adjacent characters spelt in byte ids decoded everything again at each of their bytes: O(n^2)."""
+    tokenizer = _byte_fallback_llama_style()
+    per_token = []
+    for reps in (50, 200):  # every character here, the space too, is byte ids: one long byte run
+        ids = tokenizer.encode("日本語 " * reps, add_special_tokens=False)
+        sizes = []
+
+        class Counting(type(tokenizer)):
+            def decode(self, token_ids, *args, **kwargs):
+                sizes.append(len(token_ids))
+                return super().decode(token_ids, *args, **kwargs)
+
+        tokenizer.__class__ = Counting
+        try:
+            streamer = IncrementalText(tokenizer, ["never"])
+            for token in ids:
+                streamer.push([token])
+            streamer.push([], final=True)
+        finally:
+            tokenizer.__class__ = Counting.__mro__[1]
+        assert streamer.text == decode_text(tokenizer, ids)
+        per_token.append(sum(sizes) / len(ids))
+    assert per_token[1] < 1.5 * per_token[0], per_token
+
+
+def test_the_clean_up_flag_means_whole_decodes_only_where_transformers_applies_it():
+    """transformers 5 ignores clean_up_tokenization_spaces for BPE models: such a tokenizer was decoded whole
+    at every token for nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from nosa.tokenizer import _rewrites_across_tokens
+
+    vocab = {"a": 0, "b": 1, "<e>": 2}
+    bpe = Tokenizer(models.BPE(vocab, []))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    flagged_bpe = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<e>", clean_up_tokenization_spaces=True)
+    assert _rewrites_across_tokens(flagged_bpe) is not hasattr(flagged_bpe, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+    assert _rewrites_across_tokens(_cleanup_wordlevel(True)) and not _rewrites_across_tokens(_cleanup_wordlevel(False))
+
+
+def test_a_stop_string_completed_only_by_the_final_settle_still_cuts_the_text():
+    seq = _sequence(["a\ufffd"], max_tokens=2)
+    for token in (ord("a"), 0xE2):
+        seq.append(token, None, {258}, TOK)
+    assert seq.finished and seq.finish_reason == "stop" and seq.text == ""

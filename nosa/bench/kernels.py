@@ -161,7 +161,7 @@ def _bench_descriptors(row, ka, q, k, v, eviction, grad_out, positions, cfg, arg
     length = q.shape[1]
     meta, _ = ka._meta(q, k, cfg.block_size, tile_tokens)
     row["nosa_descriptors_possible"] = ka.kv_descriptors(k, v, meta["BLOCK_N"], meta["BLOCK_D"]) is not None
-    row["nosa_descriptors_default"] = default = ka.descriptors_by_default(q.device)
+    row["nosa_descriptors_default"] = default = ka.descriptors_by_default(q.device, k.dtype)
     if not row["nosa_descriptors_possible"]:
         return
     arm = "pointer" if default else "desc"

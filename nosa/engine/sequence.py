@@ -151,7 +151,8 @@ class Sequence:
                 self.text = decode_text(tokenizer, self.output_token_ids)
             elif self._decoder is not None and not self._cut_by_stop_string:
                 self._cut_at_stop([], final=True)  # the text of an unfinished character (U+FFFD) at the end
-                self.text = self._decoder.text
+                if not self._cut_by_stop_string:  # else the cut text is set and the request ended by "stop"
+                    self.text = self._decoder.text
         # The step API speaks OpenAI's vocabulary: an end-of-sequence token is a "stop".
         reason = "stop" if self.finish_reason == "eos" else self.finish_reason
         return StepOutput(self.request_id, [token], self.finished, reason, logprobs)

@@ -160,7 +160,7 @@ SHARED_EVAL_KEYS = {"tasks", "lengths", "depths", "samples", "batch_size", "seed
 STUDY_SET_TRAIN_KEYS = frozenset({
     "seed", "seq_len", "micro_batch_size", "max_steps", "time_limit_s", "lr", "warmup_steps", "out_dir", "model",
     "corpus_dir", "corpus_source", "corpus_max_tokens", "mixture", "task_params", "task_loss", "init_from",
-    "init_path", "stop_at_answer_nll", "stop_window_steps"})
+    "init_path", "stop_at_answer_nll", "stop_window_steps", "val_every"})
 
 
 def validate(study: dict) -> dict:

@@ -288,12 +288,14 @@ def test_descriptor_loads_equal_pointer_loads(tq, tk, hq, h, d, block, tile):
 
 
 def test_descriptors_are_the_default_on_hopper_and_later_only(monkeypatch):
-    """Tensor descriptors are taken when `tuning` says nothing on CUDA devices of capability >= 9 (timed faster
-    there) and nowhere else; `tuning(descriptors=False)` still forces the pointer loads."""
+    """Tensor descriptors are taken when `tuning` says nothing for 16-bit K/V on CUDA devices of capability
+    >= 9 (timed faster there) and nowhere else; `tuning(descriptors=False)` still forces the pointer loads."""
     assert not ka.descriptors_by_default(torch.device("cpu"))
     for capability, wanted in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(ka, "_capability", lambda device, c=capability: c)
         assert ka.descriptors_by_default(torch.device("cuda", 0)) is wanted, capability
+        assert ka.descriptors_by_default(torch.device("cuda", 0), torch.float16) is wanted, capability
+        assert not ka.descriptors_by_default(torch.device("cuda", 0), torch.float32), capability  # never timed
     # The launch follows the rule: with the rule saying yes, the forward asks for descriptors, and the knob
     # overrides it either way.
     asked = []
@@ -305,7 +307,7 @@ def test_descriptors_are_the_default_on_hopper_and_later_only(monkeypatch):
     positions = torch.arange(24)
     indices = _selection(q, k, None, cfg, positions)
     for by_default, knob, expect in ((False, None, False), (True, None, True), (True, False, False), (False, True, True)):
-        monkeypatch.setattr(ka, "descriptors_by_default", lambda device, d=by_default: d)
+        monkeypatch.setattr(ka, "descriptors_by_default", lambda device, dtype=None, d=by_default: d)
         asked.clear()
         with ka.tuning(descriptors=knob):
             o = ka.sparse_attention(q, k, v, None, indices, positions, 8)

@@ -295,6 +295,10 @@ def test_a_train_option_the_study_sets_per_phase_is_refused(tmp_path):
     bad.write_text("preset: tiny\ntrain: {seed: 5, weight_decay: 0.0}\n")
     with pytest.raises(ValueError, match=r"train: \['seed'\] are set by the study for each phase"):
         resolve(str(bad))
+    every = tmp_path / "every.yaml"
+    every.write_text("preset: tiny\ntrain: {val_every: 3}\n")
+    with pytest.raises(ValueError, match=r"\['val_every'\] are set by the study"):
+        resolve(str(every))
     fine = tmp_path / "wd.yaml"
     fine.write_text("preset: tiny\ntrain: {weight_decay: 0.0}\n")
     assert resolve(str(fine))["train"]["weight_decay"] == 0.0

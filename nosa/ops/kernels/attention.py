@@ -21,6 +21,7 @@ List entries pack (block << 16) | token_bits, so a tile holds at most 16 tokens 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -536,22 +537,33 @@ def kv_descriptors(k, v, block_n: int, block_d: int):
     return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in (k, v))
 
 
-def descriptors_by_default(device) -> bool:
+def descriptors_by_default(device, dtype=torch.bfloat16) -> bool:
     """Whether the forward and dq kernels load K/V through tensor descriptors when `tuning` does not say:
-    on CUDA devices of compute capability 9 or more (Hopper's bulk-copy unit). There the H100 run of
-    2026-12-07 (bench/results/kernels_h100.json) timed them 6-9% faster than the pointer loads over the whole
-    forward+backward at 16K-128K (equal at 4K), with the same forward output and the bf16 rule kept by every
-    gradient (tests/ops/test_kernels_gpu.py). Elsewhere (older GPUs, the CPU interpreter) nothing was timed,
-    so the pointer loads stay."""
+    for 16-bit K/V on CUDA devices of compute capability 9 or more (Hopper's bulk-copy unit). There the H100
+    run of 2026-12-07 (bench/results/kernels_h100.json, bf16) timed them 6-9% faster than the pointer loads
+    over the whole forward+backward at 16K-128K (equal at 4K), with the same forward output and the bf16
+    rule kept by every gradient (tests/ops/test_kernels_gpu.py). Elsewhere (older GPUs, the CPU
+    interpreter, float32 K/V as mixed dtypes under autocast give) nothing was timed or tested on a GPU, so
+    the pointer loads stay."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return dtype in (torch.bfloat16, torch.float16) and device.type == "cuda" and _capability(device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device) -> tuple[int, int]:
+    # Cached per device: asked twice per layer per forward+backward.
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _descriptor_args(k, v, meta) -> tuple:
     """(KDesc, VDesc, USE_DESC) for the forward and dq launches."""
     wanted = _tuned("descriptors", None)
     if wanted is None:
-        wanted = descriptors_by_default(k.device)
+        wanted = descriptors_by_default(k.device, k.dtype)
     descs = kv_descriptors(k, v, meta["BLOCK_N"], meta["BLOCK_D"]) if wanted else None
     return (None, None, False) if descs is None else (*descs, True)
 
