@@ -211,7 +211,7 @@ class IncrementalDecoder:
             return added
         # Unchanged by this push: the settled text before it, and as much of its pending text as still stands.
         new_tail = added + self.pending
-        same = next((n for n, (a, b) in enumerate(zip(old_pending, new_tail)) if a != b), min(len(old_pending), len(new_tail)))
+        same = len(os.path.commonprefix([old_pending, new_tail]))
         self.searched = old_length + same
         return added
 
@@ -272,7 +272,7 @@ class IncrementalDecoder:
             new = whole[len(settled):]
             self._settle(new)
             return new
-        same = next((n for n, (a, b) in enumerate(zip(settled, whole)) if a != b), min(len(settled), len(whole)))
+        same = len(os.path.commonprefix([settled, whole]))
         self._pieces, self._length = [whole[:same]], same
         self._settle(whole[same:])
         self.rewritten = self.rewritten_by_last_push = True
