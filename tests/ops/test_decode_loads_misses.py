@@ -164,3 +164,31 @@ def test_dense_plan_step_kernel_takes_a_long_context():
         plans.append(plan)
     loads = int((plans[0].slot_src >= 0).sum())
     assert torch.equal(plans[1].slot_src, plans[0].slot_src) and loads == int(plans[0].loads.sum()) > 400
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_loading_and_paged_calls_share_one_autotuned_config(monkeypatch, dtype):
+    """Triton's autotuner keys its cache on the key arguments and on every tensor argument's dtype. The slot
+    call, the one that loads misses and the paged one (offload off) must give it the same key, or they tune
+    apart, may run with different warps and then round the softmax sums differently (the fused gather's fp32
+    logits differed from the gather path's on an H100 for that reason). The interpreter runs one config, so
+    this checks the launch arguments rather than the rounding."""
+    batch, h, d, num_slots, block = 2, 2, 32, 6, 16
+    q, slot_k, slot_v, host_k, host_v, slot_src, bias, valid = _case(batch, h, d, num_slots, block, 40, dtype, 5)
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                key = [constexprs[k] for k in ("G", "D", "FUSED_MERGE")] + [args[-5], args[-2]]  # S, chunk
+                launches.append(key + [str(a.dtype) for a in args if hasattr(a, "dtype")])
+            return launch
+
+    monkeypatch.setattr(kd, "_decode_partial_kernel", Recorder())
+    rows = (_rows(slot_k, batch, num_slots, block), _rows(slot_v, batch, num_slots, block))
+    kd.decode_attention(q, *rows, bias, valid, splits=2, fused_merge=True)
+    kd.decode_attention(q, *rows, bias, valid, splits=2, fused_merge=True, host_k=host_k, host_v=host_v, slot_src=slot_src)
+    pages = torch.cat([slot_k.transpose(1, 2), slot_v.transpose(1, 2)])  # [P, H, bs, D]
+    table = torch.arange(batch * num_slots, dtype=torch.int64).view(batch, 1, num_slots).expand(batch, h, num_slots)
+    kd.decode_attention(q, pages, pages, bias, valid, block_table=table, splits=2, fused_merge=True)
+    assert len(launches) == 3 and launches[0] == launches[1] == launches[2]

@@ -21,7 +21,11 @@ from nosa.ops.kernels.attention import LOG2E, _dot_precision, _next_pow2
 # The key tile is fixed: BLOCK_S sets where the online softmax rescales, so it changes the result's rounding.
 # Were it tuned, the paged (one-copy, offload off) and slot (offload on) kernels, tuned apart, could round
 # differently and offload would change the tokens (seen in bf16 on the H200), and a process's timings would
-# decide its numerics. Warps and stages only schedule the same arithmetic.
+# decide its numerics. Warps are not neutral either: they lay out the [ROWS, BLOCK_S] tile across threads, so
+# they set the order of the softmax's row reductions (and which MMA instruction a dot uses). So the paged, slot
+# and loading variants share one tuned config: PAGED and HOST are not in the autotune key, and the arguments
+# a variant does not read are placeholders of the dtypes the others pass (Triton also keys on every tensor
+# argument's dtype). Whichever variant a process calls first tunes the config for all of them.
 PARTIAL_BLOCK_S = 64
 
 
@@ -52,9 +56,8 @@ def _slot_or_host(slot_ptrs, host_ptrs, from_slot, from_host):
 
 # restore_value: autotuning runs the kernel several times; each run must start from the caller's zeroed
 # arrival counts (reset_to_zero would leave the last benchmark run's counts for the real call).
-# HOST is not in the key: the variant that loads the misses itself takes the config tuned for the same shape
-# without it (or tunes the one both share), so the two never differ in warps or stages at all.
-@triton.autotune(configs=_partial_configs(), key=["S", "chunk", "G", "D", "FUSED_MERGE", "PAGED"],
+# PAGED and HOST are not in the key (see PARTIAL_BLOCK_S): every variant of a shape runs with one config.
+@triton.autotune(configs=_partial_configs(), key=["S", "chunk", "G", "D", "FUSED_MERGE"],
                  restore_value=["Arrivals"])
 @triton.jit
 def _decode_partial_kernel(
@@ -304,17 +307,21 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, block_table=None, s
     split_pad = max(2, _next_pow2(splits))
     if paged:
         # Store pages [P, H, bs, D]: (page, token, head) strides in the slot path's (row, token, head) places.
-        table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+        # int32, the slot path's placeholder dtype (one autotune key); the engine's tables are int32 already
+        table = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
+        table = table if table.stride(-1) == 1 else table.contiguous()
         k_strides = (k_slots.stride(0), k_slots.stride(2), k_slots.stride(1))
         v_strides = (v_slots.stride(0), v_slots.stride(2), v_slots.stride(1))
         table_strides = (table.stride(0), table.stride(1))
     else:
-        table = valid_u8  # never read
+        table = arrivals  # never read; int32, as a block table is
         k_strides = (k_slots.stride(0), k_slots.stride(1), k_slots.stride(2))
         v_strides = (v_slots.stride(0), v_slots.stride(1), v_slots.stride(2))
         table_strides = (0, 0)
     if not host:
-        host_args, host_strides, num_blocks = (valid_u8, valid_u8, valid_u8), (0, 0, 0), 1  # never read
+        # Never read, but of the loading variant's dtypes (see PARTIAL_BLOCK_S): uint8 placeholders made the two
+        # tune apart, and the fused gather's fp32 logits differed from the gather path's (an H100, 2026-12-07).
+        host_args, host_strides, num_blocks = (k_slots, v_slots, arrivals), (0, 0, 0), 1
     else:
         host_args = (host_k, host_v, slot_src)
         host_strides = (host_k.stride(0), host_k.stride(2), host_k.stride(1))  # page, token, head
