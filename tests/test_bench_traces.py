@@ -35,7 +35,7 @@ def test_configs_say_per_row_whether_they_replay_traces():
     assert [uses_traces(c[4], traces) for c in configs[1:]] == [True, False, True, True]
     assert not uses_traces(None, {})
     fused = parse_configs("nosa:on:cache128:traces:fusegather,nosa:on:cache128:traces")
-    assert [c[5] for c in fused] == [True, False] and fused[0][:5] == fused[1][:5]
+    assert [c.fuse_gather for c in fused] == [True, False] and fused[0][:5] == fused[1][:5]
     for bad in ("dense:off:traces", "nosa:on:traces:model", "nosa:on:trace", "nosa:off:fusegather",
                 "nosa:on:fusegather:fusegather"):
         with pytest.raises(ValueError, match="bad --configs entry"):
@@ -55,3 +55,17 @@ def test_the_floor_counts_the_embedding_rows_a_step_reads():
     tied = engine_model("nosa", tie_word_embeddings=True)
     assert tied.get_output_embeddings().weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
     assert weight_bytes_read_per_step(tied, 3) == sum(p.numel() * p.element_size() for p in tied.parameters())
+
+
+def test_the_run_label_sees_trace_rows_whatever_their_other_fields():
+    """The run-level selection label and the traces' descriptions: trace-driven rows with fusegather or a
+    cache (fields after `selection`) once made a trace-driven run say "model scores" and drop its traces."""
+    from nosa.bench.decode import parse_configs, selection_parameters
+
+    traces = {"nosa": (None, {"trace_file": NOSA})}
+    mixed = selection_parameters(parse_configs("dense:off,nosa:on:cache128:traces:fusegather,nosa:on:model"), traces)
+    assert mixed["selection"].startswith("per row") and mixed["traces"]["nosa"]["trace_file"] == NOSA
+    every = selection_parameters(parse_configs("dense:off,nosa:on:traces:fusegather,nosa:off:traces"), traces)
+    assert every["selection"].startswith("trace-driven") and "traces" in every
+    none = selection_parameters(parse_configs("dense:off,nosa:on:model:fusegather"), traces)
+    assert none == {"selection": "model scores (random weights: a worst case for locality)"}

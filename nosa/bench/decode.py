@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -316,8 +317,18 @@ def decode_steps(args) -> int:
 CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN][:traces|:model][:fusegather]"
 
 
-def parse_configs(spec: str):
-    """CONFIG_FORM entries -> (mode, offload, eager, device_cache_blocks or None, selection, fuse_gather).
+class DecodeConfig(NamedTuple):
+    """One row of a decode benchmark (a --configs entry)."""
+    mode: str
+    offload: bool
+    eager: bool
+    cache_blocks: int | None
+    selection: str | None
+    fuse_gather: bool
+
+
+def parse_configs(spec: str) -> list[DecodeConfig]:
+    """CONFIG_FORM entries -> DecodeConfig(mode, offload, eager, cache_blocks or None, selection, fuse_gather).
     selection is "traces" (replay the --traces file of its mode), "model" (the random weights' own scores) or
     None (unsaid: traces when --traces is given, else the model), so one run can hold both kinds of row side
     by side; fusegather (offload on): decode attention loads the misses itself
@@ -339,14 +350,28 @@ def parse_configs(spec: str):
                              f"(cacheN: N device cache blocks per (layer, sequence, KV head); traces/model: replay the "
                              f"--traces file or use the weights' own selection, both for sparse modes only; "
                              f"fusegather: with offload on only)")
-        configs.append((fields[0], fields[1] == "on", "eager" in extra, int(cache[0][5:]) if cache else None,
-                        selection[0] if selection else None, "fusegather" in extra))
+        configs.append(DecodeConfig(fields[0], fields[1] == "on", "eager" in extra, int(cache[0][5:]) if cache else None,
+                                    selection[0] if selection else None, "fusegather" in extra))
     return configs
 
 
 def uses_traces(selection: str | None, traces: dict) -> bool:
     """Whether a sparse config replays traces: said per config, else whenever --traces is given."""
     return selection == "traces" or (selection is None and bool(traces))
+
+
+def selection_parameters(configs: list[DecodeConfig], traces: dict) -> dict:
+    """The run's "selection" label (and its traces' descriptions when any row replays them)."""
+    # By field name: unpacked by position, this once read fuse_gather (appended after selection) as the
+    # selection and labelled trace-driven runs "model scores", without their traces' description.
+    traced = [uses_traces(config.selection, traces) for config in configs if config.mode != "dense"]
+    if not any(traced):
+        return {"selection": "model scores (random weights: a worst case for locality)"}
+    label = ("trace-driven (sparse configs replay trained models' selections; dense configs select every block)"
+             if all(traced) else
+             "per row: trace-driven rows replay trained models' selections, the others use the random weights' "
+             "own scores (a worst case for locality); dense selects every block")
+    return {"selection": label, "traces": {mode: description for mode, (_, description) in traces.items()}}
 
 
 def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, models: dict, traces: dict) -> None:
@@ -365,15 +390,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
                   "dtype": "bfloat16", "weights": "random", "prompt_cache": "synthetic (random K/V, model's eviction head)",
                   "sparse": "spec defaults (block 64, topk 64, sink 1, window 16, query 16, kernel 32, stride 16)",
                   "cuda_graphs": not args.no_cuda_graphs, "configs": spec, "source_commit": args.commit}
-    traced = [uses_traces(selection, traces) for mode, *_, selection in configs if mode != "dense"]
-    if any(traced):
-        parameters.update({"selection": ("trace-driven (sparse configs replay trained models' selections; dense "
-                                         "configs select every block)") if all(traced) else
-                           ("per row: trace-driven rows replay trained models' selections, the others use the "
-                            "random weights' own scores (a worst case for locality); dense selects every block"),
-                           "traces": {mode: description for mode, (_, description) in traces.items()}})
-    else:
-        parameters["selection"] = "model scores (random weights: a worst case for locality)"
+    parameters.update(selection_parameters(configs, traces))
     if equal_memory:
         parameters.update({"mode": "equal device memory", "gpu_memory_budget": budget,
                            "budget_from": f"dense, all KV on the device, batch {args.equal_memory_dense_batch} (LLM.device_bytes)",
@@ -386,7 +403,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         base = runs[0]["tokens_per_s"]  # the first config (engine-admitted batch in equal-memory mode)
         for run in runs:
             run["ratio_vs_baseline"] = run["tokens_per_s"] / base
-        results = {"gather": shared["gather"], "baseline": {"attn_mode": configs[0][0], "offload": configs[0][1], "batch": runs[0]["batch"]},
+        results = {"gather": shared["gather"], "baseline": {"attn_mode": configs[0].mode, "offload": configs[0].offload, "batch": runs[0]["batch"]},
                    "hbm_copy_gb_s": shared["hbm_copy_gb_s"], "complete": complete, "decode": runs}
         path = write_result(name, parameters, results)
         print(f"wrote {path}{'' if complete else ' (partial)'}", flush=True)
