@@ -5,7 +5,7 @@
 #    trace replay paths (TEST_S, default 110 s; the full GPU list passed on 2026-12-03 in 180 s,
 #    results/gpu_validation/2026-12-03b/).
 # 1. The headline, bench/results/decode_64k_equal_memory.json: 12 configs, replaying results/quality/traces_*.npz
-#    (study run 4's models since 2026-12-03), with InfLLM-v2 offloaded at the same 128-block device cache
+#    (study run 8's models since 2026-12-07; run 4's before, now in results/quality/run4/), with InfLLM-v2 offloaded at the same 128-block device cache
 #    as NOSA (the fair counterpart of nosa:on:cache128), NOSA's cache-128 row again with the misses loaded
 #    inside decode attention (:fusegather, nosa.engine.attention.FUSE_GATHER), and its kernel profiles.
 # 2. Every kernel against its reference on the GPU (tests/ops/test_kernels_gpu.py) in what time is left.

@@ -47,11 +47,9 @@ def training_table(rows: list[dict]) -> str:
              "| vs dense |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        long_phase = [p for p in r.get("phases", []) if not p.get("shared")]
-        steps = "-"
-        if long_phase:
-            p = long_phase[-1]
-            steps = f"{p['steps_done']}/{p['steps_planned']}" + _stop_note(p)
+        # every per-mode phase, in order (a recipe may split the per-mode training over several calls)
+        per_mode = [p for p in r.get("phases", []) if not p.get("shared")]
+        steps = " + ".join(f"{p['steps_done']}/{p['steps_planned']}" + _stop_note(p) for p in per_mode) or "-"
         held = r.get("heldout_loss")
         rel = f"{100 * (held / base - 1):+.1f}%" if isinstance(held, float) and base and r is not dense else "-"
         lines.append(f"| {r['attn_mode']} | {_num(r.get('parameters'), ',')} | {_num(r.get('tokens_trained'), ',')} | {steps} "

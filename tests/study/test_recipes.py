@@ -102,3 +102,22 @@ def test_a_seed_makes_another_run_of_the_same_recipe(tmp_path):
     assert train_config(seeded, "nosa", 4, str(tmp_path))["seed"] == 4007
     assert {k: v for k, v in seeded["data"].items() if k != "seed"} == {k: v for k, v in default["data"].items() if k != "seed"}
     assert study_for_run(path, modes=["dense", "nosa"], seed=7)["modes"] == ["dense", "nosa"]
+
+
+def test_long_sparse_recipe_differs_from_the_gate_recipe_only_in_its_per_mode_steps():
+    gate = resolve(os.path.join(RECIPES, "h200_two_calls_gate.yaml"))
+    long = resolve(os.path.join(RECIPES, "h200_three_calls_long_sparse.yaml"))
+    assert long["phases"][:4] == gate["phases"][:4]  # the same shared phases and gate
+    per_mode = long["phases"][4:]
+    assert len(per_mode) == 2 and not any(p.get("shared") for p in per_mode)
+    assert all(p["seq_len"] == 16384 and p["mixture"] == gate["phases"][4]["mixture"] for p in per_mode)
+    assert sum(p["max_steps"] for p in per_mode) == 900  # run 8: 340
+    for key in ("model", "data", "modes", "shared_eval", "eval", "budget_s"):
+        assert long[key] == gate[key]
+    # each call fits the study's budget: call 2 trains phase 4 alone, call 3 phase 5 and the evaluation
+    # (run 8's evaluation took 98 s for its slowest mode)
+    start_up = 30
+    assert per_mode[0]["time_limit_s"] + start_up <= long["budget_s"] - long["reserve_s"]
+    assert per_mode[1]["time_limit_s"] + start_up + 110 <= long["budget_s"] - long["reserve_s"]
+    # ~0.77 s a step for four side by side (run 8, H100) must not hit phase 4's time limit before its steps
+    assert per_mode[0]["max_steps"] * 0.77 <= per_mode[0]["time_limit_s"]

@@ -44,3 +44,18 @@ def test_the_study_log_says_whether_a_gated_phase_met_its_target(tmp_path):
         f.write(json.dumps({"event": "end", "step": 5, "stopped_by_answer_target": {"passkey": 0.25}}) + "\n")
     assert answer_target_note(str(tmp_path), "shared", 0, study) == \
         "phase 0 (shared): answer target met at step 5 (window means passkey 0.250)"
+
+
+def test_every_per_mode_phase_is_in_the_training_table(tmp_path):
+    """A recipe whose per-mode training is split over two phases (h200_three_calls_long_sparse.yaml) shows
+    both phases' steps, not only the last one's."""
+    with open(RUN6) as f:
+        summary = json.load(f)
+    split = copy.deepcopy(summary)
+    for row in split["results"]["rows"]:
+        last = row["phases"][-1]
+        row["phases"][-1] = dict(last, steps_planned=560, steps_done=560, stopped_by_time_limit=False)
+        row["phases"].append(dict(last, steps_planned=340, steps_done=301, stopped_by_time_limit=True))
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(split))
+    assert "| 560/560 + 301/340 (time limit) |" in render(str(path))
