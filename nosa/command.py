@@ -45,6 +45,21 @@ def run_command(func, args, prog: str) -> int:
         return 130
 
 
+DEVICE_CACHE_HELP = ("blocks the device keeps per (layer, sequence, KV head), >= topk_blocks (default: the selection "
+                     "only), or 'auto': the largest cache up to 2 x topk that leaves --gpu-memory-budget room for "
+                     "--max-num-seqs rows")
+
+
+def device_cache_blocks_arg(value: str):
+    """--device-cache-blocks: a block count or 'auto' (LLM's device_cache_blocks; the engine checks the count)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks or 'auto', got {value!r}") from None
+
+
 def resolve_device(flag: str | None, option: str = "--device"):
     """The torch device a `--device` flag names (default: cuda when available), refused with a clear
     message when this machine cannot provide it (torch's own error is an AssertionError)."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call (<= ~6 min wall), issue 10 items 2-3: what the default device cache and FUSE_GATHER need.
+# One GPU call (<= ~9.5 min wall, TOTAL=560), issue 10 items 2-3: what the default device cache and FUSE_GATHER need.
 # 1. The engine's GPU tests of the fused gather (FUSE_GATHER == the gather path bit for bit, fp32 and bf16, with
 #    and without the device cache: two fp32 cases failed on 2026-12-07 before the decode kernel's variants
 #    shared one autotuned config), of the device cache and of offload off (TEST_S, default 150 s).
@@ -9,11 +9,15 @@
 #    ~48 rows with the selection only and ~30 with a 128-block cache; --max-batch 64 does not bind), trace-driven
 #    (results/quality/traces_*.npz, study run 8) and with the random weights' selections, with and without the
 #    cache, and the cached trace row with FUSE_GATHER (decode_64k_budget_bound.json, profiles).
-# Writes into $OUT: decode_64k_budget_bound.json, its profiles, logs.tar.gz.
+# 3. The regime `device_cache_blocks="auto"` acts in (rows capped by max_num_seqs, budget to spare: the headline's
+#    20-dense-row budget, --max-batch 48) with the random weights' selections, which no cached run has measured:
+#    NOSA offloaded with the selection only against "auto" (128 blocks there), and "auto" on the traces
+#    (decode_64k_cache_auto.json). 2 and 3 decide whether "auto" becomes LLM's default.
+# Writes into $OUT: decode_64k_budget_bound.json, decode_64k_cache_auto.json, profiles, logs.tar.gz.
 set -uo pipefail
 : "${OUT:?set OUT to the result directory}"
 COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-TOTAL=${TOTAL:-380}
+TOTAL=${TOTAL:-560}
 . "$(dirname "$0")/budget.sh"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -25,11 +29,16 @@ timeout -k 10 ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rA
   -k "loading_misses or device_cache or offload_off" >"$OUT/gpu_engine_tests.log" 2>&1
 echo "engine tests exit $? ($(elapsed) s)"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_engine_tests.log" | tail -6
 
-timeout -k 10 $(left 15) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
+timeout -k 10 $(left 150) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
   --equal-memory-dense-batch 5 --max-batch 64 --commit "$COMMIT" \
   --traces results/quality/traces_nosa.npz \
   --equal-configs dense:off,nosa:on:traces,nosa:on:cache128:traces,nosa:on:cache96:traces,nosa:on:model,nosa:on:cache128:model,nosa:on:cache128:traces:fusegather \
   --profile "$OUT/decode_64k_budget_bound_profile.txt" --name "$OUT/decode_64k_budget_bound" >"$OUT/decode.log" 2>&1
 echo "64K budget-bound exit $? ($(elapsed) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/decode.log" | tail -10
+timeout -k 10 $(left 15) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
+  --equal-memory-dense-batch 20 --max-batch 48 --commit "$COMMIT" --traces results/quality/traces_nosa.npz \
+  --equal-configs dense:off,nosa:on:model,nosa:on:cacheauto:model,nosa:on:cacheauto:traces \
+  --name "$OUT/decode_64k_cache_auto" >"$OUT/decode_auto.log" 2>&1
+echo "64K cache auto exit $? ($(elapsed) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/decode_auto.log" | tail -6
 (cd "$OUT" && tar -czf logs.tar.gz *.log && rm -f *.log)
 ls "$OUT"

@@ -314,7 +314,7 @@ def decode_steps(args) -> int:
     return args.warmup + args.steps + 8
 
 
-CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN][:traces|:model][:fusegather]"
+CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN|:cacheauto][:traces|:model][:fusegather]"
 
 
 class DecodeConfig(NamedTuple):
@@ -322,7 +322,7 @@ class DecodeConfig(NamedTuple):
     mode: str
     offload: bool
     eager: bool
-    cache_blocks: int | None
+    cache_blocks: int | str | None  # "auto": the engine sizes it (nosa.engine.budget)
     selection: str | None
     fuse_gather: bool
 
@@ -342,15 +342,16 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
         single = ("eager", "fusegather")
         ok = (len(fields) >= 2 and fields[1] in ("on", "off") and len(cache) <= 1 and len(selection) <= 1
               and all(f in single or f in cache or f in selection for f in extra)
-              and all(extra.count(f) <= 1 for f in single) and all(f[5:].isdigit() for f in cache))
+              and all(extra.count(f) <= 1 for f in single) and all(f[5:].isdigit() or f == "cacheauto" for f in cache))
         if ok and "fusegather" in extra and fields[1] != "on":
             ok = False  # with offload off nothing is loaded
         if not ok or ((cache or selection) and fields[0] == "dense"):
             raise ValueError(f"bad --configs entry {item!r}: expected {CONFIG_FORM} "
-                             f"(cacheN: N device cache blocks per (layer, sequence, KV head); traces/model: replay the "
+                             f"(cacheN: N device cache blocks per (layer, sequence, KV head), cacheauto: the engine's 'auto' size; traces/model: replay the "
                              f"--traces file or use the weights' own selection, both for sparse modes only; "
                              f"fusegather: with offload on only)")
-        configs.append(DecodeConfig(fields[0], fields[1] == "on", "eager" in extra, int(cache[0][5:]) if cache else None,
+        configs.append(DecodeConfig(fields[0], fields[1] == "on", "eager" in extra,
+                                    (cache[0][5:] if cache[0] == "cacheauto" else int(cache[0][5:])) if cache else None,
                                     selection[0] if selection else None, "fusegather" in extra))
     return configs
 
@@ -423,7 +424,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
             llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch,
                       cuda_graphs=graphs, device_cache_blocks=cache_blocks)
         batch = llm.max_num_seqs
-        row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len, cache_blocks)
+        row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len, llm.device_cache_blocks)
         running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
         selection = "every block (dense)" if mode == "dense" else "model scores (random weights)"
         if mode != "dense" and uses_traces(selection_kind, traces):
@@ -432,6 +433,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
                "fuse_gather": fuse_gather,
                "selection": selection, "device_cache_blocks": llm.cache.slots + llm.cache.spill_blocks if mode != "dense" else None,
+               "device_cache_request": cache_blocks,
                "batch_from": batch_chosen_by(batch, args.max_batch, budget, row_bytes, workspace) if equal_memory else "fixed",
                **time_decode(llm, running, args.warmup, args.steps),
                # Offload off: the device store is the one copy of the KV (no slots); on: the selection slots.

@@ -114,7 +114,9 @@ def decode_table(path: str) -> str:
         hit_rate = f"{sum(hit) / len(hit):.2f}" if hit else "-"
         batch = r.get("batch", params.get("batch"))
         mode = ("on" if r["offload"] else "off") + ("" if r.get("cuda_graphs", True) else " (eager)")
-        if r.get("device_cache_blocks") and r["device_cache_blocks"] > params.get("topk_blocks", 64):
+        if r.get("device_cache_request") == "auto":
+            mode += f", cache auto ({r['device_cache_blocks']})"
+        elif r.get("device_cache_blocks") and r["device_cache_blocks"] > params.get("topk_blocks", 64):
             mode += f", cache {r['device_cache_blocks']}"
         if r.get("fuse_gather"):
             mode += ", loads in attention"

@@ -95,7 +95,7 @@ class BlockCache:
             raise ValueError("device_cache_blocks applies to the sparse attn_modes; dense mode holds every block")
         if isinstance(device_cache_blocks, bool) or not isinstance(device_cache_blocks, int) or device_cache_blocks < cfg.topk_blocks:
             raise ValueError(f"device_cache_blocks must be an integer >= topk_blocks={cfg.topk_blocks} (the selection "
-                             f"itself is always resident), got {device_cache_blocks!r}")
+                             f"itself is always resident) or 'auto' (given to LLM), got {device_cache_blocks!r}")
         return device_cache_blocks - cfg.topk_blocks
 
     @staticmethod

@@ -73,6 +73,36 @@ def device_bytes(config, dtype: torch.dtype, offload: bool, max_model_len: int,
     return row_bytes, workspace
 
 
+# `device_cache_blocks="auto"`: the largest device cache, up to this many times topk_blocks, that still leaves
+# the budget room for max_num_seqs rows. 2x (128 blocks at the spec's topk 64) is the largest size measured on
+# the GPU: faster than 64 and 96 in every 64K trace-driven run (docs/engine.md, "Device cache beyond the
+# selection"); the spill kernels also take at most 128 spill slots.
+AUTO_CACHE_MAX_FACTOR = 2
+
+
+def resolve_device_cache_blocks(config, dtype: torch.dtype, offload: bool, max_model_len: int, max_num_seqs: int,
+                                gpu_memory_budget: int | None, device_cache_blocks,
+                                max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> int | None:
+    """The device cache size the engine allocates: `device_cache_blocks` itself, or for "auto" the largest
+    size (at most AUTO_CACHE_MAX_FACTOR x topk_blocks, and no more than max_model_len's blocks) whose rows
+    still fit max_num_seqs of them in gpu_memory_budget, so the cache only takes memory no row would use.
+    "auto" gives None (the selection only) where there is nothing to spare: dense mode, offload off (every
+    block is on the device already), no gpu_memory_budget (the engine then allocates exactly what
+    max_num_seqs rows need), or a budget that max_num_seqs rows already fill."""
+    if device_cache_blocks != "auto":
+        return device_cache_blocks
+    cfg = config.sparse
+    if not cfg.is_sparse or not offload or gpu_memory_budget is None:
+        return None
+    _positive_bytes("gpu_memory_budget", gpu_memory_budget)
+    ceiling = min(AUTO_CACHE_MAX_FACTOR * cfg.topk_blocks, ops.num_blocks(max_model_len, cfg.block_size))
+    for blocks in range(ceiling, cfg.topk_blocks, -1):
+        row_bytes, workspace = device_bytes(config, dtype, offload, max_model_len, blocks, max_prefill_tokens)
+        if (gpu_memory_budget - workspace) // row_bytes >= max_num_seqs:
+            return blocks
+    return None
+
+
 def plan_memory(config, dtype: torch.dtype, offload: bool, max_model_len: int, max_num_seqs: int,
                 gpu_memory_budget: int | None, host_memory_budget: int | None,
                 device_cache_blocks: int | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from nosa.command import DEVICE_CACHE_HELP, device_cache_blocks_arg
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate with the NOSI offloading engine")
@@ -15,6 +17,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-offload", action="store_true", help="keep the whole KV cache on the device")
     p.add_argument("--gpu-memory-budget", type=int, default=None, help="bytes of device memory for KV state")
     p.add_argument("--host-memory-budget", type=int, default=None, help="bytes of host memory for the KV store")
+    p.add_argument("--device-cache-blocks", type=device_cache_blocks_arg, default=None, help=DEVICE_CACHE_HELP)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -45,7 +48,8 @@ def main(args) -> int:
         with quiet_transformers(args.quiet):  # --quiet: no weight-loading bar either
             llm = LLM(args.model, device=device, offload=not args.no_offload, gpu_memory_budget=args.gpu_memory_budget,
                       host_memory_budget=args.host_memory_budget, max_model_len=args.max_model_len,
-                      max_num_seqs=args.max_num_seqs, cuda_graphs=not args.no_cuda_graphs)
+                      max_num_seqs=args.max_num_seqs, cuda_graphs=not args.no_cuda_graphs,
+                      device_cache_blocks=args.device_cache_blocks)
         outputs = llm.generate(prompts, params, use_tqdm=not args.quiet)
     except ValueError as err:
         print(f"nosa generate: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ import time
 import torch
 
 from nosa.engine.block_cache import BlockCache
-from nosa.engine.budget import DEFAULT_MAX_PREFILL_TOKENS, device_bytes, plan_memory
+from nosa.engine.budget import DEFAULT_MAX_PREFILL_TOKENS, device_bytes, plan_memory, resolve_device_cache_blocks
 from nosa.engine.cuda_graph import GraphedDecode, new_graph_events
 from nosa.engine.host_store import HostStore
 from nosa.engine.model_runner import ModelRunner, PrefillChunk
@@ -31,7 +31,7 @@ class EngineCore:
 
     def __init__(self, model, tokenizer, device: torch.device, offload: bool, gpu_memory_budget: int | None,
                  host_memory_budget: int | None, max_model_len: int | None, max_num_seqs: int, prefill_chunk: int,
-                 cuda_graphs: bool, device_cache_blocks: int | None = None,
+                 cuda_graphs: bool, device_cache_blocks: int | str | None = None,
                  max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
@@ -49,6 +49,10 @@ class EngineCore:
         self.max_model_len = max_model_len
         cfg, L = config.sparse, config.num_hidden_layers
         H, D, dtype = config.num_key_value_heads, config.head_dim, model.dtype
+        # "auto" becomes a size here, once: everything below (budget, cache, statistics) sees a number or None.
+        device_cache_blocks = resolve_device_cache_blocks(config, dtype, offload, max_model_len, max_num_seqs,
+                                                          gpu_memory_budget, device_cache_blocks, max_prefill_tokens)
+        self.device_cache_blocks = device_cache_blocks
         self.memory = plan_memory(config, dtype, offload, max_model_len, max_num_seqs, gpu_memory_budget, host_memory_budget,
                                   device_cache_blocks, max_prefill_tokens)
         self.store = HostStore(L, self.memory.host_pages, H, cfg.block_size, D, dtype, device, offload)

@@ -51,6 +51,9 @@ class LLM(EngineCore):
     modes): blocks the device holds per (layer, sequence, KV head), >= topk_blocks (None: topk_blocks, only
     the selection); the extra ones keep blocks that left the selection, least recently selected replaced
     first, so a block that comes back is a device copy instead of a host load. Charged to the budget.
+    "auto": the largest cache up to 2 x topk_blocks that still leaves gpu_memory_budget room for
+    max_num_seqs rows (memory no row would use; none without a budget or with offload off); the size
+    chosen is `device_cache_blocks` on the engine.
     max_prefill_tokens: prompt tokens prefilled per step, across the prompts being prefilled (one packed
     forward beside each decode step, so a long prompt delays decoding by at most this many tokens' work);
     prefill_chunk: the most tokens of one prompt per step (below max_prefill_tokens, several prompts move
@@ -60,7 +63,7 @@ class LLM(EngineCore):
     def __init__(self, model_or_path, device=None, offload: bool = True, gpu_memory_budget: int | None = None,
                  host_memory_budget: int | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, dtype: torch.dtype | None = None, tokenizer=None,
-                 cuda_graphs: bool = True, device_cache_blocks: int | None = None,
+                 cuda_graphs: bool = True, device_cache_blocks: int | str | None = None,
                  max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, loaded_tokenizer = _load_model(model_or_path, device, dtype)

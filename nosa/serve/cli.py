@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from nosa.command import DEVICE_CACHE_HELP, device_cache_blocks_arg
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -18,6 +20,7 @@ def register(subparsers) -> None:
                    help="keep the KV store in host memory (default); --no-offload keeps it all on the device")
     p.add_argument("--gpu-memory-budget", type=int, default=None, help="bytes of device memory for KV state")
     p.add_argument("--host-memory-budget", type=int, default=None, help="bytes of host memory for the KV store")
+    p.add_argument("--device-cache-blocks", type=device_cache_blocks_arg, default=None, help=DEVICE_CACHE_HELP)
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + generation (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together at most")
     p.add_argument("--max-queue", type=int, default=None, help="choices that may wait for a row (default: no bound)")
@@ -42,7 +45,8 @@ def build_server(args):
         raise ValueError(f"{args.model} has no tokenizer (nosa_tokenizer.json or a transformers tokenizer); the server needs one")
     llm = LLM(args.model, device=args.device, offload=args.offload, gpu_memory_budget=args.gpu_memory_budget,
               host_memory_budget=args.host_memory_budget, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, tokenizer=tokenizer, cuda_graphs=not args.no_cuda_graphs)
+              max_num_seqs=args.max_num_seqs, tokenizer=tokenizer, cuda_graphs=not args.no_cuda_graphs,
+              device_cache_blocks=args.device_cache_blocks)
     service = EngineService(llm, max_queue=args.max_queue, queue_full=args.queue_full)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     return service, create_app(service, tokenizer, name), tokenizer

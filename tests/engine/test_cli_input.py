@@ -59,3 +59,16 @@ def test_non_utf8_stdin_line_is_named():
 def test_device_cuda_without_cuda(saved, capsys):
     err = cli_error(["generate", saved, "ab", "--device", "cuda", "--quiet"], capsys)
     assert "--device cuda" in err and "no CUDA device" in err and "--device cpu" in err
+
+
+def test_device_cache_blocks_flag(saved, capsys):
+    """--device-cache-blocks takes a count or 'auto' (both reach the engine) and names anything else."""
+    for value in ("auto", "12"):
+        assert main(["generate", saved, "ab", "--max-tokens", "2", "--device", "cpu", "--quiet",
+                     "--gpu-memory-budget", str(1 << 30), "--device-cache-blocks", value]) == 0
+        capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["generate", saved, "ab", "--device", "cpu", "--device-cache-blocks", "many"])
+    assert "expected a number of blocks or 'auto', got 'many'" in capsys.readouterr().err
+    err = cli_error(["generate", saved, "ab", "--device", "cpu", "--quiet", "--device-cache-blocks", "1"], capsys)
+    assert "device_cache_blocks must be an integer >= topk_blocks" in err

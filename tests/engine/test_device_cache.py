@@ -157,3 +157,49 @@ def test_budget_charges_the_cache_and_bad_sizes_are_refused():
         LLM(model, device="cpu", max_model_len=64, device_cache_blocks=cfg.topk_blocks - 1)
     with pytest.raises(ValueError, match="dense mode holds every block"):
         LLM(engine_model("dense"), device="cpu", max_model_len=64, device_cache_blocks=8)
+
+
+def _budget_for(model, rows, cache_blocks, offload=True, max_model_len=80):
+    from nosa.engine.budget import device_bytes
+
+    row, workspace = device_bytes(model.config, model.dtype, offload, max_model_len, cache_blocks)
+    return workspace + rows * row
+
+
+def test_auto_cache_takes_only_memory_no_row_would_use():
+    """device_cache_blocks="auto": the largest cache up to 2 x topk whose rows still fit max_num_seqs in the
+    budget; no rows are lost to it, and it equals the model's forward like any fixed size."""
+    model = engine_model("nosa", seed=1)
+    topk, rows = model.config.topk_blocks, len(LENGTHS)
+    ceiling = min(2 * topk, ops.num_blocks(80, model.config.block_size))
+    kwargs = dict(device="cpu", max_model_len=80, max_num_seqs=rows, prefill_chunk=5)
+    # room for max_num_seqs rows at the ceiling: the ceiling
+    llm = LLM(model, gpu_memory_budget=_budget_for(model, rows, ceiling), device_cache_blocks="auto", **kwargs)
+    assert llm.device_cache_blocks == ceiling and llm.max_num_seqs == rows
+    # room for topk + 3 but not topk + 4: exactly topk + 3, still every row
+    between = _budget_for(model, rows, topk + 4) - 1
+    assert _budget_for(model, rows, topk + 3) <= between
+    llm = LLM(model, gpu_memory_budget=between, device_cache_blocks="auto", **kwargs)
+    assert llm.device_cache_blocks == topk + 3 and llm.max_num_seqs == rows
+    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
+    outs = llm.generate(prompts(), params, use_tqdm=False, return_logits=True)
+    fixed, _ = run(model, topk + 3)
+    for a, b in zip(outs, fixed):
+        assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
+    assert llm.stats().spill_hits_per_step > 0
+    # a budget that max_num_seqs rows fill without a cache, no budget, offload off, dense: no cache
+    tight = _budget_for(model, rows, None)
+    assert LLM(model, gpu_memory_budget=tight, device_cache_blocks="auto", **kwargs).device_cache_blocks is None
+    assert LLM(model, device_cache_blocks="auto", **kwargs).device_cache_blocks is None
+    off = _budget_for(model, rows, ceiling, offload=False)
+    assert LLM(model, offload=False, gpu_memory_budget=off, device_cache_blocks="auto", **kwargs).device_cache_blocks is None
+    dense = engine_model("dense", seed=1)
+    big = _budget_for(dense, rows, None) * 4
+    assert LLM(dense, gpu_memory_budget=big, device_cache_blocks="auto", **kwargs).device_cache_blocks is None
+
+
+def test_a_bad_device_cache_size_names_the_accepted_values():
+    model = engine_model("nosa", seed=1)
+    for bad in ("Auto", 2, 1.5, True):
+        with pytest.raises(ValueError, match="device_cache_blocks must be an integer >= topk_blocks=.* or 'auto'"):
+            LLM(model, device="cpu", max_model_len=80, max_num_seqs=2, device_cache_blocks=bad)
