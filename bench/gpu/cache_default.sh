@@ -19,11 +19,7 @@ set -uo pipefail
 COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 TOTAL=${TOTAL:-560}
 . "$(dirname "$0")/budget.sh"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "$0")/wheels.sh"
 
 timeout -k 10 ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_gpu.py \
   -k "loading_misses or device_cache or offload_off" >"$OUT/gpu_engine_tests.log" 2>&1

@@ -5,10 +5,7 @@
 # cut-short run keeps what it measured), bench_kernels.log. fla comes from .whl/ when the lead copied it.
 set -uo pipefail
 : "${OUT:?set OUT to the result directory}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+. "$(dirname "$0")/wheels.sh"
 timeout 100 python3 -m pytest -q -x tests/ops/test_kernels_gpu.py >"$OUT/kernel_tests_gpu.log" 2>&1
 echo "gpu kernel tests: exit $? ($(tail -1 "$OUT/kernel_tests_gpu.log"))"
 timeout 185 python3 -m nosa.cli bench kernels --lengths 4096 16384 32768 65536 131072 --sweep-lengths 32768 \

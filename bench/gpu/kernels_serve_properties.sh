@@ -13,12 +13,7 @@ set -uo pipefail
 : "${OUT:?set OUT to the result directory}"
 TOTAL=${TOTAL:-560}
 . "$(dirname "$0")/budget.sh"
-# fla-core and the serving stack (fastapi needs opentelemetry-api, huggingface_hub httpx2) from .whl/
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "$0")/wheels.sh"
 # 100 s stopped the kernel tests after 10 of their 20 on 2026-12-07 (an H100; Triton compiles each shape); they
 # now also check the tensor-descriptor default, which the rest of them have not run with
 timeout -k 10 150 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_kernels_gpu.py >"$OUT/kernel_tests_gpu.log" 2>&1
