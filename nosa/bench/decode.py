@@ -377,6 +377,7 @@ def selection_parameters(configs: list[DecodeConfig], traces: dict) -> dict:
 
 def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, models: dict, traces: dict) -> None:
     """One comparison (fixed batch, or equal device memory), written to bench/results/<name>.json."""
+    from nosa import ops
     from nosa.engine import LLM
 
     import nosa.engine.attention as engine_attention
@@ -425,6 +426,8 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
                       cuda_graphs=graphs, device_cache_blocks=cache_blocks)
         batch = llm.max_num_seqs
         row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len, llm.device_cache_blocks)
+        if offload:  # the whole batch's pages in one allocation (HostStore.reserve), not log2(batch) doublings
+            llm.store.reserve(batch * ops.num_blocks(max_len, model.config.sparse.block_size))
         running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
         selection = "every block (dense)" if mode == "dense" else "model scores (random weights)"
         if mode != "dense" and uses_traces(selection_kind, traces):

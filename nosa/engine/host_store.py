@@ -17,9 +17,12 @@ page (`scratch_page`, never given out) that the padded decode step's rows withou
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nosa import ops
+from nosa.engine.pinned import PinnedBuffer
 
 
 class HostMemoryError(RuntimeError):
@@ -58,18 +61,24 @@ class HostStore:
         # Pinned memory is what makes the zero-copy gather possible (pageable memory runs ~3x slower).
         self._pin = offload and device.type == "cuda"
         # One page to start with (a real, pinned allocation), the rest as requests are admitted.
-        self.k, self.v = self._empty(min(num_pages, 1) if offload else num_pages + 1)
+        # _buffers: what keeps the pinned store registered (empty when the store is not pinned).
+        self.k, self.v, self._buffers = self._empty(min(num_pages, 1) if offload else num_pages + 1)
         self.scratch_page = None if offload else num_pages
         self._free = list(range((self.allocated_pages if offload else num_pages) - 1, -1, -1))
 
-    def _empty(self, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _empty(self, pages: int) -> tuple[torch.Tensor, torch.Tensor, tuple[PinnedBuffer, ...]]:
         shape = (self.num_layers, pages) + self._page_shape
         if not self.offload:
             # Zeroed: attention reads a tail page's unwritten tokens (masked, weight 0), and 0 x NaN of
             # uninitialised memory would not be 0. The slot path's pages only ever held written tokens.
-            return torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device)
-        return (torch.empty(shape, dtype=self.dtype, pin_memory=self._pin),
-                torch.empty(shape, dtype=self.dtype, pin_memory=self._pin))
+            return (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.dtype, device=self.device), ())
+        if not self._pin:
+            return torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype), ()
+        # Exact-size pinned buffers, not pin_memory=True (nosa.engine.pinned says why).
+        nbytes = math.prod(shape) * torch.empty((), dtype=self.dtype).element_size()
+        buffers = (PinnedBuffer(nbytes), PinnedBuffer(nbytes))
+        return buffers[0].tensor(shape, self.dtype), buffers[1].tensor(shape, self.dtype), buffers
 
     @staticmethod
     def page_bytes(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -98,10 +107,11 @@ class HostStore:
         """Bytes of the store at its cap (what the host memory budget allows)."""
         return self.num_pages * self.bytes_per_page
 
-    def _grow(self, needed: int) -> None:
-        """Reallocate to at least `needed` pages (doubling, within the cap and the machine's memory)."""
+    def _grow(self, needed: int, exact: bool = False) -> None:
+        """Reallocate to at least `needed` pages (doubling unless `exact`, within the cap and the machine's
+        memory)."""
         old = self.allocated_pages
-        target = min(self.num_pages, max(needed, 2 * old))
+        target = min(self.num_pages, needed if exact else max(needed, 2 * old))
         available = available_host_memory()
         if available is not None and target * self.bytes_per_page > available:
             # Doubling does not fit (the new store must fit whole beside the old one, see below): take
@@ -116,13 +126,25 @@ class HostStore:
                 f"{available / 2**30:.2f} GiB of host memory available; lower host_memory_budget (now "
                 f"{self.capacity_bytes / 2**30:.2f} GiB), max_num_seqs or max_model_len"
             )
-        k, v = self._empty(target)
+        k, v, buffers = self._empty(target)
+        if self._pin:
+            # Work already queued may still read the old store (a gather) or write it (a full tail block's
+            # write-back): let it land before the copy, and before the old buffers unregister.
+            torch.cuda.synchronize(self.device)
         if old:
             k[:, :old].copy_(self.k)
             v[:, :old].copy_(self.v)
-        self.k, self.v = k, v
+        self.k, self.v, self._buffers = k, v, buffers  # the old store's buffers unregister as they go
         self._free = list(range(target - 1, old - 1, -1)) + self._free
         self.version += 1
+
+    def reserve(self, pages: int) -> None:
+        """Allocate room for `pages` pages in all (at most the cap) in one reallocation, where a caller knows
+        what it will admit (a benchmark installing its whole batch): growth by doubling would copy the store
+        log2(n) times and hold two stores at once each time."""
+        pages = min(pages, self.num_pages)
+        if self.offload and pages > self.allocated_pages:
+            self._grow(pages, exact=True)
 
     def allocate(self, count: int) -> list[int]:
         if count > self.free_pages:
