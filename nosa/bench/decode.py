@@ -29,6 +29,7 @@ Two modes:
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from typing import NamedTuple
@@ -461,6 +462,9 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
               f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (reference {run['floor_ms']:.2f})  "
               f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
         del llm, running
+        # The engine holds reference cycles: collect it now, so its pinned host store is unregistered and
+        # unmapped before the next config maps its own (uncollected, three 32 GiB stores filled the box).
+        gc.collect()
         torch.cuda.empty_cache()
         save(runs, configs, complete=False)
     engine_attention.FUSE_GATHER = False

@@ -90,6 +90,11 @@ class HostStore:
         return self.page_bytes(self.num_layers, self._page_shape[0], self._page_shape[1], self._page_shape[2], self.dtype)
 
     @property
+    def pinned(self) -> bool:
+        """Whether the store is page-locked host memory that the gather kernel reads in place."""
+        return bool(self._buffers) and all(b.registered for b in self._buffers)
+
+    @property
     def allocated_pages(self) -> int:
         return self.k.shape[1]
 

@@ -70,6 +70,7 @@ def test_store_growth_keeps_pages_and_releases_old_buffers(registrations, monkey
     live, log = registrations
     monkeypatch.setattr(host_store_module, "available_host_memory", lambda: 1 << 40)
     store = pinned_store(num_pages=40)
+    assert store.pinned
     page_side = store.bytes_per_page // 2  # one side (K or V) of one page
     assert sorted(live.values()) == [page_side, page_side]
     pages = store.allocate(3)  # 1 -> 3 pages (doubling to 2 is not enough: what is needed)
@@ -109,7 +110,7 @@ def test_unpinned_stores_register_nothing(registrations):
     live, _ = registrations
     cpu = HostStore(2, 10, 2, 4, 8, torch.float32, torch.device("cpu"), offload=True)
     cpu.reserve(8)
-    assert cpu.allocated_pages == 8 and live == {}
+    assert cpu.allocated_pages == 8 and live == {} and not cpu.pinned
     on_device = HostStore(2, 10, 2, 4, 8, torch.float32, torch.device("cpu"), offload=False)
     on_device.reserve(20)  # allocated whole at start: nothing to reserve
     assert on_device.allocated_pages == 11 and live == {}
