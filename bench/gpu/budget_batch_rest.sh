@@ -23,7 +23,7 @@ echo "engine tests exit $? ($(elapsed) s)"; grep -E "^(FAILED|ERROR)|passed|fail
 timeout -k 10 $(left 10) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
   --equal-memory-dense-batch 20 --max-batch 256 --commit "$COMMIT" \
   --traces results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz \
-  --equal-configs dense:off,nosa:on:cache128:model:fusegather,infllmv2:on:cache128:model:fusegather,nosa:off:traces,infllmv2:off:traces,nosa:on:model:fusegather,nosa:off:model,infllmv2:on:cache128:traces \
+  --equal-configs dense:off,nosa:on:cache128:model:fusegather,infllmv2:on:cache128:model:fusegather,nosa:off:traces,infllmv2:off:traces,nosa:off:model,infllmv2:off:model,infllmv2:on:cache128:traces,nosa:on:model:fusegather \
   --name "$OUT/decode_64k_budget_batch_2" >"$OUT/logs/decode.log" 2>&1
 echo "64K budget-set batch exit $? ($(elapsed) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/logs/decode.log" | tail -12
 (cd "$OUT" && tar -czf logs.tar.gz logs && rm -rf logs)
