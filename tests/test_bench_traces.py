@@ -34,12 +34,12 @@ def test_configs_say_per_row_whether_they_replay_traces():
     traces = {"nosa": object()}
     assert [uses_traces(c[4], traces) for c in configs[1:]] == [True, False, True, True]
     assert not uses_traces(None, {})
-    fused = parse_configs("nosa:on:cache128:traces:fusegather,nosa:on:cache128:traces")
-    assert [c.fuse_gather for c in fused] == [True, False] and fused[0][:5] == fused[1][:5]
+    fused = parse_configs("nosa:on:cache128:traces:fusegather,nosa:on:cache128:traces,nosa:on:cache128:traces:gather")
+    assert [c.fuse_gather for c in fused] == [True, None, False] and fused[0][:5] == fused[1][:5] == fused[2][:5]
     assert parse_configs("nosa:on:cacheauto:traces")[0].cache_blocks == "auto"
     for bad in ("dense:off:traces", "nosa:on:traces:model", "nosa:on:trace", "nosa:off:fusegather", "nosa:on:cacheAuto",
                 "dense:off:cacheauto", "nosa:on:cache128:cacheauto",
-                "nosa:on:fusegather:fusegather"):
+                "nosa:on:fusegather:fusegather", "nosa:on:fusegather:gather", "nosa:off:gather"):
         with pytest.raises(ValueError, match="bad --configs entry"):
             parse_configs(bad)
 

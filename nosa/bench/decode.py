@@ -315,7 +315,7 @@ def decode_steps(args) -> int:
     return args.warmup + args.steps + 8
 
 
-CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN|:cacheauto][:traces|:model][:fusegather]"
+CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN|:cacheauto][:traces|:model][:fusegather|:gather]"
 
 
 class DecodeConfig(NamedTuple):
@@ -325,35 +325,39 @@ class DecodeConfig(NamedTuple):
     eager: bool
     cache_blocks: int | str | None  # "auto": the engine sizes it (nosa.engine.budget)
     selection: str | None
-    fuse_gather: bool
+    fuse_gather: bool | None  # None: the engine's default (nosa.engine.attention.FUSE_GATHER)
 
 
 def parse_configs(spec: str) -> list[DecodeConfig]:
     """CONFIG_FORM entries -> DecodeConfig(mode, offload, eager, cache_blocks or None, selection, fuse_gather).
     selection is "traces" (replay the --traces file of its mode), "model" (the random weights' own scores) or
     None (unsaid: traces when --traces is given, else the model), so one run can hold both kinds of row side
-    by side; fusegather (offload on): decode attention loads the misses itself
-    (nosa.engine.attention.FUSE_GATHER), so a run can time it beside the gather path."""
+    by side; fusegather / gather (offload on): decode attention loads the misses itself, or a gather launch
+    before it does (nosa.engine.attention.FUSE_GATHER; neither: the engine's default), so a run can time
+    the two side by side."""
     configs = []
     for item in spec.split(","):
         fields = item.split(":")
         extra = fields[2:]
         cache = [f for f in extra if f.startswith("cache")]
         selection = [f for f in extra if f in ("traces", "model")]
-        single = ("eager", "fusegather")
+        single = ("eager", "fusegather", "gather")
         ok = (len(fields) >= 2 and fields[1] in ("on", "off") and len(cache) <= 1 and len(selection) <= 1
               and all(f in single or f in cache or f in selection for f in extra)
               and all(extra.count(f) <= 1 for f in single) and all(f[5:].isdigit() or f == "cacheauto" for f in cache))
-        if ok and "fusegather" in extra and fields[1] != "on":
+        if ok and ("fusegather" in extra or "gather" in extra) and fields[1] != "on":
             ok = False  # with offload off nothing is loaded
+        if ok and "fusegather" in extra and "gather" in extra:
+            ok = False
         if not ok or ((cache or selection) and fields[0] == "dense"):
             raise ValueError(f"bad --configs entry {item!r}: expected {CONFIG_FORM} "
                              f"(cacheN: N device cache blocks per (layer, sequence, KV head), cacheauto: the engine's 'auto' size; traces/model: replay the "
                              f"--traces file or use the weights' own selection, both for sparse modes only; "
-                             f"fusegather: with offload on only)")
+                             f"fusegather or gather: with offload on only)")
         configs.append(DecodeConfig(fields[0], fields[1] == "on", "eager" in extra,
                                     (cache[0][5:] if cache[0] == "cacheauto" else int(cache[0][5:])) if cache else None,
-                                    selection[0] if selection else None, "fusegather" in extra))
+                                    selection[0] if selection else None,
+                                    True if "fusegather" in extra else False if "gather" in extra else None))
     return configs
 
 
@@ -412,8 +416,11 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         print(f"wrote {path}{'' if complete else ' (partial)'}", flush=True)
 
     runs = []
+    default_fuse_gather = engine_attention.FUSE_GATHER
     for mode, offload, eager, cache_blocks, selection_kind, fuse_gather in configs:
-        engine_attention.FUSE_GATHER = fuse_gather  # read as each step begins: this config's graphs keep it
+        # Read as each step begins: this config's graphs keep it. Offload off loads nothing either way.
+        fuse_gather = offload and (default_fuse_gather if fuse_gather is None else fuse_gather)
+        engine_attention.FUSE_GATHER = fuse_gather
         if mode not in models:
             models[mode] = make_model(mode, args.layers, max_len)  # weights are read-only: shared by the suites
         model = models[mode]
@@ -467,7 +474,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         gc.collect()
         torch.cuda.empty_cache()
         save(runs, configs, complete=False)
-    engine_attention.FUSE_GATHER = False
+    engine_attention.FUSE_GATHER = default_fuse_gather
     save(runs, configs, complete=True)
 
 
