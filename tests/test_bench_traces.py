@@ -37,6 +37,12 @@ def test_configs_say_per_row_whether_they_replay_traces():
     fused = parse_configs("nosa:on:cache128:traces:fusegather,nosa:on:cache128:traces,nosa:on:cache128:traces:gather")
     assert [c.fuse_gather for c in fused] == [True, None, False] and fused[0][:5] == fused[1][:5] == fused[2][:5]
     assert parse_configs("nosa:on:cacheauto:traces")[0].cache_blocks == "auto"
+    from nosa.bench.decode import resolve_fuse_gather
+
+    # Unsaid: the engine's default; said: as said; offload off: never (nothing is loaded).
+    assert [resolve_fuse_gather(c.fuse_gather, c.offload, default) for default in (False, True) for c in fused] == \
+        [True, False, False, True, True, False]
+    assert not resolve_fuse_gather(None, False, True) and not resolve_fuse_gather(True, False, False)
     for bad in ("dense:off:traces", "nosa:on:traces:model", "nosa:on:trace", "nosa:off:fusegather", "nosa:on:cacheAuto",
                 "dense:off:cacheauto", "nosa:on:cache128:cacheauto",
                 "nosa:on:fusegather:fusegather", "nosa:on:fusegather:gather", "nosa:off:gather"):

@@ -183,9 +183,11 @@ def main() -> int:
                     try:
                         ms = median_ms(fn, reps)
                         sample = torch.arange(min(16, entries))
-                        got = dst_k[sample.cuda(), head[:16].long()].cpu()
-                        want = host_k[src_page[:16].long().cpu(), head[:16].long().cpu()]
-                        correct = bool(torch.equal(got.view(torch.int16), want.view(torch.int16)))  # bits: NaNs too
+                        pages, heads = src_page[:16].long().cpu(), head[:16].long().cpu()
+                        correct = all(  # bits, K and V: NaNs too
+                            torch.equal(dst[sample.cuda(), head[:16].long()].cpu().view(torch.int16),
+                                        src[pages, heads].view(torch.int16))
+                            for dst, src in ((dst_k, host_k), (dst_v, host_v)))
                     except Exception as err:  # noqa: BLE001
                         results["runs"].append({"memory": kind, "entries": entries, "order": order, "variant": name,
                                                 "error": f"{type(err).__name__}: {err}"})

@@ -361,6 +361,12 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
     return configs
 
 
+def resolve_fuse_gather(requested: bool | None, offload: bool, default: bool) -> bool:
+    """Whether a config's decode attention loads its misses itself: as its entry says (fusegather / gather),
+    else the engine's default; never with offload off, which loads nothing."""
+    return offload and (default if requested is None else requested)
+
+
 def uses_traces(selection: str | None, traces: dict) -> bool:
     """Whether a sparse config replays traces: said per config, else whenever --traces is given."""
     return selection == "traces" or (selection is None and bool(traces))
@@ -418,9 +424,8 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
     runs = []
     default_fuse_gather = engine_attention.FUSE_GATHER
     for mode, offload, eager, cache_blocks, selection_kind, fuse_gather in configs:
-        # Read as each step begins: this config's graphs keep it. Offload off loads nothing either way.
-        fuse_gather = offload and (default_fuse_gather if fuse_gather is None else fuse_gather)
-        engine_attention.FUSE_GATHER = fuse_gather
+        fuse_gather = resolve_fuse_gather(fuse_gather, offload, default_fuse_gather)
+        engine_attention.FUSE_GATHER = fuse_gather  # read as each step begins: this config's graphs keep it
         if mode not in models:
             models[mode] = make_model(mode, args.layers, max_len)  # weights are read-only: shared by the suites
         model = models[mode]

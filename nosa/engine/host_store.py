@@ -77,7 +77,10 @@ class HostStore:
             return torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype), ()
         # Exact-size pinned buffers, not pin_memory=True (nosa.engine.pinned says why).
         nbytes = math.prod(shape) * torch.empty((), dtype=self.dtype).element_size()
-        buffers = (PinnedBuffer(nbytes), PinnedBuffer(nbytes))
+        try:
+            buffers = (PinnedBuffer(nbytes), PinnedBuffer(nbytes))
+        except MemoryError as err:  # a HostMemoryError, so admission keeps the request waiting as for RAM
+            raise HostMemoryError(f"the host KV store cannot pin {2 * nbytes / 2**30:.2f} GiB for {pages} pages: {err}") from err
         return buffers[0].tensor(shape, self.dtype), buffers[1].tensor(shape, self.dtype), buffers
 
     @staticmethod

@@ -2,9 +2,9 @@
 
 `torch.empty(..., pin_memory=True)` goes through PyTorch's caching host allocator, which rounds every
 allocation up to a power of two and keeps freed blocks cached for reuse. For a store of tens of GiB that
-grows by reallocation that is ruinous: 121 rows of 64K tokens (4 layers of the 8B shape, 34.7 GB) pin a
-64 GiB block, and each smaller store left behind by a growth stays pinned in the cache, so the machine's
-RAM, not the budget, capped the benchmarks' offloaded batch at 48. A `PinnedBuffer` maps anonymous memory
+grows by reallocation that costs up to twice its size: each K or V side of a 121-row store of 64K tokens
+(4 layers of the 8B shape, 32.5 GB in all) takes a 16 GiB block for its 15.1 GiB, and every smaller store a
+growth left behind (about as much again, summed) stays pinned in the cache. A `PinnedBuffer` maps anonymous memory
 of the exact byte count (asking the kernel for transparent huge pages, which make pinning faster and the
 device's page translations fewer), registers it with `cudaHostRegister` (so the gather kernel reads it in
 place over unified addressing, as it reads any pinned tensor) and unregisters it when the buffer is
@@ -25,6 +25,12 @@ def _register(address: int, nbytes: int) -> int:
 
 
 def _unregister(address: int) -> int:
+    # Work still queued on the device may read the buffer (a gather) or write it (a tail block's write-back):
+    # let it finish first, as the caching allocator's recorded events did for pin_memory=True tensors.
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:
+        pass  # the CUDA context is already gone (interpreter exit): nothing can be in flight
     return int(torch.cuda.cudart().cudaHostUnregister(address))
 
 
@@ -44,17 +50,21 @@ class PinnedBuffer:
             self._map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (OSError, ValueError) as err:
             raise MemoryError(f"could not map {nbytes / 2**30:.2f} GiB of host memory: {err}") from err
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                self._map.madvise(mmap.MADV_HUGEPAGE)
-            except OSError:
-                pass  # transparent huge pages disabled: 4 KiB pages work, pinning is just slower
+        for advice in ("MADV_HUGEPAGE", "MADV_DONTFORK"):
+            # Huge pages: faster pinning, fewer device page translations (4 KiB pages work too). Not
+            # inherited by a fork (a data loader's workers, say): a child would otherwise get a copy of the
+            # locked pages at fork time, tens of GiB.
+            if hasattr(mmap, advice):
+                try:
+                    self._map.madvise(getattr(mmap, advice))
+                except OSError:
+                    pass
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self.address = self._bytes.data_ptr()
         error = type(self).register(self.address, nbytes)
         if error != 0:
             raise MemoryError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed (cudaError {error}): "
-                              "the machine cannot lock that much memory (check `ulimit -l` and the free RAM)")
+                              "the machine cannot lock that much memory (check its free RAM)")
         # Unregister before the mapping can go: weakref callbacks run before the object's attributes
         # (and so the map) are released.
         self._finalizer = weakref.finalize(self, type(self).unregister, self.address)

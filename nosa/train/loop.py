@@ -298,16 +298,9 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
     info = init_distributed(device)
     try:
         with stop_on_signals() as stop:
-            summary = _train(cfg, resume, info, overwrite, stop)
-    except BaseException:
-        cleanup(info)  # no barrier: a rank that failed would leave the others waiting in it for ever
-        raise
-    # Every rank is past its last collective before any tears the group down. Without this the two-process
-    # FSDP test on CPU now and then saw a rank abort at exit ("terminate called without an active
-    # exception") after a complete run; whether this barrier removes that is not proven (it was rare).
-    barrier(info)
-    cleanup(info)
-    return summary
+            return _train(cfg, resume, info, overwrite, stop)
+    finally:
+        cleanup(info)
 
 
 def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool = False,

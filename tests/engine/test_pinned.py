@@ -31,7 +31,7 @@ def registrations(monkeypatch):
 
     monkeypatch.setattr(PinnedBuffer, "register", staticmethod(register))
     monkeypatch.setattr(PinnedBuffer, "unregister", staticmethod(unregister))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("sync",)))
     return live, log
 
 
@@ -55,10 +55,20 @@ def test_buffer_is_exact_and_unregisters_when_collected(registrations):
 
 def test_failed_registration_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(PinnedBuffer, "register", staticmethod(lambda address, nbytes: 2))
-    with pytest.raises(MemoryError, match="cudaHostRegister .* failed .*cudaError 2.*ulimit -l"):
+    with pytest.raises(MemoryError, match="cudaHostRegister .* failed .*cudaError 2.*free RAM"):
         PinnedBuffer(4096)
     with pytest.raises(ValueError, match="positive"):
         PinnedBuffer(0)
+
+
+def test_a_store_that_cannot_pin_says_so_as_a_host_memory_error(registrations, monkeypatch):
+    """Admission keeps a request waiting on HostMemoryError (scheduler), so a failed registration must be one."""
+    store = pinned_store(num_pages=8)
+    monkeypatch.setattr(PinnedBuffer, "register", staticmethod(lambda address, nbytes: 2))
+    monkeypatch.setattr(host_store_module, "available_host_memory", lambda: 1 << 40)
+    with pytest.raises(host_store_module.HostMemoryError, match="cannot pin .* for 4 pages.*cudaError 2"):
+        store.reserve(4)
+    assert store.allocated_pages == 1 and store.pinned
 
 
 def pinned_store(num_pages, layers=2, heads=2, block=4, dim=8):
@@ -76,9 +86,15 @@ def test_store_growth_keeps_pages_and_releases_old_buffers(registrations, monkey
     pages = store.allocate(3)  # 1 -> 3 pages (doubling to 2 is not enough: what is needed)
     store.k[:, pages] = 1.5
     store.v[:, pages] = -2.0
+    old_addresses = {store.k.data_ptr(), store.v.data_ptr()}
+    mark = len(log)
     more = store.allocate(2)  # 3 -> 6 (doubling)
     assert store.allocated_pages == 6 and store.version == 2
     gc.collect()
+    # The device's queued work on the old store lands (sync) before the copy and before it unregisters.
+    growth = log[mark:]
+    assert [e[0] for e in growth] == ["register", "register", "sync", "unregister", "unregister"]
+    assert {e[1] for e in growth[3:]} == old_addresses
     # Only the current store is registered, each side exactly its bytes.
     assert sorted(live.values()) == [6 * page_side, 6 * page_side]
     assert set(live) == {store.k.data_ptr(), store.v.data_ptr()}
