@@ -136,3 +136,15 @@ def test_kernels_note_says_decode_excludes_selection_and_which_composition_was_t
     assert "decode attention speed-up (no selection)" in old and "selection (query-aware scores, composition)" in old
     write_result("kernels", {}, [dict(base, nosa_selection_threshold_ms=1.2)], directory=str(tmp_path))
     assert "counting-threshold" not in kernels_table(str(tmp_path / "kernels.json"))
+
+
+def test_a_partial_run_says_so_and_how_many_configs_it_measured(tmp_path):
+    row = dict(attn_mode="nosa", offload=True, cuda_graphs=True, tokens_per_s=10.0, step_ms_median=2.5, floor_ms=1.0,
+               blocks_loaded_per_step_per_layer_seq_head=3.0, hit_rate_per_layer=[0.8], ratio_vs_baseline=1.0)
+    params = {"batch": 4, "configs": "nosa:on,nosa:off,dense:off", "run_note": "stopped by the call's limit"}
+    write_result("decode_cut", params, {"decode": [row], "complete": False}, directory=str(tmp_path))
+    write_result("decode_whole", {"batch": 4}, {"decode": [row], "complete": True}, directory=str(tmp_path))
+    text = render(str(tmp_path))
+    assert text.count("Partial run") == 1
+    assert "Partial run: it stopped after 1 configs of the 3 it was given" in text
+    assert "Note: stopped by the call's limit." in text

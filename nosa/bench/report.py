@@ -148,6 +148,11 @@ def decode_table(path: str) -> str:
         # The run's description may itself start with "per row" (mixed runs); say it once.
         joiner = "; the rows: " if params["selection"].startswith("per row") else "; per row: "
         lines.append(f"Selection: {params['selection']}{joiner}{rows}.")
+    if results.get("complete") is False:
+        given = len(str(params.get("configs", "")).split(",")) if params.get("configs") else None
+        lines.append("")
+        lines.append(f"Partial run: it stopped after {len(results['decode'])} configs"
+                     + (f" of the {given} it was given" if given else "") + " (the rows above are all it measured).")
     for key in ("run_note", "commit_note"):
         if key in params:
             lines.append("")
