@@ -20,8 +20,14 @@ import weakref
 import torch
 
 
+# cudaHostRegisterPortable | cudaHostRegisterMapped: pinned for every CUDA context (an engine on cuda:1 while
+# cuda:0 is current registers it too) and mapped into the device's address space, as cudaHostAlloc'd memory
+# (torch's pinned tensors) is under unified addressing.
+_REGISTER_FLAGS = 0x01 | 0x02
+
+
 def _register(address: int, nbytes: int) -> int:
-    return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0))
+    return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, _REGISTER_FLAGS))
 
 
 def _unregister(address: int) -> int:
