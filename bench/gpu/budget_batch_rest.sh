@@ -14,12 +14,7 @@
 # 3. 16K prompts at the device budget of 7 one-copy dense sequences (what decode_8b_equal_memory.json's 4
 #    two-copy rows were charged), the budget setting every batch: issue 10's "16K comparison re-measured".
 # Writes into $OUT: decode_64k_budget_batch_2.json, decode_16k_equal_memory.json, logs.tar.gz.
-set -uo pipefail
-: "${OUT:?set OUT to the result directory}"
-COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-TOTAL=${TOTAL:-560}
-. "$(dirname "$0")/budget.sh"
-. "$(dirname "$0")/wheels.sh"
+. "$(dirname "$0")/call.sh"
 mkdir -p "$OUT/logs"
 TRACES=results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz
 

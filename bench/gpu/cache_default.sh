@@ -14,12 +14,7 @@
 #    NOSA offloaded with the selection only against "auto" (128 blocks there), and "auto" on the traces
 #    (decode_64k_cache_auto.json). 2 and 3 decide whether "auto" becomes LLM's default.
 # Writes into $OUT: decode_64k_budget_bound.json, decode_64k_cache_auto.json, profiles, logs.tar.gz.
-set -uo pipefail
-: "${OUT:?set OUT to the result directory}"
-COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-TOTAL=${TOTAL:-560}
-. "$(dirname "$0")/budget.sh"
-. "$(dirname "$0")/wheels.sh"
+. "$(dirname "$0")/call.sh"
 
 timeout -k 10 ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_gpu.py \
   -k "loading_misses or device_cache or offload_off" >"$OUT/gpu_engine_tests.log" 2>&1

@@ -32,24 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
+from nosa.bench.common import cuda_median_ms
 from nosa.engine.pinned import PinnedBuffer
 from nosa.ops.kernels import gather as kernels
 
 BLOCK, DIM, HEADS, PAGES = 64, 128, 2, 8192
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 @triton.jit
@@ -102,12 +89,9 @@ def cudart_library():
     return None, None
 
 
-def tensor_at(address: int, nbytes: int, keep) -> torch.Tensor:
-    """A CPU bf16 tensor over `nbytes` at `address` (memory owned by `keep`, which the caller holds)."""
-    array = (ctypes.c_uint8 * nbytes).from_address(address)
-    t = torch.frombuffer(array, dtype=torch.uint8).view(torch.bfloat16)
-    t._keep = keep  # noqa: SLF001 - ties the owner's lifetime to the tensor
-    return t
+def tensor_at(address: int, nbytes: int) -> torch.Tensor:
+    """A CPU bf16 tensor over `nbytes` at `address` (cudaHostAlloc'd: never freed while the sweep runs)."""
+    return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8).view(torch.bfloat16)
 
 
 def host_buffers(kind: str, shape, lib):
@@ -129,7 +113,7 @@ def host_buffers(kind: str, shape, lib):
             err = lib.cudaHostAlloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes), ctypes.c_uint(0x04 | 0x02))
             if err != 0:
                 return None, f"cudaHostAlloc(WriteCombined|Mapped) failed: {err}", None
-            out.append(tensor_at(ptr.value, nbytes, ptr).view(shape))
+            out.append(tensor_at(ptr.value, nbytes).view(shape))
         return out, "cudaHostAlloc(cudaHostAllocWriteCombined | cudaHostAllocMapped)", None
     raise ValueError(kind)
 
@@ -162,7 +146,7 @@ def main() -> int:
             nbytes = 2 * entries * BLOCK * DIM * 2
             flat_src = host_k.view(-1)[: nbytes // 2]
             flat_dst = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-            memcpy_ms = median_ms(lambda: flat_dst.copy_(flat_src, non_blocking=True), reps)
+            memcpy_ms = cuda_median_ms(lambda: flat_dst.copy_(flat_src, non_blocking=True), reps=reps)
             g = torch.Generator().manual_seed(entries)
             pick = torch.randperm(PAGES * HEADS, generator=g)[:entries]
             orders = {"random": pick, "sorted": pick.sort().values, "sequential": torch.arange(entries)}
@@ -173,7 +157,7 @@ def main() -> int:
                 src_page = (src // HEADS).int().cuda()
                 head = (src % HEADS).int().cuda()
                 dst_page = torch.arange(entries, dtype=torch.int32, device="cuda")
-                for name, options in (variants if order == "random" or name_all(kind, entries) else [("default", {})]):
+                for name, options in variants:
                     if options == "kv":
                         fn = lambda: launch_kv_first(host_k, host_v, dst_k, dst_v, src_page, dst_page, head, tile=32)  # noqa: E731
                     elif options == "kv16":
@@ -181,7 +165,7 @@ def main() -> int:
                     else:
                         fn = lambda o=options: launch_default(host_k, host_v, dst_k, dst_v, src_page, dst_page, head, **o)  # noqa: E731
                     try:
-                        ms = median_ms(fn, reps)
+                        ms = cuda_median_ms(fn, reps=reps)
                         sample = torch.arange(min(16, entries))
                         pages, heads = src_page[:16].long().cpu(), head[:16].long().cpu()
                         correct = all(  # bits, K and V: NaNs too
@@ -206,11 +190,6 @@ def main() -> int:
         json.dump(results, f, indent=1)
     print(f"wrote {path}")
     return 0
-
-
-def name_all(kind: str, entries: int) -> bool:
-    """Sorted and sequential orders get every variant only in the detailed cell (torch pinned, 1024 entries)."""
-    return kind == "torch_pinned" and entries == 1024
 
 
 if __name__ == "__main__":

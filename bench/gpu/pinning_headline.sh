@@ -13,12 +13,7 @@
 #    with the 128-block cache, ~195 without; the host store reserved whole (HostStore.reserve). Trace-driven
 #    (study run 8) and random weights, configs in order of importance (a run cut short keeps what it measured).
 # Writes into $OUT: gather_sweep.json, decode_64k_budget_batch.json, logs.tar.gz (system.txt, logs, profiles).
-set -uo pipefail
-: "${OUT:?set OUT to the result directory}"
-COMMIT=${NOSA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-TOTAL=${TOTAL:-560}
-. "$(dirname "$0")/budget.sh"
-. "$(dirname "$0")/wheels.sh"
+. "$(dirname "$0")/call.sh"
 mkdir -p "$OUT/logs"
 
 {
