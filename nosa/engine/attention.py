@@ -72,14 +72,12 @@ class DecodeAttention(AttentionBackend):
     def __init__(self, runner):
         self.runner = runner
         self.positions = self.active = None
-        self.uniform = True
 
-    def begin(self, positions: torch.Tensor, active: torch.Tensor, uniform: bool) -> None:
-        """positions: [R] int64 (tokens already cached); active: [R] bool; uniform: every row at
-        positions[0] (one selection call instead of the R x R diagonal one). The implementations are
+    def begin(self, positions: torch.Tensor, active: torch.Tensor) -> None:
+        """positions: [R] int64 (tokens already cached); active: [R] bool. The implementations are
         resolved once per step, not per layer."""
         runner = self.runner
-        self.positions, self.active, self.uniform = positions, active, uniform
+        self.positions, self.active = positions, active
         slots, host = runner.layer_slots[0], runner.layer_hosts[0]
         # Resolved on the slot table, a device tensor in both paths (the one-copy path has no slots).
         self.stage = ops.resolve("stage_window", slots.table)
@@ -114,7 +112,7 @@ class DecodeAttention(AttentionBackend):
                         cache.agnostic_blocks[l] if cache.agnostic_blocks is not None else None,
                         cfg.compress_kernel, cfg.compress_stride, cache.block_size)
             agnostic_blocks = cache.agnostic_blocks[l] if cache.agnostic_blocks is not None else None
-            selection = ops.select_rows(q[:, 0], cache.compressed[l], agnostic_blocks, positions, cache.max_blocks, cfg, self.uniform)
+            selection = ops.select_rows(q[:, 0], cache.compressed[l], agnostic_blocks, positions, cache.max_blocks, cfg)
             chosen = None
             if self.source_rows is not None:
                 chosen = self.source_rows[:, l]

@@ -444,18 +444,13 @@ class EngineCore:
             tokens[seq.row] = seq.output_token_ids[-1]
             positions[seq.row] = position
             active[seq.row] = True
-        uniform = len(set(cached)) == 1
-        if uniform:
-            # Free rows take the common position so one selection call serves every row; they have no
-            # host pages, so nothing of theirs is loaded or written back.
-            positions = [cached[0]] * rows
         tokens, positions, active = self.runner.stage_inputs(tokens, positions, active)
         self.runner.record_selections = record
         if self.selection_source is not None:
             self._fill_selection_source(running, cached)
         if self.graphed is not None and self._graphs_enabled and self.runner.load_log is None and not record:
-            return self.graphed(tokens, positions, active, uniform)
-        return self.runner.decode_step(tokens, positions, active, uniform)
+            return self.graphed(tokens, positions, active)
+        return self.runner.decode_step(tokens, positions, active)
 
     def _retire_if_done(self, seq: Sequence) -> None:
         if seq.finish_reason is not None:

@@ -1,7 +1,7 @@
-"""CUDA graphs for the decode step: the step is captured once per variant (uniform positions or not) over
-static input buffers (the runner's, which `ModelRunner.stage_inputs` writes) updated in place before each
-replay. The first call of a variant runs eagerly on the same buffers (warm-up: Triton compilation, cuBLAS
-handles), the second captures, and every later call replays. A graph holds the host store's addresses, so
+"""CUDA graphs for the decode step: the step is captured once over static input buffers (the runner's,
+which `ModelRunner.stage_inputs` writes) updated in place before each replay; the rows' positions are read
+on the device, so one graph serves rows at any lengths. The first call runs eagerly on the same buffers
+(warm-up: Triton compilation, cuBLAS handles), the second captures, and every later call replays. A graph holds the host store's addresses, so
 when the store grows (`HostStore.version`) the graphs are dropped and captured again."""
 
 from __future__ import annotations
@@ -24,39 +24,39 @@ class GraphedDecode:
         self.events = events
         # The runner's static step inputs (`ModelRunner.stage_inputs` writes them): staged inputs need no copy.
         self.tokens, self.positions, self.active = runner.step_inputs[0], runner.step_inputs[1], runner.step_active
-        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.warm: set[bool] = set()
+        self.graph: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
+        self.warm = False
         self.pool = None
         self.store_version = runner.store.version
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, uniform: bool) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         for static, given in ((self.tokens, tokens), (self.positions, positions), (self.active, active)):
             if given.data_ptr() != static.data_ptr():
                 static.copy_(given)
         if self.runner.store.version != self.store_version:
-            self.events["dropped_by_store_growth"] += bool(self.graphs or self.warm)
-            self.graphs.clear()
+            self.events["dropped_by_store_growth"] += bool(self.graph is not None or self.warm)
+            self.graph = None
             # The dropped graphs were the pool's only users: PyTorch frees a private pool with its last
             # graph, and capturing into a freed pool's id fails an internal assert (seen on the H200 when
             # the server's host store grew). The next capture starts a new pool.
             self.pool = None
-            self.warm.clear()
+            self.warm = False
             self.store_version = self.runner.store.version
-        if uniform in self.graphs:
-            graph, logits = self.graphs[uniform]
+        if self.graph is not None:
+            graph, logits = self.graph
             graph.replay()
             return logits
-        if uniform not in self.warm:
-            self.warm.add(uniform)
+        if not self.warm:
+            self.warm = True
             self.events["eager_warmups"] += 1
-            return self.runner.decode_step(self.tokens, self.positions, self.active, uniform)
+            return self.runner.decode_step(self.tokens, self.positions, self.active)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         # Capture records without executing; the replay right after performs this step.
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.runner.decode_step(self.tokens, self.positions, self.active, uniform)
+            logits = self.runner.decode_step(self.tokens, self.positions, self.active)
         self.pool = graph.pool()
-        self.graphs[uniform] = (graph, logits)
+        self.graph = (graph, logits)
         self.events["captures"] += 1
         graph.replay()
         return logits

@@ -272,13 +272,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ decode
     @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, uniform: bool) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """One token for every row. tokens, positions: [R] int64 (position = tokens already cached);
-        active: [R] bool (counted in statistics); uniform: every row at positions[0] (one selection call
-        instead of the R x R diagonal one). Returns logits [R, V] float32. The model's layers run with
+        active: [R] bool (counted in statistics). Returns logits [R, V] float32. The model's layers run with
         `DecodeAttention`: per layer four cache-op launches (window staging and commit, the slot plan, the
         attention inputs) around the window means, the selection, one gather and the attention."""
-        self.decode_attention.begin(positions, active, uniform)
+        self.decode_attention.begin(positions, active)
         hidden = self.model.model.forward_with_attention(tokens[:, None], positions[:, None], self.decode_attention)
         if self.locality_quota is not None:
             bound = self.locality_quota + (positions % self.cfg.block_size == 0).to(torch.int32)  # [R]

@@ -17,7 +17,7 @@ new token for every row (what `generate` runs after the prompt) runs `_StepAtten
 ops `DecodeAttention` runs in the engine with offload off (stage_window, compress_keys,
 agnostic_chunk_scores, commit_window, select_rows, plan_in_place, attention_inputs, decode_attention over
 the pages in place). The step has static shapes, reads the row positions from a device buffer and never
-syncs with the host, so on CUDA it is captured once per (workspace, uniform) and replayed; on the CPU it
+syncs with the host, so on CUDA it is captured once per workspace and replayed; on the CPU it
 runs eagerly (the same code, so the CPU tests exercise it).
 
 Workspaces are pooled per model (`DecodeStep.acquire` / `release`): a cache that is dropped (generate's,
@@ -92,9 +92,9 @@ class Workspace:
         self.positions = torch.zeros(B, dtype=torch.long, device=device)  # tokens cached per row
         self.active = torch.ones(B, dtype=torch.bool, device=device)
         self.counting = torch.arange(capacity + 1, device=device)
-        # CUDA graphs of the step, per uniform (all rows at one position) or not; the variants run eagerly once.
-        self.graphs: dict[bool, tuple] = {}
-        self.warm: set[bool] = set()
+        # The CUDA graph of the step (graph, logits) once captured; the step runs eagerly once before (warm).
+        self.graph: tuple | None = None
+        self.warm = False
         self.pool = None
         # The addresses of the model's parameters the graphs were captured with, checked once per cache
         # that takes this workspace (a model moved or converted since then has other tensors).
@@ -125,9 +125,7 @@ class Workspace:
         """Drop the graphs if the model's parameters are no longer the tensors they were captured with."""
         weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
         if weights != self.weights:
-            self.graphs.clear()
-            self.warm.clear()
-            self.pool = None
+            self.graph, self.warm, self.pool = None, False, None
             self.weights = weights
         self.verified = True
 
@@ -158,8 +156,8 @@ class _StepAttention(AttentionBackend):
     """One new token for every row of a workspace, per layer: the engine's one-copy decode ops (see the
     module docstring). logs: each layer's selection log (a list, or None), filled in eager steps only."""
 
-    def __init__(self, ws: Workspace, uniform: bool, logs=None, lengths: list[int] | None = None):
-        self.ws, self.uniform, self.logs = ws, uniform, logs
+    def __init__(self, ws: Workspace, logs=None, lengths: list[int] | None = None):
+        self.ws, self.logs = ws, logs
         # With the rows' lengths (host ints; eager steps on the CPU only, where shapes may change from step
         # to step): the selection reads only the windows and blocks that exist, and a step that completes no
         # window skips the compression and the commit (which would write nothing). Same results; a graphed
@@ -203,7 +201,7 @@ class _StepAttention(AttentionBackend):
             if self.limits is not None:
                 windows, num_blocks, _ = self.limits
                 keys, blocks = keys[:, :windows], None if blocks is None else blocks[:, :, :num_blocks]
-            selection = ops.select_rows(q[:, 0], keys, blocks, positions, num_blocks, cfg, self.uniform)
+            selection = ops.select_rows(q[:, 0], keys, blocks, positions, num_blocks, cfg)
             if self.logs is not None and self.logs[l] is not None:
                 self.logs[l].append(selection[:, None].clone())
         if self.longest is not None:
@@ -289,10 +287,10 @@ class DecodeStep:
             self._free.clear()
 
     @torch.no_grad()
-    def eager(self, model, ws: Workspace, uniform: bool, logs=None, lengths=None) -> torch.Tensor:
+    def eager(self, model, ws: Workspace, logs=None, lengths=None) -> torch.Tensor:
         """One step for every row (ws.tokens, at ws.positions), which it then advances: logits [B, 1, V] in
         the model's dtype. lengths: the rows' lengths (CPU steps; see `_StepAttention`)."""
-        attention = _StepAttention(ws, uniform, logs, lengths)
+        attention = _StepAttention(ws, logs, lengths)
         hidden = model.model.forward_with_attention(ws.tokens, ws.positions[:, None], attention)
         logits = model.lm_head(model.model.norm(hidden))
         ws.positions.add_(1)
@@ -303,30 +301,29 @@ class DecodeStep:
         """tokens [B, 1] after the rows' `lengths` cached tokens -> logits [B, 1, V] (a fresh tensor).
         Graphed on CUDA unless logging selections."""
         ws.tokens.copy_(tokens)
-        uniform = len(set(lengths)) == 1
         if ws.device.type != "cuda":
-            return self.eager(model, ws, uniform, logs, lengths if self.lean_cpu else None)
+            return self.eager(model, ws, logs, lengths if self.lean_cpu else None)
         if logs is not None or not self.use_graphs:
-            return self.eager(model, ws, uniform, logs)
+            return self.eager(model, ws, logs)
         if not ws.verified:
             ws.check_weights(model)
-        if uniform in ws.graphs:
-            graph, logits = ws.graphs[uniform]
+        if ws.graph is not None:
+            graph, logits = ws.graph
             graph.replay()
             self.replays += 1
             return logits.clone()
-        if uniform not in ws.warm:
-            # First use of this variant: eager on the same buffers (Triton compilation and autotuning,
+        if not ws.warm:
+            # First step on this workspace: eager on the same buffers (Triton compilation and autotuning,
             # cuBLAS handles), so the capture records no first-call work.
-            ws.warm.add(uniform)
-            return self.eager(model, ws, uniform)
+            ws.warm = True
+            return self.eager(model, ws)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(ws.device)
         # Capture records without executing; the replay right after performs this step.
         with torch.cuda.graph(graph, pool=ws.pool):
-            logits = self.eager(model, ws, uniform)
+            logits = self.eager(model, ws)
         ws.pool = graph.pool()
-        ws.graphs[uniform] = (graph, logits)
+        ws.graph = (graph, logits)
         self.captures += 1
         graph.replay()
         self.replays += 1

@@ -3,7 +3,9 @@
 Layout conventions (design.md): sequence before heads, `[B, T, H, D]`. Within one call every sequence of
 the batch has the same length; the queries are the last `Tq` tokens of a sequence of `Tk` tokens and
 carry logical positions `positions` (`[Tq]`, int64). Variable lengths are handled one level up (the
-attention layer and the engine), so the rules here read as the spec does.
+attention layer and the engine), so the rules here read as the spec does. The selection ops (chunk
+scores, pooling, `select_blocks`) also take `[B, Tq]` positions, each sequence its own: the engine's
+decode step, whose rows are sequences at different lengths, selects them all in one call that way.
 
 Shapes used below: B batch, Tq queries, Tk keys, Hq query heads, H (= Hkv) KV heads, G = Hq // H the
 GQA group, D head dim, Nc complete compressed windows, NB key blocks, K = topk_blocks.
@@ -90,6 +92,16 @@ def agnostic_chunk_scores(eviction: torch.Tensor, kernel: int, stride: int) -> t
     return window_mean(eviction.float(), kernel, stride, by_value=True)
 
 
+def batched_positions(positions: torch.Tensor, batch: int) -> torch.Tensor:
+    """positions [Tq] (every sequence's) or [B, Tq] (each sequence its own) -> a [1, Tq] or [B, Tq] view
+    that broadcasts against the batch."""
+    if positions.dim() == 1:
+        return positions[None]
+    if positions.dim() == 2 and positions.shape[0] == batch:
+        return positions
+    raise ValueError(f"positions must be [Tq] or [B, Tq] with B = {batch}; got {tuple(positions.shape)}")
+
+
 def num_complete_windows(length, kernel: int, stride: int):
     """How many windows lie entirely inside the first `length` tokens (int, or an int64 tensor)."""
     if isinstance(length, torch.Tensor):
@@ -105,8 +117,8 @@ def query_aware_chunk_scores(
 ) -> torch.Tensor:
     """Query-aware score of every compressed window, summed over the GQA group.
 
-    q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, Nc] float32 (float64 for
-    float64 inputs).
+    q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] or [B, Tq] -> [B, Tq, H, Nc] float32
+    (float64 for float64 inputs).
     For each query head, a softmax of q.ck/sqrt(D) over the windows complete at the query's position
     (window i is complete at t when stride*i + kernel - 1 <= t); windows not yet complete score 0.
     """
@@ -119,10 +131,10 @@ def query_aware_chunk_scores(
     dtype = compute_dtype(q)
     qg = q.to(dtype).view(batch, num_queries, num_kv_heads, group, head_dim)
     logits = torch.einsum("bthgd,bnhd->bthgn", qg, compressed_keys.to(dtype)) / math.sqrt(head_dim)
-    complete = torch.arange(num_windows, device=q.device)[None, :] < num_complete_windows(
-        positions + 1, kernel, stride
-    )[:, None]  # [Tq, Nc]
-    logits = logits.masked_fill(~complete[None, :, None, None, :], float("-inf"))
+    complete = torch.arange(num_windows, device=q.device) < num_complete_windows(
+        batched_positions(positions, batch) + 1, kernel, stride
+    )[..., None]  # [1|B, Tq, Nc]
+    logits = logits.masked_fill(~complete[:, :, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)  # a query with no complete window: all 0
     return probs.sum(dim=3)
 
@@ -148,18 +160,19 @@ def pool_to_blocks(
     """Block score = max over the windows overlapping the block that are complete at the query's position.
 
     chunk_scores: [B, Tq, H, Nc] (per query) or [B, 1, H, Nc] (query-agnostic, shared by every query);
-    positions: [Tq] -> [B, Tq, H, NB] float32 (float64 for float64 scores), -inf for a block with no complete
+    positions: [Tq] or [B, Tq] -> [B, Tq, H, NB] float32 (float64 for float64 scores), -inf for a block with no complete
     window.
     """
     index, valid = block_window_ranges(num_blocks, cfg, chunk_scores.device)
     num_windows = chunk_scores.shape[-1]
+    positions = batched_positions(positions, chunk_scores.shape[0])  # [1|B, Tq]
     complete_count = num_complete_windows(positions + 1, cfg.compress_kernel, cfg.compress_stride)
-    usable = valid[None] & (index[None] < complete_count[:, None, None]) & (index[None] < num_windows)
+    usable = valid & (index < complete_count[..., None, None]) & (index < num_windows)  # [1|B, Tq, NB, W]
     if num_windows == 0:
-        shape = (chunk_scores.shape[0], positions.shape[0], chunk_scores.shape[2], num_blocks)
+        shape = (chunk_scores.shape[0], positions.shape[1], chunk_scores.shape[2], num_blocks)
         return torch.full(shape, float("-inf"), dtype=compute_dtype(chunk_scores), device=chunk_scores.device)
     gathered = chunk_scores.to(compute_dtype(chunk_scores))[..., index.clamp(max=num_windows - 1)]  # [B, Tq|1, H, NB, W]
-    gathered = gathered.masked_fill(~usable[None, :, None], float("-inf"))
+    gathered = gathered.masked_fill(~usable[:, :, None], float("-inf"))
     return gathered.amax(dim=-1)
 
 
@@ -194,7 +207,7 @@ def select_blocks(
     """Selected key blocks of each (query, KV head).
 
     query_block_scores: [B, Tq, H, NB]; agnostic_block_scores: [B, Tq, H, NB] or None (no eviction head:
-    all agnostic scores tie); positions: [Tq] -> block indices [B, Tq, H, K] int32, ascending, -1 unused.
+    all agnostic scores tie); positions: [Tq] or [B, Tq] -> block indices [B, Tq, H, K] int32, ascending, -1 unused.
 
     Order: forced blocks (sinks, the query's own block, the window_blocks before it); then the
     `query_aware_quota` best remaining visible blocks by query-aware score; then the remaining slots by
@@ -203,16 +216,16 @@ def select_blocks(
     num_blocks = query_block_scores.shape[-1]
     device = query_block_scores.device
     blocks = torch.arange(num_blocks, device=device)
-    own_block = torch.div(positions, cfg.block_size, rounding_mode="floor")
-    visible = blocks[None, :] <= own_block[:, None]  # [Tq, NB]
-    forced = forced_blocks(blocks[None, :], own_block[:, None], cfg)
-    candidate = (visible & ~forced)[None, :, None, :].expand_as(query_block_scores)
+    own_block = torch.div(batched_positions(positions, query_block_scores.shape[0]), cfg.block_size, rounding_mode="floor")
+    visible = blocks <= own_block[..., None]  # [1|B, Tq, NB]
+    forced = forced_blocks(blocks, own_block[..., None], cfg)
+    candidate = (visible & ~forced)[:, :, None, :].expand_as(query_block_scores)
     picks = _best_candidates(query_block_scores, candidate, cfg.query_aware_quota)
     if agnostic_block_scores is None:
         agnostic_block_scores = torch.zeros_like(query_block_scores, dtype=torch.float32)
-    free_slots = cfg.topk_blocks - forced.sum(-1)[None, :, None] - picks.sum(-1)
+    free_slots = cfg.topk_blocks - forced.sum(-1)[:, :, None] - picks.sum(-1)
     fill = _best_candidates(agnostic_block_scores.expand_as(query_block_scores), candidate & ~picks, free_slots)
-    selected = forced[None, :, None, :] | picks | fill
+    selected = forced[:, :, None, :] | picks | fill
     return selection_mask_to_indices(selected, cfg.topk_blocks)
 
 
@@ -241,7 +254,7 @@ def query_aware_block_scores(
 ) -> torch.Tensor:
     """Query-aware chunk scores pooled to blocks. q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D];
     positions: [Tq] -> [B, Tq, H, NB] float32, float64 for float64 inputs (-inf for a block with no complete
-    window)."""
+    window); positions may also be [B, Tq]."""
     chunks = query_aware_chunk_scores(q, compressed_keys, positions, cfg.compress_kernel, cfg.compress_stride)
     return pool_to_blocks(chunks, positions, num_blocks, cfg)
 
@@ -258,7 +271,7 @@ def select_for_queries(
     """Scores, pooling and selection for a group of queries. No gradient flows through selection.
 
     q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; agnostic_scores: [B, Nc, H] (window means of the
-    eviction score) or None; positions: [Tq]; num_blocks: blocks that exist -> [B, Tq, H, K] int32.
+    eviction score) or None; positions: [Tq] or [B, Tq]; num_blocks: blocks that exist -> [B, Tq, H, K] int32.
     """
     qa_blocks = query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg)
     ag_blocks = None

@@ -19,24 +19,17 @@ _select_blocks = dispatched("select_blocks")
 
 @torch.no_grad()
 def select_rows(q: torch.Tensor, compressed_keys: torch.Tensor, agnostic_blocks: torch.Tensor | None,
-                positions: torch.Tensor, num_blocks: int, cfg: SparseAttentionConfig, uniform: bool) -> torch.Tensor:
+                positions: torch.Tensor, num_blocks: int, cfg: SparseAttentionConfig) -> torch.Tensor:
     """q: [R, Hq, D], one query per row; compressed_keys: [R, Nc, H, D]; agnostic_blocks: [R, H, NB] the
     agnostic scores pooled to blocks at each row's position (-inf for a block with no complete window), or
-    None (no eviction head); positions: [R] int64, each row's query position; uniform: every row is at
-    positions[0] (the caller knows it without a device sync) -> [R, H, K] int32.
+    None (no eviction head); positions: [R] int64, each row's query position -> [R, H, K] int32.
 
-    Uniform rows are one call of Tq = 1. Rows at different positions go as R queries against every row's
-    state, of which the diagonal is kept: exact, R times the selection work, and free of host syncs and
-    shape changes, so the decode step can be graph-captured either way.
+    One call for every row, each at its own position ([R, 1] positions: the selection ops take one set
+    per sequence), so the work is one query per row whatever the rows' lengths, and nothing depends on
+    the positions' values on the host: the decode step can be graph-captured once.
     """
-    rows = q.shape[0]
     agnostic = agnostic_blocks[:, None] if agnostic_blocks is not None else None  # [R, 1, H, NB]
-    if uniform:
-        return _select(q[:, None], compressed_keys, agnostic, positions[:1], num_blocks, cfg)[:, 0]
-    queries = q[None].expand(rows, rows, q.shape[1], q.shape[2]).contiguous()
-    every = _select(queries, compressed_keys, agnostic, positions, num_blocks, cfg)
-    diagonal = torch.arange(rows, device=q.device)
-    return every[diagonal, diagonal]
+    return _select(q[:, None], compressed_keys, agnostic, positions[:, None], num_blocks, cfg)[:, 0]
 
 
 def _select(q, compressed_keys, agnostic, positions, num_blocks, cfg) -> torch.Tensor:

@@ -58,7 +58,7 @@ def test_cuda_engine_equals_model_forward(mode, offload, triton_block_ops):
             ref = reference_logits(model, prompt, out.token_ids)
             torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
             assert out.token_ids == ref.argmax(-1).tolist()
-    assert len(llm.graphed.graphs) >= 1  # the decode step really ran as a replayed graph
+    assert llm.graphed.graph is not None  # the decode step really ran as a replayed graph
 
 
 @pytest.mark.parametrize("mode", ["nosa", "dense"])
@@ -71,7 +71,7 @@ def test_cuda_graphs_equal_eager_with_the_default_kernels(mode):
             llm = LLM(model, device="cuda", offload=offload, cuda_graphs=graphs, max_model_len=80, max_num_seqs=4)
             results[graphs, offload] = [o.token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)]
             if graphs:
-                assert len(llm.graphed.graphs) >= 1
+                assert llm.graphed.graph is not None
     assert results[True, True] == results[False, True]
     assert results[True, False] == results[False, False]
     assert results[True, True] == results[True, False]
@@ -127,8 +127,8 @@ def test_offload_off_allocates_one_copy_on_cuda():
 
 
 @pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
-@pytest.mark.parametrize("uniform", [True, False])
-def test_decode_selection_with_cached_agnostic_pooling_equals_select_for_queries(mode, uniform):
+@pytest.mark.parametrize("same_position", [True, False])
+def test_decode_selection_with_cached_agnostic_pooling_equals_select_for_queries(mode, same_position):
     """The decode step selects from agnostic scores pooled incrementally (`agnostic_blocks`) with the
     fused query-aware score kernel; that must be `ops.select_for_queries` on the same state, exactly."""
     from nosa.ops import reference
@@ -137,7 +137,7 @@ def test_decode_selection_with_cached_agnostic_pooling_equals_select_for_queries
     llm = LLM(model, device="cuda", max_model_len=80, max_num_seqs=4)
     cfg, R, H, NB = model.config.sparse, 4, model.config.num_key_value_heads, llm.cache.max_blocks
     g = torch.Generator(device="cuda").manual_seed(3)
-    positions = torch.full((R,), 57, device="cuda") if uniform else torch.tensor([9, 30, 57, 79], device="cuda")
+    positions = torch.full((R,), 57, device="cuda") if same_position else torch.tensor([9, 30, 57, 79], device="cuda")
     num_windows = int(reference.num_complete_windows(int(positions.max()) + 1, cfg.compress_kernel, cfg.compress_stride))
     compressed = torch.randn(R, num_windows, H, model.config.head_dim, generator=g, device="cuda")
     agnostic = torch.randn(R, num_windows, H, generator=g, device="cuda") if cfg.uses_eviction_head else None
@@ -147,13 +147,9 @@ def test_decode_selection_with_cached_agnostic_pooling_equals_select_for_queries
         # Each row pooled at its own position, as the engine keeps it.
         pooled = torch.cat([reference.pool_to_blocks(agnostic[r : r + 1].transpose(1, 2)[:, None], positions[r : r + 1], NB, cfg)
                             for r in range(R)])
-    got = ops.select_rows(q[:, 0], compressed, None if pooled is None else pooled[:, 0], positions, NB, cfg, uniform)
-    if uniform:
-        want = ops.select_for_queries(q, compressed, agnostic, positions[:1], NB, cfg)[:, 0]
-    else:
-        every = ops.select_for_queries(q[:, 0][None].expand(R, R, -1, -1).contiguous(), compressed, agnostic, positions, NB, cfg)
-        diagonal = torch.arange(R, device="cuda")
-        want = every[diagonal, diagonal]
+    got = ops.select_rows(q[:, 0], compressed, None if pooled is None else pooled[:, 0], positions, NB, cfg)
+    want = torch.cat([ops.select_for_queries(q[r : r + 1], compressed[r : r + 1], None if agnostic is None else agnostic[r : r + 1],
+                                             positions[r : r + 1], NB, cfg)[:, 0] for r in range(R)])
     assert torch.equal(got, want)
 
 
@@ -182,7 +178,7 @@ def test_cuda_device_cache_and_trace_replay_under_graphs(offload, on_device, tri
         replay.set_selection_source(source)
         again = replay.generate(prompts(), GREEDY, use_tqdm=False)
         assert [o.token_ids for o in again] == [o.token_ids for o in outs]
-        assert len(replay.graphed.graphs) >= 1
+        assert replay.graphed.graph is not None
         counters = replay.decode_counters()
         assert torch.equal(counters["loaded"], recorded["loaded"]) and int(counters["spill_hits"].sum()) > 0
 
@@ -199,7 +195,7 @@ def test_cuda_spill_kernel_engine_equals_the_reference_spill_engine_under_graphs
         with ops.use_backend(backend, only=("spill_step",)):
             llm = LLM(model, device="cuda", offload=offload, max_model_len=80, max_num_seqs=4, device_cache_blocks=size)
             outs = llm.generate(prompts(), GREEDY, use_tqdm=False, return_logits=True)
-            assert len(llm.graphed.graphs) >= 1
+            assert llm.graphed.graph is not None
             results.append((outs, llm.decode_counters()))
     (ref, ref_counters), (got, counters) = results
     for a, b in zip(ref, got):
@@ -245,4 +241,4 @@ def test_cuda_engine_loading_misses_in_decode_attention_equals_the_gather_engine
     for a, b in zip(want, got):
         assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
     assert torch.equal(got_counters["loaded"], want_counters["loaded"]) and int(want_counters["loaded"].sum()) > 0
-    assert len(llm.graphed.graphs) >= 1
+    assert llm.graphed.graph is not None

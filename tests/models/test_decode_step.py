@@ -43,7 +43,7 @@ def run_steps(model, cache, ids, mask, tokens):
 @pytest.mark.parametrize("attn_mode", MODES)
 def test_decode_step_equals_the_general_path(attn_mode, lean):
     """Rows of 37, 5 and 20 prompt tokens, then 45 steps: windows and blocks complete at different steps in
-    each row, the rows' positions differ (the non-uniform selection), and the capacity (64 tokens at first)
+    each row, the rows' positions differ, and the capacity (64 tokens at first)
     doubles mid-decode. The state the two paths leave is the same too. Both CPU variants of the step: the
     lean one (the CPU default) and the engine's ops at full capacity (what CUDA runs and captures)."""
     model = tiny_model(attn_mode).double()
@@ -241,13 +241,13 @@ def test_graphs_are_dropped_when_the_weights_are_other_tensors():
     model = tiny_model("nosa")
     ws = Workspace(model.config, 1, 64, torch.float32, "cpu")
     ws.check_weights(model)
-    ws.graphs[True], ws.warm = "graph", {True}
+    ws.graph, ws.warm = "graph", True
     ws.verified = False
     ws.check_weights(model)
-    assert ws.graphs == {True: "graph"} and ws.verified
+    assert ws.graph == "graph" and ws.verified
     model.double()
     ws.check_weights(model)
-    assert ws.graphs == {} and ws.warm == set() and ws.pool is None
+    assert ws.graph is None and not ws.warm and ws.pool is None
 
 
 def test_a_pooled_workspace_gives_the_logits_of_a_fresh_one():

@@ -164,8 +164,8 @@ def test_score_chunks_rule(monkeypatch):
     assert ks.score_chunks(600, 16, 4, 2, windows(65536), "cuda") == 1
 
 
-@pytest.mark.parametrize("uniform", [True, False])
-def test_select_rows_through_the_split_path_equals_reference(uniform, monkeypatch):
+@pytest.mark.parametrize("same_position", [True, False])
+def test_select_rows_through_the_split_path_equals_reference(same_position, monkeypatch):
     """The engine's entry point with the rule forced to split (every launch is 'too small'): each row's
     selection equals the reference's for that row alone, rows at different positions included."""
     monkeypatch.setattr(ks, "SPLIT_PROGRAMS_PER_SM", 10_000)
@@ -178,14 +178,14 @@ def test_select_rows_through_the_split_path_equals_reference(uniform, monkeypatc
     g = torch.Generator().manual_seed(3)
     rows, capacity, h, hq, d = 3, 121, 2, 8, 64
     num_windows, num_blocks = ref.num_complete_windows(capacity, 6, 3), ops.num_blocks(capacity, 8)
-    positions = torch.full((rows,), 97) if uniform else torch.tensor([120, 13, 70])
+    positions = torch.full((rows,), 97) if same_position else torch.tensor([120, 13, 70])
     compressed = torch.randn(rows, num_windows, h, d, generator=g)
     agnostic = torch.randn(rows, num_windows, h, generator=g)
     q = torch.randn(rows, hq, d, generator=g)
     pooled = torch.cat([ref.pool_to_blocks(agnostic[r:r + 1].transpose(1, 2)[:, None], positions[r:r + 1], num_blocks, cfg)[:, 0]
                         for r in range(rows)])
     with ops.use_backend("triton"):
-        got = ops.select_rows(q, compressed, pooled, positions, num_blocks, cfg, uniform)
+        got = ops.select_rows(q, compressed, pooled, positions, num_blocks, cfg)
     assert calls and all(c > 1 for c in calls)
     for r in range(rows):
         want = ref.select_for_queries(q[r:r + 1, None], compressed[r:r + 1], agnostic[r:r + 1], positions[r:r + 1],

@@ -43,14 +43,14 @@ def state(geometry, mode, positions, seed):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("mode", ["nosa", "infllmv2", "dma"])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("uniform", [False, True])
-def test_select_rows_equals_select_for_queries_row_by_row(backend, mode, geometry, uniform):
+@pytest.mark.parametrize("same_position", [False, True])
+def test_select_rows_equals_select_for_queries_row_by_row(backend, mode, geometry, same_position):
     if backend == "triton":
         pytest.importorskip("triton")
-    positions = torch.full((3,), 29) if uniform else torch.tensor([40, 6, 17])
+    positions = torch.full((3,), 29) if same_position else torch.tensor([40, 6, 17])
     cfg, q, compressed, agnostic, pooled, num_blocks = state(geometry, mode, positions, seed=len(mode) + geometry[0])
     with ops.use_backend(backend):
-        got = ops.select_rows(q, compressed, pooled, positions, num_blocks, cfg, uniform)
+        got = ops.select_rows(q, compressed, pooled, positions, num_blocks, cfg)
     assert got.shape == (3, geometry[8], cfg.topk_blocks) and got.dtype == torch.int32
     for r in range(3):
         want = reference.select_for_queries(q[r : r + 1, None], compressed[r : r + 1],

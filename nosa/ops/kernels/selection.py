@@ -205,9 +205,9 @@ def _qa_pool_range(q, CK, ck_base, scn, Pos, Out, b, h, tile, sob, sot, soh, m, 
 
 
 # Not specialised: lengths and the strides that follow them (see the note on attention._fwd_kernel).
-@triton.jit(do_not_specialize=["sqb", "scb", "sob", "sot", "soh", "Tq", "Nc", "NB"])
+@triton.jit(do_not_specialize=["spb", "sqb", "scb", "sob", "sot", "soh", "Tq", "Nc", "NB"])
 def _qa_block_scores_kernel(
-    Q, CK, Pos, WinOff, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
+    Q, CK, Pos, spb, WinOff, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
     Tq, Nc, H, NB, block_size, kernel, stride, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr, BJ: tl.constexpr, BJ_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -224,6 +224,7 @@ def _qa_block_scores_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
+    Pos += b * spb  # this sequence's positions (spb = 0: one set shared by the batch)
     q, row_ok, pos_row, nc_row, nc_max, d, d_ok = _qa_rows(Q, Pos, b, h, tile, sqb, sqt, sqh, Tq, Nc, kernel, stride,
                                                            G, G_PAD, TQ, D, BLOCK_D)
     ck_base = b * scb + h * sch
@@ -238,7 +239,7 @@ def _qa_block_scores_kernel(
 
 @triton.jit
 def _qa_chunk_stats_kernel(
-    Q, CK, Pos, StatM, StatL, sqb, sqt, sqh, scb, scn, sch,
+    Q, CK, Pos, spb, StatM, StatL, sqb, sqt, sqh, scb, scn, sch,
     Tq, Nc, H, kernel, stride, qk_scale, chunk_windows, num_chunks,
     G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
@@ -252,6 +253,7 @@ def _qa_chunk_stats_kernel(
     c = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = bh % H
+    Pos += b * spb
     q, row_ok, pos_row, nc_row, nc_max, d, d_ok = _qa_rows(Q, Pos, b, h, tile, sqb, sqt, sqh, Tq, Nc, kernel, stride,
                                                            G, G_PAD, TQ, D, BLOCK_D)
     w_lo = c * chunk_windows
@@ -265,7 +267,7 @@ def _qa_chunk_stats_kernel(
 
 @triton.jit
 def _qa_chunk_windows_kernel(
-    Q, CK, Pos, StatM, StatL, Win, sqb, sqt, sqh, scb, scn, sch, swb, swt, swh,
+    Q, CK, Pos, spb, StatM, StatL, Win, sqb, sqt, sqh, scb, scn, sch, swb, swt, swh,
     Tq, Nc, H, kernel, stride, qk_scale, chunk_windows, num_chunks,
     G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
@@ -282,6 +284,7 @@ def _qa_chunk_windows_kernel(
     c = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = bh % H
+    Pos += b * spb
     q, row_ok, pos_row, nc_row, nc_max, d, d_ok = _qa_rows(Q, Pos, b, h, tile, sqb, sqt, sqh, Tq, Nc, kernel, stride,
                                                            G, G_PAD, TQ, D, BLOCK_D)
     at = (tile * (tl.num_programs(1)) + bh).to(tl.int64) * num_chunks * ROWS + tl.arange(0, ROWS)
@@ -309,7 +312,7 @@ def _qa_chunk_windows_kernel(
 
 @triton.jit
 def _pool_window_scores_kernel(
-    Win, Pos, Out, swb, swt, swh, sob, sot, soh, Tq, H, Nc, NB, block_size, kernel, stride, width, chunk_blocks,
+    Win, Pos, spb, Out, swb, swt, swh, sob, sot, soh, Tq, H, Nc, NB, block_size, kernel, stride, width, chunk_blocks,
     BLOCKS: tl.constexpr, WIDTH_PAD: tl.constexpr,
 ):
     # Split path, pass 3: row (b, t, h), blocks [c * chunk_blocks, (c+1) * chunk_blocks): the max of the
@@ -320,7 +323,7 @@ def _pool_window_scores_kernel(
     b = (row // (Tq * H)).to(tl.int64)
     t = (row // H) % Tq
     h = row % H
-    pos = tl.load(Pos + t)
+    pos = tl.load(Pos + b * spb + t)
     nc = tl.where(pos + 1 >= kernel, (pos + 1 - kernel) // stride + 1, 0)
     nc = tl.minimum(nc, Nc).to(tl.int32)
     jr = tl.arange(0, BLOCKS)
@@ -338,7 +341,7 @@ def _pool_window_scores_kernel(
 
 @triton.jit
 def _qa_chunk_scores_kernel(
-    Q, CK, Pos, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
+    Q, CK, Pos, spb, Out, sqb, sqt, sqh, scb, scn, sch, sob, sot, soh,
     Nc, H, kernel, stride, qk_scale,
     G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
@@ -347,7 +350,7 @@ def _qa_chunk_scores_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    pos = tl.load(Pos + t)
+    pos = tl.load(Pos + b * spb + t)
     nc = tl.where(pos + 1 >= kernel, (pos + 1 - kernel) // stride + 1, 0)
     nc = tl.minimum(nc, Nc).to(tl.int32)
     d = tl.arange(0, BLOCK_D)
@@ -374,13 +377,25 @@ def _score_meta(q, compressed_keys):
                 PRECISION=_dot_precision(q.dtype))
 
 
+def _check_positions(positions, batch, num_queries):
+    if positions.shape not in ((num_queries,), (batch, num_queries)):
+        raise ValueError(f"positions must be [Tq] = [{num_queries}] or [B, Tq] = [{batch}, {num_queries}]; "
+                         f"got {tuple(positions.shape)}")
+
+
 def _check_scores(q, compressed_keys, positions):
     if q.dim() != 4 or compressed_keys.dim() != 4 or q.shape[3] != compressed_keys.shape[3] or q.shape[0] != compressed_keys.shape[0]:
         raise ValueError(f"q must be [B, Tq, Hq, D] and compressed_keys [B, Nc, H, D]; got {tuple(q.shape)}, {tuple(compressed_keys.shape)}")
     if q.shape[2] % compressed_keys.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({compressed_keys.shape[2]})")
-    if positions.shape != (q.shape[1],):
-        raise ValueError(f"positions must be [Tq] = [{q.shape[1]}]; got {tuple(positions.shape)}")
+    _check_positions(positions, q.shape[0], q.shape[1])
+
+
+def _positions_arg(positions, device):
+    """positions [Tq] or [B, Tq] -> (contiguous int64 on `device`, its batch stride: 0 when the batch shares
+    one set, which every kernel reading positions takes as `Pos + b * stride + t`)."""
+    positions = positions.to(device=device, dtype=torch.int64).contiguous()
+    return positions, (positions.stride(0) if positions.dim() == 2 else 0)
 
 
 def _last_dim_contiguous(x):
@@ -388,7 +403,7 @@ def _last_dim_contiguous(x):
 
 
 def query_aware_chunk_scores(q, compressed_keys, positions, kernel, stride):
-    """q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, Nc] float32."""
+    """q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] or [B, Tq] -> [B, Tq, H, Nc] float32."""
     _check_scores(q, compressed_keys, positions)
     batch, num_queries, _, head_dim = q.shape
     num_windows, num_kv_heads = compressed_keys.shape[1], compressed_keys.shape[2]
@@ -396,9 +411,9 @@ def query_aware_chunk_scores(q, compressed_keys, positions, kernel, stride):
     if num_windows == 0 or num_queries == 0:
         return out
     q, ck = _last_dim_contiguous(q), _last_dim_contiguous(compressed_keys.to(q.dtype))
-    positions = positions.to(device=q.device, dtype=torch.int64).contiguous()
+    positions, spb = _positions_arg(positions, q.device)
     _qa_chunk_scores_kernel[(num_queries, batch * num_kv_heads)](
-        q, ck, positions, out, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        q, ck, positions, spb, out, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         out.stride(0), out.stride(1), out.stride(2), num_windows, num_kv_heads, kernel, stride,
         LOG2E / math.sqrt(head_dim), BLOCK_W=64, **_score_meta(q, ck),
     )
@@ -479,13 +494,14 @@ def score_chunks(num_queries: int, group: int, batch: int, kv_heads: int, num_wi
 
 def _prepare_scores(q, compressed_keys, positions):
     q, ck = _last_dim_contiguous(q), _last_dim_contiguous(compressed_keys.to(q.dtype))
-    return q, ck, positions.to(device=q.device, dtype=torch.int64).contiguous()
+    return q, ck, _positions_arg(positions, q.device)[0]
 
 
 def query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg: SparseAttentionConfig, window_offsets=None):
     """Pooled query-aware block scores.
 
-    q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq] -> [B, Tq, H, NB] float32 equal to
+    q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; positions: [Tq], or [B, Tq] (each sequence its own;
+    not with window_offsets) -> [B, Tq, H, NB] float32 equal to
     `reference.pool_to_blocks(reference.query_aware_chunk_scores(...), positions, NB, cfg)`.
     window_offsets: [Tq] int or None. Packed sequences: query t belongs to the sequence whose compressed keys
     start at index window_offsets[t], positions count from that sequence's start, and every run of
@@ -512,7 +528,10 @@ def query_aware_block_scores_fused(q, compressed_keys, positions, num_blocks, cf
     out = torch.empty((batch, num_queries, num_kv_heads, num_blocks), device=q.device, dtype=torch.float32)
     if num_queries == 0 or num_blocks == 0:
         return out
+    if window_offsets is not None and positions.dim() != 1:
+        raise ValueError("packed sequences (window_offsets) take positions [Tq], not per-sequence positions")
     q, ck, positions = _prepare_scores(q, compressed_keys, positions)
+    spb = _positions_arg(positions, q.device)[1]
     group = q.shape[2] // num_kv_heads
     g_pad = _next_pow2(group)
     tq = score_tile_tokens(group)
@@ -521,7 +540,7 @@ def query_aware_block_scores_fused(q, compressed_keys, positions, num_blocks, cf
     if window_offsets is not None:
         window_offsets = window_offsets.to(device=q.device, dtype=torch.int32).contiguous()
     _qa_block_scores_kernel[(triton.cdiv(num_queries, tq), batch * num_kv_heads)](
-        q, ck, positions, window_offsets if window_offsets is not None else positions, out, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        q, ck, positions, spb, window_offsets if window_offsets is not None else positions, out, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         out.stride(0), out.stride(1), out.stride(2), num_queries, num_windows, num_kv_heads, num_blocks,
         cfg.block_size, cfg.compress_kernel, cfg.compress_stride, LOG2E / math.sqrt(head_dim),
         G=group, G_PAD=g_pad, TQ=tq, D=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)),
@@ -588,7 +607,7 @@ def split_chunk_stats(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitP
     stat_m = torch.empty(shape, device=q.device, dtype=torch.float32)
     stat_l = torch.empty(shape, device=q.device, dtype=torch.float32)
     _qa_chunk_stats_kernel[(tiles, batch * num_kv_heads, plan.stat_chunks)](
-        q, ck, positions, stat_m, stat_l, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        q, ck, positions, _positions_arg(positions, q.device)[1], stat_m, stat_l, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         num_queries, num_windows, num_kv_heads, cfg.compress_kernel, cfg.compress_stride, LOG2E / math.sqrt(q.shape[3]),
         plan.chunk_windows, plan.stat_chunks, **meta,
     )
@@ -604,7 +623,7 @@ def split_window_scores(q, ck, positions, cfg: SparseAttentionConfig, plan: Spli
     win = torch.empty((batch, num_queries, num_kv_heads, num_windows), device=q.device, dtype=torch.float32)
     tiles = triton.cdiv(num_queries, plan.tile_tokens)
     _qa_chunk_windows_kernel[(tiles, batch * num_kv_heads, plan.stat_chunks)](
-        q, ck, positions, stat_m, stat_l, win, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        q, ck, positions, _positions_arg(positions, q.device)[1], stat_m, stat_l, win, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         win.stride(0), win.stride(1), win.stride(2), num_queries, num_windows, num_kv_heads, cfg.compress_kernel,
         cfg.compress_stride, LOG2E / math.sqrt(q.shape[3]), plan.chunk_windows, stat_m.shape[2],
         **_split_meta(q, num_kv_heads, plan),
@@ -621,7 +640,7 @@ def pool_window_scores(win, positions, num_blocks, cfg: SparseAttentionConfig, p
     bs, kernel, stride = cfg.block_size, cfg.compress_kernel, cfg.compress_stride
     width = (bs + kernel - 2) // stride + 2  # windows per block, at most (as `reference.block_window_ranges`)
     _pool_window_scores_kernel[(batch * num_queries * num_kv_heads, plan.pool_chunks)](
-        win, positions, out, win.stride(0), win.stride(1), win.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        win, *_positions_arg(positions, win.device), out, win.stride(0), win.stride(1), win.stride(2), out.stride(0), out.stride(1), out.stride(2),
         num_queries, num_kv_heads, win.shape[3], num_blocks, bs, kernel, stride, width, plan.chunk_blocks,
         BLOCKS=_next_pow2(plan.chunk_blocks), WIDTH_PAD=_next_pow2(width),
     )
@@ -694,9 +713,10 @@ def _take_best_threshold(key, selected, blocks, count):
 
 
 # Not specialised: lengths and the strides that follow them (see the note on attention._fwd_kernel).
-@triton.jit(do_not_specialize=["sqab", "sqat", "sqah", "sagb", "sagt", "sagh", "spb", "sph", "spn", "sob", "NB", "Nc"])
+@triton.jit(do_not_specialize=["sqab", "sqat", "sqah", "sagb", "sagt", "sagh", "spb", "sph", "spn", "sob", "NB", "Nc",
+                               "sposb"])
 def _select_kernel(
-    QA, AG, Prefix, First, Last, Pos, BlockOff, Out,
+    QA, AG, Prefix, First, Last, Pos, sposb, BlockOff, Out,
     sqab, sqat, sqah, sagb, sagt, sagh, spb, sph, spn, sob, sot, soh,
     H, NB, Nc, block_size, kernel, stride, sink, window, quota, topk,
     AG_MODE: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr, HAS_OFFSETS: tl.constexpr,
@@ -708,7 +728,7 @@ def _select_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    pos = tl.load(Pos + t)
+    pos = tl.load(Pos + b * sposb + t)
     own = (pos // block_size).to(tl.int32)
     blocks = tl.arange(0, NB_PAD)
     exists = blocks < NB
@@ -769,12 +789,12 @@ def _launch_select(qa, ag_mode, ag, prefix, first, last, num_windows, positions,
         ag_strides = ag.stride()[:3]
     prefix_strides = prefix.stride()[:3] if ag_mode == 2 else (0, 0, 0)
     dummy = qa
-    positions = positions.to(device=qa.device, dtype=torch.int64).contiguous()
+    positions, sposb = _positions_arg(positions, qa.device)
     if block_offsets is not None:
         block_offsets = block_offsets.to(device=qa.device, dtype=torch.int32).contiguous()
     _select_kernel[(num_queries, batch * num_kv_heads)](
         qa, ag if ag_mode == 1 else dummy, prefix if ag_mode == 2 else dummy,
-        first if ag_mode == 2 else positions, last if ag_mode == 2 else positions, positions,
+        first if ag_mode == 2 else positions, last if ag_mode == 2 else positions, positions, sposb,
         block_offsets if block_offsets is not None else positions, out,
         qa.stride(0), qa.stride(1), qa.stride(2), *ag_strides, *prefix_strides,
         out.stride(0), out.stride(1), out.stride(2),
@@ -788,10 +808,11 @@ def _launch_select(qa, ag_mode, ag, prefix, first, last, num_windows, positions,
 
 
 def select_blocks(query_block_scores, agnostic_block_scores, positions, cfg: SparseAttentionConfig):
-    """query_block_scores: [B, Tq, H, NB]; agnostic_block_scores: [B, Tq|1, H, NB] or None; positions: [Tq]
-    -> [B, Tq, H, K] int32 ascending, -1 unused (same rule as the reference)."""
-    if query_block_scores.dim() != 4 or positions.shape != (query_block_scores.shape[1],):
-        raise ValueError(f"query_block_scores must be [B, Tq, H, NB] and positions [Tq]; got {tuple(query_block_scores.shape)}, {tuple(positions.shape)}")
+    """query_block_scores: [B, Tq, H, NB]; agnostic_block_scores: [B, Tq|1, H, NB] or None; positions: [Tq] or
+    [B, Tq] -> [B, Tq, H, K] int32 ascending, -1 unused (same rule as the reference)."""
+    if query_block_scores.dim() != 4:
+        raise ValueError(f"query_block_scores must be [B, Tq, H, NB]; got {tuple(query_block_scores.shape)}")
+    _check_positions(positions, query_block_scores.shape[0], query_block_scores.shape[1])
     qa = query_block_scores.float()
     if agnostic_block_scores is None:
         return _launch_select(qa, 0, None, None, None, None, 0, positions, cfg)
@@ -822,7 +843,7 @@ def agnostic_prefix_table(agnostic_scores: torch.Tensor, num_blocks: int, cfg: S
 @torch.no_grad()
 def select_for_queries(q, compressed_keys, agnostic_scores, positions, num_blocks, cfg: SparseAttentionConfig):
     """q: [B, Tq, Hq, D]; compressed_keys: [B, Nc, H, D]; agnostic_scores: [B, Nc, H] or None; positions:
-    [Tq]; num_blocks: NB -> block indices [B, Tq, H, K] int32 (the reference's `select_for_queries`)."""
+    [Tq] or [B, Tq]; num_blocks: NB -> block indices [B, Tq, H, K] int32 (the reference's `select_for_queries`)."""
     qa = query_aware_block_scores(q, compressed_keys, positions, num_blocks, cfg)
     if agnostic_scores is None:
         return _launch_select(qa, 0, None, None, None, None, 0, positions, cfg)
