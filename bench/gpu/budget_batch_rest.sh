@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
 # One GPU call (<= ~9.5 min wall, TOTAL=560), issue 10, after pinning_headline.sh (2026-12-07): what that call
-# could not finish, and the 16K comparison on the one-copy engine. Not run yet (the 2026-12-07 session's device
-# time ran out in failed starts).
-# 1. tests/engine/test_gpu.py: the footprint tests (they now collect earlier engines before measuring; one
-#    failed on 2026-12-07, most likely an engine collected inside its measured span), the FUSE_GATHER exactness
-#    tests (fp32 and bf16, with and without the device cache: they decide whether FUSE_GATHER becomes the
-#    default; fp32 failed before the decode kernel's variants shared one autotuned config) and the one-KV-head
-#    engine cases that call's timeout cut.
-# 2. The rest of the 64K headline with the budget setting the batch (--max-batch 256, the device budget of 20
+# could not finish, the 16K comparison on the one-copy engine, and the first GPU run of per-sequence positions
+# in selection (commit 8ec9ef9: rows at different lengths are selected in one call, no longer R x the work).
+# 1. tests/engine/test_gpu.py: engine == model forward (rows at different lengths, so the per-sequence
+#    selection on the GPU), the decode selection against select_for_queries row by row, the footprint
+#    tests, the FUSE_GATHER exactness tests (fp32 and bf16, with and without the device cache: they decide
+#    whether FUSE_GATHER becomes the default) and the one-KV-head engine cases.
+# 2. `nosa bench serve` as serve_h100.json ran it (32 clients, prompts 256-2048, offload on): mixed lengths, so
+#    every decode step took the R x R selection then; the same load now.
+# 3. The rest of the 64K headline with the budget setting the batch (--max-batch 256, the device budget of 20
 #    one-copy dense sequences): the random weights' selections offloaded (issue 10's 1.5x target), the gather
-#    path beside FUSE_GATHER, the on-GPU sparse rows, NOSA without the cache (~195 rows), each config's engine
-#    collected before the next maps its host store.
-# 3. 16K prompts at the device budget of 7 one-copy dense sequences (what decode_8b_equal_memory.json's 4
+#    path beside FUSE_GATHER, the on-GPU sparse rows, each config's engine collected before the next maps its
+#    host store.
+# 4. 16K prompts at the device budget of 7 one-copy dense sequences (what decode_8b_equal_memory.json's 4
 #    two-copy rows were charged), the budget setting every batch: issue 10's "16K comparison re-measured".
-# Writes into $OUT: decode_64k_budget_batch_2.json, decode_16k_equal_memory.json, logs.tar.gz.
+# Writes into $OUT: serve.json, decode_64k_budget_batch_2.json, decode_16k_equal_memory.json, logs.tar.gz.
 . "$(dirname "$0")/call.sh"
 mkdir -p "$OUT/logs"
 TRACES=results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz
 
 timeout -k 10 $(left 430) python3 -m pytest -q -p no:cacheprovider -m gpu -rA --tb=short tests/engine/test_gpu.py \
-  -k "device_kv_does_not_grow or offload_off_allocates or loading_misses or one_kv_head" >"$OUT/logs/gpu_engine_tests.log" 2>&1
+  -k "engine_equals_model_forward or decode_selection or loading_misses or device_kv_does_not_grow or offload_off_allocates or one_kv_head" \
+  >"$OUT/logs/gpu_engine_tests.log" 2>&1
 echo "engine tests exit $? ($(elapsed) s)"; grep -E "^(FAILED|ERROR)|passed|failed|assert" "$OUT/logs/gpu_engine_tests.log" | tail -12
+
+timeout -k 10 $(left 360) python3 -m nosa.cli bench serve --shape demo --clients 32 --requests 128 --prompt-len 256:2048 \
+  --output-len 32:256 --max-num-seqs 32 --offload on --out-dir "$OUT" >"$OUT/logs/serve.log" 2>&1
+echo "serve exit $? ($(elapsed) s)"; grep -iE "tok/s|itl|ttft|error" "$OUT/logs/serve.log" | tail -6
 
 timeout -k 10 $(left 110) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
   --equal-memory-dense-batch 20 --max-batch 256 --commit "$COMMIT" --traces "$TRACES" \
