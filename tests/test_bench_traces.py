@@ -43,11 +43,24 @@ def test_configs_say_per_row_whether_they_replay_traces():
     assert [resolve_fuse_gather(c.fuse_gather, c.offload, default) for default in (False, True) for c in fused] == \
         [True, False, False, True, True, False]
     assert not resolve_fuse_gather(None, False, True) and not resolve_fuse_gather(True, False, False)
+    spread = parse_configs("nosa:on:cache128:model:fusegather:spread1024,dense:off:spread1024,nosa:on")
+    assert [c.length_spread for c in spread] == [1024, 1024, 0] and spread[0][:6] == fused[0][:3] + (128, "model", True)
     for bad in ("dense:off:traces", "nosa:on:traces:model", "nosa:on:trace", "nosa:off:fusegather", "nosa:on:cacheAuto",
                 "dense:off:cacheauto", "nosa:on:cache128:cacheauto",
-                "nosa:on:fusegather:fusegather", "nosa:on:fusegather:gather", "nosa:off:gather"):
+                "nosa:on:fusegather:fusegather", "nosa:on:fusegather:gather", "nosa:off:gather",
+                "nosa:on:traces:spread64", "nosa:on:spread", "nosa:on:spread64:spread128", "nosa:on:spread-3"):
         with pytest.raises(ValueError, match="bad --configs entry"):
             parse_configs(bad)
+
+
+def test_spread_lengths_cover_the_tokens_below_the_prompt_evenly():
+    from nosa.bench.decode import spread_lengths
+
+    assert spread_lengths(100, 4, 0) == [100] * 4
+    assert spread_lengths(100, 4, 8) == [100, 98, 96, 94]
+    assert spread_lengths(65536, 3, 1024) == [65536, 65195, 64854]
+    with pytest.raises(ValueError, match="length spread must be in"):
+        spread_lengths(100, 4, 100)
 
 
 def test_the_floor_counts_the_embedding_rows_a_step_reads():

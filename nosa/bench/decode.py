@@ -80,18 +80,26 @@ FIXED_BATCH_CONFIGS = "dense:off,nosa:on,nosa:off,infllmv2:on,nosa:on:eager"
 EQUAL_MEMORY_CONFIGS = "dense:off,infllmv2:off,nosa:on,nosa:off,infllmv2:on"
 
 
-def synthetic_install(llm, prompt_len: int, batch: int, generator: torch.Generator) -> list[int]:
-    """Admit `batch` requests, each with a random prompt cache installed through the engine's own install
-    path (`LLM.add_prefilled_request`). Returns their request ids."""
+def spread_lengths(prompt_len: int, batch: int, spread: int) -> list[int]:
+    """Prompt lengths of `batch` rows spread evenly over (prompt_len - spread, prompt_len]: row i gets
+    prompt_len - i * spread // batch tokens (all prompt_len when spread is 0)."""
+    if not 0 <= spread < prompt_len:
+        raise ValueError(f"a length spread must be in [0, prompt length {prompt_len}); got {spread}")
+    return [prompt_len - i * spread // batch for i in range(batch)]
+
+
+def synthetic_install(llm, lengths: list[int], generator: torch.Generator) -> list[int]:
+    """Admit one request per entry of `lengths`, each with a random prompt cache of that many tokens
+    installed through the engine's own install path (`LLM.add_prefilled_request`). Returns their ids."""
     from nosa import ops
     from nosa.engine import SamplingParams
 
     cfg, model = llm.config.sparse, llm.model
     L, H, D, Hq = llm.config.num_hidden_layers, llm.config.num_key_value_heads, llm.config.head_dim, llm.config.num_attention_heads
-    # Never finishes inside the run: every timed, warm-up and profiled step fits in max_model_len.
-    params = SamplingParams(temperature=0, max_tokens=llm.max_model_len - prompt_len + 1, ignore_eos=True)
     request_ids = []
-    for _ in range(batch):
+    for prompt_len in lengths:
+        # Never finishes inside the run: every timed, warm-up and profiled step fits in max_model_len.
+        params = SamplingParams(temperature=0, max_tokens=llm.max_model_len - prompt_len + 1, ignore_eos=True)
         shape = (L, 1, prompt_len, H, D)
         keys = torch.randn(shape, generator=generator, device=llm.device).to(model.dtype)
         values = torch.randn(shape, generator=generator, device=llm.device).to(model.dtype)
@@ -254,7 +262,8 @@ def floor(run: dict, llm, args, hbm_gb_s: float, pcie_gb_s: float) -> dict:
     (`weight_bytes_read_per_step`) and the K/V the attention reads (every token in dense mode, at most
     topk x block_size tokens per sequence and KV head otherwise)."""
     cfg = llm.config
-    tokens = args.prompt if not cfg.sparse.is_sparse else min(args.prompt, cfg.sparse.selection_tokens)
+    prompt = run.get("prompt_tokens_mean", args.prompt)  # below --prompt for a :spreadN row
+    tokens = prompt if not cfg.sparse.is_sparse else min(prompt, cfg.sparse.selection_tokens)
     kv_bytes = 2 * cfg.num_hidden_layers * run["batch"] * tokens * cfg.num_key_value_heads * cfg.head_dim * 2
     # At the copy's combined read+write rate (gpu-box.md quotes HBM that way): a reference, not a bound.
     weights = run.get("weight_bytes_read_per_step", run["weight_bytes"])
@@ -315,7 +324,7 @@ def decode_steps(args) -> int:
     return args.warmup + args.steps + 8
 
 
-CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN|:cacheauto][:traces|:model][:fusegather|:gather]"
+CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN|:cacheauto][:traces|:model][:fusegather|:gather][:spreadN]"
 
 
 class DecodeConfig(NamedTuple):
@@ -326,6 +335,7 @@ class DecodeConfig(NamedTuple):
     cache_blocks: int | str | None  # "auto": the engine sizes it (nosa.engine.budget)
     selection: str | None
     fuse_gather: bool | None  # None: the engine's default (nosa.engine.attention.FUSE_GATHER)
+    length_spread: int = 0  # rows' prompts spread over (prompt - N, prompt] tokens (`spread_lengths`)
 
 
 def parse_configs(spec: str) -> list[DecodeConfig]:
@@ -334,17 +344,22 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
     None (unsaid: traces when --traces is given, else the model), so one run can hold both kinds of row side
     by side; fusegather / gather (offload on): decode attention loads the misses itself, or a gather launch
     before it does (nosa.engine.attention.FUSE_GATHER; neither: the engine's default), so a run can time
-    the two side by side."""
+    the two side by side; spreadN: the rows' prompts differ, spread evenly over the N tokens below --prompt
+    (as a server's rows do; not with traces, which are recorded at one length)."""
     configs = []
     for item in spec.split(","):
         fields = item.split(":")
         extra = fields[2:]
         cache = [f for f in extra if f.startswith("cache")]
         selection = [f for f in extra if f in ("traces", "model")]
+        spread = [f for f in extra if f.startswith("spread")]
         single = ("eager", "fusegather", "gather")
         ok = (len(fields) >= 2 and fields[1] in ("on", "off") and len(cache) <= 1 and len(selection) <= 1
-              and all(f in single or f in cache or f in selection for f in extra)
-              and all(extra.count(f) <= 1 for f in single) and all(f[5:].isdigit() or f == "cacheauto" for f in cache))
+              and len(spread) <= 1 and all(f in single or f in cache or f in selection or f in spread for f in extra)
+              and all(extra.count(f) <= 1 for f in single) and all(f[5:].isdigit() or f == "cacheauto" for f in cache)
+              and all(f[6:].isdigit() for f in spread))
+        if ok and spread and "traces" in selection:
+            ok = False  # traces are recorded at one prompt length
         if ok and ("fusegather" in extra or "gather" in extra) and fields[1] != "on":
             ok = False  # with offload off nothing is loaded
         if ok and "fusegather" in extra and "gather" in extra:
@@ -353,11 +368,12 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
             raise ValueError(f"bad --configs entry {item!r}: expected {CONFIG_FORM} "
                              f"(cacheN: N device cache blocks per (layer, sequence, KV head), cacheauto: the engine's 'auto' size; traces/model: replay the "
                              f"--traces file or use the weights' own selection, both for sparse modes only; "
-                             f"fusegather or gather: with offload on only)")
+                             f"fusegather or gather: with offload on only; spreadN: not with traces)")
         configs.append(DecodeConfig(fields[0], fields[1] == "on", "eager" in extra,
                                     (cache[0][5:] if cache[0] == "cacheauto" else int(cache[0][5:])) if cache else None,
                                     selection[0] if selection else None,
-                                    True if "fusegather" in extra else False if "gather" in extra else None))
+                                    True if "fusegather" in extra else False if "gather" in extra else None,
+                                    int(spread[0][6:]) if spread else 0))
     return configs
 
 
@@ -423,7 +439,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
 
     runs = []
     default_fuse_gather = engine_attention.FUSE_GATHER
-    for mode, offload, eager, cache_blocks, selection_kind, fuse_gather in configs:
+    for mode, offload, eager, cache_blocks, selection_kind, fuse_gather, length_spread in configs:
         fuse_gather = resolve_fuse_gather(fuse_gather, offload, default_fuse_gather)
         engine_attention.FUSE_GATHER = fuse_gather  # read as each step begins: this config's graphs keep it
         if mode not in models:
@@ -441,14 +457,16 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len, llm.device_cache_blocks)
         if offload:  # the whole batch's pages in one allocation (HostStore.reserve), not log2(batch) doublings
             llm.store.reserve(batch * ops.num_blocks(max_len, model.config.sparse.block_size))
-        running = synthetic_install(llm, args.prompt, batch, torch.Generator(device="cuda").manual_seed(1))
+        lengths = spread_lengths(args.prompt, batch, length_spread)
+        running = synthetic_install(llm, lengths, torch.Generator(device="cuda").manual_seed(1))
         selection = "every block (dense)" if mode == "dense" else "model scores (random weights)"
         if mode != "dense" and uses_traces(selection_kind, traces):
             attach_traces(llm, running, traces[mode][0], args.prompt)
             selection = f"trace-driven: {traces[mode][1]['trace_file']}"
         run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
                "fuse_gather": fuse_gather,
-               "selection": selection, "device_cache_blocks": llm.cache.slots + llm.cache.spill_blocks if mode != "dense" else None,
+               "selection": selection, "length_spread": length_spread, "prompt_tokens_mean": sum(lengths) / batch,
+               "device_cache_blocks": llm.cache.slots + llm.cache.spill_blocks if mode != "dense" else None,
                "device_cache_request": cache_blocks,
                "batch_from": batch_chosen_by(batch, args.max_batch, budget, row_bytes, workspace) if equal_memory else "fixed",
                **time_decode(llm, running, args.warmup, args.steps),
@@ -470,7 +488,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
             profile_steps(llm, running, run["profiled_to"])
             shared["profiled"] = count + 1
         print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''}{' fusegather' if fuse_gather else ''}"
-              f"{' traces' if selection.startswith('trace') else ''} batch {batch:3d} "
+              f"{' traces' if selection.startswith('trace') else ''}{f' spread {length_spread}' if length_spread else ''} batch {batch:3d} "
               f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (reference {run['floor_ms']:.2f})  "
               f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
         del llm, running
@@ -507,6 +525,14 @@ def main(args) -> int:
     if any(sel == "traces" for _, sel in wanted) and not args.traces:
         print("a config asks for :traces but no --traces file is given")
         return 2
+    for _, spec, _ in suites:
+        for config in parse_configs(spec):
+            if config.length_spread and config.mode != "dense" and config.selection is None and args.traces:
+                print(f"a :spread{config.length_spread} config would replay traces (recorded at one length): say :model")
+                return 2
+            if config.length_spread >= args.prompt:
+                print(f"a :spread{config.length_spread} config needs a spread below --prompt ({args.prompt})")
+                return 2
     if args.traces:
         modes = {mode for mode, sel in wanted if sel != "model"}
         try:
