@@ -31,9 +31,11 @@ from nosa.layers import AttentionBackend
 
 # Offload on: load the step's misses inside decode attention (`decode_attention(..., slot_src=...)`) instead
 # of a gather launched before it, so the PCIe reads overlap the attention's HBM reads. Same values, same
-# order: the tokens are the gather path's bit for bit (tests/engine). Off by default until measured on the
-# GPU (bench/gpu/step_time.py times both); read when a step begins, so a captured graph keeps its choice.
-FUSE_GATHER = False
+# order: the tokens are the gather path's bit for bit (tests/engine; on an H100 too, fp32 and bf16, with and
+# without the device cache, 2026-12-07). On by default since it was faster wherever measured (H100, 64K,
+# budget-set batch: 1.19x the tokens/s with traces, 1.08x with the random weights' selections,
+# bench/results/decode_64k_budget_batch_h100*.json). Read when a step begins, so a captured graph keeps its choice.
+FUSE_GATHER = True
 
 
 class PrefillAttention(AttentionBackend):
