@@ -1,7 +1,7 @@
 """`nosa bench qa-scores`: the query-aware block score kernel at decode, fused (one program per (row, KV
 head), the kernel before the split) against the split path (`score_chunks`' choice and a sweep of chunk
-counts), on the engine's decode call: one query per row, every row at the same position (the uniform
-form of `ops.select_rows`), 8B layer shape (32 query heads, 2 KV heads, head_dim 128, bf16), spec-default
+counts), on the engine's decode call: one query per row, each row's own position ([R, 1] positions, as
+`ops.select_rows` passes them; here all at the last token), 8B layer shape (32 query heads, 2 KV heads, head_dim 128, bf16), spec-default
 block 64 / kernel 32 / stride 16.
 
 Per shape: GPU time per call with CUDA events, eager (one call per event pair) and from a CUDA graph of 20
@@ -28,7 +28,7 @@ DEFAULT_SHAPES = ("65536:48", "16384:16")
 
 def _near_tie_explained(scores, positions, cfg, differ) -> int:
     """How many differing (row, head) of `differ` [B, 1, H] have a quota-boundary gap <= 1e-5 in `scores`."""
-    own = int(positions[0]) // cfg.block_size
+    own = int(positions.reshape(-1)[0]) // cfg.block_size  # every row at the same position here
     num_blocks = scores.shape[-1]
     blocks = torch.arange(num_blocks, device=scores.device)
     candidate = (blocks <= own) & (blocks >= cfg.sink_blocks) & (blocks < own - cfg.window_blocks)
@@ -52,7 +52,7 @@ def _bench_shape(length: int, batch: int, args, cfg: SparseAttentionConfig, devi
     q = torch.randn(batch, 1, hq, d, device=device, dtype=torch.bfloat16, generator=gen)
     # Compressed keys are means of 32 post-RoPE keys: a smaller spread than the keys themselves.
     ck = (0.5 * torch.randn(batch, num_windows, h, d, device=device, generator=gen)).to(torch.bfloat16)
-    positions = torch.tensor([length - 1], device=device)
+    positions = torch.full((batch, 1), length - 1, device=device)  # per row, as the engine passes them
     chunks = ks.score_chunks(1, group, batch, h, num_windows, device)
     plan = ks.split_plan(1, group, num_windows, num_blocks, max(chunks, 2))
     fused = lambda: ks.query_aware_block_scores_fused(q, ck, positions, num_blocks, cfg)  # noqa: E731
@@ -121,7 +121,7 @@ def run(args) -> int:
         "rule": {"split_programs_per_sm": ks.SPLIT_PROGRAMS_PER_SM, "split_min_windows": ks.SPLIT_MIN_WINDOWS,
                  "split_max_score_bytes": ks.SPLIT_MAX_SCORE_BYTES, "sm_count": ks._sm_count(device)},
         "hbm_copy_bytes_per_s_measured": hbm,
-        "notes": "one query per row, all rows at position tokens-1 (the engine's uniform decode call); "
+        "notes": "one query per row, each row's own position ([R, 1], as the engine's decode call), all at tokens-1; "
                  "times per call: eager = CUDA events around one call, graph = CUDA-graph replay of 20 calls / 20; "
                  "GB/s = bytes the path must move (compressed keys read twice, q, block scores; split also its "
                  "window scores written and read and its statistics) / graph time; fused = the single-pass "

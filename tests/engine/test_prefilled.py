@@ -54,8 +54,10 @@ def test_the_decode_benchmark_drives_the_engine_through_public_methods(monkeypat
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # the CPU dry run of a CUDA benchmark
     model = engine_model("nosa", seed=1)
     llm = LLM(model, device="cpu", max_model_len=40, max_num_seqs=3)
-    ids = decode.synthetic_install(llm, 20, 3, torch.Generator().manual_seed(1))
+    # Rows at different lengths (a :spreadN config): each installed at its own length.
+    ids = decode.synthetic_install(llm, decode.spread_lengths(20, 3, 6), torch.Generator().manual_seed(1))
     assert len(ids) == 3 and llm.num_running == 3 and llm.free_rows == 0
+    assert sorted(seq.cached_tokens for seq in llm.scheduler.running.values()) == [16, 18, 20]
     run = decode.time_decode(llm, ids, warmup=2, steps=5)
     assert run["tokens_per_s"] > 0 and run["blocks_loaded_per_step"] > 0
     assert all(0 <= h <= 1 for h in run["hit_rate_per_layer"])
