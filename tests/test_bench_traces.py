@@ -90,3 +90,18 @@ def test_the_run_label_sees_trace_rows_whatever_their_other_fields():
     assert every["selection"].startswith("trace-driven") and "traces" in every
     none = selection_parameters(parse_configs("dense:off,nosa:on:model:fusegather"), traces)
     assert none == {"selection": "model scores (random weights: a worst case for locality)"}
+
+
+@pytest.mark.parametrize("configs, message", [
+    ("dense:off,nosa:on:spread64", "would replay traces (recorded at one length): say :model"),
+    ("dense:off,nosa:on:model:spread16384", "needs a spread below --prompt (16384)"),
+])
+def test_bench_decode_refuses_spread_rows_it_cannot_run(monkeypatch, capsys, configs, message):
+    # Checked before anything touches a GPU (so the CPU can run it with CUDA pretended present).
+    import torch
+
+    from nosa.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["bench", "decode", "--configs", configs, "--traces", NOSA]) == 2
+    assert message in capsys.readouterr().out

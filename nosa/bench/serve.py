@@ -234,7 +234,7 @@ def main(args) -> int:
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
     requests = draw_requests(args.requests, prompt_range, output_range, vocab, args.seed)
     # The warm-up follows the load's distributions: Triton compiles a kernel again for new argument
-    # specialisations (lengths, counts), and the decode step has a graph per variant (rows in step or not).
+    # specialisations (lengths, counts), and the decode step's graph is captured on the engine's first steps.
     # A warm-up of a few equal short requests left those compiles inside the first configuration's measured
     # load (seen on the H200: the first server's p90 time to first token was 32 s, the second's 1.2 s, the
     # second finding the compiled kernels in Triton's cache).

@@ -102,7 +102,7 @@ class ServerMetrics:
             metric("nosa_engine_decode_steps_total", "counter", "Batched decode steps run.", [f"nosa_engine_decode_steps_total {engine['decode_steps']}"])
             metric("nosa_engine_prefill_tokens_total", "counter", "Prompt tokens prefilled.", [f"nosa_engine_prefill_tokens_total {engine['prefill_tokens']}"])
             for key, help_text in (("host_store_growths", "Times the host KV store was reallocated larger (offload on)."),
-                                   ("graph_eager_warmups", "Decode steps run eagerly to warm up a CUDA graph variant."),
+                                   ("graph_eager_warmups", "Decode steps run eagerly to warm up the decode step's CUDA graph."),
                                    ("graph_captures", "CUDA graph captures of the decode step."),
                                    ("graph_dropped_by_store_growth", "Times a grown host store dropped the captured graphs.")):
                 metric(f"nosa_engine_{key}_total", "counter", help_text, [f"nosa_engine_{key}_total {engine[key]}"])

@@ -8,7 +8,7 @@ from tests.helpers import engine_model
 from nosa.engine import LLM, SamplingParams
 from nosa.engine.selection_source import ReplaySelections, RowStep, SelectionSource, check_selection
 
-LENGTHS = (9, 22, 15)  # rows at different positions (the non-uniform selection path)
+LENGTHS = (9, 22, 15)  # rows at different positions (each selected at its own)
 STEPS = 24
 GREEDY = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
 

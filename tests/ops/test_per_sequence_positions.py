@@ -98,3 +98,31 @@ def test_positions_of_the_wrong_shape_are_refused_by_name():
         ks.select_blocks(torch.zeros(2, 2, 2, nb), None, torch.tensor([[3, 4]] * 3), CFG)
     with pytest.raises(ValueError, match="packed sequences"):
         ks.query_aware_block_scores_fused(q[:1], compressed[:1], positions[:1], nb, CFG, window_offsets=torch.zeros(2))
+
+
+def test_triton_selection_reads_non_contiguous_per_sequence_positions():
+    """Positions [B, Tq] that are a view (a column broadcast, a strided slice) give what their contiguous copy
+    gives, through the split passes called directly too (they read the positions they are handed)."""
+    pytest.importorskip("triton")
+    from nosa.ops.kernels import selection as ks
+
+    dense = torch.tensor([[70, 0, 74, 0], [2, 0, 9, 0], [40, 0, 41, 0]])
+    views = [dense[:, ::2], torch.tensor([[74], [5], [33]]).expand(3, 2)]
+    for positions in views:
+        assert not positions.is_contiguous()
+        q, compressed, agnostic, nb = inputs(positions, seed=2)
+        copy = positions.contiguous()
+        split = lambda pos: ks.query_aware_block_scores_split(q, compressed, pos, nb, CFG, 3, chunk_windows=7)  # noqa: E731
+        assert torch.equal(split(positions), split(copy))
+        plan = ks.split_plan(positions.shape[1], q.shape[2] // compressed.shape[2], compressed.shape[1], nb, 3, chunk_windows=7)
+        stats = ks.split_chunk_stats(q, compressed, positions, CFG, plan)
+        assert all(torch.equal(a, b) for a, b in zip(stats, ks.split_chunk_stats(q, compressed, copy, CFG, plan)))
+        win = ks.split_window_scores(q, compressed, positions, CFG, plan, *stats)
+        want = ks.split_window_scores(q, compressed, copy, CFG, plan, *stats)
+        complete = torch.arange(compressed.shape[1]) < ref.num_complete_windows(copy + 1, CFG.compress_kernel,
+                                                                                CFG.compress_stride)[..., None, None]
+        assert torch.equal(win[complete.expand_as(win)], want[complete.expand_as(want)])  # the rest is unwritten
+        scores = split(copy)
+        assert torch.equal(ks.select_blocks(scores, None, positions, CFG), ks.select_blocks(scores, None, copy, CFG))
+        assert torch.equal(ks.select_for_queries(q, compressed, agnostic, positions, nb, CFG),
+                           ks.select_for_queries(q, compressed, agnostic, copy, nb, CFG))

@@ -152,8 +152,8 @@ def test_score_chunks_rule(monkeypatch):
     assert ks.score_chunks(1, 16, 48, 2, windows(65536), "cuda") == 6
     # 16K x batch 16: 32 programs; 17 chunks would reach 528 but 1,023 keys allow only 7 of >= 128.
     assert ks.score_chunks(1, 16, 16, 2, windows(16384), "cuda") == 7
-    # Short rows (2K tokens: 127 keys) and a full launch (prefill, or rows at different positions: the
-    # diagonal form's 48 queries already give 6 x 96 programs) keep the fused kernel; so do packed sequences.
+    # Short rows (2K tokens: 127 keys) and a full launch (prefill: 48 queries already give 6 x 96 programs)
+    # keep the fused kernel; so do packed sequences.
     assert ks.score_chunks(1, 16, 48, 2, windows(2048), "cuda") == 1
     assert ks.score_chunks(48, 16, 48, 2, windows(65536), "cuda") == 1
     assert ks.score_chunks(4096, 16, 1, 2, windows(65536), "cuda") == 1

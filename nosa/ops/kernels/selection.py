@@ -607,7 +607,7 @@ def split_chunk_stats(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitP
     stat_m = torch.empty(shape, device=q.device, dtype=torch.float32)
     stat_l = torch.empty(shape, device=q.device, dtype=torch.float32)
     _qa_chunk_stats_kernel[(tiles, batch * num_kv_heads, plan.stat_chunks)](
-        q, ck, positions, _positions_arg(positions, q.device)[1], stat_m, stat_l, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        q, ck, *_positions_arg(positions, q.device), stat_m, stat_l, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         num_queries, num_windows, num_kv_heads, cfg.compress_kernel, cfg.compress_stride, LOG2E / math.sqrt(q.shape[3]),
         plan.chunk_windows, plan.stat_chunks, **meta,
     )
@@ -623,7 +623,7 @@ def split_window_scores(q, ck, positions, cfg: SparseAttentionConfig, plan: Spli
     win = torch.empty((batch, num_queries, num_kv_heads, num_windows), device=q.device, dtype=torch.float32)
     tiles = triton.cdiv(num_queries, plan.tile_tokens)
     _qa_chunk_windows_kernel[(tiles, batch * num_kv_heads, plan.stat_chunks)](
-        q, ck, positions, _positions_arg(positions, q.device)[1], stat_m, stat_l, win, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        q, ck, *_positions_arg(positions, q.device), stat_m, stat_l, win, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         win.stride(0), win.stride(1), win.stride(2), num_queries, num_windows, num_kv_heads, cfg.compress_kernel,
         cfg.compress_stride, LOG2E / math.sqrt(q.shape[3]), plan.chunk_windows, stat_m.shape[2],
         **_split_meta(q, num_kv_heads, plan),
@@ -776,6 +776,8 @@ def _select_kernel(
 
 def _launch_select(qa, ag_mode, ag, prefix, first, last, num_windows, positions, cfg, block_offsets=None):
     batch, num_queries, num_kv_heads, num_blocks = qa.shape
+    if block_offsets is not None and positions.dim() != 1:
+        raise ValueError("packed sequences (block_offsets) take positions [Tq], not per-sequence positions")
     out = torch.empty((batch, num_queries, num_kv_heads, cfg.topk_blocks), device=qa.device, dtype=torch.int32)
     if num_queries == 0:
         return out
