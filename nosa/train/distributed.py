@@ -10,6 +10,7 @@ loop.py) to get the gradient of the global token-mean loss.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        _import_modules_that_capture_the_group()
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return DistInfo(rank, world, local_rank, dev)
 
@@ -110,6 +112,43 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def cleanup(info: DistInfo) -> None:
+def _import_modules_that_capture_the_group() -> None:
+    """Imported before the process group exists, for what their import captures: the functions of
+    torch.distributed.nn.functional (which torch.distributed.fsdp imports) take `group=group.WORLD` as a
+    default argument, evaluated at import. Imported after init_process_group, that default is the live
+    default group, which destroy_process_group then cannot free (see `cleanup`)."""
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.nn.functional  # noqa: F401
+
+
+def _release_device_mesh_groups() -> None:
+    """Drop the process groups that DeviceMesh objects still hold after destroy_process_group.
+
+    FSDP2 parameters are DTensors on a DeviceMesh, and a DeviceMesh keeps its groups in `_pg_registry`.
+    DTensor's sharding-propagation caches (lru_caches, whose entries the garbage collector cannot see)
+    keep DTensorSpecs, and through them the mesh, alive after the model is gone; so destroy_process_group
+    unregisters the group but does not free it. The gloo group's worker threads then outlive the run, and
+    one that drops its last collective's tensors while the interpreter is shutting down takes the GIL of
+    a finalizing interpreter, is ended by pthread_exit inside a noexcept destructor and aborts the process
+    ("terminate called without an active exception", exit -6 after a complete run). Freed here, the
+    group's destructor joins those threads now. The meshes are found by type, since their holders are
+    invisible to gc.get_referrers; a torch without `_pg_registry` has nothing to clear."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    gc.collect()  # the model (FSDP's hooks make it a reference cycle) and its DTensors
+    for obj in gc.get_objects():
+        if issubclass(type(obj), DeviceMesh):
+            registry = getattr(obj, "_pg_registry", None)
+            if isinstance(registry, dict):
+                registry.clear()
+
+
+def cleanup(info: DistInfo, completed: bool = False) -> None:
+    """Destroy the process group. `completed`: every collective of this process has returned (the run
+    ended normally), so the group can also be freed now, which joins its worker threads (see
+    `_release_device_mesh_groups`). Not after a failure: freeing a group waits for its queued work, which
+    may wait on processes that will never take part."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        if completed:
+            _release_device_mesh_groups()

@@ -298,9 +298,12 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
     info = init_distributed(device)
     try:
         with stop_on_signals() as stop:
-            return _train(cfg, resume, info, overwrite, stop)
-    finally:
-        cleanup(info)
+            summary = _train(cfg, resume, info, overwrite, stop)
+    except BaseException:
+        cleanup(info)  # the group is not freed: its queued work may wait on a process that failed
+        raise
+    cleanup(info, completed=True)  # freed too, so its threads end before the interpreter does
+    return summary
 
 
 def _train(cfg: TrainConfig, resume: str | None, info: DistInfo, overwrite: bool = False,

@@ -81,9 +81,11 @@ def test_accumulation_and_checkpointing_do_not_change_the_step(corpus, tmp_path)
 
 
 def _torchrun(config, *extra):
+    """`nosa train` in 2 processes; each also fails if its process group's threads outlived the run."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nosa.cli",
-                          "train", "--config", str(config), "--device", "cpu", *extra],
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "tests", "train", "train_and_check_teardown.py"),
+                          "--config", str(config), "--device", "cpu", *extra],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
