@@ -89,7 +89,12 @@ class DecodeAttention(AttentionBackend):
         self.gather = ops.resolve("gather_blocks", slots.table, host.k)
         self.inputs = ops.resolve("attention_inputs", slots.table)
         self.spill = ops.resolve("spill_step", slots.table)
-        self.fuse_gather = FUSE_GATHER and not self.in_place
+        # On CUDA only the kernel loads misses inside the attention: the reference's loading path finds them
+        # with a nonzero (a host sync), which a CUDA graph cannot capture, so with reference attention on
+        # CUDA (tests, debugging) the gather loads them, as with FUSE_GATHER off; same values either way.
+        kernel_attends = (slots.table.device.type != "cuda"
+                          or ops.resolve("decode_attention", slots.table) is not ops.reference.decode_attention)
+        self.fuse_gather = FUSE_GATHER and not self.in_place and kernel_attends
         # A device-side selection source: every layer's selection of each row at its position, one gather
         # per step ([R, L, H, K]; rows that do not replay read a clamped, unused entry).
         self.source_rows = None
