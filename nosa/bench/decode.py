@@ -515,24 +515,22 @@ def main(args) -> int:
     if args.both or args.equal_memory_dense_batch <= 0:
         suites.append((False, args.configs or FIXED_BATCH_CONFIGS, args.name))
     try:
-        for _, spec, _ in suites:
-            parse_configs(spec)
+        every_config = [config for _, spec, _ in suites for config in parse_configs(spec)]
     except ValueError as err:
         print(err)
         return 2
     traces = {}
-    wanted = [(config[0], config[4]) for _, spec, _ in suites for config in parse_configs(spec)]
+    wanted = [(config.mode, config.selection) for config in every_config]
     if any(sel == "traces" for _, sel in wanted) and not args.traces:
         print("a config asks for :traces but no --traces file is given")
         return 2
-    for _, spec, _ in suites:
-        for config in parse_configs(spec):
-            if config.length_spread and config.mode != "dense" and config.selection is None and args.traces:
-                print(f"a :spread{config.length_spread} config would replay traces (recorded at one length): say :model")
-                return 2
-            if config.length_spread >= args.prompt:
-                print(f"a :spread{config.length_spread} config needs a spread below --prompt ({args.prompt})")
-                return 2
+    for config in every_config:
+        if config.length_spread and config.mode != "dense" and config.selection is None and args.traces:
+            print(f"a :spread{config.length_spread} config would replay traces (recorded at one length): say :model")
+            return 2
+        if config.length_spread >= args.prompt:
+            print(f"a :spread{config.length_spread} config needs a spread below --prompt ({args.prompt})")
+            return 2
     if args.traces:
         modes = {mode for mode, sel in wanted if sel != "model"}
         try:

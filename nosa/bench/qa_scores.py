@@ -1,8 +1,8 @@
 """`nosa bench qa-scores`: the query-aware block score kernel at decode, fused (one program per (row, KV
 head), the kernel before the split) against the split path (`score_chunks`' choice and a sweep of chunk
 counts), on the engine's decode call: one query per row, each row's own position ([R, 1] positions, as
-`ops.select_rows` passes them; here all at the last token), 8B layer shape (32 query heads, 2 KV heads, head_dim 128, bf16), spec-default
-block 64 / kernel 32 / stride 16.
+`ops.select_rows` passes them; here all at the last token), 8B layer shape (32 query heads, 2 KV heads,
+head_dim 128, bf16), spec-default block 64 / kernel 32 / stride 16.
 
 Per shape: GPU time per call with CUDA events, eager (one call per event pair) and from a CUDA graph of 20
 back-to-back calls (the engine's decode step runs from graphs); achieved GB/s of the bytes each path

@@ -1,8 +1,9 @@
 """CUDA graphs for the decode step: the step is captured once over static input buffers (the runner's,
 which `ModelRunner.stage_inputs` writes) updated in place before each replay; the rows' positions are read
 on the device, so one graph serves rows at any lengths. The first call runs eagerly on the same buffers
-(warm-up: Triton compilation, cuBLAS handles), the second captures, and every later call replays. A graph holds the host store's addresses, so
-when the store grows (`HostStore.version`) the graphs are dropped and captured again."""
+(warm-up: Triton compilation, cuBLAS handles), the second captures, and every later call replays. A graph
+holds the host store's addresses, so when the store grows (`HostStore.version`) it is dropped and captured
+again."""
 
 from __future__ import annotations
 
