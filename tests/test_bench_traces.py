@@ -45,6 +45,11 @@ def test_configs_say_per_row_whether_they_replay_traces():
     assert not resolve_fuse_gather(None, False, True) and not resolve_fuse_gather(True, False, False)
     spread = parse_configs("nosa:on:cache128:model:fusegather:spread1024,dense:off:spread1024,nosa:on")
     assert [c.length_spread for c in spread] == [1024, 1024, 0] and spread[0][:6] == fused[0][:3] + (128, "model", True)
+    micro = parse_configs("nosa:on:cache128:traces:mb2,dense:off:mb3,nosa:on")
+    assert [c.micro_batches for c in micro] == [2, 3, 1] and micro[0][:6] == fused[0][:3] + (128, "traces", None)
+    for bad in ("nosa:on:mb0", "nosa:on:mb", "nosa:on:mb2:mb2", "nosa:on:mbx"):
+        with pytest.raises(ValueError, match="mbN"):
+            parse_configs(bad)
     for bad in ("dense:off:traces", "nosa:on:traces:model", "nosa:on:trace", "nosa:off:fusegather", "nosa:on:cacheAuto",
                 "dense:off:cacheauto", "nosa:on:cache128:cacheauto",
                 "nosa:on:fusegather:fusegather", "nosa:on:fusegather:gather", "nosa:off:gather",

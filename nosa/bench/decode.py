@@ -324,7 +324,7 @@ def decode_steps(args) -> int:
     return args.warmup + args.steps + 8
 
 
-CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN|:cacheauto][:traces|:model][:fusegather|:gather][:spreadN]"
+CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN|:cacheauto][:traces|:model][:fusegather|:gather][:spreadN][:mbN]"
 
 
 class DecodeConfig(NamedTuple):
@@ -336,6 +336,7 @@ class DecodeConfig(NamedTuple):
     selection: str | None
     fuse_gather: bool | None  # None: the engine's default (nosa.engine.attention.FUSE_GATHER)
     length_spread: int = 0  # rows' prompts spread over (prompt - N, prompt] tokens (`spread_lengths`)
+    micro_batches: int = 1  # the decode step's micro-batches (`LLM(micro_batches=...)`)
 
 
 def parse_configs(spec: str) -> list[DecodeConfig]:
@@ -345,7 +346,8 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
     by side; fusegather / gather (offload on): decode attention loads the misses itself, or a gather launch
     before it does (nosa.engine.attention.FUSE_GATHER; neither: the engine's default), so a run can time
     the two side by side; spreadN: the rows' prompts differ, spread evenly over the N tokens below --prompt
-    (as a server's rows do; not with traces, which are recorded at one length)."""
+    (as a server's rows do; not with traces, which are recorded at one length); mbN: the decode step runs as
+    N micro-batches of rows (on their own CUDA streams, `LLM(micro_batches=N)`), N >= 1."""
     configs = []
     for item in spec.split(","):
         fields = item.split(":")
@@ -353,11 +355,13 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
         cache = [f for f in extra if f.startswith("cache")]
         selection = [f for f in extra if f in ("traces", "model")]
         spread = [f for f in extra if f.startswith("spread")]
+        micro = [f for f in extra if f.startswith("mb")]
         single = ("eager", "fusegather", "gather")
         ok = (len(fields) >= 2 and fields[1] in ("on", "off") and len(cache) <= 1 and len(selection) <= 1
-              and len(spread) <= 1 and all(f in single or f in cache or f in selection or f in spread for f in extra)
+              and len(spread) <= 1 and len(micro) <= 1
+              and all(f in single or f in cache or f in selection or f in spread or f in micro for f in extra)
               and all(extra.count(f) <= 1 for f in single) and all(f[5:].isdigit() or f == "cacheauto" for f in cache)
-              and all(f[6:].isdigit() for f in spread))
+              and all(f[6:].isdigit() for f in spread) and all(f[2:].isdigit() and int(f[2:]) >= 1 for f in micro))
         if ok and spread and "traces" in selection:
             ok = False  # traces are recorded at one prompt length
         if ok and ("fusegather" in extra or "gather" in extra) and fields[1] != "on":
@@ -368,12 +372,12 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
             raise ValueError(f"bad --configs entry {item!r}: expected {CONFIG_FORM} "
                              f"(cacheN: N device cache blocks per (layer, sequence, KV head), cacheauto: the engine's 'auto' size; traces/model: replay the "
                              f"--traces file or use the weights' own selection, both for sparse modes only; "
-                             f"fusegather or gather: with offload on only; spreadN: not with traces)")
+                             f"fusegather or gather: with offload on only; spreadN: not with traces; mbN: N >= 1 micro-batches)")
         configs.append(DecodeConfig(fields[0], fields[1] == "on", "eager" in extra,
                                     (cache[0][5:] if cache[0] == "cacheauto" else int(cache[0][5:])) if cache else None,
                                     selection[0] if selection else None,
                                     True if "fusegather" in extra else False if "gather" in extra else None,
-                                    int(spread[0][6:]) if spread else 0))
+                                    int(spread[0][6:]) if spread else 0, int(micro[0][2:]) if micro else 1))
     return configs
 
 
@@ -439,7 +443,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
 
     runs = []
     default_fuse_gather = engine_attention.FUSE_GATHER
-    for mode, offload, eager, cache_blocks, selection_kind, fuse_gather, length_spread in configs:
+    for mode, offload, eager, cache_blocks, selection_kind, fuse_gather, length_spread, micro_batches in configs:
         fuse_gather = resolve_fuse_gather(fuse_gather, offload, default_fuse_gather)
         engine_attention.FUSE_GATHER = fuse_gather  # read as each step begins: this config's graphs keep it
         if mode not in models:
@@ -449,10 +453,11 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         if equal_memory:
             # The engine decides the batch: the largest number of rows its accounting fits in the budget.
             llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.max_batch,
-                      gpu_memory_budget=budget, cuda_graphs=graphs, device_cache_blocks=cache_blocks)
+                      gpu_memory_budget=budget, cuda_graphs=graphs, device_cache_blocks=cache_blocks,
+                      micro_batches=micro_batches)
         else:
             llm = LLM(model, device="cuda", offload=offload, max_model_len=max_len, max_num_seqs=args.batch,
-                      cuda_graphs=graphs, device_cache_blocks=cache_blocks)
+                      cuda_graphs=graphs, device_cache_blocks=cache_blocks, micro_batches=micro_batches)
         batch = llm.max_num_seqs
         row_bytes, workspace = LLM.device_bytes(model.config, model.dtype, offload, max_len, llm.device_cache_blocks)
         if offload:  # the whole batch's pages in one allocation (HostStore.reserve), not log2(batch) doublings
@@ -464,7 +469,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
             attach_traces(llm, running, traces[mode][0], args.prompt)
             selection = f"trace-driven: {traces[mode][1]['trace_file']}"
         run = {"attn_mode": mode, "offload": offload, "cuda_graphs": llm.uses_cuda_graphs, "batch": batch,
-               "fuse_gather": fuse_gather,
+               "fuse_gather": fuse_gather, "micro_batches": micro_batches,
                "selection": selection, "length_spread": length_spread, "prompt_tokens_mean": sum(lengths) / batch,
                "device_cache_blocks": llm.cache.slots + llm.cache.spill_blocks if mode != "dense" else None,
                "device_cache_request": cache_blocks,
@@ -488,7 +493,8 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
             profile_steps(llm, running, run["profiled_to"])
             shared["profiled"] = count + 1
         print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''}{' fusegather' if fuse_gather else ''}"
-              f"{' traces' if selection.startswith('trace') else ''}{f' spread {length_spread}' if length_spread else ''} batch {batch:3d} "
+              f"{' traces' if selection.startswith('trace') else ''}{f' spread {length_spread}' if length_spread else ''}"
+              f"{f' mb{micro_batches}' if micro_batches > 1 else ''} batch {batch:3d} "
               f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (reference {run['floor_ms']:.2f})  "
               f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
         del llm, running

@@ -120,6 +120,8 @@ def decode_table(path: str) -> str:
             mode += f", cache {r['device_cache_blocks']}"
         if r.get("fuse_gather"):
             mode += ", loads in attention"
+        if r.get("micro_batches", 1) > 1:
+            mode += f", {r['micro_batches']} micro-batches"
         if r.get("length_spread"):
             mode += f", prompts spread over {r['length_spread']} tokens"
         selection = f" {_selection_kind(r) if r['attn_mode'] != 'dense' else '-'} |" if mixed else ""

@@ -74,6 +74,9 @@ class DecodeAttention(AttentionBackend):
     def __init__(self, runner):
         self.runner = runner
         self.positions = self.active = None
+        # A CUDA event recorded on the current stream before layer 0's attention (micro-batches: the next one
+        # starts there, `ModelRunner.set_micro_batches`), or None.
+        self.attention_started = None
 
     def begin(self, positions: torch.Tensor, active: torch.Tensor) -> None:
         """positions: [R] int64 (tokens already cached); active: [R] bool. The implementations are
@@ -143,6 +146,7 @@ class DecodeAttention(AttentionBackend):
             # place through cache.slot_page, and the token went straight into its page.
             self.plan(slots, selection, token, host, plan, cache.slot_page, runner.store.scratch_page)
             self.inputs(slots.table, positions, state, runner.valid, runner.bias, cache.block_size)
+            self._mark_start(l)
             out = ops.decode_attention(q[:, 0], host.k, host.v, runner.bias, runner.valid, cache.slot_page)
             return out[:, None]
         self.plan(slots, selection, token, host, plan)
@@ -155,5 +159,10 @@ class DecodeAttention(AttentionBackend):
             # known only once this layer's query has selected.
             self.gather(host.k, host.v, cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), plan.src_page, plan.dst_page, plan.head)
         self.inputs(slots.table, positions, state, runner.valid, runner.bias, cache.block_size)
+        self._mark_start(l)
         out = ops.decode_attention(q[:, 0], cache.row_view(l, "k"), cache.row_view(l, "v"), runner.bias, runner.valid, **loads)
         return out[:, None]
+
+    def _mark_start(self, layer_idx: int) -> None:
+        if layer_idx == 0 and self.attention_started is not None:
+            self.attention_started.record()

@@ -32,7 +32,7 @@ class EngineCore:
     def __init__(self, model, tokenizer, device: torch.device, offload: bool, gpu_memory_budget: int | None,
                  host_memory_budget: int | None, max_model_len: int | None, max_num_seqs: int, prefill_chunk: int,
                  cuda_graphs: bool, device_cache_blocks: int | str | None = None,
-                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS, micro_batches: int = 1):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         # Models often pad the vocabulary beyond the tokenizer's (to a multiple of 64, say): those ids are
@@ -60,6 +60,7 @@ class EngineCore:
         self.cache = BlockCache(L, self.memory.rows, H, D, dtype, device, cfg, max_model_len, device_cache_blocks,
                                 in_place=not offload)
         self.runner = ModelRunner(model, self.cache, self.store)
+        self.runner.set_micro_batches(micro_batches)  # validated there, against the rows the budget admitted
         self.graph_events = new_graph_events()
         self.graphed = GraphedDecode(self.runner, self.graph_events) if (cuda_graphs and device.type == "cuda") else None
         self._graphs_enabled = True

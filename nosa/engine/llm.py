@@ -58,17 +58,21 @@ class LLM(EngineCore):
     forward beside each decode step, so a long prompt delays decoding by at most this many tokens' work);
     prefill_chunk: the most tokens of one prompt per step (below max_prefill_tokens, several prompts move
     at once, so short prompts behind a long one get their first token within a step or two).
+    micro_batches: run each decode step as this many micro-batches of rows, on CUDA on their own streams so
+    one's host->device loads overlap another's matmuls and selection (the weights are read once per
+    micro-batch); 1: the whole batch at once. Same tokens either way.
     """
 
     def __init__(self, model_or_path, device=None, offload: bool = True, gpu_memory_budget: int | None = None,
                  host_memory_budget: int | None = None, max_model_len: int | None = None, max_num_seqs: int = 16,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, dtype: torch.dtype | None = None, tokenizer=None,
                  cuda_graphs: bool = True, device_cache_blocks: int | str | None = None,
-                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS, micro_batches: int = 1):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, loaded_tokenizer = _load_model(model_or_path, device, dtype)
         super().__init__(model, tokenizer or loaded_tokenizer, device, offload, gpu_memory_budget, host_memory_budget,
-                         max_model_len, max_num_seqs, prefill_chunk, cuda_graphs, device_cache_blocks, max_prefill_tokens)
+                         max_model_len, max_num_seqs, prefill_chunk, cuda_graphs, device_cache_blocks, max_prefill_tokens,
+                         micro_batches)
 
     # ----------------------------------------------------------------------------------- generate
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True, return_logits: bool = False,

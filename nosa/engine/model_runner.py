@@ -11,6 +11,7 @@ That is what lets `cuda_graph.py` capture it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from nosa import ops
 from nosa.engine.attention import DecodeAttention, PrefillAttention
 from nosa.engine.block_cache import BlockCache
 from nosa.engine.host_store import HostStore
+from nosa.engine.row_shards import RowsView, shard_bounds
 
 
 @dataclass
@@ -92,6 +94,7 @@ class ModelRunner:
             if cache.eviction is not None:
                 self.window_c = torch.zeros((R, kernel, H), dtype=torch.float32, device=self.device)
         self.decode_attention = DecodeAttention(self)
+        self.micro_batches, self.shards, self.shard_streams, self.shard_offset = 1, [], None, None
         # When a list (tests), every decode step appends (positions [R], loads [L, R, H]); forces eager mode.
         self.load_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         # When True (sparse modes), every decode step leaves each layer's selection [R, H, K] in
@@ -113,6 +116,22 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._pinned = (torch.zeros((2, R), dtype=torch.long, pin_memory=True),
                             torch.zeros(R, dtype=torch.bool, pin_memory=True), torch.cuda.Event())
+
+    def set_micro_batches(self, count: int) -> None:
+        """Run the decode step as `count` micro-batches of contiguous rows (`row_shards.py`), each through the
+        whole model: on CUDA each on its own stream, the second starting once the first's layer 0 reaches its
+        attention, so one's loading attention runs beside the other's matmuls and selection; elsewhere one
+        after the other (same values, which is what the CPU tests check). 1: the whole batch at once. Set
+        before the first step: a captured graph keeps the split it was captured with."""
+        bounds = shard_bounds(self.cache.rows, count)
+        self.micro_batches = count
+        self.shards = [] if count == 1 else [(start, stop, DecodeAttention(RowsView(self, start, stop))) for start, stop in bounds]
+        cuda = self.device.type == "cuda" and count > 1
+        self.shard_streams = [torch.cuda.Stream(self.device) for _ in self.shards] if cuda else None
+        # Recorded by micro-batch i before its layer 0's attention; micro-batch i + 1 starts after it.
+        self.shard_offset = [torch.cuda.Event() for _ in self.shards[:-1]] if cuda else None
+        for i, (_, _, attention) in enumerate(self.shards):
+            attention.attention_started = self.shard_offset[i] if cuda and i < count - 1 else None
 
     def stage_inputs(self, tokens: list[int], positions: list[int], active: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write a step's inputs (R each) into the static buffers; returns (tokens [R], positions [R] int64,
@@ -277,8 +296,11 @@ class ModelRunner:
         active: [R] bool (counted in statistics). Returns logits [R, V] float32. The model's layers run with
         `DecodeAttention`: per layer four cache-op launches (window staging and commit, the slot plan, the
         attention inputs) around the window means, the selection, one gather and the attention."""
-        self.decode_attention.begin(positions, active)
-        hidden = self.model.model.forward_with_attention(tokens[:, None], positions[:, None], self.decode_attention)
+        if self.shards:
+            hidden = self._decode_micro_batches(tokens, positions, active)
+        else:
+            self.decode_attention.begin(positions, active)
+            hidden = self.model.model.forward_with_attention(tokens[:, None], positions[:, None], self.decode_attention)
         if self.locality_quota is not None:
             bound = self.locality_quota + (positions % self.cfg.block_size == 0).to(torch.int32)  # [R]
             self.over_bound += ((self.step_loads > bound[None, :, None]) & active[None, :, None]).sum(dim=(1, 2))
@@ -286,3 +308,25 @@ class ModelRunner:
             # A snapshot: on CPU `.cpu()` would return the live buffer, which the next step overwrites.
             self.load_log.append((positions.cpu().clone(), self.step_loads.cpu().clone()))
         return self.model.logits_of(hidden)[:, 0]
+
+    def _decode_micro_batches(self, tokens, positions, active) -> torch.Tensor:
+        """The decoder layers over each micro-batch's rows (`set_micro_batches`) -> hidden [R, 1, hidden]. On
+        CUDA the micro-batches fork from the current stream and join it again, so eager steps and a graph
+        captured around this see one step; the LM head then runs once on the joined batch."""
+        streams, offsets = self.shard_streams, self.shard_offset
+        main = torch.cuda.current_stream(self.device) if streams else None
+        parts = []
+        for i, (start, stop, attention) in enumerate(self.shards):
+            with torch.cuda.stream(streams[i]) if streams else contextlib.nullcontext():
+                if streams:
+                    streams[i].wait_stream(main)
+                    if i > 0:
+                        streams[i].wait_event(offsets[i - 1])
+                attention.begin(positions[start:stop], active[start:stop])
+                parts.append(self.model.model.forward_with_attention(tokens[start:stop, None], positions[start:stop, None], attention))
+        if streams:
+            # Every part was made on its stream, which runs no more work until the next step forks it after
+            # this join: the caching allocator cannot hand their memory to anything that races the cat.
+            for stream in streams:
+                main.wait_stream(stream)
+        return torch.cat(parts)

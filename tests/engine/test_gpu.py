@@ -242,3 +242,31 @@ def test_cuda_engine_loading_misses_in_decode_attention_equals_the_gather_engine
         assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
     assert torch.equal(got_counters["loaded"], want_counters["loaded"]) and int(want_counters["loaded"].sum()) > 0
     assert llm.graphed.graph is not None
+
+
+@pytest.mark.parametrize("offload", [True, False])
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2", "dense"])
+def test_cuda_micro_batches_on_two_streams_equal_one_batch(mode, offload):
+    """micro_batches=2 on CUDA (two streams forked from the step's and joined back, the second starting at
+    the first's layer-0 attention), eagerly and replayed from a graph, default kernels, fp32: the tokens, loads
+    and spill hits of one batch, logits to rounding (the matmuls run over half the rows). One batch's engine
+    equals the model's forward in the tests above."""
+    model = tiny_model(mode).cuda()
+    cache = model.config.topk_blocks + 3 if mode == "nosa" else None
+    runs = {}
+    for micro_batches, graphs in ((1, True), (2, False), (2, True)):
+        llm = LLM(model, device="cuda", offload=offload, max_model_len=80, max_num_seqs=4, cuda_graphs=graphs,
+                  device_cache_blocks=cache, micro_batches=micro_batches)
+        outs = llm.generate(prompts(), GREEDY, use_tqdm=False, return_logits=True)
+        if graphs:
+            assert llm.graphed.graph is not None
+        assert (llm.runner.shard_streams is not None) == (micro_batches > 1)
+        runs[micro_batches, graphs] = (outs, llm.decode_counters())
+    whole, whole_counters = runs[1, True]
+    for key in ((2, False), (2, True)):
+        outs, counters = runs[key]
+        for name in whole_counters:
+            assert torch.equal(counters[name], whole_counters[name]), (key, name)
+        for a, b in zip(whole, outs):
+            assert a.token_ids == b.token_ids, key
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
