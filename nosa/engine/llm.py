@@ -60,7 +60,9 @@ class LLM(EngineCore):
     at once, so short prompts behind a long one get their first token within a step or two).
     micro_batches: run each decode step as this many micro-batches of rows, on CUDA on their own streams so
     one's host->device loads overlap another's matmuls and selection (the weights are read once per
-    micro-batch); 1: the whole batch at once. Same tokens either way.
+    micro-batch); 1: the whole batch at once. The same selections and loads either way, logits to rounding
+    (a matmul or the decode kernel over fewer rows may round differently), so in low precision a near tie
+    may sample another token.
     """
 
     def __init__(self, model_or_path, device=None, offload: bool = True, gpu_memory_budget: int | None = None,

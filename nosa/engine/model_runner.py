@@ -316,17 +316,21 @@ class ModelRunner:
         streams, offsets = self.shard_streams, self.shard_offset
         main = torch.cuda.current_stream(self.device) if streams else None
         parts = []
-        for i, (start, stop, attention) in enumerate(self.shards):
-            with torch.cuda.stream(streams[i]) if streams else contextlib.nullcontext():
-                if streams:
-                    streams[i].wait_stream(main)
-                    if i > 0:
-                        streams[i].wait_event(offsets[i - 1])
-                attention.begin(positions[start:stop], active[start:stop])
-                parts.append(self.model.model.forward_with_attention(tokens[start:stop, None], positions[start:stop, None], attention))
-        if streams:
-            # Every part was made on its stream, which runs no more work until the next step forks it after
-            # this join: the caching allocator cannot hand their memory to anything that races the cat.
-            for stream in streams:
-                main.wait_stream(stream)
+        try:
+            for i, (start, stop, attention) in enumerate(self.shards):
+                with torch.cuda.stream(streams[i]) if streams else contextlib.nullcontext():
+                    if streams:
+                        streams[i].wait_stream(main)
+                        if i > 0:
+                            streams[i].wait_event(offsets[i - 1])
+                    attention.begin(positions[start:stop], active[start:stop])
+                    parts.append(self.model.model.forward_with_attention(tokens[start:stop, None], positions[start:stop, None], attention))
+        finally:
+            if streams:
+                # Joined even when a micro-batch raised, so what the engine does next on the current stream
+                # (releasing the failed rows' tables) runs after the kernels already queued. Every part was
+                # made on its stream, which runs no more work until the next step forks it after this join:
+                # the caching allocator cannot hand their memory to anything that races the cat.
+                for stream in streams:
+                    main.wait_stream(stream)
         return torch.cat(parts)

@@ -245,7 +245,7 @@ def test_cuda_engine_loading_misses_in_decode_attention_equals_the_gather_engine
 
 
 @pytest.mark.parametrize("offload", [True, False])
-@pytest.mark.parametrize("mode", ["nosa", "infllmv2", "dense"])
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2", "dense", "dma"])
 def test_cuda_micro_batches_on_two_streams_equal_one_batch(mode, offload):
     """micro_batches=2 on CUDA (two streams forked from the step's and joined back, the second starting at
     the first's layer-0 attention), eagerly and replayed from a graph, default kernels, fp32: the tokens, loads
@@ -255,12 +255,15 @@ def test_cuda_micro_batches_on_two_streams_equal_one_batch(mode, offload):
     cache = model.config.topk_blocks + 3 if mode == "nosa" else None
     runs = {}
     for micro_batches, graphs in ((1, True), (2, False), (2, True)):
-        llm = LLM(model, device="cuda", offload=offload, max_model_len=80, max_num_seqs=4, cuda_graphs=graphs,
+        # 5 rows for 4 prompts: micro-batches of 3 and 2 rows, one of them idle.
+        llm = LLM(model, device="cuda", offload=offload, max_model_len=80, max_num_seqs=5, cuda_graphs=graphs,
                   device_cache_blocks=cache, micro_batches=micro_batches)
         outs = llm.generate(prompts(), GREEDY, use_tqdm=False, return_logits=True)
         if graphs:
             assert llm.graphed.graph is not None
         assert (llm.runner.shard_streams is not None) == (micro_batches > 1)
+        for start, stop, attention in llm.runner.shards:  # each micro-batch's attention began on its own rows
+            assert attention.positions.data_ptr() == llm.runner.step_inputs[1, start:stop].data_ptr()
         runs[micro_batches, graphs] = (outs, llm.decode_counters())
     whole, whole_counters = runs[1, True]
     for key in ((2, False), (2, True)):

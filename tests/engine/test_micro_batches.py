@@ -32,6 +32,15 @@ def run(model, micro_batches, offload=True, device_cache_blocks=None, source=Non
     return outs, loads, llm
 
 
+def assert_micro_batches_ran(llm, count):
+    """The step really ran as `count` micro-batches: each one's attention began its last step on its own rows."""
+    runner = llm.runner
+    assert runner.micro_batches == count and len(runner.shards) == (count if count > 1 else 0)
+    for start, stop, attention in runner.shards:
+        assert attention.positions is not None and attention.positions.shape == (stop - start,)
+        assert attention.positions.data_ptr() == runner.step_inputs[1, start:stop].data_ptr()
+
+
 def assert_same_run(a, b):
     """Same tokens, selections and loads; logits to float32 rounding (a matmul over fewer rows may round
     differently)."""
@@ -52,7 +61,7 @@ def test_micro_batches_equal_the_model_forward_and_one_batch(mode, offload):
     model = engine_model(mode)
     whole = run(model, 1, offload, record=mode != "dense")
     split = run(model, 2, offload, record=mode != "dense")
-    assert split[2].runner.micro_batches == 2 and len(split[2].runner.shards) == 2
+    assert_micro_batches_ran(split[2], 2)
     for prompt, out in zip(prompts(), split[0]):
         ref = reference_logits(model, prompt, out.token_ids)
         torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
@@ -68,6 +77,7 @@ def test_micro_batches_with_the_device_cache(offload):
     size = model.config.topk_blocks + 3
     whole = run(model, 1, offload, device_cache_blocks=size, record=True)
     split = run(model, 3, offload, device_cache_blocks=size, record=True)  # 2 + 2 + 1 rows
+    assert_micro_batches_ran(split[2], 3)
     assert_same_run(whole, split)
     assert int(whole[2].decode_counters()["spill_hits"].sum()) > 0
 
@@ -86,7 +96,9 @@ def test_micro_batches_replay_a_selection_source(on_device):
         return replay
 
     other = engine_model("nosa", seed=8)  # another model: only the source can make the selections agree
-    assert_same_run(run(other, 1, source=source(), record=True), run(other, 2, source=source(), record=True))
+    split = run(other, 2, source=source(), record=True)
+    assert_micro_batches_ran(split[2], 2)
+    assert_same_run(run(other, 1, source=source(), record=True), split)
 
 
 @pytest.mark.parametrize("count", [0, 6, True, 2.0])
