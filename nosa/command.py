@@ -50,6 +50,10 @@ DEVICE_CACHE_HELP = ("blocks the device keeps per (layer, sequence, KV head), >=
                      "--max-num-seqs rows")
 
 
+MICRO_BATCHES_HELP = ("run each decode step as this many micro-batches of rows, on CUDA on their own streams so one's "
+                      "host->device loads overlap another's compute (default 1: the whole batch at once)")
+
+
 def device_cache_blocks_arg(value: str):
     """--device-cache-blocks: a block count or 'auto' (LLM's device_cache_blocks; the engine checks the count)."""
     if value == "auto":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from nosa.command import DEVICE_CACHE_HELP, device_cache_blocks_arg
+from nosa.command import DEVICE_CACHE_HELP, MICRO_BATCHES_HELP, device_cache_blocks_arg
 
 
 def register(subparsers) -> None:
@@ -18,6 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-memory-budget", type=int, default=None, help="bytes of device memory for KV state")
     p.add_argument("--host-memory-budget", type=int, default=None, help="bytes of host memory for the KV store")
     p.add_argument("--device-cache-blocks", type=device_cache_blocks_arg, default=None, help=DEVICE_CACHE_HELP)
+    p.add_argument("--micro-batches", type=int, default=1, help=MICRO_BATCHES_HELP)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -49,7 +50,8 @@ def main(args) -> int:
             llm = LLM(args.model, device=device, offload=not args.no_offload, gpu_memory_budget=args.gpu_memory_budget,
                       host_memory_budget=args.host_memory_budget, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, cuda_graphs=not args.no_cuda_graphs,
-                      device_cache_blocks=args.device_cache_blocks)
+                      device_cache_blocks=args.device_cache_blocks,
+                      micro_batches=args.micro_batches)
         outputs = llm.generate(prompts, params, use_tqdm=not args.quiet)
     except ValueError as err:
         print(f"nosa generate: {err}", file=sys.stderr)

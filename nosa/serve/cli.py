@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from nosa.command import DEVICE_CACHE_HELP, device_cache_blocks_arg
+from nosa.command import DEVICE_CACHE_HELP, MICRO_BATCHES_HELP, device_cache_blocks_arg
 
 
 def register(subparsers) -> None:
@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-memory-budget", type=int, default=None, help="bytes of device memory for KV state")
     p.add_argument("--host-memory-budget", type=int, default=None, help="bytes of host memory for the KV store")
     p.add_argument("--device-cache-blocks", type=device_cache_blocks_arg, default=None, help=DEVICE_CACHE_HELP)
+    p.add_argument("--micro-batches", type=int, default=1, help=MICRO_BATCHES_HELP)
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + generation (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together at most")
     p.add_argument("--max-queue", type=int, default=None, help="choices that may wait for a row (default: no bound)")
@@ -46,7 +47,7 @@ def build_server(args):
     llm = LLM(args.model, device=args.device, offload=args.offload, gpu_memory_budget=args.gpu_memory_budget,
               host_memory_budget=args.host_memory_budget, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, tokenizer=tokenizer, cuda_graphs=not args.no_cuda_graphs,
-              device_cache_blocks=args.device_cache_blocks)
+              device_cache_blocks=args.device_cache_blocks, micro_batches=args.micro_batches)
     service = EngineService(llm, max_queue=args.max_queue, queue_full=args.queue_full)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     return service, create_app(service, tokenizer, name), tokenizer

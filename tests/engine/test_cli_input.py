@@ -72,3 +72,13 @@ def test_device_cache_blocks_flag(saved, capsys):
     assert "expected a number of blocks or 'auto', got 'many'" in capsys.readouterr().err
     err = cli_error(["generate", saved, "ab", "--device", "cpu", "--quiet", "--device-cache-blocks", "1"], capsys)
     assert "device_cache_blocks must be an integer >= topk_blocks" in err
+
+
+def test_micro_batches_flag(saved, capsys):
+    """--micro-batches reaches the engine (two rows: two micro-batches) and a bad count is named."""
+    assert main(["generate", saved, "ab", "cd", "--max-tokens", "2", "--device", "cpu", "--quiet", "--max-num-seqs", "2",
+                 "--micro-batches", "2"]) == 0
+    capsys.readouterr()
+    err = cli_error(["generate", saved, "ab", "--device", "cpu", "--quiet", "--max-num-seqs", "2", "--micro-batches", "3"], capsys)
+    assert "micro_batches must be an integer in [1, rows=2]" in err
+

@@ -9,8 +9,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from nosa.cli import main  # noqa: E402
-
 
 def gloo_threads() -> list[str]:
     tasks = "/proc/self/task"
@@ -26,9 +24,15 @@ def gloo_threads() -> list[str]:
     return [name for name in names if "gloo" in name]
 
 
-rc = main(["train", *sys.argv[1:]])
-left = gloo_threads()
-if left:
-    print(f"rank {os.environ.get('RANK')}: the process group's threads outlived the run: {left}", file=sys.stderr, flush=True)
-    sys.exit(3)
-sys.exit(rc)
+def exit_checking_threads(rc: int) -> None:
+    left = gloo_threads()
+    if left:
+        print(f"rank {os.environ.get('RANK')}: the process group's threads outlived the run: {left}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    from nosa.cli import main
+
+    exit_checking_threads(main(["train", *sys.argv[1:]]))
