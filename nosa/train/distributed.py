@@ -49,8 +49,43 @@ def init_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         _import_modules_that_capture_the_group()
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                store=_store_for_a_new_group(rank, world), rank=rank, world_size=world)
     return DistInfo(rank, world, local_rank, dev)
+
+
+# The env:// rendezvous store, one per process, and how many process groups init_distributed has made on it.
+_rendezvous_stores: dict = {}
+_groups_made = 0
+
+
+def _store_for_a_new_group(rank: int, world: int) -> dist.Store:
+    """The store for the next process group of this process: the env:// rendezvous store (made once, then
+    reused), under a prefix of its own for each group.
+
+    init_process_group(init_method='env://') would put every default group of a process under the same
+    keys: under torchrun all of them share the launcher's store, which keeps the keys of earlier groups,
+    and a destroyed default group resets the group counter, so the next one is named "0" again. Gloo's
+    rendezvous waits for each peer's key (`default_pg/0//cpu//0/<rank>`, its listening address) and a
+    leftover key satisfies that wait at once: in a second train() in the same process (train_chain), a
+    process that reaches init_process_group first reads its peer's address from the previous run, while
+    the peer is still finishing it (rank 0 plots the loss after the last collective). It connects to the
+    peer's old group, still listening or already closed, and the new group hangs in connectFullMesh or
+    fails with "Connection reset by peer" at its first collective. A prefix per group gives every group
+    keys that nobody has written yet. Every process makes its groups in the same order (each runs the
+    same phases), so the counter agrees between them. Reusing the store also keeps a second group off a
+    store that rank 0 would otherwise recreate on MASTER_PORT (when no launcher store is used) while the
+    previous one may still be serving there."""
+    global _groups_made
+    key = (os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), rank, world)
+    store = _rendezvous_stores.get(key)
+    if store is None:
+        from torch.distributed.constants import default_pg_timeout
+
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=default_pg_timeout))
+        _rendezvous_stores[key] = store
+    _groups_made += 1
+    return dist.PrefixStore(f"nosa_group_{_groups_made}", store)
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Module:

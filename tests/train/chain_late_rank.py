@@ -1,10 +1,13 @@
-"""Helper process for test_chain.py, one of torchrun's processes: `python -m nosa.study.train_chain` with
-the command line's arguments after the first, which is a number of seconds: rank 0 sets up each phase's
-process group after the first that much later than the other ranks. That is what happens anyway, by a
-varying amount, when rank 0 renders the finished phase's loss plot while the others go on to the next
-phase; made certain here, so that the other ranks always start the new group's rendezvous first. Then
-exit 3 if a thread of a gloo process group outlived the chain (as train_and_check_teardown.py)."""
+"""Helper process for test_chain.py, one of torchrun's processes: `chain_late_rank.py LATE LIMIT ARGS...`
+runs `python -m nosa.study.train_chain ARGS...`, where rank 0 sets up the process group of each phase after the
+first LATE seconds after the other ranks do. That happens anyway, by a varying amount, when rank 0
+renders the finished phase's loss plot while the others go on; made certain here, so that the others
+always begin the new group's rendezvous first. A process still running after LIMIT seconds prints every
+thread's stack and exits 1 (one stuck in a gloo rendezvous answers no signal, and torchrun would wait
+for it). At the end, exit 3 if a thread of a gloo process group outlived the chain (as in
+train_and_check_teardown.py)."""
 
+import faulthandler
 import os
 import sys
 import time
@@ -15,7 +18,8 @@ import nosa.train.loop as loop  # noqa: E402
 from nosa.study.train_chain import main  # noqa: E402
 from train_and_check_teardown import exit_checking_threads  # noqa: E402
 
-late_s = float(sys.argv[1])
+late_s, limit_s = float(sys.argv[1]), float(sys.argv[2])
+faulthandler.dump_traceback_later(limit_s, exit=True)
 real_init = loop.init_distributed
 calls = 0
 
@@ -29,4 +33,4 @@ def init_late_on_rank0(*args, **kwargs):
 
 
 loop.init_distributed = init_late_on_rank0
-exit_checking_threads(main(sys.argv[2:]))
+exit_checking_threads(main(sys.argv[3:]))
