@@ -3,7 +3,7 @@
 At the 64K budget-set batch (8B shape: 32 query heads, 2 KV heads, head_dim 128, stride 16, so 4,096
 compressed keys a row) the split path's pass 1 (chunk statistics) and pass 2 (window scores) each read every
 row's compressed keys, 1 MiB per (row, KV head): 0.9 ms of a 4.98 ms step at 121 rows (H100 profile). Timed
-here in CUDA graphs (no launch gaps), median of replays:
+per call from CUDA graphs of back-to-back calls (`nosa.bench.common.graph_ms`: no launch gaps):
 - the three passes as the engine runs them, for the whole batch;
 - pass 1 alone and pass 2 alone;
 - "grouped": the batch cut into groups of G rows, each group's pass 1 then pass 2 (so pass 2 may find the
@@ -21,30 +21,9 @@ import time
 
 import torch
 
+from nosa.bench.common import graph_ms
 from nosa.config import SparseAttentionConfig
 from nosa.ops.kernels import selection as ks
-
-
-def graphed_ms(fn, reps=50):
-    """Median ms of `fn` replayed from a CUDA graph (warmed eagerly first)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -70,12 +49,12 @@ def main():
     want = ks.query_aware_block_scores(q, ck, pos, nb, cfg)
     qp, ckp, posp = ks._prepare_scores(q, ck, pos)
 
-    result["engine_ms"] = graphed_ms(lambda: ks.query_aware_block_scores(q, ck, pos, nb, cfg))
+    result["engine_ms"] = graph_ms(lambda: ks.query_aware_block_scores(q, ck, pos, nb, cfg))
     stats = ks.split_chunk_stats(qp, ckp, posp, cfg, plan)
-    result["pass1_ms"] = graphed_ms(lambda: ks.split_chunk_stats(qp, ckp, posp, cfg, plan))
-    result["pass2_ms"] = graphed_ms(lambda: ks.split_window_scores(qp, ckp, posp, cfg, plan, *stats))
+    result["pass1_ms"] = graph_ms(lambda: ks.split_chunk_stats(qp, ckp, posp, cfg, plan))
+    result["pass2_ms"] = graph_ms(lambda: ks.split_window_scores(qp, ckp, posp, cfg, plan, *stats))
     win = ks.split_window_scores(qp, ckp, posp, cfg, plan, *stats)
-    result["pass3_ms"] = graphed_ms(lambda: ks.pool_window_scores(win, posp, nb, cfg, plan))
+    result["pass3_ms"] = graph_ms(lambda: ks.pool_window_scores(win, posp, nb, cfg, plan))
     print(json.dumps(result), flush=True)
 
     grouped = {}
@@ -94,7 +73,7 @@ def main():
             return out
 
         try:
-            ms = graphed_ms(run)
+            ms = graph_ms(run)
             got = run()
             grouped[group] = {"ms": ms, "chunks": sub_chunks, "launches": 2 * -(-R // group) + 1,
                               "max_abs_diff_vs_engine": float((got - want).nan_to_num(0, 0, 0).abs().max()),
@@ -113,7 +92,7 @@ def main():
             return ks.pool_window_scores(w, posp, nb, cfg, one)
 
         got = run_one()
-        result["one_token_tiles"] = {"ms": graphed_ms(run_one),
+        result["one_token_tiles"] = {"ms": graph_ms(run_one),
                                      "max_abs_diff_vs_engine": float((got - want).nan_to_num(0, 0, 0).abs().max()),
                                      "same_inf_pattern": bool(torch.equal(got.isinf(), want.isinf()))}
     except Exception as error:  # noqa: BLE001
