@@ -6,13 +6,15 @@ decode step's block-cache ops (slot-table diff, gather, window staging and commi
 inputs, and `spill_step`, the device cache beyond the selection) in `nosa.ops.block_ops`. `plan_in_place` is
 `plan_step` of the one-copy path (offload off), where nothing is copied. `use_backend("reference" | "triton" | "auto", only=None)` overrides
 the choice (tests compare both paths). `select_rows` is the engine's one selection entry point
-(`nosa.ops.selection`), built on the dispatched scoring and selection ops.
+(`nosa.ops.selection`), built on the dispatched scoring and selection ops. `launch_share(f)` makes the
+kernels that split their work for occupancy size it for a share f of the SMs (`nosa.ops.occupancy`).
 """
 
 from __future__ import annotations
 
 from nosa.ops import block_ops, reference
 from nosa.ops.block_ops import HostPages, LayerSlots, LoadPlan, SpillSlots, StepTokens, all_visible, slot_table
+from nosa.ops.occupancy import launch_share
 from nosa.ops.dispatch import BACKENDS, current_backend, dispatched, dispatched_without_grad, register_kernel, resolve, use_backend
 from nosa.ops.util import ceil_div, num_blocks
 
@@ -50,4 +52,5 @@ __all__ = [
     "select_blocks", "select_for_queries", "sparse_attention", "nosa_attention", "decode_attention",
     "eviction_scores", "rms_norm", "apply_rotary", "diff_slot_tables", "gather_blocks", "stage_window", "commit_window", "plan_step", "attention_inputs", "all_visible",
     "HostPages", "LayerSlots", "LoadPlan", "StepTokens", "SpillSlots", "spill_step", "plan_in_place", "slot_table", "select_rows", "ceil_div", "num_blocks",
+    "launch_share",
 ]

@@ -7,7 +7,6 @@ program writes a partial (max, sum, output) for its chunk and a second small ker
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -16,6 +15,7 @@ import triton
 import triton.language as tl
 
 from nosa.ops.kernels.attention import LOG2E, _dot_precision, _next_pow2
+from nosa.ops.occupancy import sm_count
 
 
 # The key tile is fixed: BLOCK_S sets where the online softmax rescales, so it changes the result's rounding.
@@ -196,11 +196,6 @@ def _num_splits(batch_heads: int, num_slots: int, sm_count: int) -> int:
     return max(1, min(want, most, 64))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 # Merge in the last partial program (one launch) rather than in a second kernel; module-level so a
 # benchmark can time both (`fused_merge=` per call overrides it).
 FUSED_MERGE = True
@@ -288,8 +283,7 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, block_table=None, s
     v_slots = v_slots if v_slots.stride(-1) == 1 else v_slots.contiguous()
     valid_u8 = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
     if splits is None:
-        sm_count = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 8
-        splits = _num_splits(batch * num_kv_heads, num_slots, sm_count)
+        splits = _num_splits(batch * num_kv_heads, num_slots, sm_count(q.device, off_cuda=8))
     splits = max(1, min(int(splits), max(1, num_slots)))
     chunk = -(-max(1, num_slots) // splits)
     chunk = -(-chunk // CHUNK_ALIGN) * CHUNK_ALIGN

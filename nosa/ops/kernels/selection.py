@@ -30,6 +30,7 @@ import triton.language as tl
 from nosa.config import SparseAttentionConfig
 from nosa.ops import reference
 from nosa.ops.kernels.attention import LOG2E, _dot_precision, _next_pow2
+from nosa.ops.occupancy import sm_count
 
 FLOAT32_LOWEST = -3.4028234663852886e38
 # Rows (query tokens x padded GQA group) per program of the pooled score kernel. At 64K tokens (8B shape)
@@ -455,16 +456,9 @@ SPLIT_MAX_SCORE_BYTES = 1 << 24  # the split path materialises the window scores
 
 
 def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of `device`; 1 off CUDA (the interpreter: tests force their chunks)."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
-
-
-_SM_COUNTS: dict[int, int] = {}
+    """The SMs the split launch sizes itself for (`occupancy.sm_count`: a share of them inside
+    `launch_share`); 1 off CUDA (the interpreter: tests force their chunks)."""
+    return sm_count(device, off_cuda=1)
 
 
 def split_tile_tokens(group: int, num_queries: int) -> int:
