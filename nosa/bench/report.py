@@ -122,6 +122,8 @@ def decode_table(path: str) -> str:
             mode += ", loads in attention"
         if r.get("micro_batches", 1) > 1:
             mode += f", {r['micro_batches']} micro-batches"
+            if r.get("micro_batch_launch_share"):
+                mode += " (launches sized for a share of the SMs)"
         if r.get("length_spread"):
             mode += f", prompts spread over {r['length_spread']} tokens"
         selection = f" {_selection_kind(r) if r['attn_mode'] != 'dense' else '-'} |" if mixed else ""

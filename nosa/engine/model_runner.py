@@ -22,6 +22,12 @@ from nosa.engine.block_cache import BlockCache
 from nosa.engine.host_store import HostStore
 from nosa.engine.row_shards import RowsView, shard_bounds
 
+# Micro-batches size their occupancy-split launches (decode attention's slot chunks, the scores' key chunks)
+# for 1/N of the SMs each (`ops.launch_share`), so together they launch what one batch would; False: each
+# sizes them for the whole GPU. Not measured yet (issue 10): a benchmark compares the two
+# (`nosa bench decode` token `share`). Read by `set_micro_batches`.
+SHARE_LAUNCHES = False
+
 
 @dataclass
 class PrefillState:
@@ -95,6 +101,7 @@ class ModelRunner:
                 self.window_c = torch.zeros((R, kernel, H), dtype=torch.float32, device=self.device)
         self.decode_attention = DecodeAttention(self)
         self.micro_batches, self.shards, self.shard_streams, self.shard_offset = 1, [], None, None
+        self.launch_share = 1.0
         # When a list (tests), every decode step appends (positions [R], loads [L, R, H]); forces eager mode.
         self.load_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         # When True (sparse modes), every decode step leaves each layer's selection [R, H, K] in
@@ -122,9 +129,11 @@ class ModelRunner:
         whole model: on CUDA each on its own stream, the second starting once the first's layer 0 reaches its
         attention, so one's loading attention runs beside the other's matmuls and selection; elsewhere one
         after the other (same values, which is what the CPU tests check). 1: the whole batch at once. Set
-        before the first step: a captured graph keeps the split it was captured with."""
+        before the first step: a captured graph keeps the split it was captured with. With SHARE_LAUNCHES each
+        micro-batch sizes its occupancy-split launches for 1/count of the SMs."""
         bounds = shard_bounds(self.cache.rows, count)
         self.micro_batches = count
+        self.launch_share = 1.0 / count if SHARE_LAUNCHES and count > 1 else 1.0
         self.shards = [] if count == 1 else [(start, stop, DecodeAttention(RowsView(self, start, stop))) for start, stop in bounds]
         cuda = self.device.type == "cuda" and count > 1
         self.shard_streams = [torch.cuda.Stream(self.device) for _ in self.shards] if cuda else None
@@ -324,7 +333,8 @@ class ModelRunner:
                         if i > 0:
                             streams[i].wait_event(offsets[i - 1])
                     attention.begin(positions[start:stop], active[start:stop])
-                    parts.append(self.model.model.forward_with_attention(tokens[start:stop, None], positions[start:stop, None], attention))
+                    with ops.launch_share(self.launch_share):
+                        parts.append(self.model.model.forward_with_attention(tokens[start:stop, None], positions[start:stop, None], attention))
         finally:
             if streams:
                 # Joined even when a micro-batch raised, so what the engine does next on the current stream

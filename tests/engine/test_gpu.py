@@ -246,27 +246,32 @@ def test_cuda_engine_loading_misses_in_decode_attention_equals_the_gather_engine
 
 @pytest.mark.parametrize("offload", [True, False])
 @pytest.mark.parametrize("mode", ["nosa", "infllmv2", "dense", "dma"])
-def test_cuda_micro_batches_on_two_streams_equal_one_batch(mode, offload):
+def test_cuda_micro_batches_on_two_streams_equal_one_batch(mode, offload, monkeypatch):
     """micro_batches=2 on CUDA (two streams forked from the step's and joined back, the second starting at
-    the first's layer-0 attention), eagerly and replayed from a graph, default kernels, fp32: the tokens, loads
-    and spill hits of one batch, logits to rounding (the matmuls run over half the rows). One batch's engine
-    equals the model's forward in the tests above."""
+    the first's layer-0 attention), eagerly and replayed from a graph, default kernels, fp32, and graphed with
+    the launches sized for half the SMs each (SHARE_LAUNCHES): the tokens, loads and spill hits of one batch,
+    logits to rounding (the matmuls run over half the rows). One batch's engine equals the model's forward in
+    the tests above."""
+    import nosa.engine.model_runner as model_runner
+
     model = tiny_model(mode).cuda()
     cache = model.config.topk_blocks + 3 if mode == "nosa" else None
     runs = {}
-    for micro_batches, graphs in ((1, True), (2, False), (2, True)):
+    for micro_batches, graphs, share in ((1, True, False), (2, False, False), (2, True, False), (2, True, True)):
+        monkeypatch.setattr(model_runner, "SHARE_LAUNCHES", share)
         # 5 rows for 4 prompts: micro-batches of 3 and 2 rows, one of them idle.
         llm = LLM(model, device="cuda", offload=offload, max_model_len=80, max_num_seqs=5, cuda_graphs=graphs,
                   device_cache_blocks=cache, micro_batches=micro_batches)
+        assert llm.runner.launch_share == (0.5 if share else 1.0)
         outs = llm.generate(prompts(), GREEDY, use_tqdm=False, return_logits=True)
         if graphs:
             assert llm.graphed.graph is not None
         assert (llm.runner.shard_streams is not None) == (micro_batches > 1)
         for start, stop, attention in llm.runner.shards:  # each micro-batch's attention began on its own rows
             assert attention.positions.data_ptr() == llm.runner.step_inputs[1, start:stop].data_ptr()
-        runs[micro_batches, graphs] = (outs, llm.decode_counters())
-    whole, whole_counters = runs[1, True]
-    for key in ((2, False), (2, True)):
+        runs[micro_batches, graphs, share] = (outs, llm.decode_counters())
+    whole, whole_counters = runs[1, True, False]
+    for key in ((2, False, False), (2, True, False), (2, True, True)):
         outs, counters = runs[key]
         for name in whole_counters:
             assert torch.equal(counters[name], whole_counters[name]), (key, name)

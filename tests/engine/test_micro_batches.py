@@ -112,3 +112,28 @@ def test_shard_bounds_cover_the_rows_in_order():
     assert shard_bounds(5, 2) == [(0, 3), (3, 5)]
     assert shard_bounds(121, 2) == [(0, 61), (61, 121)]
     assert shard_bounds(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+def test_shared_launches_size_each_micro_batch_for_its_share_of_the_sms(monkeypatch):
+    """With SHARE_LAUNCHES each micro-batch's layers run inside `ops.launch_share(1/N)` (so its occupancy-split
+    launches aim at 1/N of the SMs) and the run is still one batch's; outside the step the share is whole."""
+    import nosa.engine.model_runner as model_runner
+    from nosa.engine.attention import DecodeAttention
+    from nosa.ops import occupancy
+
+    seen = []
+    attend = DecodeAttention.attend
+
+    def spy(self, *args, **kwargs):
+        seen.append(occupancy.current_share())
+        return attend(self, *args, **kwargs)
+
+    model = engine_model("nosa")
+    whole = run(model, 1)
+    monkeypatch.setattr(model_runner, "SHARE_LAUNCHES", True)
+    monkeypatch.setattr(DecodeAttention, "attend", spy)
+    shared = run(model, 2)
+    assert shared[2].runner.launch_share == 0.5
+    assert seen and set(seen) == {0.5}
+    assert occupancy.current_share() == 1.0
+    assert_same_run(whole, shared)
