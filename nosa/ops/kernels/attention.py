@@ -177,10 +177,12 @@ def _fwd_kernel(
     Tq, Tk, H, block_size, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    USE_DESC: tl.constexpr,
+    USE_DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     # USE_DESC: K and V blocks come through tensor descriptors (KDesc, VDesc: `kv_descriptors`; bulk
-    # copies on Hopper) instead of per-thread pointer loads; same values, so the same result.
+    # copies on Hopper) instead of per-thread pointer loads; same values, so the same result. WARP_SPEC:
+    # Triton's automatic warp specialisation of the walk (loads and matmuls in separate warp groups); an
+    # experiment (`tuning(warp_specialize=True)`), same arithmetic.
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -197,7 +199,7 @@ def _fwd_kernel(
     n = tl.arange(0, BLOCK_N)
     count = tl.load(Counts + b * scb + h * sch + tile)
     list_base = Lists + b * sLb + h * sLh + tile * sLn
-    for e in range(count):
+    for e in tl.range(count, warp_specialize=WARP_SPEC):
         entry = tl.load(list_base + e)
         blk = entry >> 16
         row_in = ((entry >> ti) & 1) != 0
@@ -236,7 +238,7 @@ def _bwd_dq_kernel(
     Tq, Tk, H, block_size, qk_scale, sm_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    FUSED_DELTA: tl.constexpr, USE_DESC: tl.constexpr,
+    FUSED_DELTA: tl.constexpr, USE_DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     # DQ shares q's strides (sq*), DO has so*, O s_o*; Lse and Delta share sl*. FUSED_DELTA: this kernel
     # computes delta = rowsum(dO * O) from its own tiles and writes it for the dk/dv kernel, instead of a
@@ -264,7 +266,7 @@ def _bwd_dq_kernel(
     n = tl.arange(0, BLOCK_N)
     count = tl.load(Counts + b * scb + h * sch + tile)
     list_base = Lists + b * sLb + h * sLh + tile * sLn
-    for e in range(count):
+    for e in tl.range(count, warp_specialize=WARP_SPEC):
         entry = tl.load(list_base + e)
         blk = entry >> 16
         row_in = ((entry >> ti) & 1) != 0
@@ -489,10 +491,11 @@ def tuning(**overrides):
     PyTorch before the dq kernel, the first version), `dkv_autotune` (False: the fixed 4 warps / 1 stage
     launch of the first version; any dkv_tokens/warps/stages pins the launch too), `descriptors` (True: the
     forward and dq kernels load K/V blocks through tensor descriptors where `kv_descriptors` allows; False:
-    pointer loads; unset: `descriptors_by_default`).
+    pointer loads; unset: `descriptors_by_default`), `warp_specialize` (True: the forward and dq walks
+    through Triton's automatic warp specialisation; an experiment, off by default).
     Unknown names are an error."""
     known = ({f"{k}_{w}" for k in ("fwd", "dq", "dkv") for w in ("warps", "stages")}
-             | {"dkv_tokens", "dkv_segment", "fused_delta", "dkv_autotune", "descriptors"})
+             | {"dkv_tokens", "dkv_segment", "fused_delta", "dkv_autotune", "descriptors", "warp_specialize"})
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown tuning knobs {sorted(unknown)}; known: {sorted(known)}")
@@ -586,7 +589,8 @@ def sparse_attention_forward(q, k, v, bias, lists, counts, positions, block_size
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
         num_queries, k.shape[1], num_kv_heads, block_size, LOG2E / math.sqrt(head_dim),
-        HAS_BIAS=bias is not None, USE_DESC=use_desc, **meta, **_launch_opts("fwd", meta["ROWS"], head_dim),
+        HAS_BIAS=bias is not None, USE_DESC=use_desc, WARP_SPEC=bool(_tuned("warp_specialize", False)), **meta,
+        **_launch_opts("fwd", meta["ROWS"], head_dim),
     )
     return o, lse
 
@@ -615,7 +619,8 @@ def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_s
         *_strides(q, k, v, bias, do, lse), lists.stride(0), lists.stride(1), lists.stride(2),
         counts.stride(0), counts.stride(1), o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
         num_queries, num_keys, num_kv_heads, block_size, LOG2E * scale, scale,
-        HAS_BIAS=bias is not None, FUSED_DELTA=o is not None, USE_DESC=use_desc, **meta,
+        HAS_BIAS=bias is not None, FUSED_DELTA=o is not None, USE_DESC=use_desc,
+        WARP_SPEC=bool(_tuned("warp_specialize", False)), **meta,
         **_launch_opts("dq", meta["ROWS"], head_dim),
     )
     return dq
