@@ -103,7 +103,6 @@ def main():
             "pass2_ms": graph_ms(lambda: ks.split_window_scores(qp, ckp, posp, cfg, plan, *st, logits=logits)),
             "bit_equal_to_engine": bool(torch.equal(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0))),
             "same_inf_pattern": bool(torch.equal(got.isinf(), want.isinf()))}
-        del logits
     except Exception as error:  # noqa: BLE001
         result["stored_logits"] = {"error": repr(error)[:300]}
     print(result["stored_logits"], flush=True)
