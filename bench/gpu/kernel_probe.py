@@ -5,9 +5,11 @@ What the H100 and H200 runs showed: the forward and dq kernels cost the same per
 tiles of 64, in the ratio of rows x entries, 1.34x, not of K/V loads, 0.67x), so they are bound by the work
 per entry (matmuls, the masked online softmax) rather than by loading the blocks. Two cheap experiments on
 that work, each timed beside the default in this run, the outputs compared with the default's:
-- Triton's automatic warp specialisation of the walk (`tuning(warp_specialize=True)`: loads and matmuls in
-  separate warp groups, so one entry's softmax can run beside the next entry's matmul);
-- pipeline depth of the forward (2 and 4 stages against the default 3) and of dq (3 against 2).
+- Triton's automatic warp specialisation of the walk (loads and matmuls in separate warp groups, so one
+  entry's softmax can run beside the next entry's matmul): on the H200 with Triton 3.6 it failed to compile
+  (NVGPUWarpSpecialization pass, kernel_probe_h200.json at 899842a), and the knob that ran it was removed;
+- pipeline depth of the forward (2, 3 and 4 stages; the default with descriptors is 2 since 2026-12-07, 3
+  before) and of dq (3 against the default 2).
 A variant that fails to compile is recorded, not raised.
 
 python bench/gpu/kernel_probe.py --out FILE [--lengths 32768 65536]
@@ -28,8 +30,8 @@ from nosa.results.header import write_json_result
 
 VARIANTS = {
     "default": {},
-    "warp_specialize": {"warp_specialize": True},
     "fwd_stages_2": {"fwd_stages": 2},
+    "fwd_stages_3": {"fwd_stages": 3},
     "fwd_stages_4": {"fwd_stages": 4},
     "dq_stages_3": {"dq_stages": 3},
 }

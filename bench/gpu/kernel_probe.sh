@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU call (TOTAL=240 s), issue 11: bench/gpu/kernel_probe.py at 32K and 64K (the forward and dq kernels
-# with Triton's warp specialisation and other pipeline depths, beside the default).
+# at other pipeline depths, beside the default).
 # (Correctness of a winning variant is for a later call: the probe compares its outputs with the default.)
 # Writes into $OUT: kernel_probe.json, logs.tar.gz.
 TOTAL=${TOTAL:-240}

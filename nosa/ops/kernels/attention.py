@@ -177,12 +177,11 @@ def _fwd_kernel(
     Tq, Tk, H, block_size, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    USE_DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
+    USE_DESC: tl.constexpr,
 ):
     # USE_DESC: K and V blocks come through tensor descriptors (KDesc, VDesc: `kv_descriptors`; bulk
-    # copies on Hopper) instead of per-thread pointer loads; same values, so the same result. WARP_SPEC:
-    # Triton's automatic warp specialisation of the walk (loads and matmuls in separate warp groups); an
-    # experiment (`tuning(warp_specialize=True)`), same arithmetic.
+    # copies on Hopper) instead of per-thread pointer loads; same values, so the same result. (Triton 3.6's
+    # automatic warp specialisation of this walk fails to compile on Hopper: kernel_probe_h200.json.)
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -199,7 +198,7 @@ def _fwd_kernel(
     n = tl.arange(0, BLOCK_N)
     count = tl.load(Counts + b * scb + h * sch + tile)
     list_base = Lists + b * sLb + h * sLh + tile * sLn
-    for e in tl.range(count, warp_specialize=WARP_SPEC):
+    for e in range(count):
         entry = tl.load(list_base + e)
         blk = entry >> 16
         row_in = ((entry >> ti) & 1) != 0
@@ -238,7 +237,7 @@ def _bwd_dq_kernel(
     Tq, Tk, H, block_size, qk_scale, sm_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    FUSED_DELTA: tl.constexpr, USE_DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
+    FUSED_DELTA: tl.constexpr, USE_DESC: tl.constexpr,
 ):
     # DQ shares q's strides (sq*), DO has so*, O s_o*; Lse and Delta share sl*. FUSED_DELTA: this kernel
     # computes delta = rowsum(dO * O) from its own tiles and writes it for the dk/dv kernel, instead of a
@@ -266,7 +265,7 @@ def _bwd_dq_kernel(
     n = tl.arange(0, BLOCK_N)
     count = tl.load(Counts + b * scb + h * sch + tile)
     list_base = Lists + b * sLb + h * sLh + tile * sLn
-    for e in tl.range(count, warp_specialize=WARP_SPEC):
+    for e in range(count):
         entry = tl.load(list_base + e)
         blk = entry >> 16
         row_in = ((entry >> ti) & 1) != 0
@@ -477,6 +476,10 @@ def _meta(q, k, block_size, tile_tokens):
 # Measured on the H200 at 32K tokens, 8B shape (64-row tiles, head_dim 128; docs/kernels.md): fwd is best
 # at 4 warps / 3 stages (10.4 ms vs 21-25 ms at 8 warps), dq at 4 / 2, dkv at 4 / 1 (more stages were slower).
 _STAGES = {"fwd": 3, "dq": 2, "dkv": 1}
+# With K/V through tensor descriptors (the Hopper default): the forward at 2 stages took 10.35 / 21.80 ms
+# against 3 stages' 11.05 / 23.49 ms at 32K / 64K, 4 stages 18.4 / 39.9 ms; dq kept 2 (3: 14.8 / 31.5 ms
+# against 9.7 / 22.2). H200, bench/results/kernel_probe_h200.json (5 repetitions; not measured on an H100).
+_STAGES_DESC = {"fwd": 2, "dq": 2}
 
 
 # Process-wide, not thread-local: autograd runs CUDA backward passes on its own thread.
@@ -491,11 +494,10 @@ def tuning(**overrides):
     PyTorch before the dq kernel, the first version), `dkv_autotune` (False: the fixed 4 warps / 1 stage
     launch of the first version; any dkv_tokens/warps/stages pins the launch too), `descriptors` (True: the
     forward and dq kernels load K/V blocks through tensor descriptors where `kv_descriptors` allows; False:
-    pointer loads; unset: `descriptors_by_default`), `warp_specialize` (True: the forward and dq walks
-    through Triton's automatic warp specialisation; an experiment, off by default).
+    pointer loads; unset: `descriptors_by_default`).
     Unknown names are an error."""
     known = ({f"{k}_{w}" for k in ("fwd", "dq", "dkv") for w in ("warps", "stages")}
-             | {"dkv_tokens", "dkv_segment", "fused_delta", "dkv_autotune", "descriptors", "warp_specialize"})
+             | {"dkv_tokens", "dkv_segment", "fused_delta", "dkv_autotune", "descriptors"})
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown tuning knobs {sorted(unknown)}; known: {sorted(known)}")
@@ -512,10 +514,12 @@ def _tuned(name: str, default):
     return _tuning_values.get(name, default)
 
 
-def _launch_opts(kernel: str, rows: int, head_dim: int) -> dict:
-    """num_warps / num_stages of one kernel ('fwd', 'dq', 'dkv') for a tile of `rows` rows."""
+def _launch_opts(kernel: str, rows: int, head_dim: int, descriptors: bool = False) -> dict:
+    """num_warps / num_stages of one kernel ('fwd', 'dq', 'dkv') for a tile of `rows` rows, loading K/V
+    through tensor descriptors or not."""
     warps = 4 if rows * head_dim <= 64 * 128 else 8
-    return dict(num_warps=_tuned(f"{kernel}_warps", warps), num_stages=_tuned(f"{kernel}_stages", _STAGES[kernel]))
+    stages = (_STAGES_DESC if descriptors else _STAGES)[kernel]
+    return dict(num_warps=_tuned(f"{kernel}_warps", warps), num_stages=_tuned(f"{kernel}_stages", stages))
 
 
 def _last_dim_contiguous(x):
@@ -589,8 +593,7 @@ def sparse_attention_forward(q, k, v, bias, lists, counts, positions, block_size
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
         num_queries, k.shape[1], num_kv_heads, block_size, LOG2E / math.sqrt(head_dim),
-        HAS_BIAS=bias is not None, USE_DESC=use_desc, WARP_SPEC=bool(_tuned("warp_specialize", False)), **meta,
-        **_launch_opts("fwd", meta["ROWS"], head_dim),
+        HAS_BIAS=bias is not None, USE_DESC=use_desc, **meta, **_launch_opts("fwd", meta["ROWS"], head_dim, use_desc),
     )
     return o, lse
 
@@ -619,9 +622,8 @@ def backward_dq(do, q, k, v, bias, lse, delta, lists, counts, positions, block_s
         *_strides(q, k, v, bias, do, lse), lists.stride(0), lists.stride(1), lists.stride(2),
         counts.stride(0), counts.stride(1), o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
         num_queries, num_keys, num_kv_heads, block_size, LOG2E * scale, scale,
-        HAS_BIAS=bias is not None, FUSED_DELTA=o is not None, USE_DESC=use_desc,
-        WARP_SPEC=bool(_tuned("warp_specialize", False)), **meta,
-        **_launch_opts("dq", meta["ROWS"], head_dim),
+        HAS_BIAS=bias is not None, FUSED_DELTA=o is not None, USE_DESC=use_desc, **meta,
+        **_launch_opts("dq", meta["ROWS"], head_dim, use_desc),
     )
     return dq
 

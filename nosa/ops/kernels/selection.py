@@ -486,10 +486,12 @@ def _sm_count(device: torch.device) -> int:
 
 def split_tile_tokens(group: int, num_queries: int) -> int:
     """Query tokens per program on the split path: no more than the queries need (decode: 1, so a
-    program's rows are its GQA group rather than 8 tokens of which 7 are padding), at least 2 and at
-    least 16 rows (tl.dot's minimum)."""
+    program's rows are its GQA group rather than 8 tokens of which 7 are padding), and at least 16 rows
+    (tl.dot's minimum). Until 2026-12-07 at least 2 tokens: at GQA 16 half of each decode program's rows
+    were padding. One token took the three passes from 0.194 to 0.140 ms at 121 rows x 64K tokens of the
+    8B shape, with block scores equal bit for bit (H200, bench/results/scoring_probe_h200.json)."""
     g_pad = _next_pow2(group)
-    return min(score_tile_tokens(group), max(2, _next_pow2(num_queries), 16 // g_pad))
+    return min(score_tile_tokens(group), max(1, _next_pow2(num_queries), 16 // g_pad))
 
 
 def score_chunks(num_queries: int, group: int, batch: int, kv_heads: int, num_windows: int, device,
