@@ -41,7 +41,17 @@ def test_report_of_a_missing_or_empty_results_directory_is_an_error(tmp_path, ca
     from tests.helpers import cli_error
 
     assert "is not a directory" in cli_error(["bench", "report", "--results", str(tmp_path / "nonexistent")], capsys)
-    assert "holds no kernels.json or decode" in cli_error(["bench", "report", "--results", str(tmp_path)], capsys)
+    assert "holds none of kernels_h200.json, kernels_h100.json, kernels.json and no decode" in cli_error(
+        ["bench", "report", "--results", str(tmp_path)], capsys)
+
+
+def test_kernel_files_render_newest_machine_first(tmp_path):
+    row = {"tokens": 4096, "nosa_selection_ms": 1.0, "nosa_fwd_bwd_ms": 5.0, "nosa_fwd_bwd_atomic_ms": 5.5}
+    for name in ("kernels", "kernels_h100", "kernels_h200", "kernels_sweep"):
+        write_result(name, {}, [row], directory=str(tmp_path))
+    text = render(str(tmp_path))
+    titles = [line for line in text.splitlines() if line.startswith("### Kernels")]
+    assert [t.rsplit(", ", 1)[1] for t in titles] == ["kernels_h200)", "kernels_h100)", "kernels)"]
 
 
 def test_a_run_mixing_trace_driven_and_model_scored_rows_labels_each_row(tmp_path):

@@ -176,11 +176,20 @@ DECODE_COLUMNS = (
     "engine's admission under the device budget, or the max_batch cap where the budget would admit more.")
 
 
+# `nosa bench kernels` files in the README, in this order (kernels_sweep / kernels_first_version are other
+# benches' formats).
+KERNEL_FILES = ("kernels_h200.json", "kernels_h100.json", "kernels.json")
+
+
 def render(directory: str = RESULTS_DIR) -> str:
     sections = []
-    kernels = os.path.join(directory, "kernels.json")
-    if os.path.exists(kernels):
-        sections.append("### Kernels (`nosa bench kernels`, one layer of the 8B shape, bf16)\n\n" + kernels_table(kernels))
+    # The newest run of the current kernels first (H200, then H100), the first full H200 run after them.
+    for name in KERNEL_FILES:
+        kernels = os.path.join(directory, name)
+        if os.path.exists(kernels):
+            title = os.path.splitext(name)[0]
+            sections.append(f"### Kernels (`nosa bench kernels`, one layer of the 8B shape, bf16, {title})\n\n"
+                            + kernels_table(kernels))
     decode_files = sorted(glob.glob(os.path.join(directory, "decode*.json")))
     if decode_files:
         sections.append("### Decode tables: what the columns say\n\n" + DECODE_COLUMNS)
@@ -199,7 +208,7 @@ def run(args) -> int:
         raise FileNotFoundError(f"--results {args.results!r} is not a directory (the result files live in {RESULTS_DIR})")
     body = render(args.results)
     if not body:
-        raise FileNotFoundError(f"--results {args.results!r} holds no kernels.json or decode*.json: nothing to report")
+        raise FileNotFoundError(f"--results {args.results!r} holds none of {', '.join(KERNEL_FILES)} and no decode*.json: nothing to report")
     if args.readme:
         update_readme(args.readme, body)
         print(f"updated {args.readme}")
