@@ -52,9 +52,11 @@ def test_configs_say_per_row_whether_they_replay_traces():
             parse_configs(bad)
     shared = parse_configs("nosa:on:cache128:traces:fusegather:mb2:share,nosa:on:mb2")
     assert [c.share_launches for c in shared] == [True, False] and shared[0].micro_batches == 2
-    for bad in ("nosa:on:share", "nosa:on:mb1:share", "nosa:on:mb2:share:share"):
-        with pytest.raises(ValueError, match="share: with mbN, N > 1"):
+    for bad in ("nosa:on:share", "nosa:on:mb1:share"):
+        with pytest.raises(ValueError, match="share .* needs mbN with N > 1"):
             parse_configs(bad)
+    with pytest.raises(ValueError, match="bad --configs entry 'nosa:on:mb2:share:share': expected"):
+        parse_configs("nosa:on:mb2:share:share")
     for bad in ("dense:off:traces", "nosa:on:traces:model", "nosa:on:trace", "nosa:off:fusegather", "nosa:on:cacheAuto",
                 "dense:off:cacheauto", "nosa:on:cache128:cacheauto",
                 "nosa:on:fusegather:fusegather", "nosa:on:fusegather:gather", "nosa:off:gather",

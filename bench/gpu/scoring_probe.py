@@ -8,11 +8,11 @@ per call from CUDA graphs of back-to-back calls (`nosa.bench.common.graph_ms`: n
 - pass 1 alone and pass 2 alone;
 - "grouped": the batch cut into groups of G rows, each group's pass 1 then pass 2 (so pass 2 may find the
   keys still in L2), then one pooling pass: the launch cost of more, smaller launches against L2 reuse;
-- one query token per program (the engine's split path runs 2, half of them padding rows at GQA 16), if
-  Triton compiles it;
-- "stored logits": pass 1 also writes its logits (float32, G per key and row: 1/4 of the keys' bytes) and
-  pass 2 reads them instead of the keys (`split_logits_buffer`), one read of the keys in all.
-Also checks each variant's block scores equal the engine's (bit for bit: same kernels, same chunks).
+- one query token per program (the engine's split path ran 2 until 2026-12-07, half of them padding rows at
+  GQA 16; since then it runs 1, so this variant is the engine's own plan).
+Also compares each variant's block scores with the engine's (the -inf pattern and the largest difference).
+scoring_probe_h200.json (899842a) also timed pass 1 storing its logits for pass 2, one read of the keys:
+0.173 ms, not bit-equal; that variant was dropped from the kernels.
 
 python bench/gpu/scoring_probe.py --out FILE [--rows 121] [--tokens 65536]
 """
@@ -84,28 +84,6 @@ def main():
             grouped[group] = {"error": repr(error)[:300]}
         print(group, grouped[group], flush=True)
     result["grouped"] = grouped
-
-    try:
-        # One read of the keys: pass 1 stores the logits ([R, 1, H, G, Nc] float32, 1/4 of the keys' bytes),
-        # pass 2 reads them (perhaps from L2) instead of the keys.
-        logits = ks.split_logits_buffer(qp, ckp)
-
-        def run_stored():
-            st = ks.split_chunk_stats(qp, ckp, posp, cfg, plan, logits=logits)
-            w = ks.split_window_scores(qp, ckp, posp, cfg, plan, *st, logits=logits)
-            return ks.pool_window_scores(w, posp, nb, cfg, plan)
-
-        got = run_stored()
-        st = ks.split_chunk_stats(qp, ckp, posp, cfg, plan, logits=logits)
-        result["stored_logits"] = {
-            "ms": graph_ms(run_stored), "logit_bytes": logits.numel() * 4,
-            "pass1_ms": graph_ms(lambda: ks.split_chunk_stats(qp, ckp, posp, cfg, plan, logits=logits)),
-            "pass2_ms": graph_ms(lambda: ks.split_window_scores(qp, ckp, posp, cfg, plan, *st, logits=logits)),
-            "bit_equal_to_engine": bool(torch.equal(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0))),
-            "same_inf_pattern": bool(torch.equal(got.isinf(), want.isinf()))}
-    except Exception as error:  # noqa: BLE001
-        result["stored_logits"] = {"error": repr(error)[:300]}
-    print(result["stored_logits"], flush=True)
 
     try:
         one = ks.SplitPlan(1, plan.block_w, plan.chunk_windows, plan.stat_chunks, plan.chunk_blocks, plan.pool_chunks)

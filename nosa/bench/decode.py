@@ -372,13 +372,14 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
         if ok and "fusegather" in extra and "gather" in extra:
             ok = False
         if ok and "share" in extra and not (micro and int(micro[0][2:]) > 1):
-            ok = False  # a share of the SMs per micro-batch needs several micro-batches
+            raise ValueError(f"bad --configs entry {item!r}: share (launches sized for 1/N of the SMs per "
+                             f"micro-batch) needs mbN with N > 1")
         if not ok or ((cache or selection) and fields[0] == "dense"):
             raise ValueError(f"bad --configs entry {item!r}: expected {CONFIG_FORM} "
                              f"(cacheN: N device cache blocks per (layer, sequence, KV head), cacheauto: the engine's 'auto' size; traces/model: replay the "
                              f"--traces file or use the weights' own selection, both for sparse modes only; "
                              f"fusegather or gather: with offload on only; spreadN: not with traces; mbN: N >= 1 micro-batches; "
-                             f"share: with mbN, N > 1)")
+                             f"share: after mbN)")
         configs.append(DecodeConfig(fields[0], fields[1] == "on", "eager" in extra,
                                     (cache[0][5:] if cache[0] == "cacheauto" else int(cache[0][5:])) if cache else None,
                                     selection[0] if selection else None,

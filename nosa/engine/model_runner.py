@@ -24,8 +24,8 @@ from nosa.engine.row_shards import RowsView, shard_bounds
 
 # Micro-batches size their occupancy-split launches (decode attention's slot chunks, the scores' key chunks)
 # for 1/N of the SMs each (`ops.launch_share`), so together they launch what one batch would; False: each
-# sizes them for the whole GPU. Not measured yet (issue 10): a benchmark compares the two
-# (`nosa bench decode` token `share`). Read by `set_micro_batches`.
+# sizes them for the whole GPU. Measured on an H200 (decode_64k_micro_batches_h200.json): no difference either
+# way (1.00x and 0.99x of the unshared split), so off; `nosa bench decode` token `share`. Read by `set_micro_batches`.
 SHARE_LAUNCHES = False
 
 

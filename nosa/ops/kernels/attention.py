@@ -473,8 +473,8 @@ def _meta(q, k, block_size, tile_tokens):
     ), rows // g_pad
 
 
-# Measured on the H200 at 32K tokens, 8B shape (64-row tiles, head_dim 128; docs/kernels.md): fwd is best
-# at 4 warps / 3 stages (10.4 ms vs 21-25 ms at 8 warps), dq at 4 / 2, dkv at 4 / 1 (more stages were slower).
+# Measured on the H200 at 32K tokens, 8B shape (64-row tiles, head_dim 128; docs/kernels.md), pointer loads of
+# K/V: fwd is best at 4 warps / 3 stages (10.4 ms vs 21-25 ms at 8 warps), dq at 4 / 2, dkv at 4 / 1 (more stages were slower).
 _STAGES = {"fwd": 3, "dq": 2, "dkv": 1}
 # With K/V through tensor descriptors (the Hopper default): the forward at 2 stages took 10.35 / 21.80 ms
 # against 3 stages' 11.05 / 23.49 ms at 32K / 64K, 4 stages 18.4 / 39.9 ms; dq kept 2 (3: 14.8 / 31.5 ms

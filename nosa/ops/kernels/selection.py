@@ -153,19 +153,15 @@ def _qa_rows(Q, Pos, b, h, tile, sqb, sqt, sqh, Tq, Nc, kernel, stride,
 
 @triton.jit
 def _qa_softmax_range(q, CK, ck_base, scn, w_lo, w_hi, nc_row, nc_max, qk_scale, d, d_ok,
-                      ROWS: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
-                      Logits=None, logit_rows=None, row_ok=None, STORE_LOGITS: tl.constexpr = False):
+                      ROWS: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
     """Online row max and sum of exp2 (base-2 logits) over compressed keys [w_lo, w_hi), BLOCK_W at a time
-    (w_hi <= nc_max); keys at or past a row's nc_row are left out of that row. STORE_LOGITS: the base-2
-    logits of the rows that exist also go to Logits + logit_rows[r] + w (the split path's one-read variant)."""
+    (w_hi <= nc_max); keys at or past a row's nc_row are left out of that row."""
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     for w0 in range(w_lo, w_hi, BLOCK_W):
         w = w0 + tl.arange(0, BLOCK_W)
         ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=(w < w_hi)[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale
-        if STORE_LOGITS:
-            tl.store(Logits + logit_rows[:, None] + w[None, :], s, mask=row_ok[:, None] & (w < w_hi)[None, :])
         s = tl.where((w[None, :] < nc_row[:, None]) & (w < w_hi)[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -243,27 +239,15 @@ def _qa_block_scores_kernel(
 
 
 @triton.jit
-def _logit_rows(b, tile, h, Tq, Nc, H, G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr):
-    """Offsets of the tile's rows in a logits buffer [B, Tq, H, G, Nc] (padding rows point nowhere useful;
-    every access masks them)."""
-    r = tl.arange(0, TQ * G_PAD)
-    t_row = tile * TQ + r // G_PAD
-    g = tl.minimum(r % G_PAD, G - 1)
-    return (((b * Tq + t_row) * H + h) * G + g).to(tl.int64) * Nc
-
-
-@triton.jit
 def _qa_chunk_stats_kernel(
-    Q, CK, Pos, spb, StatM, StatL, Logits, sqb, sqt, sqh, scb, scn, sch,
+    Q, CK, Pos, spb, StatM, StatL, sqb, sqt, sqh, scb, scn, sch,
     Tq, Nc, H, kernel, stride, qk_scale, chunk_windows, num_chunks,
     G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Split path, pass 1: program (tile, batch x KV head, chunk c) writes the softmax statistics (row max,
     # sum of exp2 relative to it) of compressed keys [c * chunk_windows, (c+1) * chunk_windows); a chunk
     # past the tile's complete keys writes (-inf, 0). Stat layout: [tiles, B*H, num_chunks, ROWS].
-    # STORE_LOGITS: the chunk's base-2 logits also go to Logits [B, Tq, H, G, Nc] float32, so pass 2 reads
-    # them instead of the compressed keys (which are 4x their size at G = 16, head_dim 128, bf16).
     ROWS: tl.constexpr = TQ * G_PAD
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -275,9 +259,8 @@ def _qa_chunk_stats_kernel(
                                                            G, G_PAD, TQ, D, BLOCK_D)
     w_lo = c * chunk_windows
     w_hi = tl.minimum(w_lo + chunk_windows, nc_max)
-    logit_rows = _logit_rows(b, tile, h, Tq, Nc, H, G, G_PAD, TQ)
     m, l = _qa_softmax_range(q, CK, b * scb + h * sch, scn, w_lo, w_hi, nc_row, nc_max, qk_scale, d, d_ok,
-                             ROWS, BLOCK_W, PRECISION, Logits, logit_rows, row_ok, STORE_LOGITS)
+                             ROWS, BLOCK_W, PRECISION)
     at = ((tile * (tl.num_programs(1)) + bh).to(tl.int64) * num_chunks + c) * ROWS + tl.arange(0, ROWS)
     tl.store(StatM + at, m)
     tl.store(StatL + at, l)
@@ -285,18 +268,20 @@ def _qa_chunk_stats_kernel(
 
 @triton.jit
 def _qa_chunk_windows_kernel(
-    Q, CK, Pos, spb, StatM, StatL, Win, Logits, sqb, sqt, sqh, scb, scn, sch, swb, swt, swh,
+    Q, CK, Pos, spb, StatM, StatL, Win, sqb, sqt, sqh, scb, scn, sch, swb, swt, swh,
     Tq, Nc, H, kernel, stride, qk_scale, chunk_windows, num_chunks,
     G: tl.constexpr, G_PAD: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr, READ_LOGITS: tl.constexpr,
+    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Split path, pass 2: program (tile, batch x KV head, c) combines the statistics of all key chunks (in
     # chunk order: every program of a row computes the same normaliser from the same values) and writes the
     # window scores of its own key chunk (softmax probabilities summed over the GQA group) to Win
     # [B, Tq, H, Nc]; entries at or past a token's complete keys are 0 up to the tile's last complete key
     # and unwritten beyond it (the pooling never reads them). Each window is computed once, so two blocks
-    # that share their best window get the same float and tie exactly, as in the reference. READ_LOGITS:
-    # the logits come from pass 1's Logits (the same dot, stored) instead of a second read of the keys.
+    # that share their best window get the same float and tie exactly, as in the reference. (Pass 1 storing
+    # its logits for this pass instead of a second read of the keys was timed on an H200 and dropped: 0.173
+    # ms at two tokens per program, against 0.194 for these two passes then and 0.140 with one token per
+    # program, and the two kernels' dots round differently; bench/results/scoring_probe_h200.json.)
     ROWS: tl.constexpr = TQ * G_PAD
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -320,15 +305,10 @@ def _qa_chunk_windows_kernel(
     ck_base = b * scb + h * sch
     w_lo = c * chunk_windows
     w_hi = tl.minimum(w_lo + chunk_windows, nc_max)
-    logit_rows = _logit_rows(b, tile, h, Tq, Nc, H, G, G_PAD, TQ)
     for w0 in range(w_lo, w_hi, BLOCK_W):
         w = w0 + tl.arange(0, BLOCK_W)
-        if READ_LOGITS:
-            s = tl.load(Logits + logit_rows[:, None] + w[None, :], mask=row_ok[:, None] & (w < w_hi)[None, :],
-                        other=float("-inf"))
-        else:
-            ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=(w < w_hi)[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale
+        ck = tl.load(CK + ck_base + w[:, None] * scn + d[None, :], mask=(w < w_hi)[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale
         p = tl.where(w[None, :] < nc_row[:, None], tl.exp2(s - m_safe[:, None]), 0.0) * inv_l[:, None]
         psum = tl.sum(tl.reshape(p, [TQ, G_PAD, BLOCK_W]), 1)  # GQA sum: [TQ, BLOCK_W]
         tl.store(win_rows + w[None, :], psum, mask=(t_tok < Tq)[:, None] & (w < w_hi)[None, :])
@@ -615,10 +595,9 @@ def _split_meta(q, num_kv_heads, plan: SplitPlan):
                 num_warps=4 if rows * plan.block_w <= 4096 else 8)
 
 
-def split_chunk_stats(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitPlan, logits=None):
+def split_chunk_stats(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitPlan):
     """Pass 1 (inputs prepared by `_prepare_scores`): per-chunk (row max, sum of exp2 relative to it) as two
-    float32 tensors [tiles, B*H, stat_chunks, ROWS]. `logits` (`split_logits_buffer`): also fill it with the
-    base-2 logits, for `split_window_scores(..., logits=...)`."""
+    float32 tensors [tiles, B*H, stat_chunks, ROWS]."""
     batch, num_queries = q.shape[:2]
     num_windows, num_kv_heads = ck.shape[1], ck.shape[2]
     meta = _split_meta(q, num_kv_heads, plan)
@@ -626,48 +605,28 @@ def split_chunk_stats(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitP
     shape = (tiles, batch * num_kv_heads, plan.stat_chunks, plan.tile_tokens * meta["G_PAD"])
     stat_m = torch.empty(shape, device=q.device, dtype=torch.float32)
     stat_l = torch.empty(shape, device=q.device, dtype=torch.float32)
-    _check_logits(logits, q, ck)
     _qa_chunk_stats_kernel[(tiles, batch * num_kv_heads, plan.stat_chunks)](
-        q, ck, *_positions_arg(positions, q.device), stat_m, stat_l, logits if logits is not None else stat_m, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        q, ck, *_positions_arg(positions, q.device), stat_m, stat_l, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         num_queries, num_windows, num_kv_heads, cfg.compress_kernel, cfg.compress_stride, LOG2E / math.sqrt(q.shape[3]),
-        plan.chunk_windows, plan.stat_chunks, STORE_LOGITS=logits is not None, **meta,
+        plan.chunk_windows, plan.stat_chunks, **meta,
     )
     return stat_m, stat_l
 
 
-def split_logits_buffer(q, ck):
-    """The one-read variant's logits buffer [B, Tq, H, G, Nc] float32 (G x 4 bytes per compressed key and
-    row: 1/4 of the keys' bytes at G = 16, head_dim 128, bf16)."""
-    batch, num_queries, num_q_heads = q.shape[:3]
-    num_windows, num_kv_heads = ck.shape[1], ck.shape[2]
-    return torch.empty((batch, num_queries, num_kv_heads, num_q_heads // num_kv_heads, num_windows), device=q.device,
-                       dtype=torch.float32)
 
-
-def _check_logits(logits, q, ck):
-    if logits is None:
-        return
-    want = (q.shape[0], q.shape[1], ck.shape[2], q.shape[2] // ck.shape[2], ck.shape[1])
-    if tuple(logits.shape) != want or logits.dtype != torch.float32 or not logits.is_contiguous():
-        raise ValueError(f"logits must be a contiguous float32 [B, Tq, H, G, Nc] = {list(want)} buffer "
-                         f"(`split_logits_buffer`); got {tuple(logits.shape)} {logits.dtype}")
-
-
-def split_window_scores(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitPlan, stat_m, stat_l, logits=None):
+def split_window_scores(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitPlan, stat_m, stat_l):
     """Pass 2: the statistics of all chunks combined, the window scores of every key chunk ->
     [B, Tq, H, Nc] float32, `reference.query_aware_chunk_scores` wherever a window is complete at the
-    token (the pooling reads nothing else). `logits`: pass 1's stored logits (same plan), read instead of
-    the keys."""
+    token (the pooling reads nothing else)."""
     batch, num_queries = q.shape[:2]
     num_windows, num_kv_heads = ck.shape[1], ck.shape[2]
     win = torch.empty((batch, num_queries, num_kv_heads, num_windows), device=q.device, dtype=torch.float32)
     tiles = triton.cdiv(num_queries, plan.tile_tokens)
-    _check_logits(logits, q, ck)
     _qa_chunk_windows_kernel[(tiles, batch * num_kv_heads, plan.stat_chunks)](
-        q, ck, *_positions_arg(positions, q.device), stat_m, stat_l, win, logits if logits is not None else win, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        q, ck, *_positions_arg(positions, q.device), stat_m, stat_l, win, q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         win.stride(0), win.stride(1), win.stride(2), num_queries, num_windows, num_kv_heads, cfg.compress_kernel,
         cfg.compress_stride, LOG2E / math.sqrt(q.shape[3]), plan.chunk_windows, stat_m.shape[2],
-        READ_LOGITS=logits is not None, **_split_meta(q, num_kv_heads, plan),
+        **_split_meta(q, num_kv_heads, plan),
     )
     return win
 
