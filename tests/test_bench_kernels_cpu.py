@@ -45,3 +45,20 @@ def test_nosa_row_runs_every_variant(monkeypatch, descriptors_default):
     assert set(row["nosa_dkv_sweep_ms"]) >= {"autotuned", "4w1s_64rows_first"}
     assert row["nosa_tile_sharing"]["union"] >= row["nosa_tile_sharing"]["in_every_token"]
     assert len(timed) >= 19
+
+
+def test_trace_tile_union_counts_the_blocks_consecutive_tokens_share():
+    """Tokens that select the same blocks walk no more than one token's; tokens with disjoint selections
+    walk tile_tokens times as many; -1 entries are unused and a partial last tile is left out."""
+    import torch
+
+    from nosa.bench.kernels import trace_tile_union
+
+    same = torch.tensor([0, 3, 5, -1]).expand(1, 9, 2, 4)  # [L, steps, H, K], 9 steps: 2 tiles of 4 and a rest
+    row = trace_tile_union(same, 4)
+    assert row["blocks_per_token"] == 3 and row["union"] == 3 and row["in_every_token"] == 3
+    assert row["union_per_token_blocks"] == 1.0 and row["one_token_only"] == 0
+    disjoint = torch.arange(8 * 2).view(1, 8, 1, 2)  # every token its own two blocks
+    row = trace_tile_union(disjoint, 4)
+    assert row["union"] == 8 and row["union_per_token_blocks"] == 4.0 and row["one_token_only"] == 8
+    assert row["in_every_token"] == 0
