@@ -9,13 +9,19 @@
 #    file's (same card kind; other machine, other run).
 # 2. The forward with descriptors at 2 stages (ec179e1; 6-7% on the forward kernel alone): `nosa bench
 #    kernels` at 32K and 64K, so the whole forward+backward is timed with it against SDPA and fla.
-# Writes into $OUT: decode_64k_step.json, decode_64k_step_profile.txt, kernels_stages.json, logs.tar.gz.
+# 0. (first, ~30 s) bench/gpu/scoring_probe.py: the split scoring at one token per program against its key
+#    chunks per row (2-16; the engine takes 3 at 121 rows).
+# Writes into $OUT: scoring_chunks.json, decode_64k_step.json, decode_64k_step_profile.txt, kernels_stages.json,
+# logs.tar.gz.
 TOTAL=${TOTAL:-540}
 . "$(dirname "$0")/call.sh"
 mkdir -p "$OUT/logs"
 TRACES=results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz
 
-timeout -k 10 $(left 190) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
+timeout -k 5 70 python3 bench/gpu/scoring_probe.py --out "$OUT/scoring_chunks.json" >"$OUT/logs/scoring_probe.log" 2>&1
+echo "probe exit $? ($(elapsed) s)"; grep "^chunks" "$OUT/logs/scoring_probe.log" | cut -c1-200
+
+timeout -k 10 $(left 170) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
   --equal-memory-dense-batch 20 --max-batch 256 --commit "$COMMIT" --traces "$TRACES" \
   --equal-configs dense:off,nosa:on:cache128:traces:fusegather,infllmv2:on:cache128:traces:fusegather:mb2,infllmv2:on:cache256:traces:fusegather:mb2,nosa:on:cache256:traces:fusegather,nosa:on:cache128:model:fusegather \
   --profile "$OUT/decode_64k_step_profile.txt" --name "$OUT/decode_64k_step" >"$OUT/logs/decode_64k.log" 2>&1

@@ -9,7 +9,8 @@ per call from CUDA graphs of back-to-back calls (`nosa.bench.common.graph_ms`: n
 - "grouped": the batch cut into groups of G rows, each group's pass 1 then pass 2 (so pass 2 may find the
   keys still in L2), then one pooling pass: the launch cost of more, smaller launches against L2 reuse;
 - one query token per program (the engine's split path ran 2 until 2026-12-07, half of them padding rows at
-  GQA 16; since then it runs 1, so this variant is the engine's own plan).
+  GQA 16; since then it runs 1, so this variant is the engine's own plan);
+- the number of key chunks per row, 2 to 16, one launch per pass for the whole batch.
 Also compares each variant's block scores with the engine's (the -inf pattern and the largest difference).
 scoring_probe_h200.json (899842a) also timed pass 1 storing its logits for pass 2, one read of the keys:
 0.173 ms, not bit-equal; that variant was dropped from the kernels.
@@ -26,6 +27,7 @@ import torch
 from nosa.bench.common import graph_ms
 from nosa.config import SparseAttentionConfig
 from nosa.ops.kernels import selection as ks
+from nosa.results.header import machine_header
 
 
 def main():
@@ -100,7 +102,30 @@ def main():
     except Exception as error:  # noqa: BLE001
         result["one_token_tiles"] = {"error": repr(error)[:300]}
     print(result["one_token_tiles"], flush=True)
+
+    # Key chunks per row (the engine's plan has `chunks`, SPLIT_PROGRAMS_PER_SM = 4): in the 2026-12-07 run
+    # the 64-row groups gained most where they also had more chunks per row (5 against 3), so more programs
+    # may be what helped, not L2. Same passes, one plan each, the whole batch in one launch per pass.
+    swept = {}
+    for n in (2, 3, 4, 6, 8, 12, 16):
+        try:
+            p_n = ks.split_plan(1, Hq // H, nc, nb, n)
+
+            def run_n(p_n=p_n):
+                st = ks.split_chunk_stats(qp, ckp, posp, cfg, p_n)
+                w = ks.split_window_scores(qp, ckp, posp, cfg, p_n, *st)
+                return ks.pool_window_scores(w, posp, nb, cfg, p_n)
+
+            got = run_n()
+            swept[n] = {"ms": graph_ms(run_n), "stat_chunks": p_n.stat_chunks, "tile_tokens": p_n.tile_tokens,
+                        "max_abs_diff_vs_engine": float((got - want).nan_to_num(0, 0, 0).abs().max()),
+                        "same_inf_pattern": bool(torch.equal(got.isinf(), want.isinf()))}
+        except Exception as error:  # noqa: BLE001
+            swept[n] = {"error": repr(error)[:300]}
+        print("chunks", n, swept[n], flush=True)
+    result["chunks_sweep"] = swept
     result["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["machine"] = machine_header()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
