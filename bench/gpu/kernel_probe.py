@@ -20,9 +20,9 @@ import dataclasses
 import time
 
 import torch
-import torch.nn.functional as F
 
 from nosa.bench.common import cuda_median_ms
+from nosa.bench.kernels import training_inputs
 from nosa.config import SparseAttentionConfig
 from nosa.ops.kernels import attention as ka
 from nosa.ops.kernels import pipeline as kp
@@ -39,14 +39,9 @@ VARIANTS = {
 
 def probe_length(length, cfg, reps):
     dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    hq, h, d = 32, 2, 128
-    q = torch.randn(1, length, hq, d, device=dev, dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(1, length, h, d, device=dev, dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(1, length, h, d, device=dev, dtype=torch.bfloat16, generator=gen)
-    eviction = 0.5 * F.softplus(torch.randn(1, length, h, device=dev, generator=gen))
-    grad_out = torch.randn_like(q)
-    positions = torch.arange(length, device=dev)
+    hq, h = 32, 2
+    q, k, v, eviction, grad_out, positions = training_inputs(length, hq, h, 128, dev,
+                                                             torch.Generator(device=dev).manual_seed(0))
     tile = ka.default_tile_tokens(hq // h)
     indices = kp.select_all(q, k, eviction, positions, cfg)
     lists, counts = ka.build_tile_lists(indices, tile)

@@ -27,7 +27,7 @@ import torch
 from nosa.bench.common import graph_ms
 from nosa.config import SparseAttentionConfig
 from nosa.ops.kernels import selection as ks
-from nosa.results.header import machine_header
+from nosa.results.header import write_json_result
 
 
 def main():
@@ -125,9 +125,7 @@ def main():
         print("chunks", n, swept[n], flush=True)
     result["chunks_sweep"] = swept
     result["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    result["machine"] = machine_header()
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json_result(args.out, {"rows": R, "tokens": T}, result)
 
 
 if __name__ == "__main__":

@@ -296,20 +296,26 @@ def _bench_decode(row, length, args, cfg, device, gen, variants: bool):
     torch.cuda.empty_cache()
 
 
+def training_inputs(length: int, heads: int, kv_heads: int, head_dim: int, device, gen: torch.Generator):
+    """One training sequence's random bf16 q [1, T, heads, D], k, v [1, T, kv_heads, D], eviction scores
+    [1, T, kv_heads], the output gradient and positions [T], drawn from `gen` (the kernel bench and its probes)."""
+    dtype = torch.bfloat16
+    q = torch.randn(1, length, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(1, length, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(1, length, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
+    # A plausible eviction score scale: A * softplus(.) of order 0.1-1.
+    eviction = 0.5 * F.softplus(torch.randn(1, length, kv_heads, device=device, generator=gen))
+    grad_out = torch.randn_like(q)
+    return q, k, v, eviction, grad_out, torch.arange(length, device=device)
+
+
 def _bench_length(length: int, args, cfg: SparseAttentionConfig, device, fla, first: bool) -> dict:
     from nosa.ops.kernels import attention as ka
 
-    dtype = torch.bfloat16
     hq, h, d = args.heads, args.kv_heads, args.head_dim
     group = hq // h
     gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(1, length, hq, d, device=device, dtype=dtype, generator=gen)
-    k = torch.randn(1, length, h, d, device=device, dtype=dtype, generator=gen)
-    v = torch.randn(1, length, h, d, device=device, dtype=dtype, generator=gen)
-    # A plausible eviction score scale: A * softplus(.) of order 0.1-1.
-    eviction = 0.5 * F.softplus(torch.randn(1, length, h, device=device, generator=gen))
-    grad_out = torch.randn_like(q)
-    positions = torch.arange(length, device=device)
+    q, k, v, eviction, grad_out, positions = training_inputs(length, hq, h, d, device, gen)
     row = {"tokens": length, "tile_tokens": args.tile_tokens or ka.default_tile_tokens(group)}
     indices = _bench_nosa(row, q, k, v, eviction, grad_out, positions, cfg, args, group)
     if fla is not None and not args.skip_fla:

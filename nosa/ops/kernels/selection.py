@@ -613,7 +613,6 @@ def split_chunk_stats(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitP
     return stat_m, stat_l
 
 
-
 def split_window_scores(q, ck, positions, cfg: SparseAttentionConfig, plan: SplitPlan, stat_m, stat_l):
     """Pass 2: the statistics of all chunks combined, the window scores of every key chunk ->
     [B, Tq, H, Nc] float32, `reference.query_aware_chunk_scores` wherever a window is complete at the
