@@ -18,6 +18,19 @@ def test_render_reads_result_files(tmp_path):
     assert json.load(open(tmp_path / "decode_test.json"))["machine"]["torch"] == machine_header()["torch"]
 
 
+def test_rows_with_a_timed_graph_replay_get_graph_and_host_columns(tmp_path):
+    timed = dict(attn_mode="nosa", offload=True, cuda_graphs=True, tokens_per_s=1234.0, step_ms_median=2.5, floor_ms=1.0,
+                 graph_ms_median=2.1, host_ms_median=0.4, blocks_loaded_per_step_per_layer_seq_head=3.0,
+                 hit_rate_per_layer=[0.8, 0.9], ratio_vs_baseline=1.5)
+    eager = {k: v for k, v in timed.items() if k not in ("graph_ms_median", "host_ms_median")}
+    eager["cuda_graphs"] = False
+    write_result("decode_split", {"batch": 4}, {"decode": [timed, eager]}, directory=str(tmp_path))
+    text = render(str(tmp_path))
+    assert "| step ms | graph ms | host ms | reference ms |" in text
+    assert "| 1234 | 1.50x | 2.50 | 2.10 | 0.40 | 1.00 | 3.0 | 0.85 |" in text
+    assert "| 1234 | 1.50x | 2.50 | - | - | 1.00 |" in text  # an eager row has no replay to time
+
+
 def test_update_readme_replaces_only_the_marked_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_START}\nold\n{README_END}\noutro\n")

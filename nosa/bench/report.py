@@ -104,10 +104,13 @@ def decode_table(path: str) -> str:
     # comes first, the engine-admitted (two-copy) dense ratio second and labelled so.
     one_copy = _one_copy_dense(results)
     ratios = " vs one-copy dense | vs two-copy dense (engine-admitted) |" if one_copy else " vs dense |"
+    # Runs since 2026-12-08 also time each step's graph replay on the device: the rest is the host's.
+    split = any("graph_ms_median" in r for r in results["decode"])
     rows = [
         "| attn_mode | offload |" + (" selection |" if mixed else "") + " batch | batch chosen by | tokens/s |" + ratios
-        + " step ms | reference ms | loads per (layer, seq, head) | hit rate |",
-        "|---|---|" + ("---|" if mixed else "") + "---|---|---|" + ("---|---|" if one_copy else "---|") + "---|---|---|---|",
+        + " step ms |" + (" graph ms | host ms |" if split else "") + " reference ms | loads per (layer, seq, head) | hit rate |",
+        "|---|---|" + ("---|" if mixed else "") + "---|---|---|" + ("---|---|" if one_copy else "---|") + "---|"
+        + ("---|---|" if split else "") + "---|---|---|",
     ]
     for r in results["decode"]:
         hit = r.get("hit_rate_per_layer") or []
@@ -130,7 +133,8 @@ def decode_table(path: str) -> str:
         ratio = (f"| {r['tokens_per_s'] / one_copy['tokens_per_s']:.2f}x " if one_copy else "") + f"| {r['ratio_vs_baseline']:.2f}x "
         rows.append(
             f"| {r['attn_mode']} | {mode} |{selection} {batch} | {_batch_from(r, params)} | {r['tokens_per_s']:.0f} "
-            f"{ratio}| {r['step_ms_median']:.2f} | {r.get('floor_ms', float('nan')):.2f} "
+            f"{ratio}| {r['step_ms_median']:.2f} |" + (f" {_cell(r, 'graph_ms_median', '.2f')} | {_cell(r, 'host_ms_median', '.2f')} |" if split else "")
+            + f" {r.get('floor_ms', float('nan')):.2f} "
             f"| {r['blocks_loaded_per_step_per_layer_seq_head']:.1f} | {hit_rate} |"
         )
     gather = results.get("gather")
@@ -172,7 +176,9 @@ DECODE_COLUMNS = (
     "In the decode tables: step ms is the median step; tokens/s and every ratio come from the whole timed run. "
     "Reference ms (the files' `floor_ms`) is the step's bytes at the rates measured in the same run, the larger of "
     "HBM bytes / a device copy's rate and PCIe bytes / a pinned memcpy's rate: a reference, not a lower bound (a "
-    "kernel can read HBM faster than the copy measures). \"Batch chosen by\" says what set the batch: fixed, the "
+    "kernel can read HBM faster than the copy measures). Graph ms (where given) is the median step's CUDA graph "
+    "replay timed on the device, host ms the median of each step's time minus its replay: the host's work while "
+    "the device waits (inputs staged, tokens read back and handed to the sequences). \"Batch chosen by\" says what set the batch: fixed, the "
     "engine's admission under the device budget, or the max_batch cap where the budget would admit more.")
 
 

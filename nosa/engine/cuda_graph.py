@@ -29,6 +29,9 @@ class GraphedDecode:
         self.warm = False
         self.pool = None
         self.store_version = runner.store.version
+        # None, or a list that each replay appends a (start, end) CUDA event pair to: the device time of the
+        # step itself, which `nosa bench decode` sets against the whole step to show the host's share.
+        self.timed_replays: list | None = None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         for static, given in ((self.tokens, tokens), (self.positions, positions), (self.active, active)):
@@ -45,7 +48,7 @@ class GraphedDecode:
             self.store_version = self.runner.store.version
         if self.graph is not None:
             graph, logits = self.graph
-            graph.replay()
+            self._replay(graph)
             return logits
         if not self.warm:
             self.warm = True
@@ -59,5 +62,15 @@ class GraphedDecode:
         self.pool = graph.pool()
         self.graph = (graph, logits)
         self.events["captures"] += 1
-        graph.replay()
+        self._replay(graph)
         return logits
+
+    def _replay(self, graph: torch.cuda.CUDAGraph) -> None:
+        if self.timed_replays is None:
+            graph.replay()
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        self.timed_replays.append((start, end))

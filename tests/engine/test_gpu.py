@@ -77,6 +77,18 @@ def test_cuda_graphs_equal_eager_with_the_default_kernels(mode):
     assert results[True, True] == results[True, False]
 
 
+def test_the_decode_bench_times_each_graph_replay_on_the_device():
+    """`time_decode` splits each graphed step into its replay (CUDA events) and the host's rest."""
+    from nosa.bench import decode
+
+    model = tiny_model("nosa", dtype=torch.bfloat16).cuda()
+    llm = LLM(model, device="cuda", offload=True, cuda_graphs=True, max_model_len=128, max_num_seqs=3)
+    ids = decode.synthetic_install(llm, [40, 40, 40], torch.Generator(device="cuda").manual_seed(0))
+    run = decode.time_decode(llm, ids, warmup=3, steps=6)
+    assert 0 < run["graph_ms_median"] < run["step_ms_median"]
+    assert run["host_ms_median"] > 0 and llm.graphed.timed_replays is None  # switched off again
+
+
 def test_cuda_graphs_survive_the_host_store_growing_between_steps():
     """Requests admitted one after another, each longer than the last, grow the offload store after the
     decode graphs were captured (as a server's traffic does): the graphs are captured again in a new pool and
