@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU call (TOTAL=560 s), 2026-12-08: issue 10's headline re-measured on the current engine, every row in one
+# run, with each step split into its graph replay (device) and the host's rest.
+# 0. the GPU test of that split (tests/engine/test_gpu.py, new with it);
+# 1. 64K prompts, 8B shape with 4 layers, the device budget of 20 one-copy dense rows, the batch each config's
+#    budget admits: dense on GPU; NOSA and InfLLM-v2 on GPU (one copy, pages read in place) and offloaded
+#    (128-block cache, loads in attention; InfLLM-v2 with 2 micro-batches, its strongest measured offloaded
+#    configuration, decode_64k_micro_batches_h200.json), each with trained traces and with the random weights'
+#    selections; InfLLM-v2 offloaded with one batch last, for the random weights, where its best is unmeasured;
+# 2. the 16K comparison at the budget of 7 one-copy dense rows (as decode_16k_equal_memory_h100.json);
+# 3. if time is left, `nosa bench kernels` at 128K (no H200 row yet).
+# Writes into $OUT: decode_64k_equal_memory.json, its two profiles, decode_16k_equal_memory.json,
+# kernels_128k.json (if reached), logs.tar.gz.
+TOTAL=${TOTAL:-560}
+. "$(dirname "$0")/call.sh"
+mkdir -p "$OUT/logs"
+TRACES=results/quality/traces_nosa.npz,results/quality/traces_infllmv2.npz
+
+timeout -k 5 75 python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py -k "times_each_graph_replay" \
+  >"$OUT/logs/gpu_test.log" 2>&1
+echo "gpu test exit $? ($(elapsed) s)"; tail -2 "$OUT/logs/gpu_test.log"
+
+timeout -k 10 $(left 150) python3 -m nosa.cli bench decode --layers 4 --prompt 65536 --steps 32 --warmup 4 \
+  --equal-memory-dense-batch 20 --max-batch 256 --commit "$COMMIT" --traces "$TRACES" \
+  --equal-configs dense:off,nosa:off:traces,nosa:off:model,infllmv2:off:traces,infllmv2:off:model,nosa:on:cache128:traces:fusegather,nosa:on:cache128:model:fusegather,infllmv2:on:cache128:traces:fusegather:mb2,infllmv2:on:cache128:model:fusegather:mb2,infllmv2:on:cache128:model:fusegather \
+  --profile "$OUT/decode_64k_profile.txt" --name "$OUT/decode_64k_equal_memory" >"$OUT/logs/decode_64k.log" 2>&1
+echo "64K exit $? ($(elapsed) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/logs/decode_64k.log" | tail -10
+
+timeout -k 10 $(left 40) python3 -m nosa.cli bench decode --layers 4 --prompt 16384 --steps 48 --warmup 4 \
+  --equal-memory-dense-batch 7 --max-batch 256 --commit "$COMMIT" --traces "$TRACES" \
+  --equal-configs dense:off,nosa:off:traces,infllmv2:off:traces,nosa:on:cache128:traces:fusegather,nosa:on:cache128:model:fusegather,infllmv2:on:cache128:traces:fusegather:mb2,infllmv2:on:cache128:model:fusegather:mb2 \
+  --name "$OUT/decode_16k_equal_memory" >"$OUT/logs/decode_16k.log" 2>&1
+echo "16K exit $? ($(elapsed) s)"; grep -v "^wrote\|Warn\|_warn" "$OUT/logs/decode_16k.log" | tail -7
+
+if [ "$(left 8)" -gt 120 ]; then
+  timeout -k 10 $(left 8) python3 -m nosa.cli bench kernels --lengths 131072 --reps 4 --skip-decode \
+    --out-dir "$OUT" --name kernels_128k >"$OUT/logs/bench_kernels.log" 2>&1
+  echo "kernels exit $? ($(elapsed) s)"; grep -v Warn "$OUT/logs/bench_kernels.log" | tail -3 | cut -c1-300
+fi
+(cd "$OUT" && tar -czf logs.tar.gz logs && rm -rf logs)
+ls "$OUT"
