@@ -79,7 +79,7 @@ def test_a_run_mixing_trace_driven_and_model_scored_rows_labels_each_row(tmp_pat
     text = render(str(tmp_path))
     assert "| selection |" in text
     assert "| dense | off | - | 8 |" in text and "| nosa | on | traces | 8 | fixed | 300 | 3.00x |" in text
-    assert "| nosa | on | model | 8 | fixed | 200 |" in text and "| nosa | on, cache 128 | traces | 8 |" in text
+    assert "| nosa | on | model | 8 | fixed | 200 |" in text and "| nosa | on, cache 128 (slot/spill copies) | traces | 8 |" in text
 
 
 def test_kernels_table_names_the_backward_variant_each_file_timed(tmp_path):

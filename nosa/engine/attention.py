@@ -10,11 +10,13 @@ store and the row.
      `commit_window` stores it where a window completes, so this very token can select it;
   2. `ops.select_rows`: the selection of every row, from the cached compressed keys and pooled scores
      (replaced, for the rows it names, by a selection source's blocks: `engine/selection_source.py`);
-  3. `spill_step` (with a device cache beyond the selection; two Triton launches on CUDA) then `plan_step`:
-     the slot-table diff, the host->device copies to make, the token appended to its block;
+  3. `spill_step` (with a device cache beyond the selection; two Triton launches on CUDA, one where the
+     cache is pooled and blocks move by page-map swaps) then `plan_step`: the slot-table diff, the
+     host->device copies to make, the token appended to its block;
   4. `gather_blocks`: one launch for every miss of the batch (Triton reading pinned host memory on CUDA);
-  5. `attention_inputs` and `decode_attention` over the row's slots (with FUSE_GATHER, step 4 happens inside
-     it: the attention reads each miss from its host page and writes it into the slot).
+  5. `attention_inputs` and `decode_attention` over the row's slots (pooled: through each slot's page; with
+     FUSE_GATHER, step 4 happens inside it: the attention reads each miss from its host page and writes it
+     into the slot).
 With offload off the store is on the device and holds the only copy (`BlockCache.in_place`): step 3 is
 `plan_in_place` (the same slot table, the store page of each slot, the token written into its page), step
 4 is skipped, and `decode_attention` reads the pages in place through that block table.
@@ -160,7 +162,13 @@ class DecodeAttention(AttentionBackend):
             self.gather(host.k, host.v, cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), plan.src_page, plan.dst_page, plan.head)
         self.inputs(slots.table, positions, state, runner.valid, runner.bias, cache.block_size)
         self._mark_start(l)
-        out = ops.decode_attention(q[:, 0], cache.row_view(l, "k"), cache.row_view(l, "v"), runner.bias, runner.valid, **loads)
+        if cache.pooled:
+            # The selection slots' pages are scattered over the row's pool: read (and loaded) through the
+            # page of each slot that `plan` wrote.
+            out = ops.decode_attention(q[:, 0], cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), runner.bias,
+                                       runner.valid, plan.slot_page, **loads)
+        else:
+            out = ops.decode_attention(q[:, 0], cache.row_view(l, "k"), cache.row_view(l, "v"), runner.bias, runner.valid, **loads)
         return out[:, None]
 
     def _mark_start(self, layer_idx: int) -> None:

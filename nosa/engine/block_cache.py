@@ -18,6 +18,12 @@ A row is one running sequence. For every layer the device holds (spec sec. 6):
                                      device_cache_blocks - topk_blocks > 0): blocks that left the selection,
   spill_table, spill_stamp [L, R, H, E] their block ids (-1 empty) and the position each left the selection
                                      (least recently selected is replaced first; `ops.spill_step`)
+Pooled (offload on with spill slots, `POOL_DEVICE_CACHE`): slot_k / slot_v are [L, R*C, bs, H, D], the C =
+K + E pages of each row that its selection and spill slots share, spill_k / spill_v are None, and
+  pool_map       [L, R, H, C] int32  the page (r*C + entry) of selection slot j (entry j) and of spill slot e
+                                     (entry K + e); a block moving between the two swaps entries, no K/V copy
+  slot_page      [R, H, K]   int32  the page of each selection slot of the layer being run, written by
+                                     `plan_step`, read by decode attention (shared by the layers)
 K = topk_blocks in the sparse modes; in dense mode every block is selected, so K = NB.
 Only slot_k/slot_v scale with the selection; the small state scales with T / stride (compressed keys) and
 T x H floats (eviction scores), as the spec allows.
@@ -38,6 +44,13 @@ import torch
 from nosa import ops
 from nosa.config import SparseAttentionConfig
 
+# A device cache beyond the selection as one pool of pages per row with a page map (blocks move between the
+# selection and spill slots by swapping map entries), instead of separate slot and spill pages between
+# which `spill_step` copies each moving block's K/V (0.35 ms of a 4.9 ms step on an H100 at 64K, 121 rows,
+# bench/results/decode_64k_step_h100_profile.txt). Same values in the same slots: the tokens are equal
+# (tests/engine/test_pooled_cache.py). Read when a cache is built.
+POOL_DEVICE_CACHE = True
+
 
 class BlockCache:
     def __init__(self, num_layers: int, rows: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -53,20 +66,23 @@ class BlockCache:
         self.num_windows = self.window_count(cfg, max_model_len)
         L, R, H, D, K, bs = num_layers, rows, num_kv_heads, head_dim, self.slots, cfg.block_size
         self.device, self.dtype, self.head_dim = device, dtype, head_dim
-        self.slot_k = self.slot_v = self.slot_page = None
-        if in_place:
+        self.spill_blocks = E = self.spill_count(cfg, device_cache_blocks)
+        self.pooled = self.is_pooled(cfg, device_cache_blocks, in_place)
+        self.slot_k = self.slot_v = self.slot_page = self.pool_map = None
+        if in_place or self.pooled:
             self.slot_page = torch.full((R, H, K), -1, dtype=torch.int32, device=device)
-        else:
-            self.slot_k = torch.zeros((L, R * K, bs, H, D), dtype=dtype, device=device)
+        if not in_place:
+            pages = R * (K + E) if self.pooled else R * K
+            self.slot_k = torch.zeros((L, pages, bs, H, D), dtype=dtype, device=device)
             self.slot_v = torch.zeros_like(self.slot_k)
+        if self.pooled:
+            self.pool_map = torch.arange(K + E, dtype=torch.int32, device=device).repeat(L, R, H, 1)
         self.table = torch.full((L, R, H, K), -1, dtype=torch.int32, device=device)
         self.page_table = torch.full((R, self.max_blocks), -1, dtype=torch.int32, device=device)
         self.compressed = self.agnostic = self.agnostic_blocks = self.eviction = self.recent_keys = None
-        self.spill_blocks = self.spill_count(cfg, device_cache_blocks)
         self.spill_k = self.spill_v = self.spill_table = self.spill_stamp = None
         if self.spill_blocks:
-            E = self.spill_blocks
-            if not in_place:
+            if not in_place and not self.pooled:
                 self.spill_k = torch.zeros((L, R * E, bs, H, D), dtype=dtype, device=device)
                 self.spill_v = torch.zeros_like(self.spill_k)
             self.spill_table = torch.full((L, R, H, E), -1, dtype=torch.int32, device=device)
@@ -99,6 +115,12 @@ class BlockCache:
         return device_cache_blocks - cfg.topk_blocks
 
     @staticmethod
+    def is_pooled(cfg: SparseAttentionConfig, device_cache_blocks: int | None, in_place: bool) -> bool:
+        """Whether the slot and spill pages form one pool with a page map (`POOL_DEVICE_CACHE`, offload on,
+        spill slots)."""
+        return POOL_DEVICE_CACHE and not in_place and BlockCache.spill_count(cfg, device_cache_blocks) > 0
+
+    @staticmethod
     def window_count(cfg: SparseAttentionConfig, max_model_len: int) -> int:
         """Compressed-window capacity of a row: the windows complete in max_model_len tokens (at least one
         slot, so the buffers are never empty)."""
@@ -115,9 +137,12 @@ class BlockCache:
         slots = BlockCache.slot_count(cfg, max_model_len)
         windows = BlockCache.window_count(cfg, max_model_len)
         spill = BlockCache.spill_count(cfg, device_cache_blocks)
+        pooled = BlockCache.is_pooled(cfg, device_cache_blocks, in_place)
         parts = {
             "kv_slots": 0 if in_place else 2 * L * slots * bs * H * D * elem,
-            "tables": 4 * ((L + in_place) * H * slots + ops.num_blocks(max_model_len, bs)),
+            # + the attention's page per slot (one copy, pooled) and the pool's page map
+            "tables": 4 * ((L + (in_place or pooled)) * H * slots + ops.num_blocks(max_model_len, bs)
+                           + (L * H * (slots + spill) if pooled else 0)),
             "compressed_keys": L * (windows + cfg.compress_kernel) * H * D * elem if cfg.is_sparse else 0,
             "eviction_state": 4 * L * H * (windows + max_model_len + ops.num_blocks(max_model_len, bs)) if cfg.uses_eviction_head else 0,
             "spill_slots": (0 if in_place else 2 * L * spill * bs * H * D * elem) + 8 * L * H * spill,
@@ -132,11 +157,15 @@ class BlockCache:
 
         parts = {
             "kv_slots": size(self.slot_k, self.slot_v),
-            "tables": size(self.table, self.page_table, self.slot_page),
+            "tables": size(self.table, self.page_table, self.slot_page, self.pool_map),
             "compressed_keys": size(self.compressed, self.recent_keys),
             "eviction_state": size(self.agnostic, self.agnostic_blocks, self.eviction),
             "spill_slots": size(self.spill_k, self.spill_v, self.spill_table, self.spill_stamp),
         }
+        if self.pooled:  # the pool's spill pages, counted where the separate spill pages would be
+            spill_pages = 2 * self.slot_k.shape[0] * self.rows * self.spill_blocks * self.slot_k[0, 0].numel() * self.slot_k.element_size()
+            parts["kv_slots"] -= spill_pages
+            parts["spill_slots"] += spill_pages
         parts["total"] = sum(parts.values())
         return parts
 
@@ -144,17 +173,22 @@ class BlockCache:
         """The spill slots of one layer as `ops.spill_step` takes them (None without spill slots)."""
         if not self.spill_blocks:
             return None
-        k, v = (None, None) if self.in_place else (self.spill_k[layer], self.spill_v[layer])
+        # One copy: nothing to copy; pooled: the spill slots' pages are the pool's (moved by the page map).
+        k, v = (None, None) if self.spill_k is None else (self.spill_k[layer], self.spill_v[layer])
         return ops.SpillSlots(self.spill_table[layer], self.spill_stamp[layer], k, v, hits)
 
     def slot_pages(self, layer: int, side: str) -> torch.Tensor:
-        """The slot cache of one layer as pages [R*K, H, bs, D] (a view), the layout of host pages."""
+        """The slot cache of one layer as pages [R*K, H, bs, D] (pooled: [R*C, H, bs, D]; a view), the layout
+        of host pages."""
         self._needs_slots()
         return (self.slot_k if side == "k" else self.slot_v)[layer].transpose(1, 2)
 
     def row_view(self, layer: int, side: str) -> torch.Tensor:
-        """[R, K*bs, H, D] view: what `decode_attention` reads."""
+        """[R, K*bs, H, D] view: what `decode_attention` reads (not pooled: that reads `slot_pages` through
+        `slot_page`)."""
         self._needs_slots()
+        if self.pooled:
+            raise RuntimeError("a pooled cache's slots are read through slot_page, not as rows")
         t = (self.slot_k if side == "k" else self.slot_v)[layer]
         return t.view(self.rows, self.slots * self.block_size, t.shape[-2], t.shape[-1])
 
@@ -168,6 +202,8 @@ class BlockCache:
         self.page_table[row] = -1
         if self.spill_table is not None:
             self.spill_table[:, row] = -1
+        if self.pool_map is not None:  # any permutation would do; the identity lets the install index directly
+            self.pool_map[:, row] = torch.arange(self.pool_map.shape[-1], dtype=torch.int32, device=self.device)
         if pages:
             self.page_table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32, device=self.page_table.device)
 

@@ -8,8 +8,8 @@ every weight is read once per micro-batch.
 
 `RowsView(runner, start, stop)` exposes what `DecodeAttention` reads from a `ModelRunner` (and
 `CacheRows` what it reads from its `BlockCache`), each per-row tensor sliced to rows [start, stop) along
-its row dimension. Every per-row buffer is laid out row-major (a row's slots are pages r*K .. r*K+K-1, its
-gather entries (r, h, j) row-major), so a slice is a view whose row 0 is row `start`: the ops, which index
+its row dimension. Every per-row buffer is laid out row-major (a row's slots are pages r*K .. r*K+K-1, or
+pooled r*C .. r*C+C-1, its gather entries (r, h, j) row-major), so a slice is a view whose row 0 is row `start`: the ops, which index
 rows from 0, then read and write exactly that range, and two micro-batches touch disjoint memory. Shared
 by both: the host store (pages are global ids), the model's weights, and the one-copy path's scratch page
 (written by rows without pages, never read).
@@ -31,6 +31,9 @@ class CacheRows:
         self.cache, self.start, self.stop = cache, start, stop
         self.rows = stop - start
         self.in_place, self.block_size, self.max_blocks, self.slots = cache.in_place, cache.block_size, cache.max_blocks, cache.slots
+        self.pooled = cache.pooled
+        # Pages per row of the slot cache: K, or pooled K + E (the row's selection and spill slots).
+        self.row_pages = cache.slots + cache.spill_blocks if cache.pooled else cache.slots
         # [L, R, ...] state: the layer dimension first, rows second.
         for name in ("compressed", "agnostic", "agnostic_blocks", "eviction", "recent_keys"):
             t = getattr(cache, name)
@@ -38,9 +41,9 @@ class CacheRows:
         self.slot_page = _rows(cache.slot_page, start, stop)  # [R, H, K], shared by the layers
 
     def slot_pages(self, layer: int, side: str):
-        """This range's slot pages of one layer [rows*K, H, bs, D] (see `BlockCache.slot_pages`)."""
-        K = self.slots
-        return self.cache.slot_pages(layer, side)[self.start * K:self.stop * K]
+        """This range's slot pages of one layer [rows*K, H, bs, D] (pooled rows*C; `BlockCache.slot_pages`)."""
+        n = self.row_pages
+        return self.cache.slot_pages(layer, side)[self.start * n:self.stop * n]
 
     def row_view(self, layer: int, side: str):
         """[rows, K*bs, H, D]: what `decode_attention` reads (see `BlockCache.row_view`)."""
@@ -58,14 +61,16 @@ class RowsView:
         self.runner, self.start, self.stop = runner, start, stop
         self.cfg, self.store = runner.cfg, runner.store
         self.cache = CacheRows(runner.cache, start, stop)
-        K, H = runner.cache.slots, runner.cache.num_kv_heads
+        K, H, n = runner.cache.slots, runner.cache.num_kv_heads, self.cache.row_pages
         entries = slice(start * H * K, stop * H * K)  # gather entries (r, h, j), row-major
-        self.layer_slots = [ops.LayerSlots(_rows(s.table, start, stop), _rows(s.k, start * K, stop * K),
-                                           _rows(s.v, start * K, stop * K), _rows(s.page_table, start, stop))
+        self.layer_slots = [ops.LayerSlots(_rows(s.table, start, stop), _rows(s.k, start * n, stop * n),
+                                           _rows(s.v, start * n, stop * n), _rows(s.page_table, start, stop),
+                                           _rows(s.pool_map, start, stop))
                             for s in runner.layer_slots]
         self.load_plans = [ops.LoadPlan(p.src_page[entries], p.dst_page[entries], p.head[entries], _rows(p.loads, start, stop),
                                         _rows(p.loaded, start, stop), _rows(p.selected, start, stop),
-                                        _rows(p.slot_src, start, stop)) for p in runner.load_plans]
+                                        _rows(p.slot_src, start, stop), _rows(p.slot_page, start, stop))
+                            for p in runner.load_plans]
         E = runner.cache.spill_blocks
         self.layer_spills = [None if s is None else ops.SpillSlots(
             _rows(s.table, start, stop), _rows(s.stamp, start, stop), _rows(s.k, start * E, stop * E),

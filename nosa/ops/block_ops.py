@@ -31,12 +31,31 @@ DISPATCHED = ("diff_slot_tables", "gather_blocks", "stage_window", "commit_windo
 @dataclass(frozen=True)
 class LayerSlots:
     """One layer's device slot cache of every row. table: [R, H, K] int32 (block per slot, -1 empty);
-    k, v: [R*K, bs, H, D] (slot page r*K + j of row r); page_table: [R, NB] int32 host page per block."""
+    k, v: [R*K, bs, H, D] (slot page r*K + j of row r); page_table: [R, NB] int32 host page per block.
+
+    Pooled (pool_map given, a device cache beyond the selection with offload on): k, v are the row's C = K + E
+    pages [R*C, bs, H, D] shared by its selection slots and spill slots, and pool_map [R, H, C] int32 (a
+    permutation of 0..C-1 per (row, head)) names the page of each: selection slot j of (r, h) lives in page
+    r*C + pool_map[r, h, j], spill slot e in page r*C + pool_map[r, h, K + e], head h. A block that moves
+    between the selection and the spill slots then moves by a swap of two entries, not a copy of its K/V
+    (`spill_step`), and attention reads the selection through the pages (`LoadPlan.slot_page`)."""
 
     table: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     page_table: torch.Tensor
+    pool_map: torch.Tensor | None = None
+
+
+def slot_page_index(slots: LayerSlots, slot: torch.Tensor) -> torch.Tensor:
+    """The page of k / v that selection slot `slot` [R, H, n] (values in 0..K-1) of each (row, head) lives in:
+    r*K + slot, or pooled r*C + pool_map[r, h, slot]. int64, same shape."""
+    R, H, K = slots.table.shape
+    rows = torch.arange(R, device=slot.device)[:, None, None]
+    if slots.pool_map is None:
+        return rows * K + slot.long()
+    C = slots.pool_map.shape[-1]
+    return rows * C + torch.gather(slots.pool_map, 2, slot.long()).long()
 
 
 @dataclass(frozen=True)
@@ -64,7 +83,9 @@ class LoadPlan:
     entries; head: [R*H*K] int32, the KV head of each entry (fixed); loads: [R, H] int32, blocks to load
     this step; loaded, selected: [R, H] int64 running counters over active rows; slot_src: [R, H, K] int32,
     the same loads by destination: the host page slot j of (r, h) is loaded from this step, -1 where it
-    loads nothing (what `decode_attention` takes to load the misses itself instead of a gather)."""
+    loads nothing (what `decode_attention` takes to load the misses itself instead of a gather); slot_page
+    (pooled slots only, else None): [R, H, K] int32, the page of each selection slot (`slot_page_index`),
+    the block table `decode_attention` reads the pooled pages through."""
 
     src_page: torch.Tensor
     dst_page: torch.Tensor
@@ -73,9 +94,10 @@ class LoadPlan:
     loaded: torch.Tensor
     selected: torch.Tensor
     slot_src: torch.Tensor
+    slot_page: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, rows: int, heads: int, slots: int, device) -> "LoadPlan":
+    def allocate(cls, rows: int, heads: int, slots: int, device, pooled: bool = False) -> "LoadPlan":
         entries = rows * heads * slots
         head = torch.arange(heads, dtype=torch.int32, device=device)[None, :, None].expand(rows, heads, slots)
         return cls(torch.full((entries,), -1, dtype=torch.int32, device=device),
@@ -84,7 +106,8 @@ class LoadPlan:
                    torch.zeros((rows, heads), dtype=torch.int32, device=device),
                    torch.zeros((rows, heads), dtype=torch.int64, device=device),
                    torch.zeros((rows, heads), dtype=torch.int64, device=device),
-                   torch.full((rows, heads, slots), -1, dtype=torch.int32, device=device))
+                   torch.full((rows, heads, slots), -1, dtype=torch.int32, device=device),
+                   torch.zeros((rows, heads, slots), dtype=torch.int32, device=device) if pooled else None)
 
 
 def diff_slot_tables(table: torch.Tensor, selected: torch.Tensor):
@@ -204,8 +227,8 @@ def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, 
     `diff_slot_tables`); selection: [R, H, K] int32 (-1 padded), or None for dense mode (every visible
     block, `all_visible`).
     Outputs in `plan`: entry (r, h, i) of src_page / dst_page names the host page and the slot page
-    (r*K + slot) of the i-th selected block of (r, h) when it must be loaded, -1 otherwise (the gather's
-    input, head h); loads: blocks to load per (row, head); loaded, selected += loads and the number of
+    (`slot_page_index`: r*K + slot, pooled r*C + pool_map[r, h, slot]) of the i-th selected block of (r, h)
+    when it must be loaded, -1 otherwise (the gather's input, head h); pooled, slot_page; loads: blocks to load per (row, head); loaded, selected += loads and the number of
     selected blocks where token.active.
     A new tail block (position at a block start) has nothing on the host yet: it gets a slot, no load. The
     token is appended to its (resident) tail block; a tail block that it fills is written back to its host
@@ -229,7 +252,7 @@ def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, 
     want = (miss_block >= 0) & ~fresh
     page = torch.gather(page_table, 1, miss_block.clamp(0, page_table.shape[1] - 1).view(R, H * K).long()).view(R, H, K)
     src = torch.where(want, page, -1)
-    dst = torch.where(src >= 0, rows[:, None, None] * K + miss_slot, -1)
+    dst = torch.where(src >= 0, slot_page_index(slots, miss_slot.clamp(min=0)), -1)
     plan.src_page.copy_(src.reshape(-1))
     plan.dst_page.copy_(dst.reshape(-1))
     # By destination slot: each slot receives at most one load, so the largest of its entries (-1 for none).
@@ -242,7 +265,9 @@ def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, 
     # Append to the tail block (the block of the token's own position, always selected, so resident).
     own_slot = torch.argmax((table == own[:, None, None].to(torch.int32)).to(torch.int32), dim=-1)  # [R, H]
     heads = torch.arange(H, device=table.device)[None].expand(R, H)
-    page_of_slot = rows[:, None] * K + own_slot
+    page_of_slot = slot_page_index(slots, own_slot[:, :, None])[:, :, 0]
+    if slots.pool_map is not None:
+        plan.slot_page.copy_(slot_page_index(slots, torch.arange(K, device=table.device).expand(R, H, K)))
     at = offset[:, None].expand(R, H)
     slots.k[page_of_slot, at, heads] = token.k
     slots.v[page_of_slot, at, heads] = token.v
@@ -347,8 +372,10 @@ def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tens
       Leaving blocks that find no spill slot are dropped (they all left at this same step).
     A block is never in a selection slot and a spill slot at once. Copies, in order: leaving blocks whose
     slot receives a hit (slot -> spill, never into a spill slot read this step), hits (spill -> slot), the
-    other leaving blocks (slot -> spill; their slots are not written before `plan_step`'s gather). PyTorch
-    ops on the tensors' device, no host sync (graph-capturable); gather: the `gather_blocks` for the copies.
+    other leaving blocks (slot -> spill; their slots are not written before `plan_step`'s gather). Pooled
+    slots (`LayerSlots.pool_map`; spill.k, spill.v None) make the same moves by swapping page entries: no
+    K/V is copied. PyTorch ops on the tensors' device, no host sync (graph-capturable); gather: the
+    `gather_blocks` for the copies.
     The Triton version (`nosa.ops.kernels.spill`, dispatched as `ops.spill_step` on CUDA) is two launches.
     """
     table, st_table = slots.table, spill.table
@@ -404,7 +431,26 @@ def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tens
     def entries(mask, src, dst):
         return torch.where(mask, src, -1).reshape(-1).to(torch.int32), torch.where(mask, dst, -1).reshape(-1).to(torch.int32)
 
-    if spill.k is not None:  # None: one copy (offload off), the blocks are read in place
+    if slots.pool_map is not None:
+        # Pooled: the same three rounds of moves as swaps of page entries. Each round's moves are disjoint
+        # (slots on one side, spill slots on the other), and a moved block's old place is never read again
+        # (it is emptied, loaded into or moved into), so a swap does what the copy did for every live block.
+        # Column K + E takes the rounds' masked-out entries (never read).
+        pages = torch.cat([slots.pool_map.view(N, K + E), torch.zeros((N, 1), dtype=torch.int32, device=dev)], 1)
+        j_all = j_index.expand(N, K)
+
+        def swap(mask, slot, spill_slot):
+            a = torch.where(mask, slot, K + E).long()
+            b = torch.where(mask, K + spill_slot, K + E).long()
+            at_a, at_b = torch.gather(pages, 1, a), torch.gather(pages, 1, b)
+            pages.scatter_(1, a, at_b)
+            pages.scatter_(1, b, at_a)
+
+        swap(saved_first, j_all, target)
+        swap(hit, dst_j, src_e)
+        swap(saved_later, j_all, target)
+        slots.pool_map.view(N, K + E).copy_(pages[:, :K + E])
+    elif spill.k is not None:  # None: one copy (offload off), the blocks are read in place
         slot_k, slot_v, spill_k, spill_v = (x.transpose(1, 2) for x in (slots.k, slots.v, spill.k, spill.v))  # [pages, H, bs, D]
         gather(slot_k, slot_v, spill_k, spill_v, *entries(saved_first, row * K + j_index, row * E + target), head)
         gather(spill_k, spill_v, slot_k, slot_v, *entries(hit, row * E + src_e, row * K + dst_j), head)

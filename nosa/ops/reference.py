@@ -430,17 +430,23 @@ def decode_attention(
     Paged (block_table given, the one-copy path with offload off): k_slots, v_slots are the store's pages
     [P, H, bs, D] and block_table [B, H, K] int32 names the page of each slot (-1: none, not attended), so
     the blocks are read in place; the result is the slot path's over the same values, bit for bit.
-    Loading (slot path): host_k, host_v [P, H, bs, D] and slot_src [B, H, K] int32 name the host page each
-    slot loads this step (-1: none); those blocks are copied into k_slots / v_slots (in place) first, so the
-    call is a gather of the step's misses followed by the attention.
+    Loading: host_k, host_v [P, H, bs, D] and slot_src [B, H, K] int32 name the host page each slot loads
+    this step (-1: none); those blocks are copied into k_slots / v_slots (in place; paged: into the page the
+    table names, the pooled device cache) first, so the call is a gather of the step's misses followed by
+    the attention.
     """
     if slot_src is not None:
-        # The gather's own copy, into the slots seen as pages [B*K, H, bs, D] (view: raises rather than copy).
+        # The gather's own copy: into the slots seen as pages [B*K, H, bs, D] (view: raises rather than copy),
+        # or, paged, into the page block_table names for the slot.
         batch, _, slots = slot_src.shape
         _, heads, block, dim = host_k.shape
         b, h, j = (slot_src >= 0).nonzero(as_tuple=True)
-        pages = [t.view(batch * slots, block, heads, dim).transpose(1, 2) for t in (k_slots, v_slots)]
-        gather_blocks(host_k, host_v, *pages, slot_src[b, h, j], b * slots + j, h)
+        if block_table is not None:
+            pages, dst = (k_slots, v_slots), block_table[b, h, j]
+        else:
+            pages = [t.view(batch * slots, block, heads, dim).transpose(1, 2) for t in (k_slots, v_slots)]
+            dst = b * slots + j
+        gather_blocks(host_k, host_v, *pages, slot_src[b, h, j], dst, h)
     if block_table is not None:
         block = k_slots.shape[2]
         valid = paged_valid(valid, block_table, block)

@@ -256,6 +256,32 @@ def test_cuda_engine_loading_misses_in_decode_attention_equals_the_gather_engine
     assert llm.graphed.graph is not None
 
 
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_cuda_pooled_cache_engine_equals_the_copying_cache_engine_under_graphs(monkeypatch, mode, fuse):
+    """The pooled device cache (pages read through the page map, misses loaded into them inside the attention
+    or by the gather) against the copying cache, bf16, CUDA graphs, every op on its default: the same tokens,
+    logits, loads and spill hits bit for bit."""
+    import nosa.engine.attention as engine_attention
+    import nosa.engine.block_cache as block_cache
+
+    model = tiny_model(mode).to("cuda", torch.bfloat16)
+    monkeypatch.setattr(engine_attention, "FUSE_GATHER", fuse)
+    runs = []
+    for pooled in (False, True):
+        monkeypatch.setattr(block_cache, "POOL_DEVICE_CACHE", pooled)
+        llm = LLM(model, device="cuda", offload=True, max_model_len=80, max_num_seqs=4,
+                  device_cache_blocks=model.config.topk_blocks + 3, dtype=torch.bfloat16)
+        assert llm.cache.pooled == pooled
+        runs.append((llm.generate(prompts(), GREEDY, use_tqdm=False, return_logits=True), llm.decode_counters(), llm))
+    (want, want_counters, _), (got, got_counters, llm) = runs
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
+    for name, counter in want_counters.items():
+        assert torch.equal(got_counters[name], counter), name
+    assert int(got_counters["spill_hits"].sum()) > 0 and llm.graphed.graph is not None
+
+
 @pytest.mark.parametrize("offload", [True, False])
 @pytest.mark.parametrize("mode", ["nosa", "infllmv2", "dense", "dma"])
 def test_cuda_micro_batches_on_two_streams_equal_one_batch(mode, offload, monkeypatch):

@@ -65,6 +65,37 @@ def test_loading_inside_the_attention_equals_gather_then_attend(impl, splits, fu
     assert not torch.equal(k2, slot_k)  # something was loaded
 
 
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_paged_loading_into_a_pool_equals_the_slot_path(impl):
+    """The pooled device cache: the selection slots' pages scattered over a pool of C pages per row (a random
+    map), read through a block table, misses loaded into those pages. The result is the slot path's bit for
+    bit, and each loaded block lands in its slot's page."""
+    batch, h, d, num_slots, block, C = 2, 2, 32, 5, 8, 9
+    q, slot_k, slot_v, host_k, host_v, slot_src, bias, valid = _case(batch, h, d, num_slots, block, 40, torch.float32, 6)
+    attend = ref.decode_attention if impl == "reference" else kd.decode_attention
+    g = torch.Generator().manual_seed(2)
+    pool_map = torch.stack([torch.randperm(C, generator=g)[:num_slots] for _ in range(batch * h)]).view(batch, h, num_slots)
+    table = (torch.arange(batch)[:, None, None] * C + pool_map).int()
+    pools = [torch.randn(batch * C, block, h, d, generator=g) for _ in range(2)]
+    for b in range(batch):
+        for head in range(h):
+            for j in range(num_slots):
+                for pool, slot in zip(pools, (slot_k, slot_v)):
+                    pool[table[b, head, j], :, head] = slot[b * num_slots + j, :, head]
+    k1, v1 = slot_k.clone(), slot_v.clone()
+    want = attend(q, _rows(k1, batch, num_slots, block), _rows(v1, batch, num_slots, block), bias, valid,
+                  host_k=host_k, host_v=host_v, slot_src=slot_src)
+    pool_k, pool_v = pools
+    got = attend(q, pool_k.transpose(1, 2), pool_v.transpose(1, 2), bias, valid, table,
+                 host_k=host_k, host_v=host_v, slot_src=slot_src)
+    assert torch.equal(got, want)
+    for b in range(batch):
+        for head in range(h):
+            for j in range(num_slots):
+                assert torch.equal(pool_k[table[b, head, j], :, head], k1[b * num_slots + j, :, head])
+                assert torch.equal(pool_v[table[b, head, j], :, head], v1[b * num_slots + j, :, head])
+
+
 def test_the_kernel_loading_misses_equals_the_reference_loading_them():
     q, slot_k, slot_v, host_k, host_v, slot_src, bias, valid = _case(2, 2, 64, 6, 16, 40, torch.float32, 4)
     outs = []

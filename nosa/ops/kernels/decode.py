@@ -68,9 +68,9 @@ def _decode_partial_kernel(
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr, SPLIT_PAD: tl.constexpr,
     PAGED: tl.constexpr, BS: tl.constexpr, HOST: tl.constexpr,
 ):
-    # HOST (slot path only): the misses of this step are read from the host pages [P, H, BS, D] (shp, sht, shh:
-    # page, token, head strides) named by SlotSrc [B, H, NSLOT] (-1: the slot already holds its block) and
-    # written into their slots as they are read, instead of by a gather launched before: the same values in
+    # HOST: the misses of this step are read from the host pages [P, H, BS, D] (shp, sht, shh: page, token,
+    # head strides) named by SlotSrc [B, H, NSLOT] (-1: the slot already holds its block) and written into
+    # their slots (PAGED: the pages the table names, the pooled device cache) as they are read, instead of by a gather launched before: the same values in
     # the same order, so the result is the gather-then-attend path's bit for bit, and the PCIe reads of some
     # programs run while others stream slots from HBM.
     # FUSED_MERGE: the last program of a (row, head) to finish (counted in Arrivals, zeroed by the caller)
@@ -210,13 +210,11 @@ def _check_host_loads(k_slots, v_slots, host_k, host_v, slot_src, paged, batch, 
         return False
     if not all(given):
         raise ValueError("decode_attention: host_k, host_v and slot_src go together")
-    if paged:
-        raise ValueError("decode_attention: loading misses (slot_src) is for the slot path, not the paged one")
     if host_k.dim() != 4 or host_k.shape != host_v.shape or host_k.stride() != host_v.stride():
         raise ValueError(f"decode_attention: host_k, host_v must be pages [P, H, bs, D] with equal strides; got "
                          f"{tuple(host_k.shape)}, {tuple(host_v.shape)}")
     pages, heads, block, head_dim = host_k.shape
-    if heads != num_kv_heads or head_dim != k_slots.shape[3] or num_slots % block:
+    if heads != num_kv_heads or head_dim != k_slots.shape[3] or num_slots % block or (paged and k_slots.shape[2] != block):
         raise ValueError(f"decode_attention: host pages {tuple(host_k.shape)} do not fit slots {tuple(k_slots.shape)}")
     if slot_src.shape != (batch, num_kv_heads, num_slots // block) or slot_src.dtype != torch.int32 or not slot_src.is_contiguous():
         raise ValueError(f"decode_attention: slot_src must be contiguous int32 [B, H, K] = "
@@ -251,7 +249,8 @@ def decode_attention(q, k_slots, v_slots, bias_slots, valid, block_table=None, s
     [P, H, bs, D], read in place through the table (S = K * bs). `splits`: chunks of the slot axis
     (default: sized for occupancy). `fused_merge`: merge the chunks in the last program of each (row,
     head) (default FUSED_MERGE) or in a second kernel. host_k, host_v, slot_src (slot path): load this
-    step's misses inside the kernel (see the kernel's HOST), writing them into k_slots / v_slots.
+    step's misses inside the kernel (see the kernel's HOST), writing them into k_slots / v_slots (paged:
+    into the pages the table names).
     """
     if q.dim() != 3 or k_slots.dim() != 4 or k_slots.shape != v_slots.shape:
         raise ValueError(f"q must be [B, Hq, D] and k_slots, v_slots [B, S, H, D]; got {tuple(q.shape)}, {tuple(k_slots.shape)}, {tuple(v_slots.shape)}")

@@ -309,10 +309,12 @@ def _plan_step_kernel(
     Table, Sel, s_sel_r, s_sel_h, Pages, Pos, Active, Src, Dst, Loads, Loaded, Selected, SlotSrc,
     K_new, s_kn_r, s_kn_h, V_new, s_vn_r, s_vn_h,
     SlotK, SlotV, s_sp, s_st, s_sh, s_sd, StoreK, StoreV, s_gp, s_gh, s_gt, s_gd,
-    H, K, NB,
+    H, K, NB, PoolMap, SlotPage, C,
     DENSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, TILE_TOKENS: tl.constexpr,
+    BLOCK_D: tl.constexpr, TILE_TOKENS: tl.constexpr, POOLED: tl.constexpr,
 ):
+    # POOLED: slot j of (r, h) lives in page r*C + PoolMap[r, h, j] (`LayerSlots.pool_map`), else r*K + j;
+    # the pages of the K slots go to SlotPage [R, H, K] for the attention.
     pid = tl.program_id(0)
     r = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -328,7 +330,13 @@ def _plan_step_kernel(
     want = miss & (fresh == 0)
     page = tl.load(Pages + r * NB + tl.minimum(tl.maximum(sel, 0), NB - 1), mask=want, other=-1)
     src = tl.where(want, page, -1)
-    dst = tl.where(src >= 0, r * K + slot_of_miss, -1)
+    if POOLED:
+        slot_pages = r * C + tl.load(PoolMap + pid * C + offs, mask=inside, other=0).to(tl.int64)
+        tl.store(SlotPage + pid * K + offs, slot_pages.to(tl.int32), mask=inside)
+        miss_page = r * C + tl.load(PoolMap + pid * C + slot_of_miss, mask=inside & (src >= 0), other=0).to(tl.int64)
+    else:
+        miss_page = r * K + slot_of_miss
+    dst = tl.where(src >= 0, miss_page, -1)
     tl.store(Src + pid * K + offs, src, mask=inside)
     tl.store(Dst + pid * K + offs, dst.to(tl.int32), mask=inside)
     # The same loads by destination slot (at most one per slot). Dense: entry i is slot i already (and K, every
@@ -353,19 +361,23 @@ def _plan_step_kernel(
     d_ok = d < HEAD_DIM
     k = tl.load(K_new + r * s_kn_r + h * s_kn_h + d, mask=d_ok, other=0.0)
     v = tl.load(V_new + r * s_vn_r + h * s_vn_h + d, mask=d_ok, other=0.0)
-    base = (r * K + own_slot) * s_sp + h * s_sh
+    if POOLED:
+        own_page = r * C + tl.load(PoolMap + pid * C + own_slot).to(tl.int64)
+    else:
+        own_page = r * K + own_slot
+    base = own_page * s_sp + h * s_sh
     tl.store(SlotK + base + offset * s_st + d * s_sd, k, mask=d_ok)
     tl.store(SlotV + base + offset * s_st + d * s_sd, v, mask=d_ok)
     # A tail block this token fills goes back to its host page (and stays resident).
-    own_page = tl.load(Pages + r * NB + tl.minimum(own, NB - 1)).to(tl.int64)
-    if (offset == BLOCK_TOKENS - 1) & (own_page >= 0):
+    host_page = tl.load(Pages + r * NB + tl.minimum(own, NB - 1)).to(tl.int64)
+    if (offset == BLOCK_TOKENS - 1) & (host_page >= 0):
         toks = tl.arange(0, TILE_TOKENS)
         for t0 in range(0, BLOCK_TOKENS, TILE_TOKENS):
             t = t0 + toks
             m = (t[:, None] < BLOCK_TOKENS) & d_ok[None, :]
             newest = (t == offset)[:, None]  # this token's row from registers, not from the store above
             src_off = base + t[:, None] * s_st + d[None, :] * s_sd
-            dst_off = own_page * s_gp + h * s_gh + t[:, None] * s_gt + d[None, :] * s_gd
+            dst_off = host_page * s_gp + h * s_gh + t[:, None] * s_gt + d[None, :] * s_gd
             tl.store(StoreK + dst_off, tl.where(newest, k[None, :], tl.load(SlotK + src_off, mask=m)), mask=m)
             tl.store(StoreV + dst_off, tl.where(newest, v[None, :], tl.load(SlotV + src_off, mask=m)), mask=m)
 
@@ -399,15 +411,28 @@ def plan_step(slots: LayerSlots, selection, token: StepTokens, host: HostPages, 
     dense = selection is None
     sel = table if dense else _last_dim_contiguous(selection.to(torch.int32))
     block_d = triton.next_power_of_2(head_dim)
+    pooled = slots.pool_map is not None
+    if pooled:
+        pool_map, slot_page = slots.pool_map, plan.slot_page
+        _index_out("plan_step", "slots.pool_map", pool_map, rows * heads * pool_map.shape[-1], torch.int32)
+        if slot_page is None:
+            raise ValueError("plan_step: pooled slots (slots.pool_map) need plan.slot_page [R, H, K] for the pages")
+        _index_out("plan_step", "plan.slot_page", slot_page, entries, torch.int32)
+        if slot_k.shape[0] != rows * pool_map.shape[-1]:
+            raise ValueError(f"plan_step: pooled slots hold {slot_k.shape[0]} pages, expected rows x pool_map's "
+                             f"{pool_map.shape[-1]} = {rows * pool_map.shape[-1]}")
+    else:
+        pool_map = slot_page = table  # never read (POOLED is False); int32, as they are
     _plan_step_kernel[(rows * heads,)](
         table, sel, sel.stride(0), sel.stride(1), page_table, positions, token.active.view(torch.uint8),
         plan.src_page, plan.dst_page, plan.loads, plan.loaded, plan.selected, plan.slot_src,
         k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
         slot_k, slot_v, slot_k.stride(0), slot_k.stride(1), slot_k.stride(2), slot_k.stride(3),
         store_k, store_v, store_k.stride(0), store_k.stride(1), store_k.stride(2), store_k.stride(3),
-        heads, num_slots, page_table.shape[1],
+        heads, num_slots, page_table.shape[1], pool_map, slot_page, pool_map.shape[-1],
         DENSE=dense, BLOCK_K=triton.next_power_of_2(num_slots), BLOCK_TOKENS=block_tokens, HEAD_DIM=head_dim,
         BLOCK_D=block_d, TILE_TOKENS=max(1, min(triton.next_power_of_2(block_tokens), 8192 // block_d)),
+        POOLED=pooled,
     )
 
 

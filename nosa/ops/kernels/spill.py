@@ -36,9 +36,11 @@ MAX_SPILL_SLOTS = 128
 
 @triton.jit
 def _spill_plan_kernel(
-    Table, Sel, s_sel_r, s_sel_h, SpillTable, Stamp, Pos, Active, Hits, SaveTo, HitFrom, RefillFrom,
-    H, K, E, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    Table, Sel, s_sel_r, s_sel_h, SpillTable, Stamp, Pos, Active, Hits, SaveTo, HitFrom, RefillFrom, PoolMap,
+    H, K, E, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, POOLED: tl.constexpr,
 ):
+    # POOLED: the slots' and spill slots' pages are named by PoolMap [R, H, K + E] (`LayerSlots.pool_map`),
+    # and the copies become swaps of its entries, made here (the copy kernel is not launched).
     pid = tl.program_id(0)
     r = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -107,6 +109,25 @@ def _spill_plan_kernel(
     tl.store(SaveTo + pid * K + j, tl.where(saved & (into_read == 0), target, -1), mask=in_k)
     tl.store(HitFrom + pid * K + j, hit_from, mask=in_k)
     tl.store(RefillFrom + pid * K + j, refill_from, mask=in_k)
+    if POOLED:
+        # The reference's three rounds (leaving blocks of slots taking a hit out, hits in, the other leaving
+        # blocks out), each as simultaneous swaps of a slot's page with a spill slot's: [slot, spill] masks.
+        C = K + E
+        slot_pages = tl.load(PoolMap + pid * C + j, mask=in_k, other=0)
+        spill_pages = tl.load(PoolMap + pid * C + K + e, mask=in_e, other=0)
+        for phase in tl.static_range(3):
+            if phase == 0:
+                swap = chosen & saved_first[:, None]
+            elif phase == 1:
+                swap = receives[:, None] & (hit_from[:, None] == e[None, :]) & in_e[None, :]
+            else:
+                swap = chosen & (saved & (saved_first == 0))[:, None]
+            to_slot = tl.sum(tl.where(swap, spill_pages[None, :], 0), axis=1)
+            to_spill = tl.sum(tl.where(swap, slot_pages[:, None], 0), axis=0)
+            slot_pages = tl.where(tl.max(swap.to(tl.int32), axis=1) > 0, to_slot, slot_pages)
+            spill_pages = tl.where(tl.max(swap.to(tl.int32), axis=0) > 0, to_spill, spill_pages)
+        tl.store(PoolMap + pid * C + j, slot_pages, mask=in_k)
+        tl.store(PoolMap + pid * C + K + e, spill_pages, mask=in_e)
 
 
 @triton.jit
@@ -162,7 +183,7 @@ def _spill_copy_kernel(
 def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
                spill: SpillSlots, gather=None) -> None:
     """Same contract as `nosa.ops.block_ops.spill_step`, in two launches (one with spill.k None, where
-    nothing is copied). `gather` is used only by the fallback to the reference (tables wider than
+    nothing is copied, or with pooled slots, where the plan kernel swaps the pages). `gather` is used only by the fallback to the reference (tables wider than
     MAX_DIFF_SLOTS selection slots or MAX_SPILL_SLOTS spill slots), default the gather kernel."""
     table, spill_table = slots.table, spill.table
     rows, heads, num_slots = table.shape
@@ -186,14 +207,17 @@ def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tens
     sel = selection.to(torch.int32)
     if sel.stride(-1) != 1:
         sel = sel.contiguous()
+    pooled = slots.pool_map is not None
+    if pooled:
+        _index_out("spill_step", "slots.pool_map", slots.pool_map, pairs * (num_slots + num_spill), torch.int32)
     # Copy entries per selection slot: save_to, hit_from, refill_from (spill slot, spill slot, slot; -1 none).
     entries = torch.empty((3, pairs * num_slots), dtype=torch.int32, device=table.device)
     _spill_plan_kernel[(pairs,)](
         table, sel, sel.stride(0), sel.stride(1), spill_table, spill.stamp, positions, active.view(torch.uint8),
-        spill.hits, entries[0], entries[1], entries[2], heads, num_slots, num_spill,
-        BLOCK_K=triton.next_power_of_2(num_slots), BLOCK_E=triton.next_power_of_2(num_spill),
+        spill.hits, entries[0], entries[1], entries[2], slots.pool_map if pooled else table, heads, num_slots, num_spill,
+        BLOCK_K=triton.next_power_of_2(num_slots), BLOCK_E=triton.next_power_of_2(num_spill), POOLED=pooled,
     )
-    if spill.k is None:  # one copy (offload off): the tables only
+    if pooled or spill.k is None:  # pooled: the pages were swapped; one copy (offload off): the tables only
         return
     slot_k, slot_v, spill_k, spill_v = slots.k, slots.v, spill.k, spill.v  # [pages, bs, H, D]
     if slot_k.stride() != slot_v.stride() or spill_k.stride() != spill_v.stride():
