@@ -55,10 +55,10 @@ def test_configs_say_per_row_whether_they_replay_traces():
     for bad in ("nosa:on:share", "nosa:on:mb1:share"):
         with pytest.raises(ValueError, match="share .* needs mbN with N > 1"):
             parse_configs(bad)
-    copied = parse_configs("nosa:on:cache128:traces:copycache:fusegather,nosa:on:cache128")
-    assert [c.copy_cache for c in copied] == [True, False] and copied[0][:6] == fused[0][:6]
-    for bad in ("nosa:off:cache128:copycache", "nosa:on:copycache", "nosa:on:cacheauto:copycache",
-                "nosa:on:cache128:copycache:copycache"):
+    caches = parse_configs("nosa:on:cache128:traces:copycache:fusegather,nosa:on:cache128:poolcache,nosa:on:cache128")
+    assert [c.pooled_cache for c in caches] == [False, True, None] and caches[0][:6] == fused[0][:6]
+    for bad in ("nosa:off:cache128:copycache", "nosa:on:copycache", "nosa:on:cacheauto:poolcache",
+                "nosa:on:cache128:copycache:copycache", "nosa:on:cache128:poolcache:copycache"):
         with pytest.raises(ValueError, match="bad --configs entry"):
             parse_configs(bad)
     with pytest.raises(ValueError, match="bad --configs entry 'nosa:on:mb2:share:share': expected"):

@@ -339,7 +339,7 @@ def decode_steps(args) -> int:
     return args.warmup + args.steps + 8
 
 
-CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN|:cacheauto][:copycache][:traces|:model][:fusegather|:gather][:spreadN][:mbN[:share]]"
+CONFIG_FORM = "attn_mode:on|off[:eager][:cacheN|:cacheauto][:poolcache|:copycache][:traces|:model][:fusegather|:gather][:spreadN][:mbN[:share]]"
 
 
 class DecodeConfig(NamedTuple):
@@ -353,7 +353,7 @@ class DecodeConfig(NamedTuple):
     length_spread: int = 0  # rows' prompts spread over (prompt - N, prompt] tokens (`spread_lengths`)
     micro_batches: int = 1  # the decode step's micro-batches (`LLM(micro_batches=...)`)
     share_launches: bool = False  # each micro-batch sizes its split launches for 1/N of the SMs (model_runner.SHARE_LAUNCHES)
-    copy_cache: bool = False  # the device cache copies blocks between slot and spill pages (not POOL_DEVICE_CACHE)
+    pooled_cache: bool | None = None  # the device cache pooled (poolcache) or copying (copycache); None: POOL_DEVICE_CACHE
 
 
 def parse_configs(spec: str) -> list[DecodeConfig]:
@@ -366,9 +366,10 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
     (as a server's rows do; not with traces, which are recorded at one length); mbN: the decode step runs as
     N micro-batches of rows (on their own CUDA streams, `LLM(micro_batches=N)`), N >= 1; share (with mbN,
     N > 1): each micro-batch sizes its occupancy-split launches for 1/N of the SMs
-    (nosa.engine.model_runner.SHARE_LAUNCHES), so the two ways can be timed side by side; copycache (offload on,
-    cacheN with N > topk): the device cache as separate slot and spill pages with copies between them instead
-    of the pooled pages (nosa.engine.block_cache.POOL_DEVICE_CACHE off), for the same comparison."""
+    (nosa.engine.model_runner.SHARE_LAUNCHES), so the two ways can be timed side by side; poolcache / copycache
+    (offload on, cacheN): the device cache as one pool of pages per row with a page map, or as separate slot
+    and spill pages with copies between them (nosa.engine.block_cache.POOL_DEVICE_CACHE; neither: its
+    default), for the same comparison."""
     configs = []
     for item in spec.split(","):
         fields = item.split(":")
@@ -377,7 +378,7 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
         selection = [f for f in extra if f in ("traces", "model")]
         spread = [f for f in extra if f.startswith("spread")]
         micro = [f for f in extra if f.startswith("mb")]
-        single = ("eager", "fusegather", "gather", "share", "copycache")
+        single = ("eager", "fusegather", "gather", "share", "poolcache", "copycache")
         ok = (len(fields) >= 2 and fields[1] in ("on", "off") and len(cache) <= 1 and len(selection) <= 1
               and len(spread) <= 1 and len(micro) <= 1
               and all(f in single or f in cache or f in selection or f in spread or f in micro for f in extra)
@@ -389,8 +390,10 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
             ok = False  # with offload off nothing is loaded
         if ok and "fusegather" in extra and "gather" in extra:
             ok = False
-        if ok and "copycache" in extra and not (fields[1] == "on" and cache and cache[0] != "cacheauto"):
+        if ok and ("copycache" in extra or "poolcache" in extra) and not (fields[1] == "on" and cache and cache[0] != "cacheauto"):
             ok = False  # only an offloaded cache of a given size has spill pages to pool or not
+        if ok and "copycache" in extra and "poolcache" in extra:
+            ok = False
         if ok and "share" in extra and not (micro and int(micro[0][2:]) > 1):
             raise ValueError(f"bad --configs entry {item!r}: share (launches sized for 1/N of the SMs per "
                              f"micro-batch) needs mbN with N > 1")
@@ -399,13 +402,14 @@ def parse_configs(spec: str) -> list[DecodeConfig]:
                              f"(cacheN: N device cache blocks per (layer, sequence, KV head), cacheauto: the engine's 'auto' size; traces/model: replay the "
                              f"--traces file or use the weights' own selection, both for sparse modes only; "
                              f"fusegather or gather: with offload on only; spreadN: not with traces; mbN: N >= 1 micro-batches; "
-                             f"share: after mbN; copycache: with offload on and cacheN)")
+                             f"share: after mbN; poolcache or copycache: with offload on and cacheN)")
         configs.append(DecodeConfig(fields[0], fields[1] == "on", "eager" in extra,
                                     (cache[0][5:] if cache[0] == "cacheauto" else int(cache[0][5:])) if cache else None,
                                     selection[0] if selection else None,
                                     True if "fusegather" in extra else False if "gather" in extra else None,
                                     int(spread[0][6:]) if spread else 0, int(micro[0][2:]) if micro else 1,
-                                    "share" in extra, "copycache" in extra))
+                                    "share" in extra,
+                                    True if "poolcache" in extra else False if "copycache" in extra else None))
     return configs
 
 
@@ -475,8 +479,9 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
     default_fuse_gather = engine_attention.FUSE_GATHER
     default_share = engine_model_runner.SHARE_LAUNCHES
     default_pooled = engine_block_cache.POOL_DEVICE_CACHE
-    for mode, offload, eager, cache_blocks, selection_kind, fuse_gather, length_spread, micro_batches, share, copy_cache in configs:
-        engine_block_cache.POOL_DEVICE_CACHE = default_pooled and not copy_cache  # read when the cache is built
+    for mode, offload, eager, cache_blocks, selection_kind, fuse_gather, length_spread, micro_batches, share, pooled_cache in configs:
+        # Read when the cache is built.
+        engine_block_cache.POOL_DEVICE_CACHE = default_pooled if pooled_cache is None else pooled_cache
         fuse_gather = resolve_fuse_gather(fuse_gather, offload, default_fuse_gather)
         engine_attention.FUSE_GATHER = fuse_gather  # read as each step begins: this config's graphs keep it
         engine_model_runner.SHARE_LAUNCHES = share  # read when the LLM sets its micro-batches
@@ -530,7 +535,7 @@ def run_suite(args, equal_memory: bool, spec: str, name: str, shared: dict, mode
         print(f"{mode:9s} offload={'on ' if offload else 'off'}{' eager' if eager else ''}{' fusegather' if fuse_gather else ''}"
               f"{' traces' if selection.startswith('trace') else ''}{f' spread {length_spread}' if length_spread else ''}"
               f"{f' mb{micro_batches}' if micro_batches > 1 else ''}{' share' if share else ''}"
-              f"{' copycache' if copy_cache else ''} batch {batch:3d} "
+              f"{' pooled cache' if llm.cache.pooled else ''} batch {batch:3d} "
               f"{run['tokens_per_s']:9.1f} tok/s  step {run['step_ms_median']:.2f} ms (reference {run['floor_ms']:.2f})  "
               f"loads/step {run['blocks_loaded_per_step']:.1f}  hit {min(run['hit_rate_per_layer']):.3f}", flush=True)
         del llm, running

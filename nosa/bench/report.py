@@ -123,6 +123,8 @@ def decode_table(path: str) -> str:
             mode += f", cache {r['device_cache_blocks']}"
         if not r.get("device_cache_pooled", False) and r["offload"] and (r.get("device_cache_blocks") or 0) > params.get("topk_blocks", 64):
             mode += " (slot/spill copies)"  # runs before 2026-12-08 (no such key) all copied
+        elif r.get("device_cache_pooled"):
+            mode += " (pooled)"
         if r.get("fuse_gather"):
             mode += ", loads in attention"
         if r.get("micro_batches", 1) > 1:

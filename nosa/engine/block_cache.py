@@ -48,8 +48,11 @@ from nosa.config import SparseAttentionConfig
 # selection and spill slots by swapping map entries), instead of separate slot and spill pages between
 # which `spill_step` copies each moving block's K/V (0.35 ms of a 4.9 ms step on an H100 at 64K, 121 rows,
 # bench/results/decode_64k_step_h100_profile.txt). Same values in the same slots: the tokens are equal
-# (tests/engine/test_pooled_cache.py). Read when a cache is built.
-POOL_DEVICE_CACHE = True
+# (tests/engine/test_pooled_cache.py, CPU with the Triton kernels under the interpreter). Off by default
+# until its GPU tests (tests/engine/test_gpu.py) have run and `nosa bench decode` has timed it against the
+# copies (config tokens poolcache / copycache): neither has happened yet (2026-12-08: no GPU was lent after
+# it was written). Read when a cache is built.
+POOL_DEVICE_CACHE = False
 
 
 class BlockCache:

@@ -148,9 +148,10 @@ def test_budget_charges_the_cache_and_bad_sizes_are_refused():
     plain = BlockCache.row_bytes(L, H, D, torch.float32, cfg.sparse, 64)
     larger = BlockCache.row_bytes(L, H, D, torch.float32, cfg.sparse, 64, cfg.topk_blocks + 4)
     assert larger["spill_slots"] == 2 * L * 4 * cfg.block_size * H * D * 4 + 8 * L * H * 4
-    # The pooled cache (the default) adds the attention's page per slot [H, K] and the page map [L, H, K + E].
+    # A pooled cache (POOL_DEVICE_CACHE) adds the attention's page per slot [H, K] and the page map [L, H, K + E].
     K = cfg.topk_blocks
-    assert larger["total"] == plain["total"] + larger["spill_slots"] + 4 * (H * K + L * H * (K + 4))
+    pooled = BlockCache.is_pooled(cfg.sparse, K + 4, in_place=False)
+    assert larger["total"] == plain["total"] + larger["spill_slots"] + (4 * (H * K + L * H * (K + 4)) if pooled else 0)
     llm = LLM(model, device="cpu", max_model_len=64, max_num_seqs=2, device_cache_blocks=cfg.topk_blocks + 4)
     assert llm.cache.allocated_bytes()["total"] == 2 * larger["total"]
     row, _ = LLM.device_bytes(cfg, torch.float32, True, 64, cfg.topk_blocks + 4)

@@ -1,4 +1,4 @@
-"""The pooled device cache (`block_cache.POOL_DEVICE_CACHE`, the default with offload on and spill slots):
+"""The pooled device cache (`block_cache.POOL_DEVICE_CACHE`, with offload on and spill slots):
 the engine gives the copying cache's tokens, logits, loads and spill hits bit for bit, on the reference ops
 and on the Triton kernels (interpreter), with the misses loaded by the gather or inside the attention, in
 one batch and in two micro-batches; and it really is pooled (no spill pages, slots read through their pages)."""
