@@ -16,7 +16,8 @@ class EngineStats:
     blocks_loaded_per_step: host->device block loads (per KV head) per decode step, all layers and rows;
     bytes_host_to_device: KV bytes gathered at decode and prefill install;
     spill_hits_per_step: selected blocks per decode step that were served from the device cache beyond the
-    selection (`device_cache_blocks`) by a device copy (counted as hits in hit_rate_per_layer);
+    selection (`device_cache_blocks`) on the device: a device copy, or with the pooled cache a page-map swap
+    (counted as hits in hit_rate_per_layer);
     locality_quota: the bound's loads per (layer, row, KV head) and decode step, one more on a step that
     enters a new block (`SparseAttentionConfig.locality_quota`; None: this attn_mode has no bound);
     has_locality_bound: whether this geometry meets the bound's condition (docs/locality.md);

@@ -356,6 +356,13 @@ class SpillSlots:
     hits: torch.Tensor
 
 
+def check_pooled_spill(spill: SpillSlots) -> None:
+    """Pooled slots keep the spill slots' pages in the pool: separate spill pages would be ignored."""
+    if spill.k is not None or spill.v is not None:
+        raise ValueError("spill_step: with pooled slots (slots.pool_map) the spill slots live in the pool; "
+                         "spill.k and spill.v must be None")
+
+
 def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
                spill: SpillSlots, gather=None) -> None:
     """Run before `plan_step` (sparse modes, E > 0): serve the selection's misses that the spill slots hold
@@ -432,6 +439,7 @@ def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tens
         return torch.where(mask, src, -1).reshape(-1).to(torch.int32), torch.where(mask, dst, -1).reshape(-1).to(torch.int32)
 
     if slots.pool_map is not None:
+        check_pooled_spill(spill)
         # Pooled: the same three rounds of moves as swaps of page entries. Each round's moves are disjoint
         # (slots on one side, spill slots on the other), and a moved block's old place is never read again
         # (it is emptied, loaded into or moved into), so a swap does what the copy did for every live block.

@@ -176,3 +176,15 @@ def test_pooled_plan_step_refuses_a_plan_without_slot_pages():
     host = ops.HostPages(torch.zeros(4, H, 2, 4), torch.zeros(4, H, 2, 4))
     with pytest.raises(ValueError, match="plan.slot_page"):
         gather_kernels.plan_step(slots, torch.tensor([[[0, -1]]], dtype=torch.int32), token, host, _plan(R, H, K, False))
+
+
+@pytest.mark.parametrize("impl", [block_ops, spill_kernels], ids=["reference", "kernel"])
+def test_pooled_spill_refuses_separate_spill_pages(impl):
+    """With pooled slots the spill slots live in the pool: spill pages given beside it would be ignored."""
+    g = torch.Generator().manual_seed(2)
+    state = pooled_state(make_state(2, 1, 4, 2, 2, 4, g, ("mixed",)), g)
+    slots = ops.LayerSlots(state["table"], state["pool_k"], state["pool_v"], None, state["pool_map"])
+    spill = ops.SpillSlots(state["spill_table"], state["stamp"], torch.zeros(2 * 2, 2, 1, 4), torch.zeros(2 * 2, 2, 1, 4),
+                           state["hits"])
+    with pytest.raises(ValueError, match="spill.k and spill.v must be None"):
+        impl.spill_step(slots, state["selection"], state["positions"], state["active"], spill)

@@ -106,10 +106,11 @@ def _spill_plan_kernel(
     # that takes the hit's spill slot.
     refill = receives[:, None] & into_read[None, :] & (target[None, :] == hit_from[:, None])  # [slot j, slot j2]
     refill_from = tl.where(tl.max(refill.to(tl.int32), axis=1) > 0, tl.sum(tl.where(refill, j[None, :], 0), axis=1), -1)
-    tl.store(SaveTo + pid * K + j, tl.where(saved & (into_read == 0), target, -1), mask=in_k)
-    tl.store(HitFrom + pid * K + j, hit_from, mask=in_k)
-    tl.store(RefillFrom + pid * K + j, refill_from, mask=in_k)
-    if POOLED:
+    if not POOLED:  # the copy kernel's entries (pooled: nothing is copied)
+        tl.store(SaveTo + pid * K + j, tl.where(saved & (into_read == 0), target, -1), mask=in_k)
+        tl.store(HitFrom + pid * K + j, hit_from, mask=in_k)
+        tl.store(RefillFrom + pid * K + j, refill_from, mask=in_k)
+    else:
         # The reference's three rounds (leaving blocks of slots taking a hit out, hits in, the other leaving
         # blocks out), each as simultaneous swaps of a slot's page with a spill slot's: [slot, spill] masks.
         C = K + E
@@ -210,6 +211,7 @@ def spill_step(slots: LayerSlots, selection: torch.Tensor, positions: torch.Tens
     pooled = slots.pool_map is not None
     if pooled:
         _index_out("spill_step", "slots.pool_map", slots.pool_map, pairs * (num_slots + num_spill), torch.int32)
+        block_ops.check_pooled_spill(spill)
     # Copy entries per selection slot: save_to, hit_from, refill_from (spill slot, spill slot, slot; -1 none).
     entries = torch.empty((3, pairs * num_slots), dtype=torch.int32, device=table.device)
     _spill_plan_kernel[(pairs,)](
