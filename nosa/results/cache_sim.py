@@ -125,3 +125,54 @@ def streams(traces: list[np.ndarray], first_positions: list[int]) -> tuple[np.nd
                 positions.append(first)
                 names.append({"trace": i, "layer": l, "head": h})
     return np.stack(rows), np.asarray(positions), names
+
+
+def _lru_misses(selection: np.ndarray, position: int, block_size: int, cache_blocks: int):
+    """One stream under the engine's order (least recently selected out): per step s >= 1, (the cache before
+    the step, the step's misses), misses excluding a tail block that starts at the step."""
+    steps = [set(int(b) for b in row if b >= 0) for row in np.asarray(selection)]
+    cache, last, out = set(steps[0]), {b: 0 for b in steps[0]}, []
+    for s in range(1, len(steps)):
+        chosen = steps[s]
+        fresh = (position + s) // block_size if (position + s) % block_size == 0 else None
+        out.append((set(cache), {b for b in chosen - cache if b != fresh}))
+        cache |= chosen
+        for b in chosen:
+            last[b] = s
+        excess = len(cache) - max(cache_blocks, len(chosen))
+        if excess > 0:
+            for b in sorted((b for b in cache if b not in chosen), key=lambda b: (last[b], b))[:excess]:
+                cache.discard(b)
+    return out
+
+
+def layer_prefetch(trace: np.ndarray, position: int, block_size: int, cache_blocks: int) -> dict:
+    """Could layer l's host loads start before its own selection, from layer l-1's at the same step (known by
+    then)? trace: int `[L, S, H, K]`, step s at position + s. For each layer l >= 1 and two predictors of
+    layer l's misses at a step: 'from_selection' (the blocks layer l-1 selects that layer l's cache lacks)
+    and 'from_misses' (the blocks layer l-1 itself had to load), summed over heads and steps 1..S-1: misses, prefetched
+    (the predictor's blocks that layer l's cache lacks: what a prefetch would load), useful (prefetched and
+    then missed by layer l), coverage = useful / misses, precision = useful / prefetched."""
+    L, S, H, _ = trace.shape
+    per_layer = [[_lru_misses(trace[l, :, h], position, block_size, cache_blocks) for h in range(H)] for l in range(L)]
+    rows = []
+    for l in range(1, L):
+        totals = {"misses": 0, "selection": [0, 0], "misses_prev": [0, 0]}
+        for h in range(H):
+            for s in range(1, S):
+                cache, misses = per_layer[l][h][s - 1]
+                prev_selected = {int(b) for b in trace[l - 1, s, h] if b >= 0}
+                prev_misses = per_layer[l - 1][h][s - 1][1]
+                totals["misses"] += len(misses)
+                for key, predictor in (("selection", prev_selected), ("misses_prev", prev_misses)):
+                    prefetched = predictor - cache
+                    totals[key][0] += len(prefetched)
+                    totals[key][1] += len(prefetched & misses)
+        row = {"layer": l, "misses": totals["misses"]}
+        for key, name in (("selection", "from_selection"), ("misses_prev", "from_misses")):
+            prefetched, useful = totals[key]
+            row[name] = {"prefetched": prefetched, "useful": useful,
+                         "coverage": useful / totals["misses"] if totals["misses"] else None,
+                         "precision": useful / prefetched if prefetched else None}
+        rows.append(row)
+    return {"layers": rows}
