@@ -123,3 +123,28 @@ def test_bench_decode_refuses_spread_rows_it_cannot_run(monkeypatch, capsys, con
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert main(["bench", "decode", "--configs", configs, "--traces", NOSA]) == 2
     assert message in capsys.readouterr().out
+
+
+def test_the_floor_gives_the_selections_compressed_key_read_apart():
+    """`floor`: floor_ms counts the weights and the attention's K/V (unchanged, comparable with older files);
+    the sparse modes' read of every compressed key once is given beside it."""
+    from types import SimpleNamespace
+
+    from nosa.bench.decode import floor
+    from tests.helpers import engine_model
+
+    for mode in ("nosa", "dense"):
+        model = engine_model(mode)
+        cfg = model.config
+        llm = SimpleNamespace(config=cfg, model=model)
+        run = {"batch": 3, "prompt_tokens_mean": 40, "weight_bytes_read_per_step": 1000, "weight_bytes": 2000,
+               "offload": True, "host_to_device_bytes_per_step": 500}
+        got = floor(run, llm, SimpleNamespace(prompt=40), hbm_gb_s=1.0, pcie_gb_s=1.0)
+        sparse = cfg.sparse
+        tokens = 40 if mode == "dense" else min(40, sparse.selection_tokens)
+        kv = 2 * cfg.num_hidden_layers * 3 * tokens * cfg.num_key_value_heads * cfg.head_dim * 2
+        windows = (40 - sparse.compress_kernel) // sparse.compress_stride + 1 if mode != "dense" else 0
+        keys = cfg.num_hidden_layers * 3 * windows * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+        assert got["floor_hbm_ms"] == (1000 + kv) / 1e6 and got["selection_key_bytes_per_step"] == keys
+        assert got["floor_hbm_with_selection_ms"] == (1000 + kv + keys) / 1e6
+        assert (keys > 0) == (mode != "dense") and got["floor_ms"] == max(got["floor_hbm_ms"], 500 / 1e6)

@@ -275,7 +275,12 @@ def floor(run: dict, llm, args, hbm_gb_s: float, pcie_gb_s: float) -> dict:
     It is not a lower bound: a kernel can read faster than the copy measures (dense SDPA decode read at
     1.06x it at 64K in bench/results/kernels.json). HBM bytes: the weights a step reads
     (`weight_bytes_read_per_step`) and the K/V the attention reads (every token in dense mode, at most
-    topk x block_size tokens per sequence and KV head otherwise)."""
+    topk x block_size tokens per sequence and KV head otherwise). The sparse modes' selection also reads every
+    compressed key of the context once at the least (T / stride per sequence and KV head): that read is given
+    apart (`selection_key_bytes_per_step`, `floor_hbm_with_selection_ms`), so `floor_ms` stays comparable
+    with the files written before it was."""
+    from nosa.ops import reference
+
     cfg = llm.config
     prompt = run.get("prompt_tokens_mean", args.prompt)  # below --prompt for a :spreadN row
     tokens = prompt if not cfg.sparse.is_sparse else min(prompt, cfg.sparse.selection_tokens)
@@ -284,8 +289,13 @@ def floor(run: dict, llm, args, hbm_gb_s: float, pcie_gb_s: float) -> dict:
     weights = run.get("weight_bytes_read_per_step", run["weight_bytes"])
     hbm_ms = (weights + kv_bytes) / hbm_gb_s / 1e6
     pcie_ms = run["host_to_device_bytes_per_step"] / pcie_gb_s / 1e6 if run["offload"] else 0.0
+    sparse = cfg.sparse
+    windows = reference.num_complete_windows(int(prompt), sparse.compress_kernel, sparse.compress_stride) if sparse.is_sparse else 0
+    elem = torch.empty((), dtype=llm.model.dtype).element_size()
+    key_bytes = cfg.num_hidden_layers * run["batch"] * windows * cfg.num_key_value_heads * cfg.head_dim * elem
     return {"floor_hbm_ms": hbm_ms, "floor_pcie_ms": pcie_ms, "floor_ms": max(hbm_ms, pcie_ms),
-            "attention_kv_bytes_per_step": kv_bytes}
+            "attention_kv_bytes_per_step": kv_bytes, "selection_key_bytes_per_step": key_bytes,
+            "floor_hbm_with_selection_ms": (weights + kv_bytes + key_bytes) / hbm_gb_s / 1e6}
 
 
 def profile_steps(llm, running, path: str, steps: int = 3) -> None:
