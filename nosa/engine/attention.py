@@ -162,13 +162,10 @@ class DecodeAttention(AttentionBackend):
             self.gather(host.k, host.v, cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), plan.src_page, plan.dst_page, plan.head)
         self.inputs(slots.table, positions, state, runner.valid, runner.bias, cache.block_size)
         self._mark_start(l)
-        if cache.pooled:
-            # The selection slots' pages are scattered over the row's pool: read (and loaded) through the
-            # page of each slot that `plan` wrote.
-            out = ops.decode_attention(q[:, 0], cache.slot_pages(l, "k"), cache.slot_pages(l, "v"), runner.bias,
-                                       runner.valid, plan.slot_page, **loads)
-        else:
-            out = ops.decode_attention(q[:, 0], cache.row_view(l, "k"), cache.row_view(l, "v"), runner.bias, runner.valid, **loads)
+        # Pooled: the selection slots' pages are scattered over the row's pool, read (and loaded) through the
+        # page of each slot that `plan` wrote; otherwise the slots are rows.
+        view = cache.slot_pages if cache.pooled else cache.row_view
+        out = ops.decode_attention(q[:, 0], view(l, "k"), view(l, "v"), runner.bias, runner.valid, plan.slot_page, **loads)
         return out[:, None]
 
     def _mark_start(self, layer_idx: int) -> None:

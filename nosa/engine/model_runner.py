@@ -73,10 +73,10 @@ class ModelRunner:
         # blocks loaded host->device and selected at decode per (row, head) over active rows (each (row,
         # head) program of the plan kernel owns its counter, so no atomics).
         shared = ops.LoadPlan.allocate(R, H, K, self.device)
-        # Pooled device cache: the attention's page per slot is the cache's slot_page (shared by the layers).
         self.step_loads = torch.zeros((L, R, H), dtype=torch.int32, device=self.device)
         self.loaded_rh = torch.zeros((L, R, H), dtype=torch.int64, device=self.device)
         self.selected_rh = torch.zeros((L, R, H), dtype=torch.int64, device=self.device)
+        # Pooled device cache: the attention's page per slot is the cache's slot_page (shared by the layers).
         self.load_plans = [ops.LoadPlan(shared.src_page, shared.dst_page, shared.head, self.step_loads[l],
                                         self.loaded_rh[l], self.selected_rh[l], shared.slot_src,
                                         cache.slot_page if cache.pooled else None) for l in range(L)]
@@ -294,11 +294,7 @@ class ModelRunner:
         page_rows = cache.page_table[rows]  # [n, NB]
         src_page = torch.gather(page_rows, 1, miss_block.clamp(min=0).view(n, H * K).long()).view(n, H, K)
         src_page = torch.where(miss_block >= 0, src_page, -1)
-        if cache.pool_map is not None:  # the page of each slot (`ops.slot_page_index`) for the rows `rows`
-            C = cache.pool_map.shape[-1]
-            slot_page = rows[:, None, None] * C + torch.gather(cache.pool_map[l, rows], 2, miss_slot.view(n, H, K).clamp(min=0).long())
-        else:
-            slot_page = rows[:, None, None] * K + miss_slot.view(n, H, K)
+        slot_page = ops.block_ops.slot_page_index(self.layer_slots[l], miss_slot.view(n, H, K).clamp(min=0), rows)
         dst_page = torch.where(miss_block >= 0, slot_page, -1)
         # Materialised: an expanded index is a stride-0 view (with one KV head, of a single element).
         head = torch.arange(H, device=self.device, dtype=torch.int32)[None, :, None].expand(n, H, K).contiguous()

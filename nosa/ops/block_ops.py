@@ -47,15 +47,16 @@ class LayerSlots:
     pool_map: torch.Tensor | None = None
 
 
-def slot_page_index(slots: LayerSlots, slot: torch.Tensor) -> torch.Tensor:
-    """The page of k / v that selection slot `slot` [R, H, n] (values in 0..K-1) of each (row, head) lives in:
-    r*K + slot, or pooled r*C + pool_map[r, h, slot]. int64, same shape."""
+def slot_page_index(slots: LayerSlots, slot: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The page of k / v that selection slot `slot` [n, H, m] (values in 0..K-1) of each (row, head) lives in:
+    r*K + slot, or pooled r*C + pool_map[r, h, slot], for the rows `rows` [n] (None: every row, n = R). int64,
+    `slot`'s shape."""
     R, H, K = slots.table.shape
-    rows = torch.arange(R, device=slot.device)[:, None, None]
+    rows = torch.arange(R, device=slot.device) if rows is None else rows
     if slots.pool_map is None:
-        return rows * K + slot.long()
+        return rows[:, None, None] * K + slot.long()
     C = slots.pool_map.shape[-1]
-    return rows * C + torch.gather(slots.pool_map, 2, slot.long()).long()
+    return rows[:, None, None] * C + torch.gather(slots.pool_map[rows], 2, slot.long()).long()
 
 
 @dataclass(frozen=True)

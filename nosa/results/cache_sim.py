@@ -75,6 +75,13 @@ def engine_cache_loads(selections, positions, block_size: int, cache_blocks: int
 def policy_cache_loads(selection, position: int, block_size: int, cache_blocks: int, policy: str, initial=None) -> np.ndarray:
     """One stream: selection int `[S, K]`, step s at position + s. Returns the loads of the counted steps
     (int64 `[S']`, from step 1, or step 0 when `initial` [K] is given) under `policy` (POLICIES)."""
+    steps = policy_cache_steps(selection, position, block_size, cache_blocks, policy, initial)
+    return np.asarray([len(misses) for _, misses in steps], dtype=np.int64)
+
+
+def policy_cache_steps(selection, position: int, block_size: int, cache_blocks: int, policy: str, initial=None):
+    """`policy_cache_loads`'s simulation, step by step: per counted step, (the blocks the cache holds before
+    it, the step's loads: selected blocks it lacks, less a tail block that starts at the step)."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     steps = [set(int(b) for b in row if b >= 0) for row in np.asarray(selection)]
@@ -93,7 +100,7 @@ def policy_cache_loads(selection, position: int, block_size: int, cache_blocks: 
         chosen = steps[s]
         own = (position + s) // block_size
         fresh = own if (position + s) % block_size == 0 else None
-        out.append(sum(1 for b in chosen - cache if b != fresh))
+        out.append((set(cache), {b for b in chosen - cache if b != fresh}))
         cache |= chosen
         for b in chosen:
             last[b] = s
@@ -111,7 +118,7 @@ def policy_cache_loads(selection, position: int, block_size: int, cache_blocks: 
                     return (-(uses[b][i] if i < len(uses.get(b, [])) else len(steps) + 1), b)
             for b in sorted(others, key=key)[:excess]:
                 cache.discard(b)
-    return np.asarray(out, dtype=np.int64)
+    return out
 
 
 def streams(traces: list[np.ndarray], first_positions: list[int]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -127,34 +134,17 @@ def streams(traces: list[np.ndarray], first_positions: list[int]) -> tuple[np.nd
     return np.stack(rows), np.asarray(positions), names
 
 
-def _lru_misses(selection: np.ndarray, position: int, block_size: int, cache_blocks: int):
-    """One stream under the engine's order (least recently selected out): per step s >= 1, (the cache before
-    the step, the step's misses), misses excluding a tail block that starts at the step."""
-    steps = [set(int(b) for b in row if b >= 0) for row in np.asarray(selection)]
-    cache, last, out = set(steps[0]), {b: 0 for b in steps[0]}, []
-    for s in range(1, len(steps)):
-        chosen = steps[s]
-        fresh = (position + s) // block_size if (position + s) % block_size == 0 else None
-        out.append((set(cache), {b for b in chosen - cache if b != fresh}))
-        cache |= chosen
-        for b in chosen:
-            last[b] = s
-        excess = len(cache) - max(cache_blocks, len(chosen))
-        if excess > 0:
-            for b in sorted((b for b in cache if b not in chosen), key=lambda b: (last[b], b))[:excess]:
-                cache.discard(b)
-    return out
-
-
 def layer_prefetch(trace: np.ndarray, position: int, block_size: int, cache_blocks: int) -> dict:
     """Could layer l's host loads start before its own selection, from layer l-1's at the same step (known by
-    then)? trace: int `[L, S, H, K]`, step s at position + s. For each layer l >= 1 and two predictors of
+    then)? trace: int `[L, S, H, K]`, step s at position + s; each (layer, head) has a cache of cache_blocks,
+    least recently selected out (`policy_cache_steps`, 'lru', the engine's order). For each layer l >= 1 and two predictors of
     layer l's misses at a step: 'from_selection' (the blocks layer l-1 selects that layer l's cache lacks)
     and 'from_misses' (the blocks layer l-1 itself had to load), summed over heads and steps 1..S-1: misses, prefetched
     (the predictor's blocks that layer l's cache lacks: what a prefetch would load), useful (prefetched and
     then missed by layer l), coverage = useful / misses, precision = useful / prefetched."""
     L, S, H, _ = trace.shape
-    per_layer = [[_lru_misses(trace[l, :, h], position, block_size, cache_blocks) for h in range(H)] for l in range(L)]
+    per_layer = [[policy_cache_steps(trace[l, :, h], position, block_size, cache_blocks, "lru") for h in range(H)]
+                 for l in range(L)]
     rows = []
     for l in range(1, L):
         totals = {"misses": 0, "selection": [0, 0], "misses_prev": [0, 0]}

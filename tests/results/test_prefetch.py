@@ -1,9 +1,9 @@
 """`layer_prefetch`: layer l's misses predicted from layer l-1 at the same step, on hand-made traces whose
-counts are known, and the miss counts equal the LRU cache simulation's."""
+counts are known, and the step-by-step simulation's miss sets count what `policy_cache_loads` counts."""
 
 import numpy as np
 
-from nosa.results.cache_sim import _lru_misses, layer_prefetch, policy_cache_loads
+from nosa.results.cache_sim import layer_prefetch, policy_cache_loads, policy_cache_steps
 
 
 def test_a_layer_that_repeats_the_previous_layers_choice_is_fully_predicted():
@@ -30,5 +30,5 @@ def test_miss_counts_equal_the_lru_simulation_and_skip_a_tail_block_that_starts(
     g = np.random.default_rng(0)
     selection = np.stack([g.permutation(12)[:4] for _ in range(30)])
     for position in (63, 100):  # 63 + 1 = 64: step 1 starts block 1, which is then no load
-        got = [len(m) for _, m in _lru_misses(selection, position, 64, 6)]
+        got = [len(m) for _, m in policy_cache_steps(selection, position, 64, 6, "lru")]
         assert got == policy_cache_loads(selection, position, 64, 6, "lru").tolist()
